@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# ctvq entry point. `./run.sh help` lists the subcommands.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="${CTVQ_VENV:-$ROOT/.venv}"
+PY="$VENV/bin/python"
+
+usage() {
+  cat <<'USAGE'
+Usage: ./run.sh <command> [args...]
+
+  setup                     create .venv and install everything (idempotent)
+  test [pytest args]        run the test suite
+  demo [--raw DIR]          phantom (or DIR) -> preprocess -> stage 0/1/2 -> evaluate
+  preprocess RAW_DIR OUT_DIR [ORGAN_MAPPING_JSON] [NUM_WORKERS] [options]
+                            raw CT collections -> processed 512^3 datasets
+  check-data DATA_DIR [--window lung]
+                            what the training dataset finds, skips and loads
+  train --config CFG --output_dir DIR --data_dir DATA [--num_gpus N ...] [--load_dir D --ckpt latest]
+  evaluate --ckpt CKPT|--bundle DIR --data_dir DATA --out REPORT_DIR
+  encode SCAN OUT.npz --bundle DIR
+  decode IN.npz OUT.nii.gz --bundle DIR [--original-grid]
+  export --run RUN_DIR [--ckpt CKPT] --out dist/ct_vqvae
+  bench <preprocess|train_step|inference|dataloader> [args]
+
+Every command takes --help.
+USAGE
+}
+
+setup() {
+  if [ ! -x "$PY" ]; then
+    python3 -m venv "$VENV"
+  fi
+  local stamp="$VENV/.ctvq-installed"
+  local want
+  want="$(cat "$ROOT/requirements.txt" "$ROOT/pyproject.toml" | sha1sum | cut -d' ' -f1)"
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    "$PY" -m pip install -q --upgrade pip
+    "$PY" -m pip install -q -r "$ROOT/requirements.txt"
+    "$PY" -m pip install -q --no-deps -e "$ROOT"
+    echo "$want" > "$stamp"
+  fi
+}
+
+ensure() { [ -x "$PY" ] && [ -f "$VENV/.ctvq-installed" ] || setup; }
+
+cmd="${1:-help}"; shift || true
+cd "$ROOT"
+case "$cmd" in
+  setup) setup ;;
+  test) ensure; exec "$PY" -m pytest -q "$@" ;;
+  demo) ensure; exec "$PY" -m pipeline.demo "$@" ;;
+  preprocess) ensure; exec "$PY" -m pipeline.preprocess "$@" ;;
+  check-data) ensure; exec "$PY" -m pipeline.check_data "$@" ;;
+  train) ensure; exec "$PY" -m pipeline.train "$@" ;;
+  evaluate) ensure; exec "$PY" -m pipeline.evaluate "$@" ;;
+  encode) ensure; exec "$PY" -m pipeline.infer encode "$@" ;;
+  decode) ensure; exec "$PY" -m pipeline.infer decode "$@" ;;
+  export) ensure; exec "$PY" -m pipeline.export "$@" ;;
+  bench) ensure; sub="${1:?bench needs a script name}"; shift; exec "$PY" "bench/$sub.py" "$@" ;;
+  help|-h|--help) usage ;;
+  *) echo "run.sh: unknown command '$cmd'" >&2; usage >&2; exit 2 ;;
+esac

@@ -1,0 +1,31 @@
+"""Shared fixtures: the real CT scans beside the checkout, and small helpers."""
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ct_data_dir() -> Path:
+    env = os.environ.get("CTVQ_CT_DATA")
+    return Path(env) if env else ROOT.parent / "shared" / "data" / "ct"
+
+
+@pytest.fixture(scope="session")
+def ct_data_dir() -> Path:
+    """Folder of the shared real CT scans; skips the test when it is absent."""
+    path = _ct_data_dir()
+    if not (path / "README.md").exists():
+        pytest.skip(f"shared CT data not found at {path} (set CTVQ_CT_DATA to its folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gpu():
+    """Skips the test unless a CUDA device is present."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    return torch.device("cuda")
