@@ -1,0 +1,175 @@
+"""Training-data throughput: sparse crops per second from the processed layout with 1, 2 and 4
+DataLoader workers, set against the training step rate, to show the GPU is never waiting.
+
+Uses the training dataset itself (``pipeline.dataset.CTWindowSparseDataset`` with its
+``StepSampler`` and ``sparse_collate``): memory-mapped window, random 8-aligned crop with at most
+``--max-points`` support voxels, sparse collate, and (on CUDA) the copy to the GPU.
+
+    python bench/dataloader.py --data-dir processed_dataset --train-json bench/results/train_step.json
+    python bench/dataloader.py --case processed_dataset/<name>/processed/<case_id> --step-rate 2.5
+    python bench/dataloader.py --small --device cpu      # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench import common as C  # noqa: E402
+
+COLUMNS = [
+    ("workers", "workers"), ("crops_per_s", "crops/s"), ("points", "support voxels/crop (mean)"),
+    ("first", "first batch"), ("n", "crops timed"), ("ratio", "crops/s / train steps/s"), ("status", "status"),
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    C.add_common_args(p, "dataloader")
+    C.add_scan_args(p)
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="root of processed datasets (searched recursively); default: the dataset holding --case "
+                        "(or the case built from --nifti / the phantom)")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="DataLoader worker counts (default 1 2 4)")
+    p.add_argument("--batch-size", type=int, default=1, help="samples per batch (default 1, as train_step)")
+    p.add_argument("--max-points", type=int, default=None,
+                   help="crop budget in support voxels (default 300000 as the dataset, or 4096 with --small)")
+    p.add_argument("--num-crops", type=int, default=None,
+                   help="crops timed per worker count after the first batch (default 200, or 8 with --small)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="time cap per worker count (default 20, or 10 with --small)")
+    rate = p.add_argument_group("training step rate for the ratio (optional)")
+    rate.add_argument("--step-rate", type=float, default=None, help="training steps per second")
+    rate.add_argument("--train-json", type=Path, default=None,
+                      help="train_step JSON: uses the ctvq fp16 row whose crop support is closest to --max-points "
+                           "(default: bench/results/train_step.json when it exists)")
+    return p.parse_args(argv)
+
+
+def step_rate_from_json(path: Path, max_points: int) -> tuple[float | None, str]:
+    """Steps/s of the ctvq fp16 row closest in support voxels to the training crop budget."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        return None, f"could not read {path}: {exc}"
+    rows = [r for r in data.get("rows", []) if r.get("key") == "ours-fp16" and r.get("status") == "ok"]
+    if not rows:
+        return None, f"{path}: no successful ctvq fp16 row"
+    best = min(rows, key=lambda r: abs(int(r.get("support_voxels", 0)) - max_points))
+    return 1.0 / float(best["median_s"]), (f"{path.name}: ctvq fp16 at crop {best['crop']} "
+                                          f"({best.get('support_voxels')} support voxels), "
+                                          f"median step {C.fmt_seconds(best['median_s'])}")
+
+
+def bench_workers(ds, sampler_cls, collate, workers: int, args, device, cap: float) -> dict[str, Any]:
+    """Crops per second through a DataLoader with ``workers`` workers (first batch timed apart)."""
+    from torch.utils.data import DataLoader
+
+    sampler = sampler_cls(ds, batch_size=args.batch_size, seed=args.seed)
+    loader = DataLoader(ds, batch_size=args.batch_size, sampler=sampler, collate_fn=collate, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+    it = iter(loader)
+    t0 = time.perf_counter()
+    first = next(it)
+    first_s = time.perf_counter() - t0
+    n, points = 0, 0
+    start = time.perf_counter()
+    try:
+        while n < args.num_crops and time.perf_counter() - start < cap:
+            batch = next(it)
+            if device.type == "cuda":
+                batch["indices"].to(device, non_blocking=True)
+                batch["features"].to(device, non_blocking=True)
+                torch.cuda.synchronize(device)
+            n += int(batch["batch_size"])
+            points += int(batch["features"].shape[0])
+        elapsed = time.perf_counter() - start
+    finally:
+        del it
+    del first
+    return {"crops": n, "seconds": elapsed, "crops_per_s_value": n / elapsed if elapsed > 0 else None,
+            "mean_points": points / max(n, 1), "first_batch_s": first_s}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = C.resolve_device(args.device)
+    C.seed_all(args.seed)
+    budget = C.Budget(C.default_budget(args))
+    args.max_points = args.max_points or (4096 if args.small else 300000)
+    args.num_crops = args.num_crops or (8 if args.small else 200)
+    cap = args.max_seconds if args.max_seconds is not None else (10.0 if args.small else 20.0)
+    window = C.parse_window(args.window)[0]
+
+    data_dir = args.data_dir
+    if data_dir is None:
+        data_dir = C.prepare_case(args).parent.parent  # <dataset>/processed/<case_id> -> <dataset>
+    print(f"data: {data_dir}; window {window}; max_points {args.max_points}; device {device}", flush=True)
+
+    step_rate, rate_src = args.step_rate, "--step-rate" if args.step_rate else ""
+    if step_rate is None:
+        path = args.train_json or (C.RESULTS_DIR / "train_step.json")
+        if args.train_json is not None or path.exists():
+            step_rate, rate_src = step_rate_from_json(path, args.max_points)
+
+    rows: list[dict[str, Any]] = []
+    extra: dict[str, Any] = {"step_rate": step_rate, "step_rate_source": rate_src}
+    try:
+        from pipeline.dataset import CTWindowSparseDataset, StepSampler, sparse_collate
+    except Exception as exc:  # noqa: BLE001 - report, do not crash
+        rows.append({"workers": "-", "status": f"skipped: pipeline.dataset not importable ({type(exc).__name__}: {exc})"})
+        ds = None
+    else:
+        t0 = time.perf_counter()
+        ds = CTWindowSparseDataset(str(data_dir), window_type=window, split="all", max_points=args.max_points,
+                                   seed=args.seed)
+        extra.update(index_seconds=round(time.perf_counter() - t0, 3), cases=len(ds))
+        print(f"dataset: {len(ds)} case(s), indexed in {extra['index_seconds']:.2f} s", flush=True)
+        if len(ds) == 0:
+            rows.append({"workers": "-", "status": f"skipped: no usable case with window '{window}' under {data_dir}"})
+            ds = None
+    for w in args.workers if ds is not None else []:
+        row: dict[str, Any] = {"workers": w}
+        if budget.exhausted():
+            row["status"] = "skipped: time budget"
+        else:
+            print(f"[{budget.elapsed():6.1f}s] {w} worker(s) ...", flush=True)
+            row.update(C.run_guarded(lambda: bench_workers(ds, StepSampler, sparse_collate, w, args, device,
+                                                           budget.per_config(cap)), device))
+        if row.get("crops_per_s_value"):
+            cps = row["crops_per_s_value"]
+            row.update(crops_per_s=f"{cps:.1f}", points=f"{row['mean_points']:.0f}", n=row["crops"],
+                       first=C.fmt_seconds(row["first_batch_s"]))
+            if step_rate:
+                row["ratio_value"] = cps / (step_rate * args.batch_size)
+                row["ratio"] = f"{row['ratio_value']:.1f}x"
+        print(f"    -> {row.get('status')} {row.get('crops_per_s', '')} crops/s", flush=True)
+        rows.append(row)
+
+    notes = [
+        f"data: {data_dir}, window {window}; CTWindowSparseDataset(split='all', max_points={args.max_points}) + "
+        f"StepSampler + sparse_collate, batch {args.batch_size}"
+        + ("; each batch copied to the GPU" if device.type == "cuda" else ""),
+        "crops/s counts batches after the first one (worker start-up shown apart as 'first batch'); memory maps "
+        "are read through the page cache, so a one-case dataset is a best case for disk reads",
+    ]
+    if step_rate:
+        notes.append(f"training step rate {step_rate:.2f} steps/s ({rate_src}); ratio > 1 means the loader "
+                     "keeps ahead of the GPU")
+    else:
+        notes.append("no training step rate given (--step-rate or --train-json): ratio column empty")
+    if args.small:
+        notes.append("--small: tiny volume, a smoke run; these numbers mean nothing")
+    return C.finish("dataloader", args, device, rows, C.markdown_table(rows, COLUMNS), notes, extra)
+
+
+if __name__ == "__main__":
+    main()

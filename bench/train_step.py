@@ -1,0 +1,206 @@
+"""One training step (forward, backward, optimizer) at batch 1 on crops of a real scan.
+
+Compares the sparse VQ-VAE (fp16 autocast + GradScaler, and fp32) with MONAI's dense
+``VQVAE`` (same 8x compression, 8192 x 32 codebook) and MAISI's ``AutoencoderKlMaisi``
+(both fp16 autocast + GradScaler), on the same crops centred on the body. Dense models see
+the whole crop; the sparse model sees its support (body mask & window > 0).
+
+    python bench/train_step.py --case processed_dataset/<name>/processed/<case_id>
+    python bench/train_step.py --small --device cpu      # smoke run, tiny models
+
+Weights are random: the step time does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from bench import common as C  # noqa: E402
+
+MODELS = ("ours-fp16", "ours-fp32", "monai-vqvae", "maisi-ae")
+MODEL_LABELS = {
+    "ours-fp16": ("ctvq SparseVQVAE", "fp16 amp"),
+    "ours-fp32": ("ctvq SparseVQVAE", "fp32"),
+    "monai-vqvae": ("MONAI VQVAE (8x, 8192x32)", "fp16 amp"),
+    "maisi-ae": ("MAISI AutoencoderKlMaisi (4x)", "fp16 amp"),
+}
+COLUMNS = [
+    ("model", "model"), ("precision", "precision"), ("crop", "crop"), ("occupancy", "occupancy"),
+    ("step", "time/step (median)"), ("n", "n"), ("rate", "dense-equiv. voxels/s"), ("peak", "peak GPU mem"),
+    ("status", "status"),
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    C.add_common_args(p, "train_step")
+    C.add_scan_args(p)
+    p.add_argument("--crops", type=int, nargs="+", default=None,
+                   help="crop edge lengths (default: 128 256 512, or 16 32 with --small)")
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="which models to run")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--repeats", type=int, default=20, help="timed steps; the median is reported (default 20)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="soft time cap per configuration; slow ones time fewer steps (>= 3), flagged in n "
+                        "(default 30, or 10 with --small)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    p.add_argument("--maisi-num-splits", type=int, default=None,
+                   help="MAISI conv split count (memory only; default 8, or 2 with --small)")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------
+# one step per model family
+# --------------------------------------------------------------------------------------------
+
+
+def _ours_step(model, x, opt, scaler, device, amp: bool):
+    from networks import sparse_lookup
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with C.autocast(device, amp):
+            recon, losses = model(x)
+            target = sparse_lookup(x, recon.indices)
+            loss = F.mse_loss(recon.features.float(), target.float())
+            loss = loss + losses["vq"].float() + 0.25 * losses["commitment"].float()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    return step
+
+
+def _vqvae_step(model, x, opt, scaler, device):
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with C.autocast(device, True):
+            recon, q_loss = model(x)
+            loss = F.l1_loss(recon.float(), x) + q_loss.float()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    return step
+
+
+def _maisi_step(model, x, opt, scaler, device):
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with C.autocast(device, True):
+            recon, z_mu, z_sigma = model(x)
+            mu, sigma = z_mu.float(), z_sigma.float()
+            kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-8) - 1).sum(dim=(1, 2, 3, 4)).mean()
+            loss = F.l1_loss(recon.float(), x) + 1e-7 * kl  # MAISI's VAE recipe: L1 + kl_weight 1e-7
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    return step
+
+
+def run_config(key: str, crop: C.Crop, args: argparse.Namespace, device: torch.device, cap: float) -> dict[str, Any]:
+    """Build the model and its optimizer, time ``--repeats`` steps; returns the row's numbers."""
+    small = args.small
+    torch.manual_seed(args.seed)
+    if key.startswith("ours"):
+        amp = key == "ours-fp16"
+        model = C.build_ours(small, crop.resolution, device).train()
+        x = C.sparse_input(crop)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+        scaler = C.grad_scaler(device, amp)
+        step = _ours_step(model, x, opt, scaler, device, amp)
+    elif key == "monai-vqvae":
+        model = C.build_vqvae(small, device).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+        step = _vqvae_step(model, crop.dense, opt, C.grad_scaler(device, True), device)
+    elif key == "maisi-ae":
+        model = C.build_maisi(small, device, args.maisi_num_splits).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+        step = _maisi_step(model, crop.dense, opt, C.grad_scaler(device, True), device)
+    else:  # pragma: no cover - argparse restricts the choices
+        raise ValueError(f"unknown model {key!r}; choose from {MODELS}")
+    params = C.count_params(model)
+    t = C.measure(step, device, warmup=args.warmup, repeats=args.repeats, max_seconds=cap)
+    return {"params": params, "timing": t, "median_s": t.median_s, "peak_bytes": t.peak_bytes,
+            "voxels_per_s": crop.voxels / t.median_s}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = C.resolve_device(args.device)
+    C.seed_all(args.seed)
+    budget = C.Budget(C.default_budget(args))
+    cap = args.max_seconds if args.max_seconds is not None else (10.0 if args.small else 30.0)
+    crops = args.crops or ([16, 32] if args.small else [128, 256, 512])
+    scan = C.load_scan(args)
+    ok_ours, why = C.networks_available()
+    print(f"scan: {scan.source} ({scan.resolution}^3, window {scan.window_name}); device {device}; "
+          f"budget {budget.seconds:.0f} s", flush=True)
+
+    rows: list[dict[str, Any]] = []
+    for size in crops:
+        crop = None
+        for key in args.models:
+            name, prec = MODEL_LABELS[key]
+            if device.type != "cuda" and prec == "fp16 amp":
+                prec = "fp32 (cpu)"
+            row: dict[str, Any] = {"key": key, "model": name, "precision": prec, "crop": f"{size}^3",
+                                   "crop_size": size}
+            if size > scan.resolution:
+                row["status"] = f"skipped: crop > scan ({scan.resolution}^3)"
+            elif key.startswith("ours") and not ok_ours:
+                row["status"] = f"skipped: networks not importable ({why[:80]})"
+            elif budget.exhausted():
+                row["status"] = "skipped: time budget"
+            else:
+                if crop is None:
+                    crop = C.run_guarded(lambda: {"crop": C.make_crop(scan, size, device)}, device).get("crop")
+                if crop is None:
+                    row["status"] = "error: could not build the crop"
+                else:
+                    row["occupancy_frac"] = crop.occupancy
+                    row["support_voxels"] = int(crop.coords.shape[0])
+                    print(f"[{budget.elapsed():6.1f}s] {key} {size}^3 ...", flush=True)
+                    row.update(C.run_guarded(
+                        lambda: run_config(key, crop, args, device, budget.per_config(cap)), device))
+            t = row.pop("timing", None)
+            if t is not None:
+                row["n"] = f"{t.n}" + (" (capped)" if t.capped else "")
+                row["times_s"] = t.times_s
+                row["step"] = C.fmt_seconds(t.median_s)
+                row["rate"] = C.fmt_rate(row["voxels_per_s"], "vox/s")
+                row["peak"] = C.fmt_bytes(row["peak_bytes"])
+            row["occupancy"] = C.fmt_pct(row.get("occupancy_frac"))
+            print(f"    -> {row.get('status')} {row.get('step', '')} {row.get('peak', '')}", flush=True)
+            rows.append(row)
+        del crop
+        C.free_memory(device)
+
+    notes = [
+        f"scan: {scan.source}, {scan.resolution}^3, window {scan.window_name}; crops centred on the body "
+        "(8-aligned); occupancy = support voxels (body mask & window > 0) / crop voxels",
+        "batch 1; one step = forward + loss + backward + AdamW step; dense models get the whole crop, "
+        "ctvq gets the crop's support only",
+        f"time/step = median of n timed steps after {args.warmup} warm-up steps (CUDA-synchronised); "
+        "'capped' = fewer than the asked repeats because of the per-configuration time cap",
+        "dense-equiv. voxels/s = crop voxels / step time; peak GPU mem = torch.cuda.max_memory_allocated "
+        "(weights, optimizer state and activations)",
+        "random weights (timing does not depend on them); MAISI keeps its shipped save_mem=True "
+        "(torch.cuda.empty_cache in its layers)",
+    ]
+    if args.small:
+        notes.append("--small: tiny models and a tiny volume, a smoke run; these numbers mean nothing")
+    return C.finish("train_step", args, device, rows, C.markdown_table(rows, COLUMNS), notes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Convolution blocks of the sparse VQ-VAE: guarded submanifold conv, down and subdivide blocks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+
+from .backend import SparseConvTensor, check_int32_limit, conv_algo, level_key, spconv_torch
+from .ops import SparseLinear, SparseNorm, SparseSiLU, downsample, replace, subdivide
+
+__all__ = ["SparseConv3d", "SparseDownBlock3d", "SparseSubdivideBlock3d"]
+
+
+class SparseConv3d(nn.Module):
+    """Submanifold 3^3 conv (output sites = input sites) through spconv.
+
+    The spconv module is ``self.conv`` (weight [Cout, 3, 3, 3, Cin], KRSC, axis order of the
+    indices' (i, j, k) columns). Its ``indice_key`` is the resolution level, so every conv at one
+    level reuses one rulebook. The algorithm follows the features' device
+    (:func:`networks.backend.conv_algo`). Before running, the int32 guard checks
+    ``N x max(Cin, Cout)``; ``name`` (set by the model) is quoted in its error.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.name = "SparseConv3d"
+        self.conv = spconv_torch.SubMConv3d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias, algo=conv_algo("cpu"))
+
+    def forward(self, x: SparseConvTensor) -> SparseConvTensor:
+        feats = x.features
+        check_int32_limit(feats.shape[0], max(self.in_channels, self.out_channels), feats.dtype, self.name)
+        self.conv.algo = conv_algo(feats.device)
+        self.conv.indice_key = level_key(x.spatial_shape)
+        if feats.dtype != self.conv.weight.dtype and not torch.is_autocast_enabled(feats.device.type):
+            x = replace(x, feats.to(self.conv.weight.dtype))
+        # spconv fuses the bias in inference mode, which its CPU kernels do not support:
+        # on CPU always take the training path (bias added after the gather-GEMM-scatter)
+        training = self.training or feats.device.type == "cpu"
+        c = self.conv
+        return c._conv_forward(training, x, c.weight, c.bias, name=c.name, sparse_unique_name=c._sparse_unique_name)
+
+
+def _maybe_checkpoint(fn, x, enabled: bool):
+    if enabled and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False)
+    return fn(x)
+
+
+class SparseDownBlock3d(nn.Module):
+    """norm + SiLU, downsample by 2 (mean of children), conv, norm, SiLU, conv; 1x1 skip.
+
+    Args:
+        channels: input channels.
+        out_channels: output channels.
+        norm: :class:`~networks.ops.SparseNorm` mode.
+        num_groups: groups for the group norm modes.
+        use_checkpoint: recompute in backward.
+    """
+
+    def __init__(self, channels: int, out_channels: int, norm: str = "layer", num_groups: int = 32, use_checkpoint: bool = False):
+        super().__init__()
+        self.act_layers = nn.Sequential(SparseNorm(channels, norm, num_groups), SparseSiLU())
+        self.out_layers = nn.Sequential(
+            SparseConv3d(channels, out_channels),
+            SparseNorm(out_channels, norm, num_groups),
+            SparseSiLU(),
+            SparseConv3d(out_channels, out_channels),
+        )
+        self.skip_connection = SparseLinear(channels, out_channels) if out_channels != channels else nn.Identity()
+        self.use_checkpoint = use_checkpoint
+
+    def _forward(self, x: SparseConvTensor) -> SparseConvTensor:
+        c = x.features.shape[1]
+        # one pooling pass for both paths: [activated | raw] features share the coordinates
+        both = downsample(replace(x, torch.cat([self.act_layers(x).features, x.features], dim=1)))
+        h = replace(both, both.features[:, :c])
+        skip = self.skip_connection(both.features[:, c:])
+        h = self.out_layers(h)
+        return replace(h, h.features + skip)
+
+    def forward(self, x: SparseConvTensor) -> SparseConvTensor:
+        return _maybe_checkpoint(self._forward, x, self.use_checkpoint)
+
+
+class SparseSubdivideBlock3d(nn.Module):
+    """conv + SiLU, subdivide into all 8 children, conv + SiLU."""
+
+    def __init__(self, channels: int, out_channels: int, use_checkpoint: bool = False):
+        super().__init__()
+        self.act_layers = nn.Sequential(SparseConv3d(channels, out_channels), SparseSiLU())
+        self.out_layers = nn.Sequential(SparseConv3d(out_channels, out_channels), SparseSiLU())
+        self.use_checkpoint = use_checkpoint
+
+    def _forward(self, x: SparseConvTensor) -> SparseConvTensor:
+        return self.out_layers(subdivide(self.act_layers(x)))
+
+    def forward(self, x: SparseConvTensor) -> SparseConvTensor:
+        return _maybe_checkpoint(self._forward, x, self.use_checkpoint)

@@ -1,0 +1,286 @@
+"""Vector quantizer with straight-through gradients, k-means init, dead-code restart and usage stats.
+
+How the trainer uses it:
+
+- ``z_q, indices, losses = vq(z)`` inside the model's forward; ``losses["vq"]`` (codebook loss,
+  ``||sg[z] - e||^2``) and ``losses["commitment"]`` (``||z - sg[e]||^2``) are unweighted.
+  With ``codebook_update="ema"`` the codebook follows EMA cluster means and ``losses["vq"]`` is 0.
+- K-means initialisation: with ``kmeans_init=True`` (model kwarg ``vq_kmeans_init``) the quantizer
+  collects encoder outputs into a reservoir during its first training forwards and, as soon as
+  the reservoir holds ``kmeans_init_points`` vectors, runs k-means on it and writes the centres into
+  the codebook (automatic, nothing for the trainer to call). ``vq.kmeans_init_from_reservoir()``
+  does it on demand (after feeding ``vq.collect(z)``), e.g. right after loading pretrained weights.
+- Dead codes: every ``restart_every`` training steps, codes unused for ``dead_code_steps`` steps are
+  re-seeded with random recent encoder outputs from the reservoir (``restart_every=0`` disables).
+- Usage: ``usage_stats()`` -> perplexity, share of codes used and count used since
+  ``reset_usage()``.
+
+Distances and losses are computed in fp32 with autocast off. Under ``torch.distributed`` the
+usage counts and EMA statistics are all-reduced, and k-means / restarts run on rank 0 and are
+broadcast, so every rank keeps the same codebook.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["VectorQuantizer", "kmeans"]
+
+logger = logging.getLogger(__name__)
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def nearest_code(z: torch.Tensor, codebook: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    """Index of the nearest codebook row for each row of ``z`` (fp32, rows in chunks)."""
+    z = z.float()
+    e = codebook.float()
+    e2 = (e * e).sum(1)
+    out = []
+    for s in range(0, z.shape[0], chunk):  # bounded memory: chunk x K distances
+        zc = z[s : s + chunk]
+        d = e2[None, :] - 2.0 * zc @ e.t()  # ||z||^2 is constant per row
+        out.append(d.argmin(1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=z.device)
+
+
+@torch.no_grad()
+def kmeans(x: torch.Tensor, k: int, iters: int = 10, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Lloyd's k-means (k-means++-free: random init from the data); empty clusters re-seeded.
+
+    Args:
+        x: [M, D] data (fp32).
+        k: number of centres.
+        iters: Lloyd iterations.
+    Returns:
+        [k, D] centres.
+    """
+    x = x.float()
+    m = x.shape[0]
+    if m == 0:
+        raise ValueError("k-means needs data: the reservoir is empty; run training forwards or vq.collect(z) first.")
+    perm = torch.randint(m, (k,), device=x.device, generator=generator) if m < k else torch.randperm(m, device=x.device, generator=generator)[:k]
+    c = x[perm].clone()
+    for _ in range(iters):
+        a = nearest_code(x, c)
+        sums = torch.zeros_like(c).index_add_(0, a, x)
+        cnt = torch.bincount(a, minlength=k).float()
+        empty = cnt == 0
+        c = torch.where(empty[:, None], x[torch.randint(m, (k,), device=x.device, generator=generator)], sums / cnt.clamp_min(1)[:, None])
+    return c
+
+
+class VectorQuantizer(nn.Module):
+    """Codebook ``embeddings.weight`` [K, D] with straight-through quantisation.
+
+    Args:
+        num_embeddings: K codes.
+        embedding_dim: D (the encoder's latent channels).
+        codebook_update: ``"gradient"`` (codebook loss trains the codebook) or ``"ema"``.
+        ema_decay: decay of the EMA statistics.
+        kmeans_init: initialise the codebook by k-means on collected encoder outputs.
+        kmeans_init_points: reservoir size that triggers the automatic k-means.
+        kmeans_iters: Lloyd iterations.
+        reservoir_size: capacity of the reservoir of recent encoder outputs.
+        restart_every: check for dead codes every this many training steps (0: never).
+        dead_code_steps: a code unused this many steps is dead.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int = 8192,
+        embedding_dim: int = 32,
+        codebook_update: str = "gradient",
+        ema_decay: float = 0.99,
+        kmeans_init: bool = False,
+        kmeans_init_points: int = 65536,
+        kmeans_iters: int = 10,
+        reservoir_size: int = 65536,
+        restart_every: int = 0,
+        dead_code_steps: int = 1000,
+        eps: float = 1e-5,
+    ):
+        super().__init__()
+        if codebook_update not in ("gradient", "ema"):
+            raise ValueError(f"codebook_update={codebook_update!r} is not one of 'gradient', 'ema'.")
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.codebook_update = codebook_update
+        self.ema_decay = ema_decay
+        self.kmeans_init = kmeans_init
+        self.kmeans_init_points = min(kmeans_init_points, reservoir_size)
+        self.kmeans_iters = kmeans_iters
+        self.reservoir_size = reservoir_size
+        self.restart_every = restart_every
+        self.dead_code_steps = dead_code_steps
+        self.eps = eps
+
+        self.embeddings = nn.Embedding(num_embeddings, embedding_dim)
+        nn.init.uniform_(self.embeddings.weight, -1.0 / num_embeddings, 1.0 / num_embeddings)
+        if codebook_update == "ema":
+            self.embeddings.weight.requires_grad_(False)
+        self.register_buffer("ema_cluster_size", torch.zeros(num_embeddings))
+        self.register_buffer("ema_embed_sum", self.embeddings.weight.detach().clone())
+        self.register_buffer("usage_counts", torch.zeros(num_embeddings, dtype=torch.float64))
+        self.register_buffer("last_used", torch.zeros(num_embeddings, dtype=torch.long))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("initialized", torch.tensor(not kmeans_init))
+        # reservoir of recent encoder outputs (not saved in checkpoints)
+        self.register_buffer("reservoir", torch.zeros(0, embedding_dim), persistent=False)
+        self._seen = 0  # vectors offered to the reservoir (host counter: no device sync)
+        self._py_step = 0
+        self._py_initialized = not kmeans_init
+
+    # ------------------------------------------------------------------ state
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._py_initialized = bool(self.initialized)
+        self._py_step = int(self.step)
+
+    # ------------------------------------------------------------------ reservoir
+    @torch.no_grad()
+    def collect(self, z: torch.Tensor) -> None:
+        """Offer encoder outputs [N, D] to the reservoir (random subset once full)."""
+        z = z.detach().float().reshape(-1, self.embedding_dim)
+        if z.shape[0] == 0:
+            return
+        cap = self.reservoir_size
+        if z.shape[0] > cap:
+            z = z[torch.randperm(z.shape[0], device=z.device)[:cap]]
+        res = self.reservoir.to(z.device)
+        free = cap - res.shape[0]
+        if free > 0:
+            res = torch.cat([res, z[:free]], 0)
+            z = z[free:]
+        if z.shape[0]:
+            # replace random slots: keeps a mix of older and recent outputs
+            slots = torch.randint(cap, (z.shape[0],), device=z.device)
+            res[slots] = z
+        self.reservoir = res
+        self._seen += int(z.shape[0])
+
+    @torch.no_grad()
+    def kmeans_init_from_reservoir(self, iters: int | None = None) -> None:
+        """Set the codebook to k-means centres of the reservoir (rank 0, then broadcast)."""
+        if self.reservoir.shape[0] == 0 and not _dist():
+            raise ValueError("vq reservoir is empty: run training forwards or vq.collect(z) before k-means init.")
+        if not _dist() or dist.get_rank() == 0:
+            centres = kmeans(self.reservoir, self.num_embeddings, iters or self.kmeans_iters)
+            self.embeddings.weight.data.copy_(centres.to(self.embeddings.weight.dtype))
+        if _dist():
+            dist.broadcast(self.embeddings.weight.data, 0)
+        self.ema_embed_sum.copy_(self.embeddings.weight.data.float())
+        self.ema_cluster_size.fill_(1.0)
+        self.initialized.fill_(True)
+        self._py_initialized = True
+        self.last_used.fill_(self._py_step)
+        logger.info("vq: k-means initialised %d codes from %d encoder outputs", self.num_embeddings, self.reservoir.shape[0])
+
+    @torch.no_grad()
+    def restart_dead_codes(self) -> int:
+        """Re-seed codes unused for ``dead_code_steps`` steps from the reservoir; returns how many."""
+        dead = (self.step - self.last_used) >= self.dead_code_steps
+        n = int(dead.sum())  # sync: runs every `restart_every` steps only
+        if n == 0 or self.reservoir.shape[0] == 0:
+            return 0
+        w = self.embeddings.weight.data
+        if not _dist() or dist.get_rank() == 0:
+            pick = torch.randint(self.reservoir.shape[0], (n,), device=w.device)
+            new = self.reservoir.to(w.device)[pick]
+            new = new + 0.01 * new.std() * torch.randn_like(new)
+            w[dead] = new.to(w.dtype)
+        if _dist():
+            dist.broadcast(w, 0)
+        self.ema_embed_sum[dead] = w[dead].float()
+        self.ema_cluster_size[dead] = 1.0
+        self.last_used[dead] = self.step
+        logger.info("vq: restarted %d dead codes", n)
+        return n
+
+    # ------------------------------------------------------------------ stats
+    def reset_usage(self) -> None:
+        """Start a new usage window for :meth:`usage_stats`."""
+        self.usage_counts.zero_()
+
+    @torch.no_grad()
+    def usage_stats(self) -> dict:
+        """``{"perplexity", "usage", "codes_used"}`` since the last :meth:`reset_usage` (floats)."""
+        c = self.usage_counts
+        total = c.sum()
+        if float(total) == 0:
+            return {"perplexity": 0.0, "usage": 0.0, "codes_used": 0}
+        p = c / total
+        ent = -(p[p > 0] * p[p > 0].log()).sum()
+        used = int((c > 0).sum())
+        return {"perplexity": float(ent.exp()), "usage": used / self.num_embeddings, "codes_used": used}
+
+    # ------------------------------------------------------------------ forward
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code vectors [M, D] of ``indices`` [M]."""
+        return self.embeddings.weight[indices.long()]
+
+    def quantize_indices(self, z: torch.Tensor) -> torch.Tensor:
+        """Nearest code index [N] of each row of ``z`` [N, D] (fp32)."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return nearest_code(z, self.embeddings.weight)
+
+    def forward(self, z: torch.Tensor):
+        """Quantise ``z`` [N, D].
+
+        Returns:
+            z_q [N, D] (straight-through: forward = codes, gradient flows to ``z``), indices [N]
+            int64, losses ``{"vq", "commitment"}`` (0-dim fp32, unweighted).
+        """
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            zf = z.float()
+            if self.training and not self._py_initialized:
+                self.collect(zf)
+                if self.reservoir.shape[0] >= self.kmeans_init_points:
+                    self.kmeans_init_from_reservoir()
+            idx = nearest_code(zf.detach(), self.embeddings.weight)
+            e = self.embeddings.weight.float()[idx]
+            commitment = F.mse_loss(zf, e.detach())
+            if self.codebook_update == "gradient":
+                vq_loss = F.mse_loss(e, zf.detach())
+            else:
+                vq_loss = zf.new_zeros(())
+            if self.training:
+                self._train_step(zf.detach(), idx)
+            z_q = zf + (e - zf).detach()
+        return z_q.to(z.dtype), idx, {"vq": vq_loss, "commitment": commitment}
+
+    @torch.no_grad()
+    def _train_step(self, z: torch.Tensor, idx: torch.Tensor) -> None:
+        k = self.num_embeddings
+        counts = torch.bincount(idx, minlength=k).to(torch.float64)
+        ema = self.codebook_update == "ema"
+        if ema:
+            sums = torch.zeros(k, self.embedding_dim, device=z.device).index_add_(0, idx, z)
+        if _dist():
+            dist.all_reduce(counts)
+            if ema:
+                dist.all_reduce(sums)
+        self.usage_counts += counts
+        self.step += 1
+        self._py_step += 1
+        self.last_used.copy_(torch.where(counts > 0, self.step, self.last_used))
+        if ema:
+            d = self.ema_decay
+            self.ema_cluster_size.mul_(d).add_(counts.float(), alpha=1 - d)
+            self.ema_embed_sum.mul_(d).add_(sums, alpha=1 - d)
+            n = self.ema_cluster_size.sum()
+            size = (self.ema_cluster_size + self.eps) / (n + k * self.eps) * n
+            self.embeddings.weight.data.copy_(self.ema_embed_sum / size[:, None])
+        if self.restart_every and self._py_step % self.restart_every == 0:
+            self.collect(z)
+            self.restart_dead_codes()
+        elif self.restart_every:
+            # keep recent outputs around for restarts (cheap: a random subset)
+            self.collect(z[torch.randint(z.shape[0], (min(z.shape[0], 4096),), device=z.device)] if z.shape[0] else z)

@@ -1,0 +1,416 @@
+"""Sparse VQ-VAE (Direct3D-S2 layout): 8x per axis down to a latent grid of codes, and back.
+
+Encoder: linear 1 -> channels[0] at full resolution; down blocks channels[i] -> channels[i+1]
+(norm + SiLU, mean-pool by 2, two submanifold 3^3 convs, 1x1 skip); linear -> model_channels;
+absolute position embedding of the latent coordinates; transformer blocks with windowed
+attention (shift 0 / window_size // 2 alternating); LayerNorm; linear -> latent_channels.
+Quantizer ``vq``. Decoder: linear latent -> model_channels; position embedding; transformer
+blocks; subdivide blocks model_channels -> channels[-2] -> ... -> channels[0] (conv, split into
+all 8 children, conv); linear -> 1.
+
+Whole volumes: the transformers see all latent tokens at once (cheap), the conv parts run tile
+by tile over the latent grid with a halo of ``Encoder.halo`` / ``Decoder.halo`` latent cells,
+the sum of the radii of their convs in latent units rounded up (4 and 3 by default). Norms are
+per voxel and windows use absolute coordinates, so the tiled result equals the untiled one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import AbsolutePositionEmbedder, SparseTransformerBlock, window_partition
+from .backend import SparseConvTensor, make_sparse
+from .blocks import SparseConv3d, SparseDownBlock3d, SparseSubdivideBlock3d
+from .ops import SparseLinear, crop_indices, in_box, linearize, replace
+from .quantizer import VectorQuantizer
+
+__all__ = ["Tokens", "SparseEncoder", "SparseDecoder", "SparseVQVAE", "Direct3DS2_VQVAE", "count_parameters"]
+
+
+@dataclass
+class Tokens:
+    """Discrete latent of a batch: one code per active latent cell.
+
+    Attributes:
+        coords: [M, 4] int32 (batch, latent i, j, k), sorted by (batch, i, j, k).
+        indices: [M] int64 code indices into ``vq.embeddings``.
+        batch_size: number of samples.
+        latent_shape: latent grid (e.g. (64, 64, 64)).
+    """
+
+    coords: torch.Tensor
+    indices: torch.Tensor
+    batch_size: int
+    latent_shape: tuple
+
+    def to(self, device) -> "Tokens":
+        return Tokens(self.coords.to(device), self.indices.to(device), self.batch_size, tuple(self.latent_shape))
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (all, or only those with ``requires_grad``)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def _init_linear(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class _LatentTransformer(nn.Module):
+    """Input linear, absolute position embedding, windowed transformer blocks."""
+
+    def __init__(self, in_channels, model_channels, num_blocks, num_heads, window_size, mlp_ratio, use_checkpoint):
+        super().__init__()
+        self.window_size = window_size
+        self.input_layer = SparseLinear(in_channels, model_channels)
+        self.pos_embedder = AbsolutePositionEmbedder(model_channels)
+        self.blocks = nn.ModuleList(
+            SparseTransformerBlock(
+                model_channels, num_heads, window_size, (window_size // 2) * (i % 2), mlp_ratio, use_checkpoint
+            )
+            for i in range(num_blocks)
+        )
+
+    def transform(self, x: SparseConvTensor) -> SparseConvTensor:
+        h = self.input_layer(x.features) + self.pos_embedder(x.indices[:, 1:]).to(x.features.dtype)
+        parts = {}
+        for blk in self.blocks:
+            s = blk.attn.shift
+            if s not in parts:
+                parts[s] = window_partition(x.indices, self.window_size, s)
+            h = blk(h, x.indices, parts[s])
+        return replace(x, h)
+
+
+class SparseEncoder(_LatentTransformer):
+    """Full-resolution sparse input [N, in_channels] -> latent tokens [M, latent_channels]."""
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        channels: Sequence[int] = (32, 64, 128, 512),
+        model_channels: int = 512,
+        latent_channels: int = 32,
+        num_blocks: int = 4,
+        num_heads: int = 8,
+        window_size: int = 8,
+        mlp_ratio: float = 4.0,
+        norm: str = "layer",
+        num_groups: int = 32,
+        use_checkpoint: bool = False,
+    ):
+        super().__init__(channels[-1], model_channels, num_blocks, num_heads, window_size, mlp_ratio, use_checkpoint)
+        self.input_layer1 = SparseLinear(in_channels, channels[0])
+        self.downsample = nn.ModuleList(
+            SparseDownBlock3d(channels[i], channels[i + 1], norm, num_groups, use_checkpoint) for i in range(len(channels) - 1)
+        )
+        self.out_layer = SparseLinear(model_channels, latent_channels)
+        self.norm = norm
+        self.factor = 2 ** (len(channels) - 1)
+        n = len(self.downsample)
+        # two radius-1 convs after each pooling; cell size after pooling l is 2^(l-n) latent cells
+        self.halo = math.ceil(sum(2 * 2.0 ** (l - n) for l in range(1, n + 1)))
+        self.apply(_init_linear)
+
+    def forward_local(self, x: SparseConvTensor) -> SparseConvTensor:
+        """Conv part: full resolution -> latent grid, channels[-1] features."""
+        h = self.input_layer1(x)
+        for blk in self.downsample:
+            h = blk(h)
+        return h
+
+    def forward_global(self, h: SparseConvTensor) -> SparseConvTensor:
+        """Transformer part on all latent tokens, then LayerNorm and output linear."""
+        h = self.transform(h)
+        f = h.features
+        f = F.layer_norm(f.float(), f.shape[-1:]).to(f.dtype)
+        return replace(h, self.out_layer(f))
+
+    def forward(self, x: SparseConvTensor) -> SparseConvTensor:
+        return self.forward_global(self.forward_local(x))
+
+
+class SparseDecoder(_LatentTransformer):
+    """Latent tokens [M, latent_channels] -> all 8^3 children per token at full resolution [M*512, 1]."""
+
+    def __init__(
+        self,
+        out_channels: int = 1,
+        channels: Sequence[int] = (32, 64, 128, 512),
+        model_channels: int = 512,
+        latent_channels: int = 32,
+        num_blocks: int = 4,
+        num_heads: int = 8,
+        window_size: int = 8,
+        mlp_ratio: float = 4.0,
+        use_checkpoint: bool = False,
+    ):
+        super().__init__(latent_channels, model_channels, num_blocks, num_heads, window_size, mlp_ratio, use_checkpoint)
+        ups = [model_channels] + list(channels[-2::-1])
+        self.upsample = nn.ModuleList(
+            SparseSubdivideBlock3d(ups[i], ups[i + 1], use_checkpoint) for i in range(len(ups) - 1)
+        )
+        self.out_layer = SparseLinear(channels[0], out_channels)
+        self.factor = 2 ** len(self.upsample)
+        n = len(self.upsample)
+        # block j: radius-1 conv at cell size 2^-j, subdivide, radius-1 conv at 2^-(j+1)
+        self.halo = math.ceil(sum(2.0**-j + 2.0 ** -(j + 1) for j in range(n)))
+        self.apply(_init_linear)
+
+    def forward_global(self, z: SparseConvTensor) -> SparseConvTensor:
+        return self.transform(z)
+
+    def forward_local(self, h: SparseConvTensor) -> SparseConvTensor:
+        for blk in self.upsample:
+            h = blk(h)
+        return self.out_layer(h)
+
+    def forward(self, z: SparseConvTensor) -> SparseConvTensor:
+        return self.forward_local(self.forward_global(z))
+
+
+def _occupied_tiles(cells: torch.Tensor, tile: int) -> torch.Tensor:
+    """Origins [T, 3] (latent cells) of the tiles holding at least one of ``cells`` [N, 3]."""
+    t = torch.unique(cells.long() // tile, dim=0)
+    return t * tile
+
+
+def _sort_rows(x: SparseConvTensor) -> SparseConvTensor:
+    order = torch.argsort(linearize(x.indices, x.spatial_shape))
+    return make_sparse(x.features[order], x.indices[order], x.spatial_shape, x.batch_size)
+
+
+class SparseVQVAE(nn.Module):
+    """Sparse VQ-VAE for CT windows (Direct3D-S2 sparse VAE with a vector quantizer).
+
+    Args:
+        resolution: latent grid edge (64 for a 512^3 volume).
+        model_channels: transformer width.
+        latent_channels: code dimension D.
+        num_embeddings: codebook size K.
+        channels: conv widths, full resolution first; len(channels) - 1 poolings by 2.
+        num_blocks: transformer blocks in the encoder and in the decoder.
+        num_heads: attention heads.
+        window_size: attention window edge in latent cells (shift window_size // 2 every other block).
+        use_checkpoint: activation checkpointing of transformer and conv blocks.
+        codebook_update: ``"gradient"`` or ``"ema"``.
+        lambda_vq, lambda_commitment: loss weights (stored for the trainer; losses are returned unweighted).
+        in_channels, out_channels: feature channels of input and reconstruction.
+        mlp_ratio: transformer MLP width ratio.
+        norm: conv-block norm, ``"layer"`` (per voxel, default), ``"group_voxel"`` or ``"group"``
+            (per sample, extent dependent, not tileable).
+        num_groups: groups of the group norms.
+        vq_kmeans_init, vq_kmeans_init_points, vq_reservoir_size, vq_restart_every,
+        vq_dead_code_steps, vq_ema_decay: see :class:`~networks.quantizer.VectorQuantizer`.
+        attn_max_tokens: bound on padded window tokens per attention call (None: one call).
+    """
+
+    def __init__(
+        self,
+        resolution: int = 64,
+        model_channels: int = 512,
+        latent_channels: int = 32,
+        num_embeddings: int = 8192,
+        channels: Sequence[int] = (32, 64, 128, 512),
+        num_blocks: int = 4,
+        num_heads: int = 8,
+        window_size: int = 8,
+        use_checkpoint: bool = False,
+        codebook_update: str = "gradient",
+        lambda_vq: float = 1.0,
+        lambda_commitment: float = 0.25,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        mlp_ratio: float = 4.0,
+        norm: str = "layer",
+        num_groups: int = 32,
+        vq_kmeans_init: bool = False,
+        vq_kmeans_init_points: int = 65536,
+        vq_reservoir_size: int = 65536,
+        vq_restart_every: int = 0,
+        vq_dead_code_steps: int = 1000,
+        vq_ema_decay: float = 0.99,
+        attn_max_tokens: int | None = None,
+    ):
+        super().__init__()
+        channels = tuple(int(c) for c in channels)
+        if len(channels) < 2:
+            raise ValueError(f"channels={channels} needs at least two entries (full resolution and one pooled level).")
+        self.resolution = resolution
+        self.model_channels = model_channels
+        self.latent_channels = latent_channels
+        self.num_embeddings = num_embeddings
+        self.channels = channels
+        self.lambda_vq = lambda_vq
+        self.lambda_commitment = lambda_commitment
+        self.norm = norm
+        self.Encoder = SparseEncoder(
+            in_channels, channels, model_channels, latent_channels, num_blocks, num_heads, window_size, mlp_ratio, norm, num_groups, use_checkpoint
+        )
+        self.Decoder = SparseDecoder(
+            out_channels, channels, model_channels, latent_channels, num_blocks, num_heads, window_size, mlp_ratio, use_checkpoint
+        )
+        self.vq = VectorQuantizer(
+            num_embeddings,
+            latent_channels,
+            codebook_update=codebook_update,
+            ema_decay=vq_ema_decay,
+            kmeans_init=vq_kmeans_init,
+            kmeans_init_points=vq_kmeans_init_points,
+            reservoir_size=vq_reservoir_size,
+            restart_every=vq_restart_every,
+            dead_code_steps=vq_dead_code_steps,
+        )
+        self.factor = self.Encoder.factor
+        self.last_indices: torch.Tensor | None = None
+        for name, mod in self.named_modules():
+            if isinstance(mod, SparseConv3d):
+                mod.name = name
+        self.set_attn_max_tokens(attn_max_tokens)
+
+    # ------------------------------------------------------------------ helpers
+    def set_attn_max_tokens(self, max_tokens: int | None) -> None:
+        """Bound the padded tokens of one attention call (whole-volume inference on small GPUs)."""
+        for mod in self.modules():
+            if hasattr(mod, "max_tokens") and hasattr(mod, "to_qkv"):
+                mod.max_tokens = max_tokens
+
+    @property
+    def latent_shape(self) -> tuple:
+        return (self.resolution,) * 3
+
+    def weighted_vq_loss(self, losses: dict) -> torch.Tensor:
+        """``lambda_vq * vq + lambda_commitment * commitment``."""
+        return self.lambda_vq * losses["vq"] + self.lambda_commitment * losses["commitment"]
+
+    # ------------------------------------------------------------------ training forward
+    def forward(self, x: SparseConvTensor, quantize: bool = True):
+        """Encode, (quantise), decode.
+
+        Args:
+            x: input ``SparseConvTensor`` (features [N, 1], indices (batch, i, j, k) in the full grid).
+            quantize: False bypasses the quantizer (stage-0 autoencoder pretraining).
+
+        Returns:
+            recon: ``SparseConvTensor`` at full resolution, all 8^3 children of every active
+            latent cell, features [M, 1]; losses: ``{"vq", "commitment"}`` 0-dim, unweighted
+            (zeros when ``quantize`` is False). The code indices are kept in ``self.last_indices``.
+        """
+        h = self.Encoder(x)
+        if quantize:
+            z, idx, losses = self.vq(h.features)
+            self.last_indices = idx.detach()
+        else:
+            z = h.features
+            zero = z.new_zeros((), dtype=torch.float32)
+            losses = {"vq": zero, "commitment": zero.clone()}
+            self.last_indices = None
+        recon = self.Decoder(replace(h, z))
+        return recon, losses
+
+    # ------------------------------------------------------------------ inference
+    def _latent_sparse(self, feats: torch.Tensor, coords: torch.Tensor, batch_size: int, latent_shape) -> SparseConvTensor:
+        return make_sparse(feats, coords, latent_shape, batch_size)
+
+    @torch.no_grad()
+    def encode_latent(self, x: SparseConvTensor, tile: int | None = None) -> SparseConvTensor:
+        """Continuous latent (before quantisation), rows sorted by (batch, i, j, k).
+
+        Args:
+            x: full-resolution input.
+            tile: latent-grid tile edge for the conv part (None: in one piece).
+        """
+        if tile:
+            if self.norm == "group":
+                raise ValueError("tiled Encode needs a per-voxel norm; this model uses norm='group' (per sample): encode untiled.")
+            h = self._encode_local_tiled(x, int(tile))
+        else:
+            h = self.Encoder.forward_local(x)
+        h = _sort_rows(h)
+        return self.Encoder.forward_global(h)
+
+    def _encode_local_tiled(self, x: SparseConvTensor, tile: int) -> SparseConvTensor:
+        f, halo = self.factor, self.Encoder.halo
+        cells = x.indices[:, 1:].long() // f
+        latent_shape = [-(-int(s) // f) for s in x.spatial_shape]
+        feats, idx = [], []
+        for origin in _occupied_tiles(cells, tile).tolist():  # loop over tiles, not voxels
+            lo = [o - halo for o in origin]
+            hi = [o + tile + halo for o in origin]
+            sel = in_box(cells, lo, hi)
+            sub = make_sparse(x.features[sel], x.indices[sel], x.spatial_shape, x.batch_size)
+            out = self.Encoder.forward_local(sub)
+            core = crop_indices(out.indices, origin, [o + tile for o in origin])
+            feats.append(out.features[core])
+            idx.append(out.indices[core])
+        if not feats:
+            c = self.channels[-1]
+            return make_sparse(x.features.new_zeros(0, c), x.indices.new_zeros(0, 4), latent_shape, x.batch_size)
+        return make_sparse(torch.cat(feats), torch.cat(idx), latent_shape, x.batch_size)
+
+    @torch.no_grad()
+    def Encode(self, x: SparseConvTensor, tile: int | None = None) -> Tokens:
+        """Input -> :class:`Tokens` (one code per active latent cell, sorted by (batch, i, j, k)).
+
+        Args:
+            x: full-resolution ``SparseConvTensor``.
+            tile: latent tile edge for whole volumes (e.g. 16); None runs in one piece.
+        """
+        h = self.encode_latent(x, tile)
+        idx = self.vq.quantize_indices(h.features)
+        return Tokens(h.indices.to(torch.int32), idx, int(x.batch_size), tuple(int(s) for s in h.spatial_shape))
+
+    encode_tiled = Encode
+
+    @torch.no_grad()
+    def decode_latent(self, z: SparseConvTensor, tile: int | None = None) -> SparseConvTensor:
+        """Latent ``SparseConvTensor`` (continuous or code vectors) -> full-resolution reconstruction."""
+        h = self.Decoder.forward_global(z)
+        if not tile:
+            return self.Decoder.forward_local(h)
+        tile = int(tile)
+        halo, f = self.Decoder.halo, self.Decoder.factor
+        out_shape = [int(s) * f for s in h.spatial_shape]
+        cells = h.indices[:, 1:].long()
+        feats, idx = [], []
+        for origin in _occupied_tiles(cells, tile).tolist():  # loop over tiles, not voxels
+            sel = crop_indices(h.indices, [o - halo for o in origin], [o + tile + halo for o in origin])
+            sub = make_sparse(h.features[sel], h.indices[sel], h.spatial_shape, h.batch_size)
+            out = self.Decoder.forward_local(sub)
+            core = crop_indices(out.indices, [o * f for o in origin], [(o + tile) * f for o in origin])
+            feats.append(out.features[core])
+            idx.append(out.indices[core])
+        if not feats:
+            c = self.Decoder.out_layer.out_features
+            return make_sparse(h.features.new_zeros(0, c), h.indices.new_zeros(0, 4), out_shape, h.batch_size)
+        return make_sparse(torch.cat(feats), torch.cat(idx), out_shape, h.batch_size)
+
+    @torch.no_grad()
+    def Decode(self, tokens: Tokens, tile: int | None = None) -> SparseConvTensor:
+        """:class:`Tokens` -> reconstruction (all 8^3 children of every token, features [M*512, 1]).
+
+        Args:
+            tokens: codes and latent coordinates.
+            tile: latent tile edge for whole volumes (e.g. 16); None runs in one piece.
+        """
+        z = self.vq.lookup(tokens.indices.to(self.vq.embeddings.weight.device))
+        lat = make_sparse(z, tokens.coords.to(z.device), tokens.latent_shape, tokens.batch_size)
+        return self.decode_latent(lat, tile)
+
+    decode_tiled = Decode
+
+
+#: name kept from the original seed code
+Direct3DS2_VQVAE = SparseVQVAE

@@ -1,0 +1,466 @@
+"""Find CT datasets and cases (image + optional label map) under a raw data folder.
+
+Rules (also shown by ``python -m pipeline.preprocess --help``):
+
+Datasets
+    Each first-level folder of ``RAW_DIR`` is a dataset named after the folder. Volume files,
+    zips and DICOM files lying directly in ``RAW_DIR`` form one more dataset named after
+    ``RAW_DIR`` itself. Hidden entries (``.name``) are ignored.
+
+Cases (searched recursively inside a dataset, down to ``max_depth`` folder levels below
+``RAW_DIR``; the dataset folder is level 1)
+    * a volume file: ``.nii``, ``.nii.gz``, ``.nrrd``, ``.mha``, ``.mhd``;
+    * a DICOM folder: a folder holding at least one DICOM file, recognised by its header
+      (``DICM`` magic or a DICOM group-0008 start), whatever the file names;
+    * a ``.zip`` holding DICOM files;
+    * an empty folder (no files, no sub-folders) is reported as a failed case, so that a
+      missing download shows up in ``metadata.csv``.
+
+Label maps (never cases themselves)
+    * nnU-Net / MSD: ``imagesTr/<id>_0000.nii.gz`` pairs with ``labelsTr/<id>.nii.gz``
+      (any ``images<X>``/``labels<X>`` sibling pair; the ``_NNNN`` channel suffix is optional);
+    * a volume file whose name holds a label word (``seg``, ``segmentation``, ``label``,
+      ``labels``, ``labelmap``, ``mask``, ``masks``, ``gt``) delimited by the name's start/end or
+      ``_``/``-``/``.`` (``seg_total.nii.gz``, ``example_seg.nii.gz``, ``case1_label.nrrd``;
+      not ``segment_ct.nii``) is a label map, paired with an image of its own folder
+      (volume files and zips there, DICOM series in the folder itself or directly below it):
+      candidates whose header size differs from the label's are dropped; if one candidate
+      is left it is the pair; if several are left, the one whose name stem equals the
+      label's stem without the label word (``case1_seg`` -> ``case1``, also ignoring a
+      ``_ct``/``_img``/``_image`` suffix of the image) wins; otherwise the label stays
+      unpaired and is listed in :attr:`Dataset.unpaired_labels`.
+
+Case ids
+    The path relative to the dataset folder without the file extension, folders joined by
+    ``__`` and characters outside ``[A-Za-z0-9._-]`` replaced by ``_`` (a leading
+    ``imagesTr/`` folder and a ``_0000`` channel suffix are dropped). Ids that would
+    collide get ``-<8 hex of sha1(relative path)>`` appended. A DICOM folder or zip at the
+    dataset root uses the dataset name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+__all__ = [
+    "VOLUME_EXTENSIONS",
+    "Case",
+    "Dataset",
+    "discover",
+    "discover_dataset",
+    "is_dicom_file",
+    "is_dicom_zip",
+    "is_volume_file",
+    "is_label_name",
+    "split_ext",
+    "sanitize_id",
+]
+
+VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+_DICOM_EXTENSIONS = (".dcm", ".dicom", ".ima")
+_SKIP_EXTENSIONS = (
+    ".raw", ".zraw", ".json", ".txt", ".md", ".csv", ".tsv", ".pdf", ".png", ".jpg", ".jpeg",
+    ".xml", ".html", ".py", ".sh", ".yaml", ".yml", ".npy", ".npz", ".pkl", ".gz", ".tar",
+    ".bz2", ".7z", ".xz",
+)
+_LABEL_RE = re.compile(
+    r"(^|[_\-.])(seg|segmentation|segmentations|label|labels|labelmap|mask|masks|gt)([_\-.]|$)"
+)
+_IMAGE_SUFFIX_RE = re.compile(r"([_\-](ct|img|image|volume|vol))+$")
+_CHANNEL_RE = re.compile(r"_\d{4}$")
+_SAFE_RE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass
+class Case:
+    """One CT volume to preprocess.
+
+    Args:
+        dataset: dataset name.
+        case_id: stable, filesystem-safe id, unique within the dataset.
+        source: volume file, DICOM folder or zip.
+        kind: ``"volume"``, ``"dicom_dir"``, ``"dicom_zip"`` or ``"empty_dir"``.
+        rel_path: source path relative to the dataset folder (posix).
+        label: paired label map, or None.
+        error: set when discovery already knows the case cannot be processed.
+    """
+
+    dataset: str
+    case_id: str
+    source: Path
+    kind: str
+    rel_path: str
+    label: Path | None = None
+    error: str | None = None
+
+
+@dataclass
+class Dataset:
+    """A dataset: a first-level folder of the raw data (or the raw folder's loose files).
+
+    Args:
+        name: dataset name (output folder name).
+        root: folder that case paths are relative to.
+        cases: cases found, sorted by case id.
+        unpaired_labels: label-like files that could not be paired with one image.
+        ignored: short notes on what was skipped (too deep, not CT-like files).
+    """
+
+    name: str
+    root: Path
+    cases: list[Case] = field(default_factory=list)
+    unpaired_labels: list[Path] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- file tests
+
+
+def split_ext(name: str) -> tuple[str, str]:
+    """Split a file name into stem and (possibly double) extension: ``a.nii.gz -> (a, .nii.gz)``.
+
+    Args:
+        name: file name.
+    """
+    low = name.lower()
+    for ext in VOLUME_EXTENSIONS + (".zip",) + _DICOM_EXTENSIONS:
+        if low.endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)], name[-len(ext):]
+    stem, ext = os.path.splitext(name)
+    return stem, ext
+
+
+def is_volume_file(path: str | os.PathLike) -> bool:
+    """True for file names with a volume extension (.nii, .nii.gz, .nrrd, .mha, .mhd).
+
+    Args:
+        path: file path.
+    """
+    return str(path).lower().endswith(VOLUME_EXTENSIONS)
+
+
+def is_label_name(path: str | os.PathLike) -> bool:
+    """True when a file name holds a label word (seg, label, mask, gt...) between ``_``/``-``/``.``.
+
+    Args:
+        path: file path.
+    """
+    return bool(_LABEL_RE.search(split_ext(Path(path).name)[0].lower()))
+
+
+_VRS = {
+    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"OB",
+    b"OD", b"OF", b"OL", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"TM", b"UI", b"UL",
+    b"UN", b"US", b"UT", b"UC", b"UR", b"OV", b"SV", b"UV",
+}
+
+
+def _looks_like_dicom(head: bytes) -> bool:
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return True
+    # Files without the 128-byte preamble start directly with a group 0x0008 (or 0x0002) tag.
+    if len(head) >= 8 and head[0:2] in (b"\x08\x00", b"\x02\x00") and head[3:4] == b"\x00":
+        if head[4:6] in _VRS:  # explicit VR
+            return True
+        length = int.from_bytes(head[4:8], "little")  # implicit VR: a small element length
+        return head[2] < 0x40 and 0 < length < 1024
+    return False
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """True when the file's header is DICOM (``DICM`` at byte 128, or a preamble-less start).
+
+    Args:
+        path: file path (the name and extension are not used).
+    """
+    try:
+        with open(path, "rb") as f:
+            return _looks_like_dicom(f.read(132))
+    except OSError:
+        return False
+
+
+def is_dicom_zip(path: str | os.PathLike, max_members: int = 8) -> bool:
+    """True when a zip holds DICOM files (the first ``max_members`` files are checked).
+
+    Raises:
+        zipfile.BadZipFile: when the file is not a readable zip.
+
+    Args:
+        path: zip file.
+        max_members: how many member files to test.
+    """
+    with zipfile.ZipFile(path) as zf:
+        checked = 0
+        for info in zf.infolist():
+            if info.is_dir() or Path(info.filename).name.startswith("."):
+                continue
+            with zf.open(info) as f:
+                if _looks_like_dicom(f.read(132)):
+                    return True
+            checked += 1
+            if checked >= max_members:
+                break
+    return False
+
+
+def _header_size(path: Path) -> tuple[int, ...] | None:
+    """Image size from the file header only (None when unreadable)."""
+    try:
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        return tuple(int(s) for s in reader.GetSize())
+    except Exception:
+        return None
+
+
+# ----------------------------------------------------------------------------- case ids
+
+
+def sanitize_id(parts: Sequence[str]) -> str:
+    """Filesystem-safe id from path parts (joined by ``__``).
+
+    Args:
+        parts: path components (extension already removed from the last one).
+    """
+    clean = [_SAFE_RE.sub("_", p).strip("._") or "_" for p in parts if p not in ("", ".")]
+    out = "__".join(clean) or "case"
+    return out[:120]
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+
+
+def _assign_ids(cases: list[Case], dataset_name: str) -> None:
+    raw_ids = []
+    for case in cases:
+        parts = list(Path(case.rel_path).parts) if case.rel_path not in ("", ".") else []
+        if parts and case.kind in ("volume", "dicom_zip"):
+            parts[-1] = split_ext(parts[-1])[0]
+        if len(parts) > 1 and parts[0] == "imagesTr":
+            parts = parts[1:]
+        if parts and Path(case.rel_path).parent.name.startswith("images"):
+            parts[-1] = _CHANNEL_RE.sub("", parts[-1])
+        raw_ids.append(sanitize_id(parts) if parts else sanitize_id([dataset_name]))
+    counts: dict[str, int] = {}
+    for rid in raw_ids:
+        counts[rid] = counts.get(rid, 0) + 1
+    for case, rid in zip(cases, raw_ids):
+        case.case_id = rid if counts[rid] == 1 else f"{rid}-{_short_hash(case.rel_path)}"
+
+
+# ----------------------------------------------------------------------------- walking
+
+
+@dataclass
+class _Folder:
+    path: Path
+    files: list[Path]
+    subdirs: list[Path]
+
+
+def _walk(root: Path, depth0: int, max_depth: int | None, exclude: set[Path], ignored: list[str]) -> Iterable[tuple[_Folder, int]]:
+    stack = [(root, depth0)]
+    while stack:
+        folder, depth = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            ignored.append(f"{folder}: cannot list ({e.strerror})")
+            continue
+        files, subdirs = [], []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            p = Path(e.path)
+            if e.is_dir():
+                if p.resolve() in exclude:
+                    continue
+                subdirs.append(p)
+            elif e.is_file():
+                files.append(p)
+        yield _Folder(folder, files, subdirs), depth
+        for sub in reversed(subdirs):
+            if max_depth is not None and depth + 1 > max_depth:
+                ignored.append(f"{sub}: deeper than --max-depth {max_depth}")
+                continue
+            stack.append((sub, depth + 1))
+
+
+def _image_stem(path: Path) -> str:
+    stem = split_ext(path.name)[0] if path.is_file() else path.name
+    stem = _CHANNEL_RE.sub("", stem)
+    return _IMAGE_SUFFIX_RE.sub("", stem.lower())
+
+
+def _label_stem(path: Path) -> str:
+    stem = split_ext(path.name)[0].lower()
+    stem = re.sub(r"^(seg|segmentation|label|labels|mask)([_\-.]|$)", "", stem)
+    stem = re.sub(r"[_\-.](seg|segmentation|segmentations|label|labels|labelmap|mask|masks|gt)([_\-.].*)?$", "", stem)
+    return stem
+
+
+def _pair_label(label: Path, candidates: list[Case]) -> Case | None:
+    cands = [c for c in candidates if c.label is None]
+    if not cands:
+        return None
+    lsize = _header_size(label)
+    if lsize is not None:
+        kept = []
+        for c in cands:
+            csize = _header_size(c.source) if c.kind == "volume" else None
+            if csize is None or csize == lsize:
+                kept.append(c)
+        cands = kept
+    if len(cands) == 1:
+        return cands[0]
+    stem = _label_stem(label)
+    named = [c for c in cands if _image_stem(c.source) == stem]
+    return named[0] if len(named) == 1 else None
+
+
+def discover_dataset(
+    name: str,
+    root: Path,
+    depth0: int = 1,
+    max_depth: int | None = None,
+    exclude: Iterable[Path] = (),
+    loose_only: bool = False,
+) -> Dataset:
+    """Find the cases of one dataset folder (see the module docstring for the rules).
+
+    Args:
+        name: dataset name.
+        root: dataset folder.
+        depth0: folder level of ``root`` below the raw folder (for ``max_depth``).
+        max_depth: deepest folder level searched (None: no limit).
+        exclude: folders to skip (e.g. the output folder when it lies inside the raw one).
+        loose_only: only look at files directly in ``root`` (the raw folder's own files).
+    """
+    root = Path(root)
+    ds = Dataset(name=name, root=root)
+    exclude_set = {Path(p).resolve() for p in exclude}
+    images: list[Case] = []
+    labels: list[tuple[Path, Path]] = []  # (label file, folder)
+    nnunet: dict[Path, dict[str, Path]] = {}  # images folder -> {stem: label}
+    dicom_dirs: dict[Path, Case] = {}
+
+    def rel(p: Path) -> str:
+        r = p.relative_to(root).as_posix()
+        return r if r else "."
+
+    walker = _walk(root, depth0, depth0 if loose_only else max_depth, exclude_set, [] if loose_only else ds.ignored)
+    for folder, _depth in walker:
+        fname = folder.path.name
+        if not folder.files and not folder.subdirs and not loose_only:
+            images.append(Case(name, "", folder.path, "empty_dir", rel(folder.path),
+                               error=f"empty folder {folder.path}: no CT volume in it (remove the folder or add the scan)"))
+            continue
+        # nnU-Net labels folder: its files are labels of the sibling images folder.
+        is_label_dir = fname.startswith("labels") and (folder.path.parent / ("images" + fname[6:])).is_dir()
+        if is_label_dir:
+            stems = {}
+            for f in folder.files:
+                if is_volume_file(f):
+                    stems[_CHANNEL_RE.sub("", split_ext(f.name)[0])] = f
+            nnunet[folder.path.parent / ("images" + fname[6:])] = stems
+            continue
+        has_dicom = False
+        for f in folder.files:
+            low = f.name.lower()
+            if is_volume_file(f):
+                if is_label_name(f) and not fname.startswith("images"):
+                    labels.append((f, folder.path))
+                else:
+                    images.append(Case(name, "", f, "volume", rel(f)))
+            elif low.endswith(".zip"):
+                try:
+                    ok = is_dicom_zip(f)
+                except (zipfile.BadZipFile, OSError) as e:
+                    images.append(Case(name, "", f, "dicom_zip", rel(f),
+                                       error=f"{f}: not a readable zip ({e}); re-download or remove it"))
+                    continue
+                if ok:
+                    images.append(Case(name, "", f, "dicom_zip", rel(f)))
+                else:
+                    ds.ignored.append(f"{f}: zip without DICOM files")
+            elif has_dicom:
+                continue
+            elif low.endswith(_DICOM_EXTENSIONS) or not low.endswith(_SKIP_EXTENSIONS):
+                if is_dicom_file(f):
+                    has_dicom = True
+        if has_dicom:
+            case = Case(name, "", folder.path, "dicom_dir", rel(folder.path))
+            images.append(case)
+            dicom_dirs[folder.path] = case
+
+    # nnU-Net pairing by name.
+    for img_dir, stems in nnunet.items():
+        for case in images:
+            if case.kind == "volume" and case.source.parent == img_dir:
+                key = _CHANNEL_RE.sub("", split_ext(case.source.name)[0])
+                if key in stems:
+                    case.label = stems.pop(key)
+        ds.unpaired_labels.extend(sorted(stems.values()))
+
+    # Label maps beside images.
+    for label, folder in labels:
+        cands = [c for c in images if c.error is None and (
+            (c.kind in ("volume", "dicom_zip") and c.source.parent == folder)
+            or (c.kind == "dicom_dir" and (c.source == folder or c.source.parent == folder)))]
+        match = _pair_label(label, cands)
+        if match is None:
+            ds.unpaired_labels.append(label)
+        else:
+            match.label = label
+
+    _assign_ids(images, name)
+    ds.cases = sorted(images, key=lambda c: c.case_id)
+    return ds
+
+
+def discover(raw_dir: str | os.PathLike, max_depth: int | None = None, exclude: Iterable[Path] = ()) -> list[Dataset]:
+    """Find all datasets and cases under ``raw_dir``.
+
+    Args:
+        raw_dir: folder of raw CT collections (each first-level folder is a dataset).
+        max_depth: deepest folder level searched, ``raw_dir`` being level 0 (None: no limit).
+        exclude: folders to skip (e.g. the output folder).
+
+    Returns:
+        datasets sorted by name; datasets without any case are dropped.
+
+    Raises:
+        FileNotFoundError: when ``raw_dir`` is not a folder.
+    """
+    raw = Path(raw_dir)
+    if not raw.is_dir():
+        raise FileNotFoundError(f"raw data folder {raw} does not exist or is not a folder; pass the folder of your CT collections")
+    exclude = [Path(p) for p in exclude]
+    exclude_set = {p.resolve() for p in exclude}
+    datasets: list[Dataset] = []
+    names: set[str] = set()
+    if max_depth is None or max_depth >= 1:
+        for entry in sorted(raw.iterdir()):
+            if entry.name.startswith(".") or not entry.is_dir() or entry.resolve() in exclude_set:
+                continue
+            ds = discover_dataset(entry.name, entry, 1, max_depth, exclude)
+            datasets.append(ds)
+            names.add(ds.name)
+    loose_name = raw.resolve().name or "raw"
+    if loose_name in names:
+        loose_name += "_root"
+    loose = discover_dataset(loose_name, raw, 0, 0, exclude, loose_only=True)
+    if loose.cases or loose.unpaired_labels:
+        datasets.append(loose)
+    return sorted([d for d in datasets if d.cases or d.unpaired_labels], key=lambda d: d.name)

@@ -1,0 +1,446 @@
+"""Evaluate a model on whole processed scans (``./run.sh evaluate``).
+
+::
+
+    python -m pipeline.evaluate (--ckpt RUN_DIR/ckpts/vqvae_ema0.9999_step0200000.pt | --bundle DIR)
+                                --data_dir processed_dataset [--window lung] --out report_dir
+                                [--max_cases N] [--cases ID ...] [--tile 16] [--device cuda] [--no-ssim]
+
+Every complete case of every processed dataset under ``--data_dir`` goes whole (not cropped)
+through the same tiled Encode/Decode as ``pipeline.infer``. The reference is the case's window
+volume restricted to the body mask (what the sparse input holds; 0 elsewhere). Per case and
+overall: PSNR and 3D SSIM on the window's [0, 1] range inside the body and over the whole cube,
+MAE and RMSE in HU inside the body, per-organ MAE when ``labels_512.npy`` and an organ mapping
+exist, codebook usage (codes used, perplexity, tokens per scan), encode/decode time and peak
+memory. Writes ``metrics.csv`` (one row per case), ``organs.csv``, ``summary.json``,
+``cases/<case>.png`` (three planes) and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import html
+import json
+import math
+import os
+import resource
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.infer import Tokenizer, TokenizerError, cli_errors, parse_window
+from pipeline.metrics import codebook_usage, normalize_organ_mapping, volume_metrics
+
+__all__ = ["find_cases", "evaluate", "write_report", "main"]
+
+CSV_COLUMNS = [
+    "case",
+    "dataset",
+    "case_id",
+    "psnr_body",
+    "ssim_body",
+    "psnr",
+    "ssim",
+    "mae_hu_body",
+    "rmse_hu_body",
+    "tokens",
+    "codes_used",
+    "perplexity",
+    "support_voxels",
+    "body_voxels",
+    "encode_s",
+    "decode_s",
+    "encode_peak_mb",
+    "decode_peak_mb",
+]
+
+
+# ------------------------------------------------------------------------------------ peak memory
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA peak allocation on GPU, else the process peak RSS.
+
+    On Linux the RSS peak is reset at the start (``/proc/self/clear_refs``), so the value is the
+    block's own peak; elsewhere it is the process peak so far.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.peak_mb = float("nan")
+
+    @staticmethod
+    def _hwm_kb() -> int | None:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1])
+        except OSError:
+            return None
+        return None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            with contextlib.suppress(OSError):
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            kb = self._hwm_kb()
+            if kb is None:
+                kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            self.peak_mb = kb / 1024.0
+        return False
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def find_cases(data_dir: str | os.PathLike, window: Any, resolution: int | None = None) -> list[dict]:
+    """Complete cases of every processed dataset under ``data_dir`` that hold ``window``.
+
+    Args:
+        data_dir: output folder of ``./run.sh preprocess`` (searched recursively).
+        window: the model's window (its name picks the window file).
+        resolution: expected cube side (a dataset at another resolution is an error).
+
+    Returns:
+        [{"case", "dataset", "case_id", "dir", "window_file", "organ_mapping"}] sorted by case.
+    """
+    from pipeline.dataset import find_datasets, resolve_window_file
+
+    w = parse_window(window)
+    cases = []
+    datasets = find_datasets(data_dir)
+    if not datasets:
+        raise TokenizerError(f"{data_dir}: no processed dataset (metadata.csv + dataset_config.json); run ./run.sh preprocess first")
+    for ds in datasets:
+        cfg = json.loads((ds / "dataset_config.json").read_text())
+        if resolution is not None and int(cfg.get("resolution", 512)) != int(resolution):
+            raise TokenizerError(
+                f"{ds}: preprocessed at {cfg.get('resolution')}^3 but the model works on {resolution}^3; "
+                f"preprocess with --resolution {resolution} or evaluate a matching model"
+            )
+        try:
+            rel, width, level = resolve_window_file(cfg, w.name)
+        except KeyError as e:
+            raise TokenizerError(f"{ds}: {e.args[0]}") from None
+        if abs(width - w.width) > 1e-6 or abs(level - w.level) > 1e-6:
+            raise TokenizerError(
+                f"{ds}: window {w.name} is W{width:g}/L{level:g} there but the model's is W{w.width:g}/L{w.level:g}; "
+                "preprocess with the model's window"
+            )
+        mapping = normalize_organ_mapping(cfg.get("organ_mapping"))
+        proc = ds / "processed"
+        if not proc.is_dir():
+            continue
+        for case_dir in sorted(p for p in proc.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if not (case_dir / ".complete").is_file() or not (case_dir / rel).is_file():
+                continue
+            cases.append(
+                {
+                    "case": f"{ds.name}/{case_dir.name}",
+                    "dataset": ds.name,
+                    "case_id": case_dir.name,
+                    "dir": case_dir,
+                    "window_file": case_dir / rel,
+                    "organ_mapping": mapping,
+                }
+            )
+    return sorted(cases, key=lambda c: c["case"])
+
+
+def _load_case(case: Mapping) -> dict:
+    d = Path(case["dir"])
+    win = np.load(case["window_file"], mmap_mode="r").astype(np.float32)
+    mask_file = d / "body_mask_512.npy"
+    mask = np.load(mask_file).astype(bool) if mask_file.is_file() else np.ones(win.shape, bool)
+    labels = np.load(d / "labels_512.npy") if (d / "labels_512.npy").is_file() else None
+    info = {}
+    if (d / "case.json").is_file():
+        with contextlib.suppress(Exception):
+            info = json.loads((d / "case.json").read_text())
+    return {"window": win, "mask": mask, "labels": labels, "info": info}
+
+
+def _geometry(info: Mapping) -> dict:
+    g: dict[str, Any] = {}
+    if info.get("affine_512") is not None:
+        g["cube_affine"] = np.asarray(info["affine_512"], np.float64)
+    if info.get("source_affine") is not None:
+        g["source_affine"] = np.asarray(info["source_affine"], np.float64)
+    if info.get("source_shape") is not None:
+        g["source_shape"] = info["source_shape"]
+    if info.get("source"):
+        g["source"] = str(info["source"])
+    return g
+
+
+# -------------------------------------------------------------------------------------- evaluate
+
+
+def _nanmean(values: Sequence[float]) -> float | None:
+    v = [float(x) for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    v = [x for x in v if math.isfinite(x)]
+    return float(np.mean(v)) if v else None
+
+
+def _safe_name(case: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in case.replace("/", "__"))
+
+
+def evaluate(
+    tokenizer: Tokenizer,
+    data_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    window: Any = None,
+    max_cases: int | None = None,
+    cases: Sequence[str] | None = None,
+    ssim: bool = True,
+    pictures: bool = True,
+    log=print,
+) -> dict:
+    """Evaluate ``tokenizer`` on whole scans and write the report folder.
+
+    Args:
+        tokenizer: the model (``Tokenizer.from_checkpoint`` / ``from_bundle``).
+        data_dir: processed datasets.
+        out: report folder (created).
+        window: window to evaluate; must be the model's (default: the model's).
+        max_cases: evaluate at most this many cases (sorted by name).
+        cases: only these cases (``dataset/case_id`` or ``case_id``).
+        ssim: compute SSIM (the slowest metric).
+        pictures: write the three-plane picture of each case.
+        log: message function.
+
+    Returns:
+        the summary dict (also written to ``summary.json``).
+    """
+    from pipeline.io_utils import save_csv, save_json
+    from pipeline.visualize import save_three_plane
+
+    w = tokenizer.window
+    if window is not None:
+        asked = parse_window(window)
+        if not asked.same_as(w):
+            raise TokenizerError(
+                f"--window {asked.name} (W{asked.width:g}/L{asked.level:g}) is not the model's window {w.name} "
+                f"(W{w.width:g}/L{w.level:g}); evaluate a {asked.name} model or drop --window"
+            )
+    found = find_cases(data_dir, w, tokenizer.resolution)
+    if cases:
+        want = set(cases)
+        found = [c for c in found if c["case"] in want or c["case_id"] in want]
+    if max_cases:
+        found = found[: int(max_cases)]
+    if not found:
+        raise TokenizerError(f"{data_dir}: no complete case with the {w.name} window; run ./run.sh preprocess (with that window) first")
+    out = Path(out)
+    (out / "cases").mkdir(parents=True, exist_ok=True)
+    rows, organ_rows, all_indices = [], [], []
+    for n, case in enumerate(found, 1):
+        data = _load_case(case)
+        win, mask = data["window"], data["mask"]
+        target = np.where(mask, win, 0.0).astype(np.float32)
+        with PeakMemory(tokenizer.device) as pm_enc:
+            t0 = time.perf_counter()
+            tokens = tokenizer.encode_arrays(win, mask, **_geometry(data["info"]))
+            enc_s = time.perf_counter() - t0
+        with PeakMemory(tokenizer.device) as pm_dec:
+            t0 = time.perf_counter()
+            recon = tokenizer.decode(tokens)
+            dec_s = time.perf_counter() - t0
+        m = volume_metrics(recon, target, w, mask, data["labels"], case["organ_mapping"] or None, ssim=ssim)
+        use = codebook_usage(tokens.indices, tokenizer.num_embeddings)
+        all_indices.append(tokens.indices)
+        row = {
+            "case": case["case"],
+            "dataset": case["dataset"],
+            "case_id": case["case_id"],
+            **{k: m.get(k) for k in ("psnr_body", "ssim_body", "psnr", "ssim", "mae_hu_body", "rmse_hu_body")},
+            "tokens": len(tokens),
+            "codes_used": use["codes_used"],
+            "perplexity": use["perplexity"],
+            "support_voxels": int((mask & (win > 0)).sum()),
+            "body_voxels": int(mask.sum()),
+            "encode_s": enc_s,
+            "decode_s": dec_s,
+            "encode_peak_mb": pm_enc.peak_mb,
+            "decode_peak_mb": pm_dec.peak_mb,
+        }
+        for organ, mae in (m.get("organ_mae_hu") or {}).items():
+            organ_rows.append({"case": case["case"], "organ": organ, "mae_hu": mae})
+        if pictures:
+            pic = save_three_plane(
+                out / "cases" / f"{_safe_name(case['case'])}.png",
+                target,
+                recon,
+                mask=mask,
+                title=f"{case['case']}  PSNR(body) {row['psnr_body']:.2f} dB  MAE {row['mae_hu_body']:.1f} HU",
+            )
+            row["picture"] = os.path.relpath(pic, out)
+        rows.append(row)
+        log(
+            f"[{n}/{len(found)}] {case['case']}: PSNR body {row['psnr_body']:.2f} dB, SSIM body "
+            f"{row['ssim_body'] if row['ssim_body'] is None else round(row['ssim_body'], 4)}, MAE {row['mae_hu_body']:.1f} HU, "
+            f"{row['tokens']} tokens, encode {enc_s:.1f} s, decode {dec_s:.1f} s"
+        )
+    usage = codebook_usage(all_indices, tokenizer.num_embeddings)
+    overall = {k: _nanmean([r.get(k) for r in rows]) for k in CSV_COLUMNS[3:10] + CSV_COLUMNS[14:]}
+    overall["tokens_per_scan"] = _nanmean([r["tokens"] for r in rows])
+    overall["codes_used"] = usage["codes_used"]
+    overall["codebook_usage"] = usage["usage"]
+    overall["perplexity"] = usage["perplexity"]
+    overall.pop("tokens", None)
+    organs: dict[str, list[float]] = {}
+    for r in organ_rows:
+        organs.setdefault(r["organ"], []).append(r["mae_hu"])
+    summary = {
+        "model": tokenizer.source,
+        "data_dir": str(data_dir),
+        "window": w.to_dict(),
+        "resolution": tokenizer.resolution,
+        "num_cases": len(rows),
+        "num_embeddings": tokenizer.num_embeddings,
+        "device": str(tokenizer.device),
+        "tile": tokenizer.tile,
+        "overall": overall,
+        "organ_mae_hu": {k: _nanmean(v) for k, v in sorted(organs.items())},
+        "cases": rows,
+        "reference": "window volume inside the body mask (0 outside), window range [0, 1]",
+    }
+    save_csv(out / "metrics.csv", rows, CSV_COLUMNS)
+    if organ_rows:
+        save_csv(out / "organs.csv", organ_rows, ["case", "organ", "mae_hu"])
+    save_json(out / "summary.json", summary)
+    write_report(out, summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "–"
+        if math.isinf(v):
+            return "∞"
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
+    return html.escape(str(v))
+
+
+def write_report(out: str | os.PathLike, summary: Mapping) -> Path:
+    """One-page ``report.html``: overall metrics, per-case table and pictures, per-organ MAE.
+
+    Args:
+        out: report folder (pictures are referenced relative to it).
+        summary: the evaluation summary.
+    """
+    from pipeline.io_utils import save_text
+
+    w = summary["window"]
+    ov = summary["overall"]
+    css = (
+        "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}td:first-child{text-align:left}"
+        "figure{display:inline-block;margin:0.5em}figcaption{font-size:0.9em}img{width:420px}"
+    )
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>ctvq evaluation</title>",
+        f"<style>{css}</style></head><body>",
+        "<h1>CT VQ-VAE evaluation</h1>",
+        f"<p>Model: <code>{html.escape(str(summary['model']))}</code><br>Data: <code>{html.escape(str(summary['data_dir']))}</code>, "
+        f"{summary['num_cases']} whole scans at {summary['resolution']}<sup>3</sup><br>"
+        f"Window: {html.escape(w['name'])} (W {w['width']:g}, L {w['level']:g}); device {html.escape(summary['device'])}, tile {summary['tile']}</p>",
+        "<h2>Overall</h2><table><tr><th>metric</th><th>value</th></tr>",
+    ]
+    for k, v in ov.items():
+        parts.append(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>")
+    parts.append("</table>")
+    parts.append(
+        "<p>PSNR/SSIM on window values in [0, 1] (body: inside the body mask; otherwise the whole cube). "
+        "MAE/RMSE in HU inside the body, within the window's HU range. Codebook: codes used and perplexity "
+        f"over the whole set (codebook of {summary['num_embeddings']}).</p>"
+    )
+    cols = ["case", "psnr_body", "ssim_body", "psnr", "ssim", "mae_hu_body", "rmse_hu_body", "tokens", "codes_used", "encode_s", "decode_s", "encode_peak_mb", "decode_peak_mb"]
+    parts.append("<h2>Cases</h2><table><tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>")
+    for r in summary["cases"]:
+        parts.append("<tr>" + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in cols) + "</tr>")
+    parts.append("</table>")
+    if summary.get("organ_mae_hu"):
+        parts.append("<h2>MAE per organ (HU, mean over cases)</h2><table><tr><th>organ</th><th>MAE</th></tr>")
+        for k, v in summary["organ_mae_hu"].items():
+            parts.append(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>")
+        parts.append("</table>")
+    pics = [r for r in summary["cases"] if r.get("picture")]
+    if pics:
+        parts.append("<h2>Pictures</h2><p>Rows: axial, coronal, sagittal; columns: input, reconstruction, error.</p>")
+        for r in pics:
+            parts.append(
+                f"<figure><img src='{html.escape(r['picture'])}' alt='{html.escape(r['case'])}'>"
+                f"<figcaption>{html.escape(r['case'])}</figcaption></figure>"
+            )
+    parts.append("</body></html>\n")
+    return save_text(Path(out) / "report.html", "\n".join(parts))
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description="Evaluate a model on whole processed scans.")
+    p.add_argument("--ckpt", default=None, help="checkpoint RUN_DIR/ckpts/*.pt (model from RUN_DIR/config.json), or a run folder")
+    p.add_argument("--config", default=None, help="run config.json for --ckpt (default: RUN_DIR/config.json)")
+    p.add_argument("--bundle", default=None, help="exported bundle folder instead of --ckpt")
+    p.add_argument("--data_dir", "--data-dir", required=True, help="processed datasets (output of ./run.sh preprocess)")
+    p.add_argument("--window", default=None, help="window to evaluate (must be the model's; default: the model's)")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--max_cases", "--max-cases", type=int, default=None, help="at most this many cases")
+    p.add_argument("--cases", nargs="+", default=None, help="only these cases (dataset/case_id or case_id)")
+    p.add_argument("--tile", type=int, default=None, help="latent tile edge (default 16; 0: untiled)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
+    p.add_argument("--no-ssim", action="store_true", help="skip SSIM (faster)")
+    p.add_argument("--no-pictures", action="store_true", help="skip the per-case pictures")
+    a = p.parse_args(argv)
+    with cli_errors():
+        kw: dict[str, Any] = {}
+        if a.tile is not None:
+            kw["tile"] = a.tile or None
+        if a.bundle and a.ckpt:
+            raise TokenizerError("pass either --bundle or --ckpt, not both")
+        if a.bundle:
+            tok = Tokenizer.from_bundle(a.bundle, device=a.device, **kw)
+        elif a.ckpt:
+            tok = Tokenizer.from_checkpoint(a.ckpt, config=a.config, device=a.device, **kw)
+        else:
+            raise TokenizerError("no model given; pass --ckpt RUN_DIR/ckpts/vqvae_ema0.9999_stepNNNNNNN.pt or --bundle DIR")
+        summary = evaluate(tok, a.data_dir, a.out, a.window, a.max_cases, a.cases, ssim=not a.no_ssim, pictures=not a.no_pictures)
+        ov = summary["overall"]
+        print(
+            f"{summary['num_cases']} cases: PSNR body {_fmt(ov.get('psnr_body'))} dB, SSIM body {_fmt(ov.get('ssim_body'))}, "
+            f"MAE body {_fmt(ov.get('mae_hu_body'))} HU, codes used {ov.get('codes_used')}, perplexity {_fmt(ov.get('perplexity'))}"
+        )
+        print(f"report: {Path(a.out) / 'report.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,522 @@
+"""Export a training run as a standard MONAI bundle (and a zip of it).
+
+::
+
+    python -m pipeline.export --run outputs/RUN [--ckpt CKPT] [--weights ema|model]
+                              [--eval REPORT_DIR/summary.json] --out dist/ct_vqvae
+
+writes::
+
+    dist/ct_vqvae/
+      configs/metadata.json   MONAI bundle metadata (mandatory schema fields, versions, data format)
+      configs/inference.json  network_def + transforms + the tokenizer; runs with monai.bundle
+      configs/logging.conf
+      models/model.pt         state dict (EMA weights by default)
+      docs/README.md          what it is, data and window, metrics, limits
+      docs/license.txt, LICENSE
+    dist/ct_vqvae.zip         the same folder, zipped (ct_vqvae/... inside)
+
+The bundle needs the ``ctvq`` package (``transforms``, ``networks``, ``pipeline``) installed:
+its ``_target_``s point at those packages. spconv models cannot be exported to TorchScript or
+ONNX (spconv ops are custom CUDA/C++ kernels with Python-side rulebooks), so there is no
+``model.ts``/``model.onnx``.
+
+Metadata schema check without internet: download the schema named in ``metadata.json``'s
+``"schema"`` once, then ``verify_bundle(DIR, schema_file=PATH)`` or
+``python -m monai.bundle verify_metadata --meta_file DIR/configs/metadata.json --filepath PATH``
+(an existing ``--filepath`` is used as is, never downloaded). Without it, :func:`verify_bundle`
+checks against :data:`MB_METADATA_SCHEMA`, a local schema of the mandatory fields of the MONAI
+bundle specification.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import shutil
+import sys
+import tempfile
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "MB_METADATA_SCHEMA",
+    "BUNDLE_TEMPLATE_DIR",
+    "export_bundle",
+    "verify_bundle",
+    "package_versions",
+    "make_metadata",
+    "make_inference_config",
+    "main",
+]
+
+#: the bundle configs of this repository (templates for the exported bundle)
+BUNDLE_TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "bundles" / "ct_vqvae"
+
+_TENSOR_FORMAT = {
+    "type": "object",
+    "required": [
+        "type",
+        "format",
+        "num_channels",
+        "spatial_shape",
+        "dtype",
+        "value_range",
+        "is_patch_data",
+        "channel_def",
+    ],
+    "properties": {
+        "type": {"type": "string"},
+        "format": {"type": "string"},
+        "modality": {"type": "string"},
+        "num_channels": {"type": "integer", "minimum": 1},
+        "spatial_shape": {"type": "array", "items": {"type": ["integer", "string"]}},
+        "dtype": {"type": "string"},
+        "value_range": {"type": "array", "items": {"type": "number"}, "maxItems": 2},
+        "is_patch_data": {"type": "boolean"},
+        "channel_def": {"type": "object"},
+    },
+}
+
+#: JSON schema of the mandatory metadata fields of the MONAI bundle specification
+#: (docs.monai.io "MONAI Bundle Specification", metadata.json File), for offline checks.
+MB_METADATA_SCHEMA: dict[str, Any] = {
+    "$schema": "http://json-schema.org/draft-07/schema#",
+    "title": "MONAI bundle metadata (mandatory fields of the bundle specification)",
+    "type": "object",
+    "required": [
+        "schema",
+        "version",
+        "monai_version",
+        "pytorch_version",
+        "numpy_version",
+        "optional_packages_version",
+        "task",
+        "description",
+        "authors",
+        "copyright",
+        "network_data_format",
+    ],
+    "properties": {
+        "schema": {"type": "string"},
+        "version": {"type": "string"},
+        "changelog": {"type": "object", "additionalProperties": {"type": "string"}},
+        "monai_version": {"type": "string"},
+        "pytorch_version": {"type": "string"},
+        "numpy_version": {"type": "string"},
+        "optional_packages_version": {"type": "object", "additionalProperties": {"type": "string"}},
+        "required_packages_version": {"type": "object", "additionalProperties": {"type": "string"}},
+        "name": {"type": "string"},
+        "task": {"type": "string"},
+        "description": {"type": "string"},
+        "authors": {"type": "string"},
+        "copyright": {"type": "string"},
+        "data_source": {"type": "string"},
+        "data_type": {"type": "string"},
+        "intended_use": {"type": "string"},
+        "references": {"type": "array", "items": {"type": "string"}},
+        "eval_metrics": {"type": "object"},
+        "network_data_format": {
+            "type": "object",
+            "required": ["inputs", "outputs"],
+            "properties": {
+                "inputs": {
+                    "type": "object",
+                    "additionalProperties": {**_TENSOR_FORMAT, "required": _TENSOR_FORMAT["required"] + ["modality"]},
+                },
+                "outputs": {"type": "object", "additionalProperties": _TENSOR_FORMAT},
+            },
+        },
+    },
+}
+
+_LOGGING_CONF = """[loggers]
+keys=root
+
+[handlers]
+keys=consoleHandler
+
+[formatters]
+keys=fullFormatter
+
+[logger_root]
+level=INFO
+handlers=consoleHandler
+
+[handler_consoleHandler]
+class=StreamHandler
+level=INFO
+formatter=fullFormatter
+args=(sys.stdout,)
+
+[formatter_fullFormatter]
+format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
+"""
+
+_LICENSE = """Apache License, Version 2.0 (the "License") applies to the configuration files and the
+model weights in this bundle: you may not use them except in compliance with the License. You
+may obtain a copy of the License at
+
+    http://www.apache.org/licenses/LICENSE-2.0
+
+Unless required by applicable law or agreed to in writing, software distributed under the
+License is distributed on an "AS IS" BASIS, WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND,
+either express or implied. See the License for the specific language governing permissions
+and limitations under the License.
+
+The weights were trained on the CT data named in docs/README.md; the terms of those data sets
+apply in addition. Not for diagnostic use.
+"""
+
+
+def _version(module: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:
+        try:
+            mod = __import__(module)
+            return str(getattr(mod, "__version__", None) or "") or None
+        except Exception:
+            return None
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages the bundle needs (monai, torch, numpy, spconv, ...)."""
+    import monai
+    import numpy
+    import torch
+
+    out = {"monai": monai.__version__, "torch": torch.__version__.split("+")[0], "numpy": numpy.__version__}
+    try:
+        from networks.backend import SPCONV_VERSION
+
+        out["spconv"] = str(SPCONV_VERSION)
+    except Exception:
+        out["spconv"] = _version("spconv") or "unknown"
+    for name in ("ctvq", "nibabel", "SimpleITK", "scipy"):
+        v = _version(name)
+        if v:
+            out[name] = v
+    return out
+
+
+def _load_template(name: str) -> dict:
+    path = BUNDLE_TEMPLATE_DIR / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: bundle template missing; restore bundles/ct_vqvae/{name} from the repository")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def make_metadata(
+    network_def: Mapping,
+    window: Any,
+    resolution: int,
+    eval_summary: Mapping | None = None,
+    data_source: str | None = None,
+    version: str | None = None,
+    template: Mapping | None = None,
+) -> dict:
+    """Bundle metadata: template ``bundles/ct_vqvae/metadata.json`` + versions + this model's shapes.
+
+    Args:
+        network_def: the model's ``network_def`` (gives the codebook size).
+        window: WindowSpec of the model.
+        resolution: cube side the model works on.
+        eval_summary: optional evaluation summary (``summary.json``) for ``eval_metrics``.
+        data_source: optional text on the training data.
+        version: bundle version (default: the template's).
+        template: metadata to start from (default: the repository template).
+    """
+    meta = copy.deepcopy(dict(template) if template is not None else _load_template("metadata.json"))
+    vers = package_versions()
+    meta["monai_version"] = vers["monai"]
+    meta["pytorch_version"] = vers["torch"]
+    meta["numpy_version"] = vers["numpy"]
+    req = {"spconv": vers["spconv"]}
+    if "ctvq" in vers:
+        req["ctvq"] = vers["ctvq"]
+    meta["required_packages_version"] = req
+    meta["optional_packages_version"] = {k: vers[k] for k in ("nibabel", "SimpleITK", "scipy") if k in vers}
+    if version:
+        meta["version"] = version
+        meta.setdefault("changelog", {}).setdefault(version, "exported from a training run")
+    k = int(network_def.get("num_embeddings", 8192))
+    fmt = meta["network_data_format"]
+    for spec in list(fmt["inputs"].values()) + [fmt["outputs"]["pred"]]:
+        spec["spatial_shape"] = [int(resolution)] * 3
+    fmt["outputs"]["tokens"]["value_range"] = [0, k - 1]
+    meta["window"] = {"name": window.name, "width": float(window.width), "level": float(window.level)}
+    meta["task"] = (
+        f"Turn a CT scan into discrete tokens ({k}-code codebook on a {resolution // 8}^3 latent grid, "
+        f"{window.name} window W{window.width:g}/L{window.level:g}) and reconstruct it"
+    )
+    if data_source:
+        meta["data_source"] = data_source
+    if eval_summary:
+        overall = eval_summary.get("overall", eval_summary)
+        meta["eval_metrics"] = {
+            key: overall[key]
+            for key in ("psnr_body", "ssim_body", "psnr", "ssim", "mae_hu_body", "rmse_hu_body", "perplexity", "codes_used")
+            if key in overall and overall[key] is not None
+        }
+    return meta
+
+
+def make_inference_config(network_def: Mapping, window: Any, resolution: int, template: Mapping | None = None) -> dict:
+    """Inference config of the bundle: template ``bundles/ct_vqvae/inference.json`` with this model.
+
+    Args:
+        network_def: the run's ``network_def``.
+        window: WindowSpec of the model.
+        resolution: cube side.
+        template: config to start from (default: the repository template).
+    """
+    cfg = copy.deepcopy(dict(template) if template is not None else _load_template("inference.json"))
+    cfg["network_def"] = copy.deepcopy(dict(network_def))
+    cfg["window"] = {"name": window.name, "width": float(window.width), "level": float(window.level)}
+    cfg["resolution"] = int(resolution)
+    cfg["bundle_root"] = "."
+    return cfg
+
+
+def _readme(meta: Mapping, run_cfg: Mapping, ckpt: Path, weights: str, eval_summary: Mapping | None) -> str:
+    w = meta["window"]
+    net = run_cfg.get("network_def", {})
+    lines = [
+        f"# {meta.get('name', 'CT sparse VQ-VAE tokenizer')}",
+        "",
+        meta.get("description", ""),
+        "",
+        "## What it is",
+        "",
+        f"- Window: **{w['name']}** (width {w['width']:g} HU, level {w['level']:g} HU); window value v maps back to"
+        f" HU = {w['level'] - w['width'] / 2:g} + v * {w['width']:g}.",
+        f"- Grid: scans are resampled into an isotropic {meta['network_data_format']['inputs']['image']['spatial_shape'][0]}^3 cube;"
+        " one token per active 8^3 cell.",
+        f"- Model: `{net.get('_target_', 'networks.SparseVQVAE')}` with "
+        + ", ".join(f"{k}={v}" for k, v in net.items() if not str(k).startswith("_")),
+        f"- Weights: `{weights}` state dict from `{ckpt.name}`.",
+        f"- Trained on: {meta.get('data_source', 'see the run configuration')}.",
+        "",
+        "## Use",
+        "",
+        "Needs the `ctvq` package (its `transforms`, `networks` and `pipeline`) and spconv installed.",
+        "",
+        "```bash",
+        "./run.sh encode scan.nii.gz tokens.npz --bundle ct_vqvae",
+        "./run.sh decode tokens.npz recon.nii.gz --bundle ct_vqvae --original-grid",
+        "python -m monai.bundle run --config_file ct_vqvae/configs/inference.json \\",
+        "    --bundle_root ct_vqvae --input_files \"['scan.nii.gz']\" --output_dir tokens/",
+        "```",
+        "",
+        "```python",
+        "from pipeline.infer import Tokenizer",
+        "tok = Tokenizer.from_bundle('ct_vqvae')",
+        "tokens = tok.encode('scan.nii.gz')   # latent coords, code indices, window, geometry",
+        "volume = tok.decode(tokens)           # window values on the cube grid",
+        "```",
+        "",
+        "## Metrics",
+        "",
+    ]
+    if eval_summary:
+        overall = eval_summary.get("overall", eval_summary)
+        lines += ["| metric | value |", "|---|---|"]
+        for key, val in overall.items():
+            if isinstance(val, (int, float)):
+                lines.append(f"| {key} | {val:.4g} |")
+        n = eval_summary.get("num_cases")
+        if n is not None:
+            lines += ["", f"On {n} whole scans ({eval_summary.get('data_dir', 'evaluation set')})."]
+    else:
+        lines.append("No evaluation summary was given at export (`--eval REPORT_DIR/summary.json`).")
+    lines += [
+        "",
+        "## Limits",
+        "",
+        "- spconv models cannot be exported to TorchScript or ONNX: the bundle ships `models/model.pt` (a state"
+        " dict) only and needs the Python packages.",
+        "- Only the window above is modelled: HU outside it are clipped, and voxels outside the body come back"
+        " as the window minimum.",
+        "- Research use only; not for diagnosis.",
+        "",
+        f"Exported {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d')} with "
+        + ", ".join(f"{k} {v}" for k, v in package_versions().items())
+        + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=4)
+        f.write("\n")
+
+
+def _zip_dir(folder: Path, zip_path: Path) -> Path:
+    from pipeline.io_utils import atomic_path
+
+    with atomic_path(zip_path) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for p in sorted(folder.rglob("*")):
+                if p.is_file():
+                    zf.write(p, Path(folder.name) / p.relative_to(folder))
+    return zip_path
+
+
+def _find_eval_summary(run_dir: Path) -> Path | None:
+    for cand in (run_dir / "eval" / "summary.json", run_dir / "evaluation" / "summary.json", run_dir / "summary.json"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def export_bundle(
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike = "dist/ct_vqvae",
+    ckpt: str | os.PathLike | None = None,
+    weights: str = "ema",
+    eval_summary: str | os.PathLike | Mapping | None = None,
+    version: str | None = None,
+    license_file: str | os.PathLike | None = None,
+    make_zip: bool = True,
+) -> Path:
+    """Write a MONAI bundle from a training run (atomic: built aside, then renamed into ``out``).
+
+    Args:
+        run_dir: the run folder (``config.json``, ``ckpts/``).
+        out: bundle folder to write (replaced when it exists).
+        ckpt: checkpoint file (default: the run's latest of the chosen ``weights``).
+        weights: "ema" (EMA weights, default) or "model" (plain weights); used when ``ckpt`` is None.
+        eval_summary: evaluation ``summary.json`` (path or dict) for README and ``eval_metrics``;
+            default: ``RUN_DIR/eval/summary.json`` when present.
+        version: bundle version (default: the template's).
+        license_file: license text to ship (default: Apache-2.0 notice).
+        make_zip: also write ``<out>.zip``.
+
+    Returns:
+        the bundle folder.
+    """
+    from pipeline.infer import (
+        build_network,
+        find_checkpoint,
+        load_run_config,
+        load_weights,
+        resolved_network_def,
+        window_from_config,
+    )
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    ckpt_path = find_checkpoint(run_dir, ckpt, weights)
+    net = build_network(cfg, source=run_dir / "config.json")
+    state = load_weights(net, ckpt_path, config_path=run_dir / "config.json")
+    window = window_from_config(cfg)
+    resolution = int(cfg.get("resolution", 512))
+    if eval_summary is None:
+        eval_summary = _find_eval_summary(run_dir)
+    if eval_summary is not None and not isinstance(eval_summary, Mapping):
+        with open(eval_summary, encoding="utf-8") as f:
+            eval_summary = json.load(f)
+    data_source = cfg.get("data_source") or (f"processed datasets under {cfg['data_dir']}" if cfg.get("data_dir") else None)
+    network_def = resolved_network_def(cfg, run_dir / "config.json")
+    meta = make_metadata(network_def, window, resolution, eval_summary, data_source, version)
+    infer_cfg = make_inference_config(network_def, window, resolution)
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _write_json(stage / "configs" / "metadata.json", meta)
+        _write_json(stage / "configs" / "inference.json", infer_cfg)
+        logging_src = BUNDLE_TEMPLATE_DIR / "logging.conf"
+        (stage / "configs" / "logging.conf").write_text(
+            logging_src.read_text(encoding="utf-8") if logging_src.is_file() else _LOGGING_CONF, encoding="utf-8"
+        )
+        import torch
+
+        (stage / "models").mkdir(parents=True)
+        torch.save(state, stage / "models" / "model.pt")
+        (stage / "docs").mkdir(parents=True)
+        (stage / "docs" / "README.md").write_text(_readme(meta, cfg, ckpt_path, weights, eval_summary), encoding="utf-8")
+        lic = Path(license_file).read_text(encoding="utf-8") if license_file else _LICENSE
+        (stage / "docs" / "license.txt").write_text(lic, encoding="utf-8")
+        (stage / "LICENSE").write_text(lic, encoding="utf-8")
+        # swap into place
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(stage, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if make_zip:
+        _zip_dir(out, out.with_name(out.name + ".zip"))
+    return out
+
+
+def verify_bundle(bundle_dir: str | os.PathLike, schema_file: str | os.PathLike | None = None) -> None:
+    """Check a bundle: required files, and ``monai.bundle.verify_metadata`` against a local schema.
+
+    Args:
+        bundle_dir: bundle folder.
+        schema_file: the official schema file downloaded beforehand (default: :data:`MB_METADATA_SCHEMA`).
+
+    Raises:
+        FileNotFoundError: a required file is missing. ValueError: the metadata does not validate.
+    """
+    from monai.bundle import verify_metadata
+
+    bundle_dir = Path(bundle_dir)
+    for rel in ("configs/metadata.json", "configs/inference.json", "models/model.pt"):
+        if not (bundle_dir / rel).is_file():
+            raise FileNotFoundError(f"{bundle_dir / rel}: missing from the bundle; re-export it with python -m pipeline.export")
+    with tempfile.TemporaryDirectory(prefix="ctvq_schema_") as tmp:
+        if schema_file is None:
+            schema_file = Path(tmp) / "schema.json"
+            _write_json(schema_file, MB_METADATA_SCHEMA)
+        elif not Path(schema_file).is_file():
+            raise FileNotFoundError(f"{schema_file}: schema file not found; download the URL in metadata.json 'schema' first")
+        verify_metadata(meta_file=str(bundle_dir / "configs" / "metadata.json"), filepath=str(schema_file))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.export", description="Export a training run as a MONAI bundle.")
+    p.add_argument("--run", required=True, help="run folder with config.json and ckpts/")
+    p.add_argument("--ckpt", default=None, help="checkpoint file, or 'latest' (default: latest of --weights)")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights when --ckpt is not a file")
+    p.add_argument("--out", default="dist/ct_vqvae", help="bundle folder to write")
+    p.add_argument("--eval", default=None, help="evaluation summary.json to include")
+    p.add_argument("--version", default=None, help="bundle version")
+    p.add_argument("--license", default=None, help="license text file to ship")
+    p.add_argument("--no-zip", action="store_true", help="do not write <out>.zip")
+    p.add_argument("--verify", action="store_true", help="verify the metadata after export")
+    p.add_argument("--schema", default=None, help="local copy of the MONAI metadata schema for --verify")
+    a = p.parse_args(argv)
+    from pipeline.infer import cli_errors
+
+    with cli_errors():
+        out = export_bundle(a.run, a.out, a.ckpt, a.weights, a.eval, a.version, a.license, not a.no_zip)
+        if a.verify:
+            verify_bundle(out, a.schema)
+        print(f"bundle: {out}")
+        if not a.no_zip:
+            print(f"zip:    {out.with_name(out.name + '.zip')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

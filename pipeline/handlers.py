@@ -1,0 +1,331 @@
+"""Training handlers (ignite style ``attach(engine)``): log lines, TensorBoard, EMA, checkpoints,
+samples and validation. Only rank 0 writes files.
+
+Order in ``train#handlers``: ``EMAHandler`` before ``CheckpointHandler`` (which saves the EMA).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from copy import deepcopy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Events
+
+from pipeline import distributed as D
+from pipeline.io_utils import atomic_path
+
+__all__ = [
+    "tb_writer",
+    "StepLogHandler",
+    "EMAHandler",
+    "CheckpointHandler",
+    "SampleHandler",
+    "ValidationHandler",
+    "save_torch",
+    "densify_crop",
+]
+
+logger = logging.getLogger("ctvq.train")
+
+
+def tb_writer(engine, output_dir: str | os.PathLike):
+    """The engine's shared TensorBoard ``SummaryWriter`` under ``output_dir/tb_logs`` (rank 0; None elsewhere)."""
+    if not D.is_main():
+        return None
+    w = getattr(engine, "tb_writer", None)
+    if w is None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        w = SummaryWriter(log_dir=str(Path(output_dir) / "tb_logs"))
+        engine.tb_writer = w
+        engine.add_event_handler(Events.COMPLETED, lambda e: w.flush())
+    return w
+
+
+def save_torch(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary name, then rename."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+class StepLogHandler:
+    """Every ``interval`` steps: ``Step N: loss=... recon=... vq=... commitment=...`` in the log, and
+    losses, lr, grad norm and codebook perplexity / usage in TensorBoard.
+
+    Args:
+        output_dir: run folder (TensorBoard under ``tb_logs/``).
+        interval: ``i_log``.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, interval: int = 100) -> None:
+        self.output_dir = output_dir
+        self.interval = max(1, int(interval))
+        self._acc: dict[str, float] = {}
+        self._n = 0
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        out = engine.state.output or {}
+        if not out.get("skipped"):
+            for k in ("loss", "recon", "vq", "commitment", "grad_norm"):
+                self._acc[k] = self._acc.get(k, 0.0) + float(out.get(k, 0.0))
+            self._n += 1
+        step = engine.state.iteration
+        if step % self.interval and step != engine.state.epoch_length:
+            return
+        n = max(1, self._n)
+        avg = {k: v / n for k, v in self._acc.items()}
+        self._acc, self._n = {}, 0
+        vq = getattr(getattr(engine, "model", None), "vq", None)
+        usage = vq.usage_stats() if vq is not None and hasattr(vq, "usage_stats") else None
+        if vq is not None and hasattr(vq, "reset_usage"):
+            vq.reset_usage()
+        if not D.is_main():
+            return
+        msg = (f"Step {step}: loss={avg.get('loss', float('nan')):.6g} recon={avg.get('recon', float('nan')):.6g} "
+               f"vq={avg.get('vq', float('nan')):.6g} commitment={avg.get('commitment', float('nan')):.6g} "
+               f"lr={out.get('lr', 0.0):.3g} grad_norm={avg.get('grad_norm', float('nan')):.4g}")
+        if usage is not None and engine.quantize:
+            msg += f" perplexity={usage['perplexity']:.1f} usage={usage['usage']:.3f}"
+        logger.info(msg)
+        w = tb_writer(engine, self.output_dir)
+        for k, v in avg.items():
+            w.add_scalar(f"train/{k}", v, step)
+        w.add_scalar("train/lr", out.get("lr", 0.0), step)
+        w.add_scalar("train/nonfinite_steps", getattr(engine.state, "nonfinite_steps", 0), step)
+        if usage is not None and engine.quantize:
+            w.add_scalar("codebook/perplexity", usage["perplexity"], step)
+            w.add_scalar("codebook/usage", usage["usage"], step)
+            w.add_scalar("codebook/codes_used", usage["codes_used"], step)
+
+
+class EMAHandler:
+    """Exponential moving average of the model's floating-point state (``engine.ema``).
+
+    Args:
+        rate: decay per step (``ema_rate``, e.g. 0.9999).
+    """
+
+    def __init__(self, rate: float = 0.9999) -> None:
+        self.rate = float(rate)
+        self.shadow: dict[str, torch.Tensor] = {}
+        self.model = None
+
+    def attach(self, engine) -> None:
+        self.model = engine.model
+        self.reset()
+        engine.ema = self
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def reset(self) -> None:
+        """Copies the current weights into the average."""
+        self.shadow = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    @torch.no_grad()
+    def __call__(self, engine) -> None:
+        if (engine.state.output or {}).get("skipped"):
+            return
+        for k, v in self.model.state_dict().items():
+            s = self.shadow[k]
+            if v.dtype.is_floating_point:
+                s.mul_(self.rate).add_(v.detach(), alpha=1.0 - self.rate)
+            else:
+                s.copy_(v)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """EMA weights, loadable into the model (``vqvae_ema<rate>_step*.pt``)."""
+        return {k: v.detach().cpu().clone() for k, v in self.shadow.items()}
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        for k, v in sd.items():
+            if k in self.shadow:
+                self.shadow[k].copy_(v.to(self.shadow[k].device))
+
+
+class CheckpointHandler:
+    """Writes ``ckpts/vqvae_step%07d.pt``, ``vqvae_ema<rate>_step%07d.pt`` and ``misc_step%07d.pt``
+    every ``interval`` steps and at the end (atomically, rank 0 only).
+
+    Args:
+        output_dir: run folder.
+        interval: ``i_save``.
+        ema_rate: rate written in the EMA file name (``vqvae_ema0.9999_step...``).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, interval: int = 10000, ema_rate: float = 0.9999) -> None:
+        self.ckpt_dir = Path(output_dir) / "ckpts"
+        self.interval = max(1, int(interval))
+        self.ema_rate = ema_rate
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        step = int(engine.state.iteration)
+        if D.is_main():
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            misc = engine.misc_state()
+            if (self.ckpt_dir / f"misc_step{step:07d}.pt").is_file() and (self.ckpt_dir / f"vqvae_step{step:07d}.pt").is_file():
+                pass  # already written at this step (end of training on an i_save step)
+            else:
+                save_torch({k: v.detach().cpu() for k, v in engine.model.state_dict().items()},
+                           self.ckpt_dir / f"vqvae_step{step:07d}.pt")
+                if getattr(engine, "ema", None) is not None:
+                    save_torch(engine.ema.state_dict(), self.ckpt_dir / f"vqvae_ema{self.ema_rate:g}_step{step:07d}.pt")
+                # misc last: a step counts as saved once its misc file exists
+                save_torch(misc, self.ckpt_dir / f"misc_step{step:07d}.pt")
+                logger.info(f"Saved checkpoint step {step} to {self.ckpt_dir}")
+        D.barrier()
+
+
+def densify_crop(indices: torch.Tensor, features: torch.Tensor, box, batch_index: int = 0) -> np.ndarray:
+    """Dense float32 array of one sample's sparse values inside ``box`` (lo, hi); 0 elsewhere."""
+    box = [int(b) for b in box]
+    lo = np.array(box[:3])
+    shape = tuple(np.array(box[3:]) - lo)
+    out = np.zeros(shape, np.float32)
+    sel = indices[:, 0] == batch_index
+    ijk = indices[sel, 1:].long().cpu().numpy() - lo
+    val = features[sel].detach().float().cpu().numpy().reshape(-1)
+    keep = np.all((ijk >= 0) & (ijk < np.array(shape)), axis=1)
+    out[tuple(ijk[keep].T)] = val[keep]
+    return out
+
+
+def _recon_dense(engine, batch: dict, quantize: bool | None = None):
+    from pipeline.dataset import to_sparse_tensor
+
+    net = engine.model
+    was = net.training
+    net.eval()
+    try:
+        with torch.no_grad(), engine._autocast():
+            x = to_sparse_tensor(batch, engine.device)
+            recon, _ = net(x, quantize=engine.quantize if quantize is None else quantize)
+    finally:
+        net.train(was)
+    return x, recon
+
+
+class SampleHandler:
+    """Every ``interval`` steps: three-plane picture (input / reconstruction / error) of the first
+    sample of the batch, to TensorBoard and ``samples/step%07d.png``.
+
+    Args:
+        output_dir: run folder.
+        interval: ``i_sample``.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, interval: int = 1000) -> None:
+        self.output_dir = Path(output_dir)
+        self.interval = max(1, int(interval))
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
+
+    def __call__(self, engine) -> None:
+        if not D.is_main():
+            return
+        from pipeline.dataset import batch_split
+        from pipeline.visualize import save_three_plane, three_plane_image
+
+        step = engine.state.iteration
+        one = batch_split(engine.state.batch, engine.state.batch["batch_size"])[0]
+        x, recon = _recon_dense(engine, one)
+        box = one["box"][0]
+        inp = densify_crop(x.indices, x.features, box)
+        rec = densify_crop(recon.indices, recon.features, box)
+        mask = inp > 0
+        title = f"step {step} {one['case_id'][0]}"
+        img = three_plane_image(inp, rec, mask=mask, title=title)
+        tb_writer(engine, self.output_dir).add_image("samples/three_plane", img, step, dataformats="HWC")
+        save_three_plane(self.output_dir / "samples" / f"step{step:07d}.png", inp, rec, mask=mask, title=title)
+
+
+class ValidationHandler:
+    """Every ``interval`` steps: PSNR, SSIM (3D) and MAE in HU inside the body on held-out cases
+    (one fixed crop per case), logged and written to TensorBoard under ``val/``.
+
+    Args:
+        data_loader: loader over the validation dataset (``split="val"``, fixed crops).
+        output_dir: run folder.
+        interval: ``i_val`` (0 disables).
+        max_cases: cap on validated cases per round.
+        ssim: compute SSIM (slowest part).
+    """
+
+    def __init__(self, data_loader, output_dir: str | os.PathLike, interval: int = 5000, max_cases: int = 8,
+                 ssim: bool = True) -> None:
+        self.data_loader = data_loader
+        self.output_dir = output_dir
+        self.interval = int(interval)
+        self.max_cases = int(max_cases)
+        self.ssim = ssim
+        self.last: dict[str, float] = {}
+
+    def attach(self, engine) -> None:
+        if self.interval > 0 and self.data_loader is not None:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
+
+    def __call__(self, engine) -> None:
+        if not D.is_main():
+            D.barrier()
+            return
+        from pipeline.dataset import batch_split
+        from pipeline.metrics import volume_metrics
+
+        vq = getattr(engine.model, "vq", None)
+        saved_usage = vq.usage_counts.clone() if vq is not None and hasattr(vq, "usage_counts") else None
+        rows = []
+        for batch in self.data_loader:
+            for one in batch_split(batch, batch["batch_size"]):
+                if len(rows) >= self.max_cases:
+                    break
+                x, recon = _recon_dense(engine, one)
+                box = one["box"][0]
+                inp = densify_crop(x.indices, x.features, box)
+                rec = densify_crop(recon.indices, recon.features, box)
+                # body mask of the crop: the support of the input is inside the body; the dataset's
+                # crop region also gives the full mask
+                ds = self.data_loader.dataset
+                mask = None
+                try:
+                    idx = [c["key"] for c in ds.cases].index(one["case_id"][0])
+                    _, mask = ds.load_region(idx, box.tolist())
+                except (ValueError, AttributeError):
+                    pass
+                if mask is None:
+                    mask = inp > 0
+                width, level = one["window"][0]
+                m = volume_metrics(np.clip(rec, 0, 1), inp, {"width": width, "level": level}, body_mask=mask,
+                                   ssim=self.ssim and min(inp.shape) >= 11)
+                rows.append(m)
+            if len(rows) >= self.max_cases:
+                break
+        if saved_usage is not None:
+            vq.usage_counts.copy_(saved_usage)  # validation forwards don't count as training usage
+        keys = ("psnr_body", "ssim_body", "mae_hu_body", "psnr", "ssim")
+        avg = {}
+        for k in keys:
+            vals = [r[k] for r in rows if k in r and r[k] is not None and not math.isnan(float(r[k]))]
+            if vals:
+                avg[k] = float(np.mean(vals))
+        self.last = avg
+        step = engine.state.iteration
+        logger.info(
+            f"Validation step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in avg.items()) + f" ({len(rows)} case(s))"
+        )
+        w = tb_writer(engine, self.output_dir)
+        for k, v in avg.items():
+            w.add_scalar(f"val/{k}", v, step)
+        D.barrier()

@@ -1,0 +1,983 @@
+"""Raw CT collections -> processed cube datasets (``./run.sh preprocess``).
+
+For every case found by :mod:`pipeline.discovery` the job loads the scan (``transforms.LoadCT``),
+orients it to RAS, resamples it into an isotropic R^3 cube (``transforms.ResampleToCube``,
+air padding), and writes, each file atomically and as soon as it is computed::
+
+    OUT_DIR/<dataset>/metadata.csv, dataset_config.json
+    OUT_DIR/<dataset>/processed/<case_id>/
+        ct_normalized_512.npy     float16 (R,R,R): (HU - hu_min) / (hu_max - hu_min)
+        windows/<name>_w<W>_l<L>.npy   float16 (R,R,R) in [0, 1]
+        body_mask_512.npy         bool (R,R,R)
+        labels_512.npy            uint8/int16 (R,R,R), nearest in world space (when a label map exists)
+    (the ``_512`` names are kept for any --resolution R; R is recorded in the JSON files)
+        case.json                 geometry, body bbox, timings, the metadata row
+        .complete                 written last; a rerun skips a case only when it is valid
+
+Run ``python -m pipeline.preprocess --help`` for the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from pipeline import discovery
+from pipeline.discovery import Case, Dataset
+from pipeline.io_utils import (
+    load_json,
+    remove_stale_tmp,
+    rmtree_quiet,
+    save_csv,
+    save_json,
+    save_npy,
+    save_text,
+)
+
+__all__ = [
+    "HU_MIN",
+    "HU_MAX",
+    "FORMAT_VERSION",
+    "METADATA_COLUMNS",
+    "Window",
+    "PreprocessConfig",
+    "output_files",
+    "parse_windows",
+    "load_organ_mapping",
+    "marker_is_valid",
+    "process_case",
+    "run",
+    "main",
+]
+
+HU_MIN = -1024.0
+HU_MAX = 3071.0
+FORMAT_VERSION = 1
+MARKER = ".complete"
+CASE_JSON = "case.json"
+METADATA_COLUMNS = [
+    "case_id", "status", "error", "source_path", "rel_path", "source_kind", "label_path",
+    "original_shape", "original_spacing", "spacing_512", "spacing_cube", "resolution",
+    "body_voxels", "label_ids", "seconds",
+]
+DEFAULT_WINDOWS = ("lung", "bone", "soft_tissue", "brain")
+_PRESETS_FALLBACK = {"lung": (1500.0, -600.0), "bone": (1500.0, 300.0), "soft_tissue": (400.0, 50.0), "brain": (80.0, 35.0)}
+_CHUNK_VOXELS = 1 << 23  # voxels per slab when computing windows (32 MiB of float32)
+
+
+# ---------------------------------------------------------------------------------------- config
+
+
+def _num(v: float) -> str:
+    """Window number as written in file names: 1500 -> "1500", -600 -> "-600", 40.5 -> "40.5"."""
+    return f"{float(v):g}"
+
+
+@dataclass(frozen=True)
+class Window:
+    """A display window (W/L) written as ``windows/<name>_w<W>_l<L>.npy``.
+
+    Args:
+        name: window name (file-name safe).
+        width: window width in HU (> 0).
+        level: window level (centre) in HU.
+    """
+
+    name: str
+    width: float
+    level: float
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}_w{_num(self.width)}_l{_num(self.level)}.npy"
+
+    def as_config(self) -> dict:
+        return {"width": float(self.width), "level": float(self.level), "file": f"windows/{self.filename}"}
+
+
+def _presets() -> dict[str, tuple[float, float]]:
+    try:
+        from transforms import WINDOW_PRESETS  # type: ignore
+
+        return {k: (float(v[0]), float(v[1])) for k, v in WINDOW_PRESETS.items()}
+    except ImportError:
+        return dict(_PRESETS_FALLBACK)
+
+
+def _parse_window(text: str) -> Window:
+    text = text.strip()
+    presets = _presets()
+    if ":" not in text:
+        if text not in presets:
+            raise ValueError(f"unknown window {text!r}; use one of {sorted(presets)} or 'name:WIDTH:LEVEL'")
+        w, l = presets[text]
+        return Window(text, w, l)
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise ValueError(f"window {text!r} is not 'name:WIDTH:LEVEL' (e.g. 'liver:150:60')")
+    name = parts[0].strip()
+    if not name or not all(ch.isalnum() or ch in "_-" for ch in name):
+        raise ValueError(f"window name {name!r} in {text!r} must be letters, digits, '_' or '-'")
+    try:
+        w, l = float(parts[1]), float(parts[2])
+    except ValueError:
+        raise ValueError(f"window {text!r}: WIDTH and LEVEL must be numbers (e.g. 'liver:150:60')") from None
+    if not (w > 0 and np.isfinite(w) and np.isfinite(l)):
+        raise ValueError(f"window {text!r}: WIDTH must be a positive number")
+    return Window(name, w, l)
+
+
+def parse_windows(specs: Sequence[str] | str | None) -> list[Window]:
+    """Parse window specs: preset names or ``name:WIDTH:LEVEL``, comma- or space-separated.
+
+    Args:
+        specs: list of specs (each may hold several, comma-separated); None -> the four presets.
+
+    Raises:
+        ValueError: an unknown preset, a malformed spec, or two windows with the same name.
+    """
+    if specs is None:
+        specs = list(DEFAULT_WINDOWS)
+    if isinstance(specs, str):
+        specs = [specs]
+    out: list[Window] = []
+    for spec in specs:
+        for item in str(spec).split(","):
+            if item.strip():
+                out.append(_parse_window(item))
+    names = [w.name for w in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"window name(s) {dup} given twice; give each window a distinct name")
+    if not out:
+        raise ValueError("no window given; pass e.g. --windows lung,bone or 'liver:150:60'")
+    return out
+
+
+def load_organ_mapping(path: str | os.PathLike | None) -> tuple[dict | None, list[Window]]:
+    """Read ORGAN_MAPPING_JSON.
+
+    Accepted forms: ``{"1": "spleen", "5": "liver", ...}``, or
+    ``{"labels": {"1": "spleen", ...}, "windows": [...]}`` where ``windows`` is a list of
+    ``"name:W:L"`` strings or a ``{name: {"width": W, "level": L}}`` / ``{name: [W, L]}`` mapping
+    (these windows are computed in addition to ``--windows``). Label entries may also be
+    objects (e.g. ``{"name": "liver", "window": [150, 60]}``); they are copied as they are.
+
+    Args:
+        path: JSON file, or None.
+
+    Returns:
+        (organ mapping with string keys, or None; extra windows).
+
+    Raises:
+        ValueError: unreadable file or keys that are not label ids.
+    """
+    if path is None:
+        return None, []
+    path = Path(path)
+    try:
+        data = load_json(path)
+    except FileNotFoundError:
+        raise ValueError(f"organ mapping {path} not found; pass an existing JSON file or leave it out") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"organ mapping {path} is not valid JSON ({e}); fix the file") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"organ mapping {path} must be a JSON object {{\"label id\": \"organ name\"}}")
+    windows: list[Window] = []
+    mapping = data
+    for key in ("labels", "organ_mapping", "organs"):
+        if isinstance(data.get(key), dict):
+            mapping = data[key]
+            break
+    raw_windows = data.get("windows") if mapping is not data else None
+    if raw_windows is not None:
+        if isinstance(raw_windows, dict):
+            for name, v in raw_windows.items():
+                w, l = (v["width"], v["level"]) if isinstance(v, dict) else v
+                windows.append(_parse_window(f"{name}:{w}:{l}"))
+        elif isinstance(raw_windows, list):
+            windows.extend(_parse_window(str(v)) for v in raw_windows)
+        else:
+            raise ValueError(f"organ mapping {path}: 'windows' must be a list of 'name:W:L' or an object")
+    out = {}
+    for k, v in mapping.items():
+        try:
+            int(str(k))
+        except ValueError:
+            raise ValueError(f"organ mapping {path}: key {k!r} is not an integer label id; "
+                             "use {\"1\": \"spleen\", ...} or put the mapping under \"labels\"") from None
+        out[str(int(str(k)))] = v
+    return out, windows
+
+
+@dataclass
+class PreprocessConfig:
+    """Settings shared by every case of a run.
+
+    Args:
+        resolution: cube side R (voxels).
+        windows: windows to write.
+        hu_min: HU mapped to 0 by the normalisation (and the clip floor).
+        hu_max: HU mapped to 1 by the normalisation (and the clip ceiling).
+        organ_mapping: label id -> organ name (copied to dataset_config.json).
+        overwrite: reprocess cases even when complete.
+    """
+
+    resolution: int = 512
+    windows: list[Window] = field(default_factory=lambda: parse_windows(None))
+    hu_min: float = HU_MIN
+    hu_max: float = HU_MAX
+    organ_mapping: dict | None = None
+    overwrite: bool = False
+
+    def key_dict(self) -> dict:
+        return {
+            "format": FORMAT_VERSION,
+            "resolution": int(self.resolution),
+            "hu": [float(self.hu_min), float(self.hu_max)],
+            "windows": [[w.name, float(w.width), float(w.level)] for w in self.windows],
+        }
+
+
+def output_files(resolution: int = 512) -> dict[str, str]:
+    """File names inside a case folder.
+
+    The names keep the ``_512`` of the original layout whatever the resolution (the arrays are
+    (R, R, R); R is ``resolution`` in dataset_config.json and case.json), so readers need one
+    set of names.
+
+    Args:
+        resolution: cube side R (not part of the names).
+    """
+    return {
+        "ct_normalized": "ct_normalized_512.npy",
+        "body_mask": "body_mask_512.npy",
+        "labels": "labels_512.npy",
+        "case_json": CASE_JSON,
+        "marker": MARKER,
+    }
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("ctvq", "monai", "torch", "numpy", "SimpleITK", "nibabel", "scipy"):
+        with contextlib.suppress(Exception):
+            out[pkg] = md.version(pkg)
+    return out
+
+
+def dataset_config(cfg: PreprocessConfig, ds: Dataset) -> dict:
+    """Content of ``dataset_config.json`` for one dataset.
+
+    Args:
+        cfg: run settings.
+        ds: the dataset.
+    """
+    files = output_files(cfg.resolution)
+    return {
+        "name": ds.name,
+        "resolution": int(cfg.resolution),
+        "hu_min": float(cfg.hu_min),
+        "hu_max": float(cfg.hu_max),
+        "normalization": "(HU - hu_min) / (hu_max - hu_min), HU clipped to [hu_min, hu_max]",
+        "window_formula": "clip((HU - (level - width / 2)) / width, 0, 1)",
+        "windows": {w.name: w.as_config() for w in cfg.windows},
+        "files": {"ct_normalized": files["ct_normalized"], "body_mask": files["body_mask"],
+                  "labels": files["labels"], "case_json": CASE_JSON, "marker": MARKER},
+        "dtypes": {"ct_normalized": "float16", "windows": "float16", "body_mask": "bool", "labels": "uint8|int16"},
+        "organ_mapping": cfg.organ_mapping,
+        "raw_dir": str(ds.root.resolve()),
+        "unpaired_labels": [str(p) for p in ds.unpaired_labels],
+        "format_version": FORMAT_VERSION,
+        "versions": _versions(),
+    }
+
+
+# ---------------------------------------------------------------------------------------- marker
+
+
+def _fingerprint(path: Path | None) -> Any:
+    """Cheap identity of a source (sizes and mtimes) so that a changed input is reprocessed."""
+    if path is None:
+        return None
+    try:
+        if path.is_dir():
+            h = hashlib.sha1()
+            for root, _dirs, files in os.walk(path):
+                for name in sorted(files):
+                    st = os.stat(os.path.join(root, name))
+                    h.update(f"{os.path.relpath(os.path.join(root, name), path)}:{st.st_size}:{st.st_mtime_ns};".encode())
+            return h.hexdigest()
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns]
+    except OSError:
+        return None
+
+
+def case_key(cfg: PreprocessConfig, case: Case) -> str:
+    """Hash of everything a case's outputs depend on (settings, source and label identity).
+
+    Args:
+        cfg: run settings.
+        case: the case.
+    """
+    blob = {
+        **cfg.key_dict(),
+        "source": str(case.source.resolve()),
+        "source_fp": _fingerprint(case.source),
+        "label": str(case.label.resolve()) if case.label else None,
+        "label_fp": _fingerprint(case.label),
+    }
+    return hashlib.sha1(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def marker_is_valid(case_dir: str | os.PathLike, key: str | None = None) -> bool:
+    """True when ``case_dir/.complete`` exists, parses, matches ``key`` and every file it lists
+    exists with the recorded size.
+
+    Args:
+        case_dir: processed case folder.
+        key: expected :func:`case_key` (None: do not compare).
+    """
+    case_dir = Path(case_dir)
+    try:
+        marker = load_json(case_dir / MARKER)
+        if key is not None and marker.get("key") != key:
+            return False
+        files = marker["files"]
+        if not files:
+            return False
+        for rel, size in files.items():
+            if (case_dir / rel).stat().st_size != int(size):
+                return False
+        return True
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------- worker
+
+
+class _Timer:
+    def __init__(self):
+        self.t: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.t[name] = self.t.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _to_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        x = x.as_tensor() if hasattr(x, "as_tensor") else x
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _affine(x) -> np.ndarray:
+    return np.asarray(_to_numpy(x), dtype=np.float64).reshape(4, 4)
+
+
+def _spacing(aff: np.ndarray) -> list[float]:
+    return [float(v) for v in np.sqrt((aff[:3, :3] ** 2).sum(axis=0))]
+
+
+def _slabs(shape: Sequence[int]):
+    step = max(1, _CHUNK_VOXELS // int(np.prod(shape[1:])))
+    for s in range(0, shape[0], step):
+        yield slice(s, min(shape[0], s + step))
+
+
+def _clip_inplace(hu: np.ndarray, hu_min: float, hu_max: float) -> None:
+    """hu[...] = clip(hu, hu_min, hu_max), slab by slab (no full-size temporary)."""
+    for sl in _slabs(hu.shape):
+        np.clip(hu[sl], hu_min, hu_max, out=hu[sl])
+
+
+def _normalize_into(hu: np.ndarray, out: np.ndarray, hu_min: float, hu_max: float, tmp: np.ndarray) -> None:
+    """out[...] = (clip(hu) - hu_min) / (hu_max - hu_min) in float32 slabs, stored as out.dtype."""
+    scale = np.float32(1.0 / (hu_max - hu_min))
+    for sl in _slabs(hu.shape):
+        t = tmp[: sl.stop - sl.start]
+        np.subtract(hu[sl], np.float32(hu_min), out=t)
+        np.multiply(t, scale, out=t)
+        np.clip(t, 0.0, 1.0, out=t)
+        out[sl] = t
+
+
+def _window_into(hu: np.ndarray, out: np.ndarray, w: Window, tmp: np.ndarray) -> None:
+    """out[...] = clip((hu - (L - W/2)) / W, 0, 1) in float32 slabs, stored as out.dtype."""
+    lo = np.float32(w.level - w.width / 2.0)
+    inv = np.float32(1.0 / w.width)
+    for sl in _slabs(hu.shape):
+        t = tmp[: sl.stop - sl.start]
+        np.subtract(hu[sl], lo, out=t)
+        np.multiply(t, inv, out=t)
+        np.clip(t, 0.0, 1.0, out=t)
+        out[sl] = t
+
+
+def _labels_to_cube(path: Path, cube_affine: np.ndarray, resolution: int) -> np.ndarray:
+    """Label map -> (R, R, R) uint8/int16 on the cube grid: nearest neighbour in world space
+    (``transforms.ResampleToCube`` with the image's cube affine), 0 outside the label map."""
+    import torch
+    from monai.data import MetaTensor
+    from transforms import ResampleToCube, load_ct  # type: ignore
+
+    img = load_ct(path, check_hu=False)
+    arr = _to_numpy(img)[0]
+    if not np.array_equal(arr, np.round(arr)):
+        raise ValueError(f"label map {path} holds non-integer values; give an integer label map (organ ids)")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < 0 or hi > 32767:
+        raise ValueError(f"label map {path} has ids {lo:g}..{hi:g} outside 0..32767; relabel it")
+    lab = MetaTensor(torch.from_numpy(arr.astype(np.uint8 if hi < 256 else np.int16))[None], affine=img.affine)
+    del img, arr
+    out = ResampleToCube(resolution=resolution, mode="nearest", padding_value=0)(lab, cube_affine=cube_affine)
+    return np.ascontiguousarray(_to_numpy(out)[0])
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    text = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+    return text[:500]
+
+
+def _resample_to_cube(img, resolution: int, hu_min: float):
+    """``transforms.ResampleToCube`` -> (cube MetaTensor (1,R,R,R), cube affine)."""
+    from transforms import ResampleToCube  # type: ignore
+
+    cube = ResampleToCube(resolution=resolution, padding_value=hu_min)(img)
+    meta = getattr(cube, "meta", {}) or {}
+    aff = meta.get("cube_affine", getattr(cube, "affine", None))
+    return cube, _affine(aff)
+
+
+def _body_mask(cube) -> np.ndarray:
+    from transforms import BodyMask  # type: ignore
+
+    mask = _to_numpy(BodyMask()(cube))
+    return np.ascontiguousarray(mask.reshape(mask.shape[-3:]).astype(bool, copy=False))
+
+
+def process_case(task: dict) -> dict:
+    """Preprocess one case (runs in a worker process). Never raises for a bad input.
+
+    Args:
+        task: dict with ``case`` (:class:`~pipeline.discovery.Case`), ``cfg``
+            (:class:`PreprocessConfig`), ``case_dir``, ``key``, ``raw_root``.
+
+    Returns:
+        ``{"row": metadata row, "timings": {...}}``; row["status"] is "ok" or "failed".
+    """
+    case: Case = task["case"]
+    cfg: PreprocessConfig = task["cfg"]
+    case_dir = Path(task["case_dir"])
+    R = int(cfg.resolution)
+    files = output_files(R)
+    timer = _Timer()
+    t_start = time.perf_counter()
+    row: dict[str, Any] = {
+        "case_id": case.case_id,
+        "status": "failed",
+        "error": "",
+        "source_path": str(case.source.resolve()),
+        "rel_path": case.rel_path,
+        "source_kind": case.kind,
+        "label_path": str(case.label.resolve()) if case.label else "",
+        "resolution": R,
+    }
+    try:
+        rmtree_quiet(case_dir)  # never mix files of two runs
+        if case.error:
+            raise ValueError(case.error)
+        import torch
+        from monai.transforms import Orientation
+        from transforms import load_ct  # type: ignore
+
+        with timer("load"):
+            img = load_ct(case.source)
+        meta = img.meta
+        original_affine = _affine(meta.get("original_affine", img.affine))
+        original_shape = [int(v) for v in meta.get("original_shape", img.shape[1:])]
+        row["original_shape"] = json.dumps(original_shape)
+        row["original_spacing"] = json.dumps([round(v, 6) for v in _spacing(original_affine)])
+        with timer("orient"):
+            img = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(img)
+        source_affine = _affine(img.affine)
+        source_shape = [int(v) for v in img.shape[1:]]
+        with timer("resample"):
+            cube, cube_affine = _resample_to_cube(img, R, cfg.hu_min)
+        del img
+        with torch.no_grad():
+            hu = _to_numpy(cube).reshape((R, R, R))
+            if hu.dtype != np.float32:
+                hu = hu.astype(np.float32)
+        with timer("clip"):
+            _clip_inplace(hu, cfg.hu_min, cfg.hu_max)  # ClipHU: every output sees [hu_min, hu_max]
+        spacing_cube = _spacing(cube_affine)
+        case_dir.mkdir(parents=True, exist_ok=True)
+        written: list[str] = []
+
+        buf16 = np.empty((R, R, R), dtype=np.float16)
+        tmp = np.empty((max(1, _CHUNK_VOXELS // (R * R)), R, R), dtype=np.float32)
+        with timer("normalize"):
+            _normalize_into(hu, buf16, cfg.hu_min, cfg.hu_max, tmp)
+        with timer("write"):
+            save_npy(case_dir / files["ct_normalized"], buf16)
+        written.append(files["ct_normalized"])
+        for w in cfg.windows:
+            with timer("windows"):
+                _window_into(hu, buf16, w, tmp)
+            with timer("write"):
+                save_npy(case_dir / "windows" / w.filename, buf16)
+            written.append(f"windows/{w.filename}")
+        del buf16, tmp
+
+        with timer("body_mask"):
+            mask = _body_mask(cube)
+            if mask.shape != (R, R, R):
+                raise ValueError(f"BodyMask returned shape {mask.shape}, expected {(R, R, R)}")
+            body_voxels = int(np.count_nonzero(mask))
+            bbox = None
+            if body_voxels:
+                bbox = []
+                for ax in range(3):
+                    any_ax = mask.any(axis=tuple(a for a in range(3) if a != ax))
+                    nz = np.flatnonzero(any_ax)
+                    bbox.append([int(nz[0]), int(nz[-1]) + 1])
+        with timer("write"):
+            save_npy(case_dir / files["body_mask"], mask)
+        written.append(files["body_mask"])
+        del mask, cube, hu
+
+        label_ids = None
+        if case.label is not None:
+            with timer("labels"):
+                lab_cube = _labels_to_cube(case.label, cube_affine, R)
+                label_ids = [int(v) for v in np.unique(lab_cube) if v != 0]
+            with timer("write"):
+                save_npy(case_dir / files["labels"], lab_cube)
+            written.append(files["labels"])
+            del lab_cube
+        row.update({
+            "status": "ok",
+            "spacing_512": json.dumps([round(v, 6) for v in spacing_cube]),
+            "spacing_cube": json.dumps([round(v, 6) for v in spacing_cube]),
+            "body_voxels": body_voxels,
+            "label_ids": json.dumps(label_ids) if label_ids is not None else "",
+        })
+        row["seconds"] = round(time.perf_counter() - t_start, 3)
+        info = {
+            "case_id": case.case_id,
+            "dataset": case.dataset,
+            "source": row["source_path"],
+            "rel_path": case.rel_path,
+            "source_kind": case.kind,
+            "label_source": row["label_path"] or None,
+            "resolution": R,
+            "affine_512": cube_affine.tolist(),
+            "affine_cube": cube_affine.tolist(),
+            "spacing_512": spacing_cube,
+            "spacing_cube": spacing_cube,
+            "source_affine": source_affine.tolist(),
+            "source_shape": source_shape,
+            "original_affine": original_affine.tolist(),
+            "original_shape": original_shape,
+            "original_spacing": _spacing(original_affine),
+            "hu_min": cfg.hu_min,
+            "hu_max": cfg.hu_max,
+            "windows": {w.name: w.as_config() for w in cfg.windows},
+            "files": {"ct_normalized": files["ct_normalized"], "body_mask": files["body_mask"],
+                      "labels": files["labels"] if case.label is not None else None},
+            "body_bbox": bbox,
+            "body_voxels": body_voxels,
+            "label_ids": label_ids,
+            "loader_meta": {k: v for k, v in meta.items() if str(k).startswith("dicom_")},
+            "timings": {k: round(v, 4) for k, v in timer.t.items()},
+            "metadata": row,
+        }
+        with timer("write"):
+            save_json(case_dir / CASE_JSON, info)
+        written.append(CASE_JSON)
+        sizes = {rel: (case_dir / rel).stat().st_size for rel in written}
+        save_json(case_dir / MARKER, {"key": task["key"], "files": sizes,
+                                      "completed": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    except Exception as e:  # one bad case must not stop the run
+        rmtree_quiet(case_dir)
+        row.update({"status": "failed", "error": _one_line(e)})
+        row["seconds"] = round(time.perf_counter() - t_start, 3)
+        log_dir = task.get("log_dir")
+        if log_dir:
+            with contextlib.suppress(Exception):
+                save_text(Path(log_dir) / f"{case.case_id}.log", traceback.format_exc())
+    timings = {k: round(v, 4) for k, v in timer.t.items()}
+    timings["total"] = round(time.perf_counter() - t_start, 4)
+    return {"row": row, "timings": timings, "dataset": case.dataset}
+
+
+# ---------------------------------------------------------------------------------------- pool
+
+
+def _worker_init(threads: int) -> None:
+    """Worker start: die with the parent (Linux), keep BLAS/torch threads to a fair share."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: a killed job leaves no orphan writer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides on Ctrl-C
+    with contextlib.suppress(Exception):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+    if os.getppid() == 1:
+        os._exit(1)
+
+
+class _Lock:
+    """Exclusive lock on OUT_DIR (released by the OS when the process dies)."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / ".preprocess.lock"
+        self.fd = None
+
+    def __enter__(self):
+        import fcntl
+
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise RuntimeError(f"another preprocess run is writing into {self.path.parent}; wait for it "
+                               "to finish or use another OUT_DIR") from None
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+        return False
+
+
+def _metadata_rows(rows: dict[str, dict]) -> list[dict]:
+    return [rows[k] for k in sorted(rows)]
+
+
+def _check_transforms() -> None:
+    """Fail once, clearly, when the transforms the job needs cannot be imported."""
+    import transforms  # type: ignore
+
+    missing = [n for n in ("load_ct", "ResampleToCube", "BodyMask") if not hasattr(transforms, n)]
+    if missing:
+        raise RuntimeError(f"package 'transforms' lacks {missing}; update the checkout and reinstall (./run.sh setup)")
+
+
+def run(
+    raw_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    organ_mapping: str | os.PathLike | None = None,
+    num_workers: int = 1,
+    resolution: int = 512,
+    windows: Sequence[str] | None = None,
+    max_depth: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    log=print,
+) -> dict:
+    """Preprocess every case under ``raw_dir`` into ``out_dir`` (see module docstring).
+
+    Args:
+        raw_dir: raw data folder (first-level folders are datasets).
+        out_dir: output folder (``processed_dataset``).
+        organ_mapping: ORGAN_MAPPING_JSON path or None.
+        num_workers: worker processes (0: run in this process, for debugging).
+        resolution: cube side R.
+        windows: window specs (None: the four presets).
+        max_depth: deepest folder level searched below ``raw_dir``.
+        overwrite: reprocess complete cases.
+        progress: show a tqdm progress bar.
+        log: function used for messages.
+
+    Returns:
+        summary ``{"ok", "failed", "skipped", "total", "datasets", "seconds", "failed_cases"}``.
+    """
+    t0 = time.perf_counter()
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    _check_transforms()
+    mapping, extra_windows = load_organ_mapping(organ_mapping)
+    wins = parse_windows(windows)
+    names = {w.name for w in wins}
+    for w in extra_windows:
+        if w.name in names:
+            raise ValueError(f"window {w.name!r} given both in --windows and in {organ_mapping}; keep one")
+        wins.append(w)
+    if resolution < 8 or resolution > 2048:
+        raise ValueError(f"--resolution {resolution} out of range; use 8..2048 (default 512)")
+    cfg = PreprocessConfig(resolution=int(resolution), windows=wins, organ_mapping=mapping, overwrite=overwrite)
+    datasets = discovery.discover(raw_dir, max_depth=max_depth, exclude=[out_dir])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {"ok": 0, "failed": 0, "skipped": 0, "total": 0, "datasets": len(datasets), "failed_cases": []}
+    if not datasets:
+        log(f"preprocess: no CT cases found under {raw_dir} (volumes .nii/.nii.gz/.nrrd/.mha/.mhd, DICOM folders, DICOM .zip)")
+    with _Lock(out_dir):
+        rows: dict[str, dict[str, dict]] = {}
+        tasks: list[dict] = []
+        for ds in datasets:
+            ds_dir = out_dir / ds.name
+            (ds_dir / "processed").mkdir(parents=True, exist_ok=True)
+            remove_stale_tmp(ds_dir)  # leftovers of a killed run (we hold the lock)
+            save_json(ds_dir / "dataset_config.json", dataset_config(cfg, ds))
+            for p in ds.unpaired_labels:
+                log(f"preprocess: warning: label map {p} was not paired with an image (see --help: label pairing)")
+            rows[ds.name] = {}
+            for case in ds.cases:
+                case_dir = ds_dir / "processed" / case.case_id
+                key = case_key(cfg, case)
+                summary["total"] += 1
+                if not overwrite and marker_is_valid(case_dir, key):
+                    with contextlib.suppress(Exception):
+                        row = load_json(case_dir / CASE_JSON)["metadata"]
+                        rows[ds.name][case.case_id] = row
+                        summary["skipped"] += 1
+                        continue
+                tasks.append({"case": case, "cfg": cfg, "case_dir": str(case_dir), "key": key,
+                              "log_dir": str(ds_dir / "logs")})
+        for ds in datasets:
+            save_csv(out_dir / ds.name / "metadata.csv", _metadata_rows(rows[ds.name]), METADATA_COLUMNS)
+
+        def record(result: dict) -> None:
+            row = result["row"]
+            rows[result["dataset"]][row["case_id"]] = row
+            if row["status"] == "ok":
+                summary["ok"] += 1
+            else:
+                summary["failed"] += 1
+                summary["failed_cases"].append(f"{result['dataset']}/{row['case_id']}")
+                msg = f"preprocess: FAILED {result['dataset']}/{row['case_id']}: {row['error']}"
+                if bar is not None:
+                    bar.write(msg, file=sys.stderr)
+                else:
+                    log(msg)
+            save_csv(out_dir / result["dataset"] / "metadata.csv", _metadata_rows(rows[result["dataset"]]),
+                     METADATA_COLUMNS)
+            if bar is not None:
+                bar.set_postfix(ok=summary["ok"], failed=summary["failed"], refresh=False)
+                bar.update(1)
+
+        bar = None
+        if progress and tasks:
+            from tqdm import tqdm
+
+            tqdm.monitor_interval = 0  # no monitor thread in a process that forks workers
+            bar = tqdm(total=len(tasks), desc="preprocess", unit="case", file=sys.stderr, dynamic_ncols=True)
+        try:
+            if num_workers <= 0:
+                for task in tasks:
+                    record(process_case(task))
+            else:
+                _run_pool(tasks, num_workers, record)
+        finally:
+            if bar is not None:
+                bar.close()
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    return summary
+
+
+def _run_pool(tasks: list[dict], num_workers: int, record) -> None:
+    """Run tasks on ``num_workers`` processes, at most ``num_workers`` in flight; a worker
+    that dies (crash, out of memory) fails only its case (each in-flight case is retried once)."""
+    import multiprocessing as mp
+
+    threads = max(1, (os.cpu_count() or 1) // num_workers)
+    pending = list(reversed(tasks))
+    attempts: dict[int, int] = {}
+    # fork: workers reuse the modules this process already imported (torch, monai, transforms),
+    # which saves seconds per worker; this process runs no torch work before forking.
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    while pending:
+        with ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx, initializer=_worker_init,
+                                 initargs=(threads,)) as ex:
+            inflight = {}
+            broken = False
+            try:
+                while (pending or inflight) and not broken:
+                    while pending and len(inflight) < num_workers:
+                        task = pending.pop()
+                        inflight[ex.submit(process_case, task)] = task
+                    done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        task = inflight.pop(fut)
+                        try:
+                            record(fut.result())
+                        except BrokenProcessPool:
+                            broken = True
+                            _retry_or_fail(task, attempts, pending, record)
+                if broken:
+                    for fut, task in inflight.items():
+                        _retry_or_fail(task, attempts, pending, record)
+            except BaseException:
+                for p in list(getattr(ex, "_processes", {}).values()):
+                    with contextlib.suppress(Exception):
+                        p.kill()
+                ex.shutdown(wait=False, cancel_futures=True)
+                raise
+
+
+def _retry_or_fail(task: dict, attempts: dict, pending: list, record) -> None:
+    n = attempts.get(id(task), 0) + 1
+    attempts[id(task)] = n
+    if n < 2:
+        pending.append(task)
+        return
+    case: Case = task["case"]
+    rmtree_quiet(task["case_dir"])
+    record({"dataset": case.dataset, "timings": {}, "row": {
+        "case_id": case.case_id, "status": "failed", "source_path": str(case.source.resolve()),
+        "rel_path": case.rel_path, "source_kind": case.kind,
+        "label_path": str(case.label.resolve()) if case.label else "",
+        "error": "worker process died while processing this case (crash or out of memory); "
+                 "rerun with fewer workers or check the file"}})
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+_EPILOG = """\
+examples:
+  ./run.sh preprocess raw_ct/ processed_dataset/
+  ./run.sh preprocess raw_ct/ processed_dataset/ organ_mapping.json 4 --resolution 256
+  ./run.sh preprocess raw_ct/ processed_dataset/ - 2 --windows lung,soft_tissue,liver:150:60
+
+what is found (RAW_DIR):
+  Each first-level folder of RAW_DIR is a dataset; loose files in RAW_DIR form a dataset named
+  after RAW_DIR. Inside a dataset (recursively, down to --max-depth levels below RAW_DIR):
+  volume files (.nii, .nii.gz, .nrrd, .mha, .mhd), DICOM folders (found by file headers, any
+  file names), .zip files holding a DICOM series. An empty folder becomes a failed case.
+
+label pairing:
+  imagesTr/<id>_0000.nii.gz <-> labelsTr/<id>.nii.gz (nnU-Net/MSD). A volume whose name holds
+  the word seg, segmentation, label(s), labelmap, mask(s) or gt (between start/end, '_', '-', '.':
+  seg_total.nii.gz, case1_seg.nii.gz, ct_label.nrrd) is a label map; it pairs with the image of its folder
+  (volumes and zips there, DICOM series in or directly below it): candidates of another header
+  size are dropped; one left -> paired; several -> the one whose name stem equals the label's
+  stem without the label word (case1_seg -> case1[_ct]); otherwise a warning, no pairing.
+  Labels are resampled (nearest) onto the cube in world space, so a flipped label grid is fine.
+
+output (OUT_DIR/<dataset>/):
+  metadata.csv (one row per case, status ok|failed and a one-line error), dataset_config.json,
+  processed/<case_id>/{ct_normalized_512.npy, windows/<name>_w<W>_l<L>.npy, body_mask_512.npy,
+  labels_512.npy, case.json, .complete}, logs/<case_id>.log (traceback of a failed case).
+  Arrays are (R,R,R) for --resolution R; the "_512" file names stay the same for any R.
+  Case ids come from the path relative to the dataset folder (folders joined by "__").
+
+rerun / resume:
+  Every file is written under a temporary name then renamed; .complete is written last and
+  records the settings and the source's size/mtime. A rerun skips cases with a valid marker and
+  redoes the rest (a changed source or setting makes the marker invalid). Safe to kill.
+
+exit status: 0 all cases ok or skipped, 1 some case failed, 2 bad arguments."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of ``python -m pipeline.preprocess``."""
+    p = argparse.ArgumentParser(
+        prog="./run.sh preprocess",
+        description="Turn raw CT collections into processed cube datasets: RAS orientation, isotropic "
+        "resampling into an R^3 cube (air padding), normalised HU, display windows, body mask and "
+        "labels, as float16/bool .npy files, with parallel workers and resumable runs.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("raw_dir", metavar="RAW_DIR", help="folder of raw CT collections (each first-level folder is a dataset)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="output folder, e.g. processed_dataset/")
+    p.add_argument("organ_mapping", metavar="ORGAN_MAPPING_JSON", nargs="?", default=None,
+                   help="optional JSON {\"label id\": \"organ name\"} (or {\"labels\": {...}, \"windows\": [\"name:W:L\"]}) "
+                   "copied into dataset_config.json; '-' or 'none' for none. A bare integer here is taken as NUM_WORKERS")
+    p.add_argument("num_workers", metavar="NUM_WORKERS", nargs="?", default=None,
+                   help="worker processes (default: --workers; each needs about 1.5 GB at R=512; 0 = in-process)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="same as NUM_WORKERS (default: %(default)s)")
+    p.add_argument("--resolution", type=int, default=512, help="cube side R in voxels (default: %(default)s)")
+    p.add_argument("--windows", nargs="+", default=None, metavar="WINDOW",
+                   help="windows to write: preset names (lung bone soft_tissue brain) or custom 'name:WIDTH:LEVEL', "
+                   "space- or comma-separated (default: the four presets: lung 1500/-600, bone 1500/300, "
+                   "soft_tissue 400/50, brain 80/35)")
+    p.add_argument("--max-depth", type=int, default=None,
+                   help="deepest folder level searched, RAW_DIR = 0, dataset folders = 1 (default: no limit)")
+    p.add_argument("--overwrite", action="store_true", help="reprocess cases that are already complete")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _resolve_positionals(args, parser) -> tuple[str | None, int]:
+    mapping, workers = args.organ_mapping, args.num_workers
+    if mapping is not None and workers is None and mapping.isdigit() and not Path(mapping).exists():
+        mapping, workers = None, mapping
+    if mapping is not None and mapping.strip().lower() in ("", "-", "none", "null"):
+        mapping = None
+    if workers is None:
+        n = args.workers
+    else:
+        try:
+            n = int(workers)
+        except ValueError:
+            parser.error(f"NUM_WORKERS must be an integer, got {workers!r}")
+    if n < 0:
+        parser.error(f"NUM_WORKERS must be >= 0, got {n}")
+    return mapping, n
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry (see ``--help``); returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    mapping, workers = _resolve_positionals(args, parser)
+    try:
+        parse_windows(args.windows)
+        load_organ_mapping(mapping)
+    except ValueError as e:
+        parser.error(str(e))
+    if not Path(args.raw_dir).is_dir():
+        parser.error(f"RAW_DIR {args.raw_dir} is not a folder; pass the folder of your raw CT collections")
+
+    def _term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
+    try:
+        s = run(args.raw_dir, args.out_dir, mapping, workers, args.resolution, args.windows, args.max_depth,
+                args.overwrite, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print("preprocess: interrupted; rerun the same command to finish (complete cases are kept)", file=sys.stderr)
+        return 130
+    except (RuntimeError, ValueError, FileNotFoundError) as e:
+        print(f"preprocess: error: {e}", file=sys.stderr)
+        return 2
+    for name in s["failed_cases"][:20]:
+        print(f"preprocess: failed: {name} (see metadata.csv)", file=sys.stderr)
+    print(f"preprocess: {s['total']} cases in {s['datasets']} datasets: {s['ok']} ok, {s['failed']} failed, "
+          f"{s['skipped']} skipped in {s['seconds']:.1f} s -> {args.out_dir}")
+    return 1 if s["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

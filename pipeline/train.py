@@ -1,0 +1,130 @@
+"""Training entry point: ``./run.sh train`` (``python -m pipeline.train``).
+
+Runs a bundle config's ``training`` workflow (the same as ``python -m monai.bundle run training
+--config_file ...``) with the guide's command-line options; with more than one process it
+re-launches itself under torchrun (DDP: NCCL on GPU, gloo on CPU) and adds the
+``multi_gpu.json`` overlay.
+
+Examples::
+
+    ./run.sh train --config bundles/ct_vqvae/stage1.json --output_dir outputs/lung_s1 \\
+        --data_dir processed_dataset --override pretrained_vae_path=outputs/lung_s0/ckpts/vqvae_step0100000.pt
+    ./run.sh train --config bundles/ct_vqvae/stage1.json --output_dir outputs/lung_s1 \\
+        --data_dir processed_dataset --load_dir outputs/lung_s1 --ckpt latest          # resume
+    ./run.sh train --config bundles/ct_vqvae/stage2.json --output_dir outputs/lung_s2 \\
+        --data_dir processed_dataset --load_dir outputs/lung_s1 --ckpt latest --num_gpus 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+__all__ = ["build_parser", "parse_overrides", "main"]
+
+BUNDLE_DIR = Path(__file__).resolve().parents[1] / "bundles" / "ct_vqvae"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="./run.sh train",
+        description="Train the sparse CT VQ-VAE from a bundle config (stage0.json: autoencoder pretraining, "
+        "stage1.json: codebook on a frozen autoencoder, stage2.json: joint fine-tuning). Writes ckpts/, "
+        "tb_logs/, samples/, vqvae_model_summary.txt, config.json, command.txt and log.txt into --output_dir.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Any config key can be changed with --override key=value (JSON values; nested keys with #, e.g. "
+        "--override dataset#args#max_points=200000 --override network_def#use_checkpoint=true).\n"
+        "Stage 1 needs pretrained_vae_path (a stage 0 checkpoint or Direct3D-S2 VAE); stage 2 takes the stage 1 "
+        "run through --load_dir (or pretrained_vae_path).\nThe same run with MONAI's runner: python -m monai.bundle "
+        "run training --config_file bundles/ct_vqvae/stage1.json --data_dir D --output_dir O",
+    )
+    p.add_argument("--config", required=True, action="append",
+                   help="bundle config (repeat or comma-separate to merge overlays, later files win)")
+    p.add_argument("--output_dir", help="run folder (default: the config's output_dir); an existing run is only resumed")
+    p.add_argument("--data_dir", help="processed dataset root(s), comma-separated; searched recursively")
+    p.add_argument("--load_dir", help="run folder to resume (same stage) or to start from (previous stage)")
+    p.add_argument("--ckpt", help="'latest' or a step number (with --load_dir)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any config key (repeatable)")
+    p.add_argument("--num_gpus", type=int, default=1, help="processes per node (GPUs; CPU processes without CUDA)")
+    p.add_argument("--num_nodes", type=int, default=1, help="number of nodes")
+    p.add_argument("--node_rank", type=int, default=0, help="rank of this node")
+    p.add_argument("--master_addr", default="127.0.0.1", help="address of node 0")
+    p.add_argument("--master_port", type=int, default=29500, help="port on node 0")
+    p.add_argument("--logging_file", default=None, help="logging INI (default: bundles/ct_vqvae/logging.conf)")
+    return p
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["a=1", "b#c=x"]`` -> ``{"a": 1, "b#c": "x"}`` (values parsed as JSON when possible)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--override '{item}' is not KEY=VALUE; e.g. --override learning_rate=5e-4")
+        k, v = item.split("=", 1)
+        out[k.strip()] = _value(v)
+    return out
+
+
+def _configs(values: list[str]) -> list[str]:
+    files = [c.strip() for v in values for c in v.split(",") if c.strip()]
+    for f in files:
+        if not Path(f).is_file():
+            raise SystemExit(f"config '{f}' not found; e.g. --config bundles/ct_vqvae/stage1.json")
+    return files
+
+
+def _launch_torchrun(args, argv: list[str]) -> int:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.num_gpus}",
+           f"--nnodes={args.num_nodes}", f"--node_rank={args.node_rank}", f"--master_addr={args.master_addr}",
+           f"--master_port={args.master_port}", "-m", "pipeline.train", *argv]
+    env = dict(os.environ)
+    env.setdefault("CTVQ_COMMAND", "./run.sh train " + " ".join(shlex.quote(a) for a in argv))
+    env.setdefault("OMP_NUM_THREADS", env.get("OMP_NUM_THREADS", "1"))
+    return subprocess.call(cmd, env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    files = _configs(args.config)
+    world = args.num_gpus * args.num_nodes
+    if world > 1 and "LOCAL_RANK" not in os.environ:
+        return _launch_torchrun(args, argv)
+    os.environ.setdefault("CTVQ_COMMAND", "./run.sh train " + " ".join(shlex.quote(a) for a in argv))
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        overlay = str(BUNDLE_DIR / "multi_gpu.json")
+        if overlay not in [str(Path(f).resolve()) for f in files]:
+            files.append(overlay)
+    overrides = parse_overrides(args.override)
+    for key in ("output_dir", "data_dir", "load_dir", "ckpt"):
+        val = getattr(args, key)
+        if val is not None:
+            overrides[key] = _value(val) if key == "ckpt" else val
+    logging_file = args.logging_file or str(BUNDLE_DIR / "logging.conf")
+
+    from monai.bundle import run
+
+    run("training", config_file=files, logging_file=logging_file, meta_file=_meta(files), **overrides)
+    return 0
+
+
+def _meta(files: list[str]):
+    meta = Path(files[0]).parent / "metadata.json"
+    return str(meta) if meta.is_file() else str(BUNDLE_DIR / "metadata.json") if (BUNDLE_DIR / "metadata.json").is_file() else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

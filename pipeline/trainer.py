@@ -1,0 +1,287 @@
+"""Sparse VQ-VAE trainer: a ``monai.engines.SupervisedTrainer`` with its own iteration.
+
+One iteration = one optimizer step: the collated sparse batch is split by sample into
+``batch_split`` micro-batches (gradient accumulation), each is moved to the device as a
+``SparseConvTensor`` and run under autocast (fp16 with ``GradScaler`` or bf16; CUDA only, fp32
+on CPU). The loss is ``recon + lambda_vq * vq + lambda_commitment * commitment`` with the
+reconstruction compared to the input at the reconstruction's coordinates (0 outside the
+support). Gradients are clipped; a step whose loss or gradient norm is not finite is skipped
+on every rank and counted in ``engine.state.nonfinite_steps``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.engines import SupervisedTrainer
+
+from pipeline import distributed as D
+from pipeline.dataset import batch_split, to_sparse_tensor
+
+__all__ = ["SparseReconLoss", "SparseVQVAETrainer", "rng_state", "set_rng_state"]
+
+logger = logging.getLogger("ctvq.train")
+
+
+class SparseReconLoss(torch.nn.Module):
+    """Reconstruction loss of a sparse reconstruction against the sparse input.
+
+    Args:
+        loss_type: "l1", "l2" or "l1_l2" (sum of both).
+    """
+
+    def __init__(self, loss_type: str = "l1") -> None:
+        super().__init__()
+        if loss_type not in ("l1", "l2", "l1_l2"):
+            raise ValueError(f"loss_type must be 'l1', 'l2' or 'l1_l2', got '{loss_type}'")
+        self.loss_type = loss_type
+
+    @staticmethod
+    def target(x, recon) -> torch.Tensor:
+        """Input values at the reconstruction's coordinates (0 where the input has no voxel)."""
+        from networks import sparse_lookup
+
+        return sparse_lookup(x, recon.indices)
+
+    def forward(self, recon, x) -> torch.Tensor:
+        pred = recon.features.float().reshape(-1, 1)
+        tgt = self.target(x, recon).float().reshape(-1, 1)
+        if self.loss_type == "l1":
+            return F.l1_loss(pred, tgt)
+        if self.loss_type == "l2":
+            return F.mse_loss(pred, tgt)
+        return F.l1_loss(pred, tgt) + F.mse_loss(pred, tgt)
+
+
+def rng_state() -> dict:
+    """Python, numpy, torch (and CUDA) random states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restores :func:`rng_state`."""
+    if "python" in state:
+        random.setstate(state["python"])
+    if "numpy" in state:
+        np.random.set_state(state["numpy"])
+    if "torch" in state:
+        torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        with contextlib.suppress(Exception):
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class SparseVQVAETrainer(SupervisedTrainer):
+    """Trains a sparse VQ-VAE on ``sparse_collate`` batches, one optimizer step per iteration.
+
+    Args:
+        device: training device.
+        max_steps: optimizer steps (the engine runs one epoch of ``max_steps`` iterations).
+        train_data_loader: loader yielding ``sparse_collate`` batches (endless ``StepSampler``).
+        network: the model (maybe DDP-wrapped).
+        optimizer: built from the parameters left trainable.
+        loss_function: ``SparseReconLoss``.
+        lr_scheduler: stepped once per step (optional).
+        lambda_vq: codebook loss weight.
+        lambda_commitment: commitment loss weight.
+        quantize: False bypasses the quantizer (stage 0).
+        batch_split: micro-batches per step (gradient accumulation).
+        grad_clip: max gradient norm (0 or None: no clipping, the norm is still logged).
+        amp: mixed precision on CUDA.
+        amp_dtype: "float16" (with GradScaler) or "bfloat16".
+        train_handlers: ignite / MONAI handlers.
+        seed: recorded for reproducibility.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        max_steps: int,
+        train_data_loader,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_function: Callable | None = None,
+        lr_scheduler=None,
+        lambda_vq: float = 1.0,
+        lambda_commitment: float = 0.25,
+        quantize: bool = True,
+        batch_split: int = 1,
+        grad_clip: float | None = 1.0,
+        amp: bool = True,
+        amp_dtype: str = "float16",
+        train_handlers: Sequence | None = None,
+        seed: int = 0,
+    ) -> None:
+        device = torch.device(device)
+        super().__init__(
+            device=device,
+            max_epochs=1,
+            epoch_length=int(max_steps),
+            train_data_loader=train_data_loader,
+            network=network,
+            optimizer=optimizer,
+            loss_function=loss_function or SparseReconLoss("l1"),
+            amp=False,
+            decollate=False,
+            train_handlers=None,
+        )
+        self.device = device
+        self.model = D.unwrap(network)
+        self.lr_scheduler = lr_scheduler
+        self.lambda_vq = float(lambda_vq)
+        self.lambda_commitment = float(lambda_commitment)
+        self.quantize = bool(quantize)
+        self.batch_split = max(1, int(batch_split))
+        self.grad_clip = float(grad_clip) if grad_clip else 0.0
+        self.use_amp = bool(amp) and device.type == "cuda"
+        self.amp_dtype = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
+                          "bf16": torch.bfloat16}[str(amp_dtype)]
+        self.grad_scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.seed = int(seed)
+        self.state.nonfinite_steps = 0
+        self.ema = None  # set by EMAHandler
+        self.run_dir: Path | None = None
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if train_handlers:
+            self._register_handlers(list(train_handlers))
+
+    # -- one step ----------------------------------------------------------------------------
+    def _autocast(self):
+        if self.use_amp:
+            return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+        return contextlib.nullcontext()
+
+    def compute_losses(self, batch: dict, network: torch.nn.Module | None = None) -> tuple[dict, Any, Any]:
+        """Forward pass and loss terms of one (micro-)batch; returns (terms, input, recon)."""
+        net = network or self.network
+        x = to_sparse_tensor(batch, self.device)
+        with self._autocast():
+            recon, losses = net(x, quantize=self.quantize)
+        rec = self.loss_function(recon, x)
+        vq = losses.get("vq", rec.new_zeros(())).float()
+        com = losses.get("commitment", rec.new_zeros(())).float()
+        total = rec + self.lambda_vq * vq + self.lambda_commitment * com
+        return {"loss": total, "recon": rec, "vq": vq, "commitment": com}, x, recon
+
+    def _iteration(self, engine, batchdata: dict[str, Any]) -> dict:
+        self.network.train()
+        parts = batch_split(batchdata, self.batch_split)
+        bsz = max(1, int(batchdata["batch_size"]))
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = {"loss": 0.0, "recon": 0.0, "vq": 0.0, "commitment": 0.0}
+        finite = True
+        ddp = isinstance(self.network, torch.nn.parallel.DistributedDataParallel)
+        for i, part in enumerate(parts):
+            sync = (not ddp) or i == len(parts) - 1
+            ctx = contextlib.nullcontext() if sync else self.network.no_sync()
+            with ctx:
+                terms, _, _ = self.compute_losses(part)
+                weight = part["batch_size"] / bsz
+                loss = terms["loss"] * weight
+                finite = finite and bool(torch.isfinite(loss).item())
+                self.grad_scaler.scale(loss).backward()
+            for k in sums:
+                sums[k] += float(terms[k].detach()) * weight
+        self.grad_scaler.unscale_(self.optimizer)
+        clip = self.grad_clip if self.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip) if self.trainable else torch.zeros(())
+        grad_norm = float(grad_norm)
+        ok = finite and math.isfinite(grad_norm)
+        if D.is_distributed():
+            flag = torch.tensor([1.0 if ok else 0.0], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            ok = bool(flag.item() > 0)
+        if ok:
+            self.grad_scaler.step(self.optimizer)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            engine.state.nonfinite_steps = getattr(engine.state, "nonfinite_steps", 0) + 1
+            logger.warning(
+                f"Step {engine.state.iteration}: non-finite loss or gradient (loss={sums['loss']}, grad_norm={grad_norm}); "
+                f"step skipped ({engine.state.nonfinite_steps} so far)"
+            )
+        self.grad_scaler.update()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        return {
+            **sums,
+            "grad_norm": grad_norm,
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "skipped": not ok,
+            "num_points": int(sum(batchdata["num_points"])),
+        }
+
+    # -- checkpoint state --------------------------------------------------------------------
+    def misc_state(self) -> dict:
+        """Everything but the weights needed to resume at the current step."""
+        step = int(self.state.iteration)
+        sampler = getattr(self.data_loader, "sampler", None)
+        return {
+            "step": step,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.grad_scaler.state_dict(),
+            "scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+            "sampler": {"start_step": step, "position": sampler.position(step) if hasattr(sampler, "position") else None,
+                        "seed": getattr(sampler, "seed", None)},
+            "rng": rng_state(),
+            "nonfinite_steps": int(getattr(self.state, "nonfinite_steps", 0)),
+            "world_size": D.world_size(),
+        }
+
+    def resume(self, run) -> int:
+        """Restores weights, EMA, optimizer, scaler, scheduler, sampler position and RNG.
+
+        Args:
+            run: ``pipeline.stages.RunFolder`` (no-op unless it resumes) or a checkpoint path.
+
+        Returns:
+            the step training continues from.
+        """
+        path = getattr(run, "resume_ckpt", run)
+        if path is None:
+            return 0
+        path = Path(path)
+        ck = path.parent
+        step = int(getattr(run, "resume_step", 0)) or int(path.stem.rsplit("step", 1)[-1])
+        self.model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        misc = torch.load(ck / f"misc_step{step:07d}.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(misc["optimizer"])
+        if misc.get("scaler"):
+            self.grad_scaler.load_state_dict(misc["scaler"])
+        if self.lr_scheduler is not None and misc.get("scheduler") is not None:
+            self.lr_scheduler.load_state_dict(misc["scheduler"])
+        if self.ema is not None:
+            hits = sorted(ck.glob(f"vqvae_ema*_step{step:07d}.pt"))
+            if hits:
+                self.ema.load_state_dict(torch.load(hits[0], map_location="cpu", weights_only=True))
+            else:
+                logger.warning(f"no EMA checkpoint for step {step}: EMA restarts from the current weights")
+                self.ema.reset()
+        sampler = getattr(self.data_loader, "sampler", None)
+        if sampler is not None and hasattr(sampler, "start_step"):
+            sampler.start_step = int(misc.get("sampler", {}).get("start_step", step))
+        if misc.get("rng") is not None:
+            set_rng_state(misc["rng"])
+        self.state.iteration = int(misc["step"])
+        self.state.epoch = 0
+        self.state.nonfinite_steps = int(misc.get("nonfinite_steps", 0))
+        if self.state.iteration >= self.state.epoch_length:
+            logger.warning(f"checkpoint step {step} >= max_steps {self.state.epoch_length}: nothing left to train")
+        return self.state.iteration
+
+    def run(self) -> None:  # noqa: D102
+        if self.state.iteration >= (self.state.epoch_length or 0) and self.state.iteration > 0:
+            return
+        super().run()

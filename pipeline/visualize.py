@@ -1,0 +1,177 @@
+"""Three-plane pictures of a CT reconstruction: axial, coronal and sagittal x input, reconstruction, error.
+
+Volumes are (X, Y, Z) or (1, X, Y, Z) arrays in RAS order (i: to the right, j: anterior,
+k: superior), window values in [0, 1]. Planes are shown in radiological convention: the
+patient's right on the viewer's left, anterior and superior up.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = ["three_plane_image", "save_three_plane", "plane_slices", "choose_center"]
+
+PLANES = ("axial", "coronal", "sagittal")
+
+
+def _np3d(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x)
+    while a.ndim > 3 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim != 3:
+        raise ValueError(f"expected a volume (X, Y, Z) or (1, X, Y, Z), got shape {a.shape}")
+    return a
+
+
+def choose_center(volume: Any, mask: Any | None = None) -> tuple[int, int, int]:
+    """Voxel to cut through: centre of the mask's (or the non-zero voxels') bounding box, else the middle.
+
+    Args:
+        volume: the volume (X, Y, Z).
+        mask: optional boolean mask of the body.
+    """
+    v = _np3d(volume)
+    sel = _np3d(mask).astype(bool) if mask is not None else v > 0
+    if not sel.any():
+        return tuple(s // 2 for s in v.shape)
+    center = []
+    for ax in range(3):
+        other = tuple(a for a in range(3) if a != ax)
+        idx = np.nonzero(sel.any(axis=other))[0]
+        center.append(int((idx[0] + idx[-1]) // 2))
+    return tuple(center)
+
+
+def plane_slices(volume: Any, center: Sequence[int]) -> dict[str, np.ndarray]:
+    """Three 2D display slices through ``center`` (rows top to bottom, columns left to right).
+
+    Args:
+        volume: (X, Y, Z) RAS volume.
+        center: voxel (i, j, k) the planes pass through.
+    """
+    v = _np3d(volume)
+    i, j, k = (int(c) for c in center)
+    # rows: anterior/superior up (flip), columns: patient's right on the left (flip i).
+    axial = v[:, :, k].T[::-1, ::-1]  # rows j, cols i
+    coronal = v[:, j, :].T[::-1, ::-1]  # rows k, cols i
+    sagittal = v[i, :, :].T[::-1, ::-1]  # rows k, cols j (anterior on the left)
+    return {"axial": axial, "coronal": coronal, "sagittal": sagittal}
+
+
+def _figure(
+    input_volume: Any,
+    reconstruction: Any,
+    center: Sequence[int] | None,
+    mask: Any | None,
+    title: str | None,
+    error_range: float | None,
+    dpi: int,
+):
+    x = _np3d(input_volume).astype(np.float32)
+    y = _np3d(reconstruction).astype(np.float32)
+    if x.shape != y.shape:
+        raise ValueError(f"input shape {x.shape} != reconstruction shape {y.shape}")
+    if center is None:
+        center = choose_center(x, mask)
+    err = y - x
+    if error_range is None:
+        a = np.abs(err[mask.astype(bool)] if mask is not None else err)
+        error_range = float(max(0.05, np.percentile(a, 99.5))) if a.size else 0.05
+    sx, sy = plane_slices(x, center), plane_slices(y, center)
+    se = plane_slices(err, center)
+    fig, axes = plt.subplots(3, 3, figsize=(9, 9.4), dpi=dpi)
+    for r, plane in enumerate(PLANES):
+        for c, (img, kw) in enumerate(
+            (
+                (sx[plane], dict(cmap="gray", vmin=0.0, vmax=1.0)),
+                (sy[plane], dict(cmap="gray", vmin=0.0, vmax=1.0)),
+                (se[plane], dict(cmap="seismic", vmin=-error_range, vmax=error_range)),
+            )
+        ):
+            ax = axes[r, c]
+            im = ax.imshow(img, interpolation="nearest", **kw)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(("input", "reconstruction", f"error (±{error_range:.2f})")[c], fontsize=10)
+            if c == 0:
+                ax.set_ylabel(plane, fontsize=10)
+        del im
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def three_plane_image(
+    input_volume: Any,
+    reconstruction: Any,
+    center: Sequence[int] | None = None,
+    mask: Any | None = None,
+    title: str | None = None,
+    error_range: float | None = None,
+    dpi: int = 64,
+) -> np.ndarray:
+    """Render the 3 x 3 figure (planes x input / reconstruction / error) to an RGB image.
+
+    Args:
+        input_volume: reference volume, window values in [0, 1].
+        reconstruction: reconstructed volume of the same shape.
+        center: voxel (i, j, k) to cut through; default: centre of the mask's bounding box.
+        mask: optional body mask (chooses the centre and the error colour range).
+        title: optional figure title.
+        error_range: error colour scale ±range; default from the 99.5th percentile of |error|.
+        dpi: resolution (64 gives about 576 x 600 pixels).
+
+    Returns:
+        uint8 array (H, W, 3), e.g. for ``SummaryWriter.add_image(..., dataformats="HWC")``.
+    """
+    fig = _figure(input_volume, reconstruction, center, mask, title, error_range, dpi)
+    try:
+        fig.canvas.draw()
+        rgba = np.asarray(fig.canvas.buffer_rgba())
+        return rgba[..., :3].copy()
+    finally:
+        plt.close(fig)
+
+
+def save_three_plane(
+    path: str | os.PathLike,
+    input_volume: Any,
+    reconstruction: Any,
+    center: Sequence[int] | None = None,
+    mask: Any | None = None,
+    title: str | None = None,
+    error_range: float | None = None,
+    dpi: int = 80,
+) -> str:
+    """Save the three-plane figure as a PNG (written atomically); returns the path.
+
+    Args:
+        path: output .png path (folders are created).
+        input_volume, reconstruction, center, mask, title, error_range, dpi: as ``three_plane_image``.
+    """
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig = _figure(input_volume, reconstruction, center, mask, title, error_range, dpi)
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

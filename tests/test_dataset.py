@@ -1,0 +1,163 @@
+"""CTWindowSparseDataset, crops, split, collate and batch_split on a tiny synthetic processed dataset."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.dataset import (
+    CTWindowSparseDataset,
+    StepSampler,
+    batch_split,
+    block_counts,
+    find_datasets,
+    sparse_collate,
+)
+
+LUNG = "windows/lung_w1500_l-600.npy"
+
+
+def write_processed_dataset(root: Path, name: str = "synth", num_cases: int = 3, resolution: int = 32,
+                            failed: int = 1, body_mask: bool = True, seed: int = 0, empty: int = 0) -> Path:
+    """Writes a processed dataset in the layout of pipeline.preprocess (tiny ellipsoid 'bodies')."""
+    rng = np.random.default_rng(seed)
+    ds = Path(root) / name
+    rows = []
+    r = resolution
+    grid = np.stack(np.meshgrid(*[np.arange(r)] * 3, indexing="ij"), 0).astype(np.float32)
+    for n in range(num_cases + failed + empty):
+        cid = f"case_{n:03d}"
+        if n >= num_cases + empty:
+            rows.append({"case_id": cid, "source_path": f"raw/{cid}", "label_path": "", "status": "failed",
+                         "error": "CTLoadError: not a CT", "body_voxels": 0})
+            continue
+        cdir = ds / "processed" / cid
+        (cdir / "windows").mkdir(parents=True, exist_ok=True)
+        c = r / 2 + rng.uniform(-2, 2, 3)
+        radii = np.array([r * 0.4, r * 0.3, r * 0.45])
+        body = (((grid - c[:, None, None, None]) / radii[:, None, None, None]) ** 2).sum(0) <= 1.0
+        if n >= num_cases:  # nearly empty case (below min_points)
+            body[:] = False
+            body[:2, :2, :2] = True
+        hu = np.where(body, 40.0 + 200 * rng.standard_normal((r, r, r)), -1000.0).astype(np.float32)
+        lungs = body & ((((grid - c[:, None, None, None]) / (radii[:, None, None, None] * 0.5)) ** 2).sum(0) <= 1.0)
+        hu[lungs] = -850.0
+        lung = np.clip((hu - (-600 - 750)) / 1500, 0, 1).astype(np.float16)
+        ctn = ((np.clip(hu, -1024, 3071) + 1024) / 4095).astype(np.float16)
+        np.save(cdir / LUNG, lung)
+        np.save(cdir / "ct_normalized_512.npy", ctn)
+        if body_mask:
+            np.save(cdir / "body_mask_512.npy", body)
+        (cdir / "case.json").write_text(json.dumps({"case_id": cid, "affine_512": np.eye(4).tolist()}))
+        (cdir / ".complete").write_text("")
+        rows.append({"case_id": cid, "source_path": f"raw/{cid}", "label_path": "", "status": "ok", "error": "",
+                     "body_voxels": int(body.sum())})
+    with open(ds / "metadata.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["case_id", "source_path", "label_path", "status", "error", "body_voxels"])
+        w.writeheader()
+        w.writerows(rows)
+    cfg = {"resolution": r, "hu_min": -1024, "hu_max": 3071,
+           "windows": {"lung": {"width": 1500, "level": -600, "file": LUNG}}, "organ_mapping": None}
+    (ds / "dataset_config.json").write_text(json.dumps(cfg))
+    return ds
+
+
+@pytest.fixture()
+def synth(tmp_path):
+    root = tmp_path / "processed_dataset"
+    write_processed_dataset(root, "a", num_cases=3, failed=1, empty=1)
+    write_processed_dataset(root / "nested", "b", num_cases=2, failed=0, body_mask=False, seed=1)
+    return root
+
+
+def test_find_and_skip(synth):
+    assert [p.name for p in find_datasets(synth)] == ["a", "b"]
+    assert len(find_datasets(f"{synth / 'a'},{synth / 'nested'}")) == 2
+    ds = CTWindowSparseDataset(synth, "lung", split="all", min_points=100, max_points=10**9)
+    assert len(ds.failed) == 1 and len(ds.skipped) == 1
+    assert len(ds) == 5
+    with pytest.raises(KeyError, match="window_type"):
+        CTWindowSparseDataset(synth, "nonexistent")
+    with pytest.raises(FileNotFoundError, match="preprocess"):
+        CTWindowSparseDataset(synth / "a" / "processed", "lung")
+
+
+def test_sample_support_and_crop(synth):
+    full = CTWindowSparseDataset(synth, "lung", split="all", max_points=10**9, cache="memory")
+    s = full[0]
+    win = np.load(Path(full.cases[0]["window_file"])).astype(np.float32)
+    mask = np.load(Path(full.cases[0]["dir"]) / "body_mask_512.npy")
+    assert s["coords"].dtype == torch.int32 and s["feats"].shape == (len(s["coords"]), 1)
+    assert len(s["coords"]) == int((mask & (win > 0)).sum())
+    # body mask computed from ct_normalized when the file is absent (dataset "b")
+    assert all(c["num_points"] > 100 for c in full.cases if c["key"].startswith("b/"))
+    crop = CTWindowSparseDataset(synth, "lung", split="all", max_points=2000)
+    for i in range(len(crop)):
+        for draw in range(3):
+            t = crop[(i, draw)]
+            box = t["box"].numpy()
+            assert len(t["coords"]) <= 2000 and len(t["coords"]) > 0
+            assert (box % 8 == 0).all()
+            c = t["coords"].numpy()
+            assert (c >= box[:3]).all() and (c < box[3:]).all()
+            # whole neighbourhoods: every support voxel inside the box is present (no dropping)
+            sl = tuple(slice(box[k], box[k + 3]) for k in range(3))
+            m = np.load(Path(crop.cases[i]["dir"]) / "body_mask_512.npy")[sl] if (Path(crop.cases[i]["dir"]) / "body_mask_512.npy").exists() else None
+            if m is not None:
+                w = np.load(crop.cases[i]["window_file"])[sl]
+                assert len(c) == int((m & (w > 0)).sum())
+    # deterministic per draw id, different across draws
+    a, b = crop[(0, 5)], crop[(0, 5)]
+    assert torch.equal(a["coords"], b["coords"])
+
+
+def test_block_counts_and_box():
+    rng = np.random.default_rng(0)
+    win = rng.random((32, 32, 32)).astype(np.float16)
+    win[win < 0.5] = 0
+    counts = block_counts(win, None, 8, slab=8)
+    assert counts.sum() == int((win > 0).sum())
+    assert counts.dtype == np.uint16 and counts.shape == (4, 4, 4)
+
+
+def test_split_deterministic(synth):
+    tr = CTWindowSparseDataset(synth, "lung", split="train", seed=3, num_val=1)
+    va = CTWindowSparseDataset(synth, "lung", split="val", seed=3, num_val=1)
+    tr2 = CTWindowSparseDataset(synth, "lung", split="train", seed=3, num_val=1)
+    keys_tr = {c["key"] for c in tr.cases}
+    keys_va = {c["key"] for c in va.cases}
+    assert keys_tr == {c["key"] for c in tr2.cases}
+    assert not keys_tr & keys_va and len(keys_va) == 1
+
+
+def test_collate_and_split(synth):
+    ds = CTWindowSparseDataset(synth, "lung", split="all", max_points=3000)
+    batch = sparse_collate([ds[(0, 0)], ds[(1, 0)], ds[(2, 0)]])
+    assert batch["indices"].shape[1] == 4 and batch["indices"].dtype == torch.int32
+    assert batch["batch_size"] == 3 and batch["indices"][:, 0].max() == 2
+    parts = batch_split(batch, 2)
+    assert [p["batch_size"] for p in parts] == [2, 1]
+    assert sum(len(p["indices"]) for p in parts) == len(batch["indices"])
+    assert parts[1]["indices"][:, 0].max() == 0
+    assert torch.equal(parts[1]["features"], batch["features"][batch["indices"][:, 0] == 2])
+
+
+def test_step_sampler_resume():
+    ds = list(range(5))
+    s = StepSampler(ds, batch_size=2, seed=1, num_replicas=1, rank=0)
+    it = iter(s)
+    seq = [next(it) for _ in range(14)]
+    s2 = StepSampler(ds, batch_size=2, seed=1, start_step=3, num_replicas=1, rank=0)
+    it2 = iter(s2)
+    assert [next(it2) for _ in range(8)] == seq[6:14]
+    # ranks draw disjoint global ids
+    r0 = iter(StepSampler(ds, batch_size=1, seed=1, num_replicas=2, rank=0))
+    r1 = iter(StepSampler(ds, batch_size=1, seed=1, num_replicas=2, rank=1))
+    g0 = {next(r0)[1] for _ in range(5)}
+    g1 = {next(r1)[1] for _ in range(5)}
+    assert not g0 & g1

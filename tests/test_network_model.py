@@ -1,0 +1,205 @@
+"""SparseVQVAE on real CT: shapes, gradients, Encode/Decode, tiled == untiled, parameter count, overfit."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import networks
+from networks import backend
+from networks.ops import linearize, sparse_lookup
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small sparse GEMMs: one thread is much faster than contended OpenMP on shared CI cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+def ct_sparse(ct_data_dir, grid=32, stride=4, window=(400.0, 50.0), batch=1):
+    """Soft-tissue window of the shared abdomen scan, subsampled into a ``grid``^3 cube (body support)."""
+    nib = pytest.importorskip("nibabel")
+    from scipy import ndimage as ndi
+
+    hu = np.asarray(nib.load(str(ct_data_dir / "abdomen_nifti" / "example_ct.nii.gz")).dataobj).astype(np.float32)
+    hu = hu[::stride, ::stride, ::stride][:grid, :grid, :grid]
+    body = hu > -500
+    lab, _ = ndi.label(body)
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    body = ndi.binary_fill_holes(lab == sizes.argmax())
+    width, level = window
+    win = np.clip((hu - (level - width / 2)) / width, 0, 1)
+    support = body & (win > 0)
+    coords = np.argwhere(support)
+    feats = win[support][:, None]
+    idx, fts = [], []
+    for b in range(batch):
+        idx.append(np.concatenate([np.full((len(coords), 1), b), coords], 1))
+        fts.append(feats)
+    idx = torch.from_numpy(np.concatenate(idx)).int()
+    fts = torch.from_numpy(np.concatenate(fts)).float()
+    return backend.make_sparse(fts, idx, [grid] * 3, batch)
+
+
+def small_model(channels=(8, 8, 16, 16), **kw):
+    torch.manual_seed(0)
+    args = dict(
+        resolution=4,
+        model_channels=16,
+        latent_channels=8,
+        num_embeddings=64,
+        channels=channels,
+        num_blocks=2,
+        num_heads=2,
+        window_size=2,
+    )
+    args.update(kw)
+    return networks.SparseVQVAE(**args)
+
+
+def sort_sparse(x):
+    order = torch.argsort(linearize(x.indices, x.spatial_shape))
+    return x.indices[order], x.features[order]
+
+
+@pytest.fixture(scope="module")
+def ct32(ct_data_dir):
+    return ct_sparse(ct_data_dir, grid=32, stride=4)
+
+
+def test_default_size_and_api():
+    model = networks.Direct3DS2_VQVAE(resolution=64, model_channels=512, latent_channels=32, num_embeddings=8192)
+    n = networks.count_parameters(model)
+    assert 36e6 < n < 40e6, n
+    assert tuple(model.vq.embeddings.weight.shape) == (8192, 32)
+    assert model.Encoder.halo == 4 and model.Decoder.halo == 3 and model.factor == 8
+    assert isinstance(model, networks.SparseVQVAE)
+
+
+def test_forward_backward_shapes_and_gradients(ct32):
+    model = small_model()
+    x = networks.make_sparse(ct32.features.repeat(2, 1), torch.cat([ct32.indices, ct32.indices + torch.tensor([1, 0, 0, 0], dtype=torch.int32)]), [32] * 3, 2)
+    recon, losses = model(x)
+    cells = torch.unique(torch.cat([x.indices[:, :1], x.indices[:, 1:] // 8], 1), dim=0)
+    assert recon.features.shape == (cells.shape[0] * 512, 1)
+    assert list(recon.spatial_shape) == [32, 32, 32] and recon.batch_size == 2
+    # recon covers exactly the 8^3 children of every active latent cell
+    rc = torch.unique(torch.cat([recon.indices[:, :1], recon.indices[:, 1:] // 8], 1), dim=0)
+    assert torch.equal(rc, cells)
+    assert set(losses) >= {"vq", "commitment"} and losses["vq"].dim() == 0
+    target = sparse_lookup(x, recon.indices)
+    loss = (recon.features - target).abs().mean() + model.weighted_vq_loss(losses)
+    loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert no_grad == [], no_grad
+    # stage 0: quantizer bypassed, zero losses, codebook untouched by the loss
+    model.zero_grad()
+    recon0, losses0 = model(x, quantize=False)
+    assert float(losses0["vq"]) == 0 and float(losses0["commitment"]) == 0
+    (recon0.features - sparse_lookup(x, recon0.indices)).abs().mean().backward()
+    assert model.vq.embeddings.weight.grad is None
+    assert model.Encoder.input_layer1.weight.grad.abs().sum() > 0
+
+
+def test_crop_gives_same_latent_inside(ct32):
+    """Per-voxel norms and absolute windows: a crop's interior tokens equal the whole volume's."""
+    model = small_model(channels=(8, 16), window_size=4).eval()
+    full = model.encode_latent(ct32)
+    keep = (ct32.indices[:, 1:] < 24).all(1)
+    crop = networks.make_sparse(ct32.features[keep], ct32.indices[keep], [32] * 3, 1)
+    part = model.encode_latent(crop)
+    # latent cells (factor 2) at least the encoder halo plus one window away from the cut
+    inner = (part.indices[:, 1:] < 12 - model.Encoder.halo - 4).all(1) & (part.indices[:, 1:] >= 0).all(1)
+    q = part.indices[inner]
+    torch.testing.assert_close(part.features[inner], sparse_lookup(full, q), atol=1e-4, rtol=1e-4)
+
+
+def test_encode_decode_roundtrip_api(ct32):
+    model = small_model().eval()
+    tokens = model.Encode(ct32)
+    assert isinstance(tokens, networks.Tokens)
+    assert tokens.coords.dtype == torch.int32 and tokens.indices.dtype == torch.int64
+    assert tokens.latent_shape == (4, 4, 4) and tokens.batch_size == 1
+    keys = linearize(tokens.coords, tokens.latent_shape)
+    assert torch.all(keys[1:] > keys[:-1])  # sorted, unique
+    recon = model.Decode(tokens)
+    assert recon.features.shape == (len(tokens) * 512, 1)
+    # Decode(Encode(x)) equals the quantised forward pass
+    fwd, _ = model(ct32)
+    a, b = sort_sparse(recon), sort_sparse(fwd)
+    assert torch.equal(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("channels,grid,stride,tile", [((8, 16), 32, 4, 4), ((8, 8, 16, 16), 64, 2, 2)])
+def test_tiled_equals_untiled(ct_data_dir, channels, grid, stride, tile):
+    x = ct_sparse(ct_data_dir, grid=grid, stride=stride)
+    model = small_model(channels=channels, window_size=4).eval()
+    with torch.no_grad():  # a non-trivial decoder output layer
+        model.Decoder.out_layer.weight.normal_()
+    lat = model.encode_latent(x)
+    lat_t = model.encode_latent(x, tile=tile)
+    assert torch.equal(lat.indices, lat_t.indices)
+    torch.testing.assert_close(lat_t.features, lat.features, atol=1e-4, rtol=1e-4)
+    tok, tok_t = model.Encode(x), model.Encode(x, tile=tile)
+    assert torch.equal(tok.coords, tok_t.coords) and torch.equal(tok.indices, tok_t.indices)
+    r, r_t = sort_sparse(model.Decode(tok)), sort_sparse(model.Decode(tok, tile=tile))
+    assert torch.equal(r[0], r_t[0])
+    torch.testing.assert_close(r_t[1], r[1], atol=1e-4, rtol=1e-4)
+    # the halo is needed: too small a halo changes the result
+    model.Decoder.halo = 0
+    r_bad = sort_sparse(model.Decode(tok, tile=tile))
+    assert not torch.allclose(r_bad[1], r[1], atol=1e-4, rtol=1e-4)
+
+
+def test_checkpointing_same_gradients(ct32):
+    m1 = small_model()
+    m2 = small_model(use_checkpoint=True)
+    m2.load_state_dict(m1.state_dict())
+    grads = []
+    for m in (m1, m2):
+        recon, losses = m(ct32)
+        (recon.features.square().mean() + losses["commitment"]).backward()
+        grads.append(m.Encoder.input_layer1.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_int32_guard_in_model(ct32):
+    model = small_model().eval()
+    with backend.int32_limit(4096):
+        with pytest.raises(backend.SparseInt32LimitError, match=r"^Encoder\.downsample\.0\.out_layers\.0: .*max_points"):
+            model.Encode(ct32)
+
+
+@pytest.mark.slow
+def test_overfit_one_real_crop(ct32):
+    """A few hundred steps on one real crop drive the L1 error down at least 5x."""
+    torch.manual_seed(0)
+    model = small_model(channels=(8, 16, 16, 32), model_channels=32, latent_channels=8, num_embeddings=128)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x = ct32
+    t0 = time.time()
+    first = None
+    for step in range(300):
+        recon, losses = model(x, quantize=step >= 100)
+        l1 = (recon.features - sparse_lookup(x, recon.indices)).abs().mean()
+        loss = l1 + model.weighted_vq_loss(losses)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if first is None:
+            first = float(l1)
+        if step == 99:
+            model.vq.collect(model.Encoder(x).features.detach())
+            model.vq.kmeans_init_from_reservoir()
+    model.eval()
+    with torch.no_grad():
+        recon, _ = model(x)
+        final = float((recon.features - sparse_lookup(x, recon.indices)).abs().mean())
+    print(f"overfit: L1 {first:.4f} -> {final:.4f} in {time.time() - t0:.1f}s")
+    assert final * 5 <= first

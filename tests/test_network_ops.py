@@ -1,0 +1,170 @@
+"""Sparse backend and ops: conv vs dense conv3d, pooling/subdivide, lookup, windowed attention, guard."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from networks import backend
+from networks.attention import window_partition, windowed_attention
+from networks.blocks import SparseConv3d
+from networks.ops import SparseNorm, downsample, linearize, sparse_lookup, subdivide
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small sparse GEMMs: one thread is much faster than contended OpenMP on shared CI cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+def random_sparse(shape=(10, 10, 10), batch=2, channels=4, p=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand((batch, *shape), generator=g) < p
+    idx = mask.nonzero().int()
+    feats = torch.randn(idx.shape[0], channels, generator=g)
+    return backend.make_sparse(feats, idx, shape, batch)
+
+
+def to_dense(x):
+    return x.dense()  # [B, C, X, Y, Z]
+
+
+def test_backend_algo_and_env(monkeypatch):
+    assert backend.conv_algo("cpu") == backend.ConvAlgo.Native
+    assert backend.conv_algo("cuda") == backend.ConvAlgo.MaskImplicitGemm
+    monkeypatch.setenv("SPCONV_ALGO", "native")
+    assert backend.conv_algo("cuda") == backend.ConvAlgo.Native
+    monkeypatch.setenv("SPCONV_ALGO", "bogus")
+    with pytest.raises(ValueError, match="SPCONV_ALGO"):
+        backend.conv_algo("cpu")
+
+
+def test_submanifold_conv_matches_dense_conv3d():
+    torch.manual_seed(0)
+    x = random_sparse(channels=4)
+    conv = SparseConv3d(4, 5)
+    with torch.no_grad():
+        conv.conv.bias.normal_()
+    y = conv(x)
+    assert torch.equal(y.indices, x.indices)  # submanifold: same sites
+    w = conv.conv.weight.permute(0, 4, 1, 2, 3)  # KRSC -> [Cout, Cin, 3, 3, 3]
+    ref = F.conv3d(to_dense(x), w, conv.conv.bias, padding=1)
+    b, i, j, k = x.indices.long().unbind(1)
+    ref_at = ref.permute(0, 2, 3, 4, 1)[b, i, j, k]
+    torch.testing.assert_close(y.features, ref_at, atol=1e-5, rtol=1e-4)
+
+
+def test_conv_backward_runs_on_cpu():
+    x = random_sparse(channels=3)
+    x = backend.make_sparse(x.features.requires_grad_(True), x.indices, x.spatial_shape, x.batch_size)
+    conv = SparseConv3d(3, 2)
+    conv(x).features.square().sum().backward()
+    assert conv.conv.weight.grad is not None and x.features.grad is not None
+
+
+def test_downsample_subdivide_roundtrip():
+    x = random_sparse(shape=(8, 8, 8), channels=3)
+    d = downsample(x)
+    assert list(d.spatial_shape) == [4, 4, 4]
+    # parents are exactly the unique coords // 2
+    parents = torch.cat([x.indices[:, :1], x.indices[:, 1:] // 2], 1)
+    assert torch.equal(torch.unique(linearize(parents, [4, 4, 4])), torch.sort(linearize(d.indices, [4, 4, 4])).values)
+    # mean of children
+    dense_sum = F.avg_pool3d(to_dense(x), 2) * 8
+    cnt = F.avg_pool3d((to_dense(x).abs().sum(1, keepdim=True) > 0).float(), 2) * 8
+    b, i, j, k = d.indices.long().unbind(1)
+    ref = (dense_sum / cnt.clamp_min(1)).permute(0, 2, 3, 4, 1)[b, i, j, k]
+    torch.testing.assert_close(d.features, ref, atol=1e-5, rtol=1e-5)
+    # subdivide gives all 8 children of each parent, and pooling them back is the identity
+    s = subdivide(d)
+    assert s.indices.shape[0] == 8 * d.indices.shape[0]
+    assert list(s.spatial_shape) == [8, 8, 8]
+    assert torch.equal(torch.unique(torch.cat([s.indices[:, :1], s.indices[:, 1:] // 2], 1), dim=0), torch.unique(d.indices, dim=0))
+    # every input voxel is among the children
+    assert (sparse_lookup(backend.make_sparse(torch.ones(s.indices.shape[0], 1), s.indices, [8] * 3, 2), x.indices) == 1).all()
+    back = downsample(s)
+    order_d = torch.argsort(linearize(d.indices, [4] * 3))
+    order_b = torch.argsort(linearize(back.indices, [4] * 3))
+    torch.testing.assert_close(back.features[order_b], d.features[order_d])
+
+
+def test_sparse_lookup():
+    x = random_sparse(channels=2)
+    perm = torch.randperm(x.indices.shape[0])
+    torch.testing.assert_close(sparse_lookup(x, x.indices[perm]), x.features[perm])
+    dense = to_dense(x)
+    q = torch.cat([torch.randint(0, 2, (50, 1)), torch.randint(0, 10, (50, 3))], 1).int()
+    b, i, j, k = q.long().unbind(1)
+    torch.testing.assert_close(sparse_lookup(x, q), dense.permute(0, 2, 3, 4, 1)[b, i, j, k])
+    outside = torch.tensor([[0, -1, 0, 0], [0, 10, 0, 0]], dtype=torch.int32)
+    assert (sparse_lookup(x, outside) == 0).all()
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+def test_windowed_attention_matches_dense_per_window(shift):
+    torch.manual_seed(0)
+    x = random_sparse(shape=(9, 9, 9), batch=2, channels=1, p=0.2)
+    n, h, d, ws = x.indices.shape[0], 2, 4, 4
+    q, k, v = torch.randn(3, n, h, d).unbind(0)
+    out = windowed_attention(q, k, v, x.indices, ws, shift)
+    # reference: loop over windows (test only)
+    idx = x.indices.long()
+    wid = torch.cat([idx[:, :1], (idx[:, 1:] + shift) // ws], 1)
+    ref = torch.empty_like(out)
+    for w in torch.unique(wid, dim=0):
+        m = (wid == w).all(1)
+        o = F.scaled_dot_product_attention(q[m].transpose(0, 1), k[m].transpose(0, 1), v[m].transpose(0, 1))
+        ref[m] = o.transpose(0, 1)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    # chunked variant (bounded padded tokens) gives the same
+    torch.testing.assert_close(windowed_attention(q, k, v, x.indices, ws, shift, max_tokens=64), out, atol=1e-6, rtol=1e-5)
+    order, win, slot, nw, lmax, counts = window_partition(x.indices, ws, shift)
+    assert int(counts.sum()) == n and lmax <= ws**3
+
+
+def test_windows_use_absolute_coordinates():
+    torch.manual_seed(0)
+    x = random_sparse(shape=(16, 16, 16), batch=1, channels=1, p=0.2)
+    n = x.indices.shape[0]
+    q, k, v = torch.randn(3, n, 1, 4).unbind(0)
+    full = windowed_attention(q, k, v, x.indices, 4, 2)
+    # a crop aligned to nothing in particular keeps the same windows for tokens far from its edges
+    m = ((x.indices[:, 1:] >= 2) & (x.indices[:, 1:] < 14)).all(1)
+    crop = windowed_attention(q[m], k[m], v[m], x.indices[m], 4, 2)
+    torch.testing.assert_close(crop, full[m], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["layer", "group_voxel"])
+def test_per_voxel_norm_independent_of_extent(mode):
+    x = random_sparse(channels=8)
+    norm = SparseNorm(8, mode, num_groups=4)
+    full = norm(x).features
+    m = x.indices[:, 1] < 5
+    part = norm(backend.make_sparse(x.features[m], x.indices[m], x.spatial_shape, x.batch_size)).features
+    torch.testing.assert_close(part, full[m])
+
+
+def test_group_norm_per_sample_matches_torch():
+    x = random_sparse(channels=8, batch=2)
+    norm = SparseNorm(8, "group", num_groups=4)
+    out = norm(x).features
+    for b in range(2):  # reference per sample
+        m = x.indices[:, 0] == b
+        ref = F.group_norm(x.features[m].t()[None], 4, eps=norm.eps)[0].t()
+        torch.testing.assert_close(out[m], ref, atol=1e-5, rtol=1e-4)
+
+
+def test_int32_guard_names_layer_and_setting():
+    x = random_sparse(channels=4)
+    conv = SparseConv3d(4, 16)
+    conv.name = "Decoder.upsample.2.out_layers.0"
+    n = x.indices.shape[0]
+    with backend.int32_limit(n * 16 * 4):  # exactly the fp32 buffer: must refuse
+        with pytest.raises(backend.SparseInt32LimitError, match=r"Decoder\.upsample\.2.*max_points.*tile"):
+            conv(x)
+    conv(x)  # default 2 GiB limit: fine
+    with pytest.raises(backend.SparseInt32LimitError, match="1050000 voxels x 512 channels"):
+        backend.check_int32_limit(1_050_000, 512, torch.float32, "Encoder.downsample.2")
+    backend.check_int32_limit(1_000_000, 512, torch.float32, "ok")

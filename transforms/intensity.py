@@ -1,0 +1,300 @@
+"""HU intensity transforms: clipping, display windows, normalisation to [0, 1] and back."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Transform
+
+__all__ = [
+    "HU_MIN",
+    "HU_MAX",
+    "WINDOW_PRESETS",
+    "WindowSpec",
+    "parse_window",
+    "ClipHU",
+    "ClipHUd",
+    "Window",
+    "Windowd",
+    "NormalizeHU",
+    "NormalizeHUd",
+    "normalize_hu",
+    "denormalize_hu",
+    "apply_window",
+]
+
+HU_MIN = -1024.0
+HU_MAX = 3071.0
+
+#: Standard display windows: name -> (width, level) in HU.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "lung": (1500, -600),
+    "bone": (1500, 300),
+    "soft_tissue": (400, 50),
+    "brain": (80, 35),
+}
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{float(v):g}"
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """A display window.
+
+    Args:
+        name: short name used in file names (letters, digits, ``_`` or ``-``).
+        width: window width W in HU (> 0).
+        level: window level (centre) L in HU.
+    """
+
+    name: str
+    width: float
+    level: float
+
+    def __post_init__(self):
+        if not self.name or not all(ch.isalnum() or ch in "_-" for ch in self.name):
+            raise ValueError(f"window name {self.name!r} must be letters, digits, '_' or '-'")
+        if not float(self.width) > 0:
+            raise ValueError(f"window {self.name!r}: width must be > 0 HU, got {self.width}")
+
+    @property
+    def low(self) -> float:
+        """Lowest HU of the window (maps to 0)."""
+        return float(self.level) - float(self.width) / 2.0
+
+    @property
+    def high(self) -> float:
+        """Highest HU of the window (maps to 1)."""
+        return float(self.level) + float(self.width) / 2.0
+
+    @property
+    def stem(self) -> str:
+        """File stem, e.g. ``lung_w1500_l-600``."""
+        return f"{self.name}_w{_num(self.width)}_l{_num(self.level)}"
+
+    @property
+    def filename(self) -> str:
+        """File name, e.g. ``lung_w1500_l-600.npy``."""
+        return self.stem + ".npy"
+
+    def to_dict(self) -> dict:
+        return {"width": float(self.width), "level": float(self.level)}
+
+
+def parse_window(window: str | WindowSpec | Sequence | Mapping) -> WindowSpec:
+    """Builds a :class:`WindowSpec` from a preset name, ``"name:W:L"``, a (name, W, L) tuple or a dict.
+
+    Args:
+        window: "lung" | "bone" | "soft_tissue" | "brain" | "name:width:level" (e.g. "liver:150:60")
+            | WindowSpec | (name, width, level) | {"name", "width", "level"}.
+
+    Raises:
+        ValueError: unknown preset or malformed custom window (message lists the accepted forms).
+    """
+    if isinstance(window, WindowSpec):
+        return window
+    if isinstance(window, Mapping):
+        return WindowSpec(str(window["name"]), float(window["width"]), float(window["level"]))
+    if isinstance(window, (tuple, list)) and len(window) == 3:
+        return WindowSpec(str(window[0]), float(window[1]), float(window[2]))
+    if isinstance(window, str):
+        text = window.strip()
+        if text in WINDOW_PRESETS:
+            w, l = WINDOW_PRESETS[text]
+            return WindowSpec(text, w, l)
+        parts = text.split(":")
+        if len(parts) == 3:
+            try:
+                return WindowSpec(parts[0], float(parts[1]), float(parts[2]))
+            except ValueError as e:
+                raise ValueError(f"window {window!r}: {e}") from None
+    raise ValueError(
+        f"window {window!r} not understood; use a preset {sorted(WINDOW_PRESETS)} or 'name:width:level'"
+    )
+
+
+def _as_float(img):
+    if isinstance(img, np.ndarray):
+        return img.astype(np.float32, copy=False)
+    if not img.is_floating_point():
+        return img.float()
+    return img
+
+
+def apply_window(img, width: float, level: float):
+    """clip((HU - (L - W/2)) / W, 0, 1) as float32 (tensor or array, metadata kept)."""
+    x = _as_float(img)
+    lo = float(level) - float(width) / 2.0
+    if isinstance(x, np.ndarray):
+        out = (x - np.float32(lo)) * np.float32(1.0 / width)
+        return np.clip(out, 0.0, 1.0, out=out)
+    return ((x - lo) * (1.0 / float(width))).clamp_(0.0, 1.0)
+
+
+def normalize_hu(img, hu_min: float = HU_MIN, hu_max: float = HU_MAX, clip: bool = True):
+    """(HU - hu_min) / (hu_max - hu_min), clipped to [0, 1] when ``clip``."""
+    x = _as_float(img)
+    scale = 1.0 / (float(hu_max) - float(hu_min))
+    if isinstance(x, np.ndarray):
+        out = (x - np.float32(hu_min)) * np.float32(scale)
+        return np.clip(out, 0.0, 1.0, out=out) if clip else out
+    out = (x - float(hu_min)) * scale
+    return out.clamp_(0.0, 1.0) if clip else out
+
+
+def denormalize_hu(x, hu_min: float = HU_MIN, hu_max: float = HU_MAX):
+    """Inverse of :func:`normalize_hu`: x * (hu_max - hu_min) + hu_min (float32)."""
+    x = _as_float(x)
+    if isinstance(x, np.ndarray):
+        return x * np.float32(hu_max - hu_min) + np.float32(hu_min)
+    return x * (float(hu_max) - float(hu_min)) + float(hu_min)
+
+
+class ClipHU(Transform):
+    """Clips HU values: below ``hu_min`` (e.g. -1500/-2048 padding) to ``hu_min``, optionally above ``hu_max``.
+
+    Args:
+        hu_min: lower bound (-1024, air).
+        hu_max: optional upper bound (None: no upper clip).
+    """
+
+    def __init__(self, hu_min: float = HU_MIN, hu_max: float | None = None):
+        self.hu_min = hu_min
+        self.hu_max = hu_max
+
+    def __call__(self, img):
+        x = _as_float(img)
+        if isinstance(x, np.ndarray):
+            return np.clip(x, self.hu_min, self.hu_max if self.hu_max is not None else np.inf)
+        return x.clamp(min=self.hu_min, max=self.hu_max)
+
+
+class Window(Transform):
+    """Maps HU to a display window in [0, 1]: clip((HU - (L - W/2)) / W, 0, 1), float32.
+
+    Args:
+        window: preset name ("lung", "bone", "soft_tissue", "brain"), "name:W:L", or a WindowSpec.
+        width: custom width (with ``level``; overrides ``window``).
+        level: custom level.
+    """
+
+    def __init__(self, window: str | WindowSpec | None = "soft_tissue", width: float | None = None,
+                 level: float | None = None):
+        if width is not None or level is not None:
+            if width is None or level is None:
+                raise ValueError("give both width and level for a custom window")
+            name = window if isinstance(window, str) and window not in WINDOW_PRESETS else "custom"
+            self.spec = WindowSpec(name or "custom", float(width), float(level))
+        else:
+            self.spec = parse_window(window)
+
+    def __call__(self, img):
+        out = apply_window(img, self.spec.width, self.spec.level)
+        if isinstance(out, MetaTensor):
+            out.meta = {**out.meta, "window": {"name": self.spec.name, **self.spec.to_dict()}}
+        return out
+
+
+class NormalizeHU(Transform):
+    """Maps HU to [0, 1]: (HU - hu_min) / (hu_max - hu_min); ``inverse`` maps back.
+
+    Args:
+        hu_min: HU mapped to 0 (-1024).
+        hu_max: HU mapped to 1 (3071).
+        clip: clip the result to [0, 1].
+    """
+
+    def __init__(self, hu_min: float = HU_MIN, hu_max: float = HU_MAX, clip: bool = True):
+        if not hu_max > hu_min:
+            raise ValueError(f"hu_max ({hu_max}) must be above hu_min ({hu_min})")
+        self.hu_min, self.hu_max, self.clip = hu_min, hu_max, clip
+
+    def __call__(self, img):
+        return normalize_hu(img, self.hu_min, self.hu_max, self.clip)
+
+    def inverse(self, x):
+        """Maps normalised values back to HU."""
+        return denormalize_hu(x, self.hu_min, self.hu_max)
+
+
+class _KeyedIntensity(MapTransform):
+    def __init__(self, keys: KeysCollection, transform, output_keys: KeysCollection | None = None,
+                 allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.transform = transform
+        if output_keys is None:
+            self.output_keys = list(self.keys)
+        else:
+            self.output_keys = [output_keys] if isinstance(output_keys, (str, int)) else list(output_keys)
+            if len(self.output_keys) != len(self.keys):
+                raise ValueError(f"output_keys {self.output_keys} must match keys {list(self.keys)} one to one")
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key, out_key in self.key_iterator(d, self.output_keys):
+            d[out_key] = self.transform(d[key])
+        return d
+
+
+class ClipHUd(_KeyedIntensity):
+    """Dictionary form of :class:`ClipHU`.
+
+    Args:
+        keys: keys to clip.
+        hu_min: lower bound.
+        hu_max: optional upper bound.
+        output_keys: write results here instead of overwriting ``keys``.
+        allow_missing_keys: do not raise when a key is absent.
+    """
+
+    def __init__(self, keys: KeysCollection, hu_min: float = HU_MIN, hu_max: float | None = None,
+                 output_keys: KeysCollection | None = None, allow_missing_keys: bool = False):
+        super().__init__(keys, ClipHU(hu_min, hu_max), output_keys, allow_missing_keys)
+
+
+class Windowd(_KeyedIntensity):
+    """Dictionary form of :class:`Window`.
+
+    Args:
+        keys: keys holding HU volumes.
+        window: preset name, "name:W:L" or WindowSpec.
+        width: custom width (with ``level``).
+        level: custom level.
+        output_keys: write windows here (e.g. "lung") instead of overwriting ``keys``.
+        allow_missing_keys: do not raise when a key is absent.
+    """
+
+    def __init__(self, keys: KeysCollection, window: str | WindowSpec | None = "soft_tissue",
+                 width: float | None = None, level: float | None = None,
+                 output_keys: KeysCollection | None = None, allow_missing_keys: bool = False):
+        super().__init__(keys, Window(window, width, level), output_keys, allow_missing_keys)
+
+
+class NormalizeHUd(_KeyedIntensity):
+    """Dictionary form of :class:`NormalizeHU` (``inverse`` maps the keys back to HU).
+
+    Args:
+        keys: keys holding HU volumes.
+        hu_min: HU mapped to 0.
+        hu_max: HU mapped to 1.
+        clip: clip to [0, 1].
+        output_keys: write results here instead of overwriting ``keys``.
+        allow_missing_keys: do not raise when a key is absent.
+    """
+
+    def __init__(self, keys: KeysCollection, hu_min: float = HU_MIN, hu_max: float = HU_MAX, clip: bool = True,
+                 output_keys: KeysCollection | None = None, allow_missing_keys: bool = False):
+        super().__init__(keys, NormalizeHU(hu_min, hu_max, clip), output_keys, allow_missing_keys)
+
+    def inverse(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key, out_key in self.key_iterator(d, self.output_keys):
+            d[out_key] = self.transform.inverse(d[out_key])
+        return d

@@ -1,0 +1,574 @@
+"""Loading CT volumes (DICOM series, zipped DICOM, NIfTI, NRRD, MHA) as HU MetaTensors.
+
+Every loader returns a float32 ``MetaTensor`` of shape (1, X, Y, Z) in Hounsfield units whose
+``affine`` maps array indices (i, j, k) to RAS world millimetres (MONAI convention). Anything that
+is not a loadable CT volume raises :class:`CTLoadError` with one line naming the input and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Transform
+
+__all__ = [
+    "CTLoadError",
+    "LoadCT",
+    "LoadCTd",
+    "load_ct",
+    "find_dicom_series",
+    "LPS_TO_RAS",
+]
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+_LOCALIZER_WORDS = ("LOCALIZER", "SCOUT", "TOPOGRAM", "SCANOGRAM", "SURVIEW", "PILOT")
+
+# DICOM tags read from headers (SimpleITK key format "gggg|eeee").
+_T_MODALITY = "0008|0060"
+_T_IMAGE_TYPE = "0008|0008"
+_T_SERIES_UID = "0020|000e"
+_T_SERIES_DESC = "0008|103e"
+_T_IPP = "0020|0032"
+_T_IOP = "0020|0037"
+_T_INSTANCE = "0020|0013"
+_T_TILT = "0018|1120"
+
+
+class CTLoadError(ValueError):
+    """Raised for an input that is not a loadable CT volume (message: input and what to do)."""
+
+
+def _fail(path, what: str, fix: str) -> CTLoadError:
+    return CTLoadError(f"{path}: {what}; {fix}")
+
+
+class _quiet_itk:
+    """Context manager silencing ITK warnings (non-DICOM probes, non-uniform sampling)."""
+
+    def __enter__(self):
+        import SimpleITK as sitk
+
+        self._prev = sitk.ProcessObject.GetGlobalWarningDisplay()
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+        return self
+
+    def __exit__(self, *exc):
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalWarningDisplay(self._prev)
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# DICOM headers and series
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _DicomHeader:
+    path: str
+    series_uid: str
+    modality: str
+    image_type: str
+    description: str
+    size: tuple
+    spacing: tuple
+    ipp: np.ndarray | None
+    iop: np.ndarray | None
+    instance: int
+    tilt: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def _looks_like_dicom(path: str) -> bool:
+    """True when the file has the DICM magic at byte 128 (cheap header test, no extension)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _floats(text: str | None, n: int) -> np.ndarray | None:
+    if not text:
+        return None
+    try:
+        vals = [float(v) for v in text.strip().replace(" ", "").split("\\") if v != ""]
+    except ValueError:
+        return None
+    return np.asarray(vals, dtype=np.float64) if len(vals) == n else None
+
+
+def _read_dicom_header(path: str, force: bool = False) -> _DicomHeader | None:
+    """Reads one file's DICOM header with GDCM; None when the file is not a DICOM image."""
+    import SimpleITK as sitk
+
+    magic = _looks_like_dicom(path)
+    if not force and not magic:
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(path)
+    try:
+        with _quiet_itk():
+            reader.ReadImageInformation()
+    except RuntimeError:
+        if magic:
+            raise _fail(path, "DICOM file with an unreadable header (truncated or corrupt)",
+                        "remove or replace this file and load the series again") from None
+        return None
+
+    def tag(key: str) -> str:
+        return reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""
+
+    try:
+        instance = int(float(tag(_T_INSTANCE) or 0))
+    except ValueError:
+        instance = 0
+    try:
+        tilt = float(tag(_T_TILT) or 0.0)
+    except ValueError:
+        tilt = 0.0
+    return _DicomHeader(
+        path=path,
+        series_uid=tag(_T_SERIES_UID),
+        modality=tag(_T_MODALITY).upper(),
+        image_type=tag(_T_IMAGE_TYPE).upper(),
+        description=tag(_T_SERIES_DESC),
+        size=tuple(reader.GetSize()),
+        spacing=tuple(reader.GetSpacing()),
+        ipp=_floats(tag(_T_IPP), 3),
+        iop=_floats(tag(_T_IOP), 6),
+        instance=instance,
+        tilt=tilt,
+    )
+
+
+def _scan_dicom(folder: str | os.PathLike) -> dict[str, list[_DicomHeader]]:
+    """Headers of every DICOM image under ``folder`` (recursive), grouped by SeriesInstanceUID.
+
+    Files are recognised by their content (DICM magic, then a GDCM header read for files without
+    a preamble), never by extension. Files without a SeriesInstanceUID (anonymised data) share
+    the key "" and are split further by geometry when loaded.
+    """
+    groups: dict[str, list[_DicomHeader]] = {}
+    for root, _dirs, files in os.walk(folder):
+        for name in sorted(files):
+            p = os.path.join(root, name)
+            hdr = _read_dicom_header(p)
+            if hdr is None and not name.lower().endswith(_NIFTI_SUFFIXES + _ITK_SUFFIXES + (".zip", ".json", ".txt")):
+                # DICOM files written without the 128-byte preamble: ask GDCM directly.
+                if os.path.getsize(p) < (1 << 30):
+                    hdr = _read_dicom_header(p, force=True)
+            if hdr is not None:
+                groups.setdefault(hdr.series_uid, []).append(hdr)
+    return groups
+
+
+def find_dicom_series(folder: str | os.PathLike) -> dict[str, list[str]]:
+    """Finds the DICOM series in a folder by reading headers (not file extensions).
+
+    Args:
+        folder: directory searched recursively.
+
+    Returns:
+        ``{SeriesInstanceUID: [file paths]}``; files of a series are sorted along the slice normal
+        when positions are known. Anonymised files without a UID are grouped under "".
+    """
+    out = {}
+    for uid, headers in _scan_dicom(folder).items():
+        out[uid] = [h.path for h in _sort_slices(headers)]
+    return out
+
+
+def _normal(iop: np.ndarray) -> np.ndarray:
+    n = np.cross(iop[:3], iop[3:])
+    return n / max(np.linalg.norm(n), 1e-12)
+
+
+def _sort_slices(headers: list[_DicomHeader]) -> list[_DicomHeader]:
+    if all(h.ipp is not None and h.iop is not None for h in headers) and headers:
+        n = _normal(headers[0].iop)
+        return sorted(headers, key=lambda h: float(h.ipp @ n))
+    return sorted(headers, key=lambda h: (h.instance, h.path))
+
+
+def _is_localizer(h: _DicomHeader) -> bool:
+    return any(w in h.image_type for w in _LOCALIZER_WORDS) or any(
+        w in h.description.upper() for w in ("LOCALIZER", "SCOUT", "TOPOGRAM", "SURVIEW")
+    )
+
+
+def _split_by_geometry(headers: list[_DicomHeader]) -> list[list[_DicomHeader]]:
+    """Splits one UID group into stacks sharing image size, pixel spacing and orientation."""
+    stacks: dict[tuple, list[_DicomHeader]] = {}
+    for h in headers:
+        iop = tuple(np.round(h.iop, 3)) if h.iop is not None else None
+        key = (h.size[:2], tuple(np.round(h.spacing[:2], 4)), iop)
+        stacks.setdefault(key, []).append(h)
+    return list(stacks.values())
+
+
+def _choose_series(path, groups: dict[str, list[_DicomHeader]], series_uid: str | None) -> list[_DicomHeader]:
+    """Picks the CT volume series to load (the one asked for, else the CT stack with most slices)."""
+    if not groups:
+        raise _fail(path, "no DICOM image files found (empty folder or no readable DICOM headers)",
+                    "point to a folder, .zip or file holding a CT DICOM series")
+    if series_uid is not None:
+        if series_uid not in groups:
+            raise _fail(path, f"no DICOM series with SeriesInstanceUID {series_uid!r} "
+                        f"(found {sorted(groups)})", "pass one of the listed series_uid values")
+        groups = {series_uid: groups[series_uid]}
+    modalities = sorted({h.modality or "?" for hs in groups.values() for h in hs})
+    candidates = []
+    localizer_only = False
+    for hs in groups.values():
+        ct = [h for h in hs if h.modality == "CT"]
+        if not ct:
+            continue
+        vol = [h for h in ct if not _is_localizer(h)]
+        if not vol:
+            localizer_only = True
+            continue
+        candidates.extend(_split_by_geometry(vol))
+    if not candidates:
+        if localizer_only:
+            raise _fail(path, "the DICOM series is a localizer/scout image, not a CT volume",
+                        "give the axial CT series instead")
+        raise _fail(path, f"DICOM modality {'/'.join(modalities)} is not CT",
+                    "give a CT series (only CT in Hounsfield units is supported)")
+    return max(candidates, key=len)
+
+
+def _read_dicom_stack(path, headers: list[_DicomHeader]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Reads a sorted DICOM stack into (X, Y, Z) float32 HU and a RAS affine.
+
+    Slices are placed by their own ImagePositionPatient. Evenly spaced stacks perpendicular to the
+    slice plane map directly; gantry-tilted or unevenly spaced stacks are resampled onto a regular
+    grid (axes: row, column, slice normal) in world space.
+    """
+    import SimpleITK as sitk
+
+    if len(headers) < 2:
+        raise _fail(path, "a single 2D DICOM slice, not a 3D volume",
+                    "give the whole CT series (folder or .zip with all slices)")
+    for h in headers:
+        if h.ipp is None or h.iop is None:
+            raise _fail(h.path, "DICOM slice without ImagePositionPatient/ImageOrientationPatient",
+                        "export the series with full geometry headers")
+        if len(h.size) > 2 and h.size[2] > 1:
+            raise _fail(h.path, "multi-frame DICOM is not supported",
+                        "convert it to single-frame DICOM or NIfTI first")
+    headers = _sort_slices(headers)
+    iop = headers[0].iop
+    r, c = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
+    n = _normal(iop)
+    pos = np.stack([h.ipp for h in headers])  # (K, 3) LPS
+    s = pos @ n
+    gaps = np.diff(s)
+    if np.any(gaps < 1e-3):
+        raise _fail(path, "DICOM series has several slices at the same position (mixed acquisitions?)",
+                    "split the series so each position appears once")
+    dx, dy = float(headers[0].spacing[0]), float(headers[0].spacing[1])
+    files = [h.path for h in headers]
+    with _quiet_itk():
+        try:
+            img = sitk.ReadImage(files, sitk.sitkFloat32)
+        except RuntimeError as e:
+            raise _fail(path, f"cannot decode the DICOM pixel data ({str(e).strip().splitlines()[-1][:120]})",
+                        "check the files are complete and the transfer syntax is supported by GDCM") from None
+    arr = sitk.GetArrayFromImage(img)  # (Z, Y, X)
+    vol = arr.transpose(2, 1, 0)  # (X, Y, Z) float32 view (X innermost in memory)
+    lateral = pos - pos[0] - np.outer(s - s[0], n)  # in-plane drift of each slice (mm)
+    drift = float(np.abs(lateral).max())
+    mean_gap = float(gaps.mean())
+    uneven = float(np.abs(gaps - mean_gap).max()) > max(1e-3, 0.01 * mean_gap)
+    tilted = drift > 0.01 * min(dx, dy)
+    info = {
+        "dicom_slices": len(headers),
+        "dicom_gantry_tilt": headers[0].tilt,
+        "dicom_uneven_spacing": bool(uneven),
+        "dicom_regularized": bool(uneven or tilted),
+        "dicom_slice_gaps_mm": [round(float(g), 4) for g in np.unique(np.round(gaps, 3))],
+    }
+    if not (uneven or tilted):
+        aff = np.eye(4)
+        aff[:3, 0], aff[:3, 1] = r * dx, c * dy
+        aff[:3, 2] = (pos[-1] - pos[0]) / (len(headers) - 1)
+        aff[:3, 3] = pos[0]
+        return vol, LPS_TO_RAS @ aff, info
+    vol, aff = _regularize_stack(vol, pos, r, c, n, dx, dy, s, gaps)
+    return vol, LPS_TO_RAS @ aff, info
+
+
+def _regularize_stack(vol, pos, r, c, n, dx, dy, s, gaps, pad: float = -1024.0):
+    """Resamples slices at arbitrary positions (tilt, uneven gaps) onto a regular world grid.
+
+    Each target point is projected along the slice normal onto the two enclosing source slices,
+    which are sampled bilinearly at their own in-plane offsets and blended linearly.
+    """
+    nx, ny, nk = vol.shape
+    dz = float(gaps.min())
+    off = np.stack([(pos - pos[0]) @ r, (pos - pos[0]) @ c], axis=1)  # (K, 2) in-plane offsets, mm
+    ox0, oy0 = off[:, 0].min(), off[:, 1].min()
+    out_x = int(np.ceil((off[:, 0].max() - ox0) / dx - 1e-6)) + nx
+    out_y = int(np.ceil((off[:, 1].max() - oy0) / dy - 1e-6)) + ny
+    srel = s - s[0]
+    out_z = int(np.floor(srel[-1] / dz + 1e-6)) + 1
+    zt = np.arange(out_z) * dz
+    k0 = np.clip(np.searchsorted(srel, zt, side="right") - 1, 0, nk - 2)
+    w = np.clip((zt - srel[k0]) / (srel[k0 + 1] - srel[k0]), 0.0, 1.0)
+    src = torch.from_numpy(vol).permute(2, 1, 0).unsqueeze(1)  # (K, 1, Y, X)
+    out = torch.empty((out_z, out_y, out_x), dtype=torch.float32)
+    xs = torch.arange(out_x, dtype=torch.float64) * dx + ox0  # target in-plane mm
+    ys = torch.arange(out_y, dtype=torch.float64) * dy + oy0
+    chunk = max(1, int(2**22 // (out_x * out_y)))
+    for t0 in range(0, out_z, chunk):
+        t1 = min(out_z, t0 + chunk)
+        acc = None
+        for kk, ww in ((k0[t0:t1], 1.0 - w[t0:t1]), (k0[t0:t1] + 1, w[t0:t1])):
+            kk_t = torch.from_numpy(kk)
+            gx = (xs[None, :] - torch.from_numpy(off[kk, 0])[:, None]) / dx  # (T, X') source pixel
+            gy = (ys[None, :] - torch.from_numpy(off[kk, 1])[:, None]) / dy
+            gx = (2 * gx / (nx - 1) - 1).float()
+            gy = (2 * gy / (ny - 1) - 1).float()
+            grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
+            samp = torch.nn.functional.grid_sample(
+                src[kk_t] - pad, grid, mode="bilinear", padding_mode="zeros", align_corners=True
+            )[:, 0] + pad
+            term = samp * torch.from_numpy(ww).float()[:, None, None]
+            acc = term if acc is None else acc + term
+        out[t0:t1] = acc
+    aff = np.eye(4)
+    aff[:3, 0], aff[:3, 1], aff[:3, 2] = r * dx, c * dy, n * dz
+    aff[:3, 3] = pos[0] + ox0 * r + oy0 * c
+    return np.ascontiguousarray(out.permute(2, 1, 0).numpy()), aff
+
+
+# ----------------------------------------------------------------------------------------------
+# File formats
+# ----------------------------------------------------------------------------------------------
+
+
+def _load_nifti(path: str) -> tuple[np.ndarray, np.ndarray]:
+    import nibabel as nib
+
+    try:
+        img = nib.load(path)
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:  # nibabel raises many types for corrupt or foreign files
+        raise _fail(path, f"not a readable NIfTI file ({type(e).__name__}: {str(e).splitlines()[0][:100]})",
+                    "check the file is a complete NIfTI image (re-export or re-download it)") from None
+    aff = np.asarray(img.affine, dtype=np.float64)
+    return data, aff
+
+
+def _load_itk(path: str) -> tuple[np.ndarray, np.ndarray]:
+    import SimpleITK as sitk
+
+    try:
+        with _quiet_itk():
+            img = sitk.ReadImage(path)
+    except RuntimeError as e:
+        raise _fail(path, f"not a readable image file ({str(e).strip().splitlines()[-1][:100]})",
+                    "check the file is a complete NRRD/MHA image (re-export it)") from None
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise _fail(path, "image has several components per pixel (RGB/vector), not CT HU",
+                    "give a single-channel CT volume")
+    if img.GetDimension() < 3:
+        raise _fail(path, "a 2D image, not a 3D volume", "give a 3D CT volume")
+    if img.GetDimension() > 3:
+        if any(sz != 1 for sz in img.GetSize()[3:]):
+            raise _fail(path, "a 4D image with several volumes", "give a single 3D CT volume")
+        img = img[:, :, :, 0]
+    arr = sitk.GetArrayFromImage(img).transpose(2, 1, 0)
+    d = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
+    aff = np.eye(4)
+    aff[:3, :3] = d * np.asarray(img.GetSpacing())[None, :]
+    aff[:3, 3] = img.GetOrigin()
+    return np.asarray(arr), LPS_TO_RAS @ aff
+
+
+def _check_volume(path, data: np.ndarray, check_hu: bool) -> np.ndarray:
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim == 5 and data.shape[3:] == (1, 1):
+        data = data[..., 0, 0]
+    if data.ndim == 2 or (data.ndim == 3 and min(data.shape) == 1):
+        raise _fail(path, f"a single 2D slice of shape {tuple(data.shape)}, not a 3D volume",
+                    "give the whole CT volume")
+    if data.ndim != 3:
+        raise _fail(path, f"array of shape {tuple(data.shape)} is not one 3D volume", "give a single 3D CT volume")
+    if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
+        raise _fail(path, f"voxel type {data.dtype} is not a real number", "give a CT volume in HU")
+    vol = data.astype(np.float32, copy=False)
+    if check_hu:
+        lo, hi = float(vol.min()), float(vol.max())
+        if not np.isfinite(lo) or not np.isfinite(hi):
+            raise _fail(path, "volume contains NaN or infinite values", "clean the volume before loading")
+        if lo > -500 or hi - lo < 200:
+            raise _fail(path, f"values {lo:g}..{hi:g} do not look like CT in HU (no air below -500 HU)",
+                        "give a CT in Hounsfield units (apply rescale slope/intercept) or pass check_hu=False")
+    return vol
+
+
+def _kind(path: Path) -> str:
+    name = path.name.lower()
+    if path.is_dir():
+        return "dicom_dir"
+    if name.endswith(".zip"):
+        return "zip"
+    if name.endswith(_NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith(_ITK_SUFFIXES):
+        return "itk"
+    return "file"
+
+
+def load_ct(path: str | os.PathLike, series_uid: str | None = None, check_hu: bool = True,
+            label: bool = False) -> MetaTensor:
+    """Loads one CT volume as a (1, X, Y, Z) float32 HU MetaTensor with a RAS affine.
+
+    Args:
+        path: a DICOM folder, a .zip of a DICOM series, a single DICOM file of a series folder,
+            or a NIfTI (.nii/.nii.gz), NRRD (.nrrd/.nhdr) or MetaImage (.mha/.mhd) file.
+        series_uid: SeriesInstanceUID to load when a folder holds several series (default: the
+            CT volume series with the most slices).
+        check_hu: refuse volumes whose values do not look like HU (no voxel below -500).
+        label: load a label map instead (no HU check, integer ids kept as int16/int32).
+
+    Raises:
+        CTLoadError: the input is not a loadable CT volume (message names the input and the fix).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise _fail(path, "does not exist", "check the path")
+    kind = _kind(path)
+    meta: dict = {}
+    if kind in ("dicom_dir", "zip", "file"):
+        with tempfile.TemporaryDirectory(prefix="ctvq_dicom_") as tmp:
+            folder = path
+            if kind == "zip":
+                try:
+                    with zipfile.ZipFile(path) as zf:
+                        zf.extractall(tmp)
+                except (zipfile.BadZipFile, OSError, EOFError) as e:
+                    raise _fail(path, f"not a readable .zip archive ({e})", "re-create the archive") from None
+                folder = Path(tmp)
+            elif kind == "file":
+                hdr = _read_dicom_header(str(path), force=True)
+                if hdr is None:
+                    raise _fail(path, "unknown file type (not NIfTI/NRRD/MHA by name and not DICOM by header)",
+                                "give a .nii/.nii.gz, .nrrd, .mha, a DICOM folder or a .zip of a DICOM series")
+                # A single DICOM file: load the series it belongs to from its folder.
+                groups = {k: v for k, v in _scan_dicom(path.parent).items() if k == hdr.series_uid}
+                if hdr.series_uid == "":
+                    groups = {"": [h for h in groups.get("", []) if h.size[:2] == hdr.size[:2]]}
+                headers = _choose_series(path, groups, None)
+                headers = [h for h in headers if h.iop is not None and hdr.iop is not None
+                           and np.allclose(h.iop, hdr.iop, atol=1e-3)] or [hdr]
+                vol, aff, meta = _read_dicom_stack(path, headers)
+            if kind != "file":
+                groups = _scan_dicom(folder)
+                headers = _choose_series(path, groups, series_uid)
+                vol, aff, meta = _read_dicom_stack(path, headers)
+                meta["dicom_series_uid"] = headers[0].series_uid
+                meta["dicom_series_found"] = len(groups)
+        vol = _check_volume(path, vol, check_hu and not label)
+    elif kind == "nifti":
+        data, aff = _load_nifti(str(path))
+        vol = _check_volume(path, data, check_hu and not label)
+    else:
+        data, aff = _load_itk(str(path))
+        vol = _check_volume(path, data, check_hu and not label)
+    if label:
+        ids = np.rint(vol)
+        if np.abs(vol - ids).max() > 1e-3 or ids.min() < 0:
+            raise _fail(path, "label map holds non-integer or negative values", "give an integer label map")
+        vol = ids.astype(np.int16 if ids.max() < 32768 else np.int32)
+    if not np.all(np.isfinite(aff)) or abs(np.linalg.det(aff[:3, :3])) < 1e-9:
+        raise _fail(path, "has a degenerate or missing affine (zero voxel size)", "fix the header geometry")
+    spacing = np.sqrt((aff[:3, :3] ** 2).sum(axis=0))
+    affine_t = torch.as_tensor(aff, dtype=torch.float64)
+    meta.update(
+        {
+            "filename_or_obj": str(path),
+            "original_affine": affine_t.clone(),
+            "original_spacing": [float(v) for v in spacing],
+            "original_shape": [int(v) for v in vol.shape],
+            "spatial_shape": np.asarray(vol.shape),
+            "original_channel_dim": float("nan"),
+            "space": "RAS",
+            "source_format": kind,
+        }
+    )
+    return MetaTensor(torch.from_numpy(vol)[None], affine=affine_t, meta=meta)
+
+
+class LoadCT(Transform):
+    """Loads a CT volume (DICOM folder/zip, NIfTI, NRRD, MHA) as a (1, X, Y, Z) float32 HU MetaTensor.
+
+    The affine maps (i, j, k) to RAS mm; meta holds ``filename_or_obj``, ``original_affine``,
+    ``original_spacing`` and ``original_shape``. Gantry-tilted or unevenly spaced DICOM stacks are
+    resampled onto a regular grid, each slice placed by its ImagePositionPatient.
+
+    Args:
+        series_uid: SeriesInstanceUID to pick when a folder holds several series.
+        check_hu: refuse volumes whose values do not look like HU.
+        orientation: optional axcodes (e.g. "RAS") applied with monai ``Orientation`` after loading.
+        label: load label maps (integer ids, no HU check) instead of CT.
+    """
+
+    def __init__(self, series_uid: str | None = None, check_hu: bool = True, orientation: str | None = None,
+                 label: bool = False):
+        self.series_uid = series_uid
+        self.check_hu = check_hu
+        self.orientation = orientation
+        self.label = label
+
+    def __call__(self, path: str | os.PathLike) -> MetaTensor:
+        img = load_ct(path, series_uid=self.series_uid, check_hu=self.check_hu, label=self.label)
+        if self.orientation:
+            from monai.transforms import Orientation
+
+            img = Orientation(axcodes=self.orientation)(img)
+        return img
+
+
+class LoadCTd(MapTransform):
+    """Dictionary form of :class:`LoadCT`: replaces each path under ``keys`` with the loaded volume.
+
+    Args:
+        keys: keys holding paths.
+        series_uid: SeriesInstanceUID to pick when a folder holds several series.
+        check_hu: refuse volumes whose values do not look like HU.
+        orientation: optional axcodes (e.g. "RAS") applied after loading.
+        label_keys: keys (among ``keys``) holding label maps: loaded as integer ids without HU check.
+        allow_missing_keys: do not raise when a key is absent.
+    """
+
+    def __init__(self, keys: KeysCollection, series_uid: str | None = None, check_hu: bool = True,
+                 orientation: str | None = None, label_keys: KeysCollection = (), allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.label_keys = {label_keys} if isinstance(label_keys, str) else set(label_keys)
+        self.loader = LoadCT(series_uid=series_uid, check_hu=check_hu, orientation=orientation)
+        self.label_loader = LoadCT(orientation=orientation, label=True)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = (self.label_loader if key in self.label_keys else self.loader)(d[key])
+        return d
