@@ -45,12 +45,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-crops", type=int, default=None,
                    help="crops timed per worker count after the first batch (default 200, or 8 with --small)")
     p.add_argument("--max-seconds", type=float, default=None,
-                   help="time cap per worker count (default 20, or 10 with --small)")
+                   help="time cap per worker count (default 10)")
     rate = p.add_argument_group("training step rate for the ratio (optional)")
     rate.add_argument("--step-rate", type=float, default=None, help="training steps per second")
     rate.add_argument("--train-json", type=Path, default=None,
                       help="train_step JSON: uses the ctvq fp16 row whose crop support is closest to --max-points "
                            "(default: bench/results/train_step.json when it exists)")
+    p.set_defaults(default_budget=40.0)
     return p.parse_args(argv)
 
 
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     budget = C.Budget(C.default_budget(args))
     args.max_points = args.max_points or (4096 if args.small else 300000)
     args.num_crops = args.num_crops or (8 if args.small else 200)
-    cap = args.max_seconds if args.max_seconds is not None else (10.0 if args.small else 20.0)
+    cap = args.max_seconds if args.max_seconds is not None else 10.0
     window = C.parse_window(args.window)[0]
 
     data_dir = args.data_dir
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 row["ratio"] = f"{row['ratio_value']:.1f}x"
         print(f"    -> {row.get('status')} {row.get('crops_per_s', '')} crops/s", flush=True)
         rows.append(row)
+        C.write_partial("dataloader", args, rows)
 
     notes = [
         f"data: {data_dir}, window {window}; CTWindowSparseDataset(split='all', max_points={args.max_points}) + "

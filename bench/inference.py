@@ -39,24 +39,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     C.add_common_args(p, "inference")
     C.add_scan_args(p)
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="which models to run")
-    p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16",
-                   help="autocast fp16 (default) or fp32 for both models (CPU always runs fp32)")
+    p.add_argument("--ours-precision", nargs="+", choices=("fp32", "fp16"), default=["fp32", "fp16"],
+                   help="ctvq precisions: fp32 (as pipeline.infer ships) and/or fp16 autocast (default: both)")
+    p.add_argument("--maisi-precision", choices=("fp16", "fp32"), default="fp16",
+                   help="MAISI precision (default fp16 autocast, as MAISI runs its autoencoder)")
     p.add_argument("--tile", type=int, default=None,
                    help="ctvq latent tile edge for Encode/Decode (default 16 = 128 voxels, or 4 with --small)")
     p.add_argument("--maisi-roi", type=int, default=None,
-                   help="MAISI encoder sliding-window ROI edge in image voxels (default 128, or 32 with --small)")
-    p.add_argument("--maisi-overlap", type=float, default=0.25, help="MAISI encoder window overlap (default 0.25)")
+                   help="MAISI encoder sliding-window ROI edge in image voxels (default 128, or 16 with --small)")
+    p.add_argument("--maisi-overlap", type=float, default=None,
+                   help="MAISI encoder window overlap (default 0.25, or 0 with --small)")
     p.add_argument("--maisi-latent-roi", type=int, default=None,
                    help="MAISI decoder sliding-window ROI edge in latent voxels (default 80 as MAISI's "
-                        "inference config, or 8 with --small)")
-    p.add_argument("--maisi-latent-overlap", type=float, default=0.4,
-                   help="MAISI decoder window overlap (default 0.4, as MAISI's inference config)")
+                        "inference config, or 4 with --small)")
+    p.add_argument("--maisi-latent-overlap", type=float, default=None,
+                   help="MAISI decoder window overlap (default 0.4 as MAISI's inference config, or 0 with --small)")
     p.add_argument("--maisi-num-splits", type=int, default=None,
-                   help="MAISI conv split count (memory only; default 8, or 1 with --small)")
+                   help="MAISI conv split count (memory only; default 8, lowered where the ROI is too small "
+                        "for it; 1 with --small)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported (default 3)")
     p.add_argument("--max-seconds", type=float, default=None,
-                   help="soft time cap per configuration (default 60, or 15 with --small)")
+                   help="soft time cap per configuration (default 40, or 15 with --small)")
+    p.set_defaults(default_budget=110.0)
     return p.parse_args(argv)
 
 
@@ -116,7 +121,7 @@ def bench_ours(vol: C.Crop, args, device, amp: bool, cap, budget: C.Budget) -> l
         t = C.measure(call, device, args.warmup, args.repeats, budget.per_config(cap), min_repeats=1)
         return {"timing": t, "out": f"{out['voxels']} voxels (sparse)"}
 
-    print(f"[{budget.elapsed():6.1f}s] ours encode {vol.size}^3 ...", flush=True)
+    print(f"[{budget.elapsed():6.1f}s] ours encode {vol.size}^3 {prec} ...", flush=True)
     rows.append(_fill(_row("ctvq SparseVQVAE", "encode", how, prec, vol), C.run_guarded(run_encode, device),
                       vol.voxels))
     r = _row("ctvq SparseVQVAE", "decode", how, prec, vol)
@@ -127,7 +132,7 @@ def bench_ours(vol: C.Crop, args, device, amp: bool, cap, budget: C.Budget) -> l
         r["status"] = "skipped: time budget"
         rows.append(r)
     else:
-        print(f"[{budget.elapsed():6.1f}s] ours decode {vol.size}^3 ...", flush=True)
+        print(f"[{budget.elapsed():6.1f}s] ours decode {vol.size}^3 {prec} ...", flush=True)
         rows.append(_fill(r, C.run_guarded(run_decode, device), vol.voxels))
     state.clear()
     C.free_memory(device)
@@ -138,8 +143,12 @@ def bench_maisi(vol: C.Crop, args, device, amp: bool, cap, budget: C.Budget) -> 
     """MAISI encoder and decoder over the whole dense scan with ``SlidingWindowInferer``."""
     from monai.inferers import SlidingWindowInferer
 
-    roi = args.maisi_roi or (32 if args.small else 128)
-    lroi = args.maisi_latent_roi or (8 if args.small else 80)
+    roi = args.maisi_roi or (16 if args.small else 128)
+    lroi = args.maisi_latent_roi or (4 if args.small else 80)
+    if args.maisi_overlap is None:
+        args.maisi_overlap = 0.0 if args.small else 0.25
+    if args.maisi_latent_overlap is None:
+        args.maisi_latent_overlap = 0.0 if args.small else 0.4
     prec = "fp16 amp" if amp and device.type == "cuda" else "fp32"
     rows = []
     state: dict[str, Any] = {}
@@ -156,7 +165,8 @@ def bench_maisi(vol: C.Crop, args, device, amp: bool, cap, budget: C.Budget) -> 
 
     def run_encode():
         torch.manual_seed(args.seed)
-        state["model"] = C.build_maisi(args.small, device, args.maisi_num_splits).eval()
+        # the encoder's deepest level sees roi / 4; the decoder's first level sees the latent roi
+        state["model"] = C.build_maisi(args.small, device, args.maisi_num_splits, min_edge=min(roi // 4, lroi)).eval()
 
         def call():
             with torch.no_grad(), C.autocast(device, amp):
@@ -164,7 +174,7 @@ def bench_maisi(vol: C.Crop, args, device, amp: bool, cap, budget: C.Budget) -> 
 
         t = C.measure(call, device, args.warmup, args.repeats, budget.per_config(cap), min_repeats=1)
         return {"timing": t, "out": "latent " + "x".join(str(s) for s in state["z"].shape[1:]),
-                "params": C.count_params(state["model"])}
+                "params": C.count_params(state["model"]), "maisi_num_splits": state["model"].bench_num_splits}
 
     def run_decode():
         z = state["z"].float()
@@ -201,27 +211,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = C.resolve_device(args.device)
     C.seed_all(args.seed)
     budget = C.Budget(C.default_budget(args))
-    cap = args.max_seconds if args.max_seconds is not None else (15.0 if args.small else 60.0)
-    amp = args.precision == "fp16"
+    cap = args.max_seconds if args.max_seconds is not None else (15.0 if args.small else 40.0)
     scan = C.load_scan(args)
     print(f"scan: {scan.source} ({scan.resolution}^3, window {scan.window_name}); device {device}; "
           f"budget {budget.seconds:.0f} s", flush=True)
     vol = C.whole_scan(scan, device)
     ok_ours, why = C.networks_available()
     rows: list[dict[str, Any]] = []
-    for key in args.models:
+    # order: ctvq as shipped, MAISI as shipped, then ctvq fp16 (dropped first when the budget runs out)
+    plan = []
+    if "ours" in args.models:
+        plan += [("ours", prec) for prec in args.ours_precision[:1]]
+    if "maisi-ae" in args.models:
+        plan.append(("maisi-ae", args.maisi_precision))
+    if "ours" in args.models:
+        plan += [("ours", prec) for prec in args.ours_precision[1:]]
+    if device.type != "cuda":  # CPU runs fp32 only: one run per model
+        plan = list(dict.fromkeys((key, "fp32") for key, _ in plan))
+    for key, prec in plan:
+        amp = prec == "fp16"
         if budget.exhausted():
-            rows.append({"model": key, "status": "skipped: time budget"})
+            rows.append({"model": key, "precision": prec, "status": "skipped: time budget"})
         elif key == "ours" and not ok_ours:
             rows.append({"model": "ctvq SparseVQVAE", "status": f"skipped: networks not importable ({why[:80]})"})
         elif key == "ours":
             rows += bench_ours(vol, args, device, amp, cap, budget)
         else:
             rows += bench_maisi(vol, args, device, amp, cap, budget)
+        C.write_partial("inference", args, rows)
     notes = [
         f"scan: {scan.source}, whole {scan.resolution}^3 cube, window {scan.window_name}; ctvq sees the support "
         f"({C.fmt_pct(vol.occupancy)} of the cube), MAISI the dense cube",
         "RANDOM WEIGHTS: timing and memory only, no reconstruction quality",
+        "ctvq fp32 = as pipeline.infer runs it (tile 16, no autocast); fp16 = the same under fp16 autocast",
         f"time = median of n runs after {args.warmup} warm-up run(s), CUDA-synchronised; peak GPU mem = "
         "torch.cuda.max_memory_allocated during the runs (weights, inputs and outputs included)",
         "dense-equiv. voxels/s = cube voxels / time; MAISI compresses 4x per axis (latent 4 channels), ctvq 8x "

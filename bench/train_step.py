@@ -44,16 +44,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     C.add_common_args(p, "train_step")
     C.add_scan_args(p)
     p.add_argument("--crops", type=int, nargs="+", default=None,
-                   help="crop edge lengths (default: 128 256 512, or 16 32 with --small)")
+                   help="crop edge lengths (default: 64 128 256 512, or 16 32 with --small; 64^3 is about the training crop budget of 300k support voxels)")
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="which models to run")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--repeats", type=int, default=20, help="timed steps; the median is reported (default 20)")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="soft time cap per configuration; slow ones time fewer steps (>= 3), flagged in n "
-                        "(default 30, or 10 with --small)")
+                        "(default 20, or 10 with --small)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     p.add_argument("--maisi-num-splits", type=int, default=None,
-                   help="MAISI conv split count (memory only; default 8, or 2 with --small)")
+                   help="MAISI conv split count (memory only; default 8, lowered where a crop is too small "
+                        "for it; 1 with --small)")
+    p.set_defaults(default_budget=170.0)
     return p.parse_args(argv)
 
 
@@ -70,8 +72,9 @@ def _ours_step(model, x, opt, scaler, device, amp: bool):
         with C.autocast(device, amp):
             recon, losses = model(x)
             target = sparse_lookup(x, recon.indices)
-            loss = F.mse_loss(recon.features.float(), target.float())
-            loss = loss + losses["vq"].float() + 0.25 * losses["commitment"].float()
+        # as the trainer: L1 on the reconstructed cells + lambda_vq * vq + lambda_commitment * commitment
+        loss = F.l1_loss(recon.features.float(), target.float())
+        loss = loss + model.lambda_vq * losses["vq"].float() + model.lambda_commitment * losses["commitment"].float()
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -123,15 +126,17 @@ def run_config(key: str, crop: C.Crop, args: argparse.Namespace, device: torch.d
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
         step = _vqvae_step(model, crop.dense, opt, C.grad_scaler(device, True), device)
     elif key == "maisi-ae":
-        model = C.build_maisi(small, device, args.maisi_num_splits).train()
+        # two stride-2 levels: the deepest level sees crop / 4
+        model = C.build_maisi(small, device, args.maisi_num_splits, min_edge=crop.size // 4).train()
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
         step = _maisi_step(model, crop.dense, opt, C.grad_scaler(device, True), device)
     else:  # pragma: no cover - argparse restricts the choices
         raise ValueError(f"unknown model {key!r}; choose from {MODELS}")
     params = C.count_params(model)
+    extra = {"maisi_num_splits": model.bench_num_splits} if hasattr(model, "bench_num_splits") else {}
     t = C.measure(step, device, warmup=args.warmup, repeats=args.repeats, max_seconds=cap)
     return {"params": params, "timing": t, "median_s": t.median_s, "peak_bytes": t.peak_bytes,
-            "voxels_per_s": crop.voxels / t.median_s}
+            "voxels_per_s": crop.voxels / t.median_s, **extra}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -139,8 +144,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = C.resolve_device(args.device)
     C.seed_all(args.seed)
     budget = C.Budget(C.default_budget(args))
-    cap = args.max_seconds if args.max_seconds is not None else (10.0 if args.small else 30.0)
-    crops = args.crops or ([16, 32] if args.small else [128, 256, 512])
+    cap = args.max_seconds if args.max_seconds is not None else (10.0 if args.small else 20.0)
+    crops = args.crops or ([16, 32] if args.small else [64, 128, 256, 512])
     scan = C.load_scan(args)
     ok_ours, why = C.networks_available()
     print(f"scan: {scan.source} ({scan.resolution}^3, window {scan.window_name}); device {device}; "
@@ -182,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row["occupancy"] = C.fmt_pct(row.get("occupancy_frac"))
             print(f"    -> {row.get('status')} {row.get('step', '')} {row.get('peak', '')}", flush=True)
             rows.append(row)
+            C.write_partial("train_step", args, rows)
         del crop
         C.free_memory(device)
 
@@ -197,6 +203,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "random weights (timing does not depend on them); MAISI keeps its shipped save_mem=True "
         "(torch.cuda.empty_cache in its layers)",
     ]
+    splits = sorted({(r["crop"], r["maisi_num_splits"]) for r in rows if "maisi_num_splits" in r})
+    if splits:
+        notes.append("MAISI num_splits (memory only, lowered where a crop is too small for 8): "
+                     + ", ".join(f"{c}: {n}" for c, n in splits))
     if args.small:
         notes.append("--small: tiny models and a tiny volume, a smoke run; these numbers mean nothing")
     return C.finish("train_step", args, device, rows, C.markdown_table(rows, COLUMNS), notes)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .backend import SparseConvTensor, check_int32_limit, conv_algo, level_key, spconv_torch
-from .ops import SparseLinear, SparseNorm, SparseSiLU, downsample, replace, subdivide
+from .ops import SparseLinear, SparseNorm, SparseSiLU, child_index, downsample, replace, subdivide
 
 __all__ = ["SparseConv3d", "SparseDownBlock3d", "SparseSubdivideBlock3d"]
 
@@ -58,11 +59,29 @@ class SparseDownBlock3d(nn.Module):
         norm: :class:`~networks.ops.SparseNorm` mode.
         num_groups: groups for the group norm modes.
         use_checkpoint: recompute in backward.
+        child_embedding: add a learned vector per position inside the parent cell (8 x channels,
+            zero at init) between norm and SiLU. A plain mean of children is blind to where in
+            the cell each child sits (any permutation of the 8 children pools the same), which
+            caps detail below the cell size; the position-dependent nonlinearity before pooling
+            lets the pooled features tell the children apart. Zero-initialised, so pretrained
+            Direct3D-S2 weights behave as before.
     """
 
-    def __init__(self, channels: int, out_channels: int, norm: str = "layer", num_groups: int = 32, use_checkpoint: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        out_channels: int,
+        norm: str = "layer",
+        num_groups: int = 32,
+        use_checkpoint: bool = False,
+        child_embedding: bool = True,
+    ):
         super().__init__()
         self.act_layers = nn.Sequential(SparseNorm(channels, norm, num_groups), SparseSiLU())
+        if child_embedding:
+            self.child_embedding = nn.Parameter(torch.zeros(8, channels))
+        else:
+            self.register_parameter("child_embedding", None)
         self.out_layers = nn.Sequential(
             SparseConv3d(channels, out_channels),
             SparseNorm(out_channels, norm, num_groups),
@@ -75,7 +94,11 @@ class SparseDownBlock3d(nn.Module):
     def _forward(self, x: SparseConvTensor) -> SparseConvTensor:
         c = x.features.shape[1]
         # one pooling pass for both paths: [activated | raw] features share the coordinates
-        both = downsample(replace(x, torch.cat([self.act_layers(x).features, x.features], dim=1)))
+        a = self.act_layers[0](x).features
+        if self.child_embedding is not None:
+            a = a + self.child_embedding.to(a.dtype)[child_index(x.indices)]
+        a = F.silu(a)
+        both = downsample(replace(x, torch.cat([a, x.features], dim=1)))
         h = replace(both, both.features[:, :c])
         skip = self.skip_connection(both.features[:, c:])
         h = self.out_layers(h)
@@ -86,16 +109,35 @@ class SparseDownBlock3d(nn.Module):
 
 
 class SparseSubdivideBlock3d(nn.Module):
-    """conv + SiLU, subdivide into all 8 children, conv + SiLU."""
+    """conv + SiLU, subdivide into all 8 children, conv + SiLU.
 
-    def __init__(self, channels: int, out_channels: int, use_checkpoint: bool = False):
+    Args:
+        channels: input channels.
+        out_channels: output channels.
+        child_embedding: add a learned vector per child position (8 x out_channels, zero at
+            init) after subdividing. Without it the 8 children start from identical copies
+            and can only differ through their neighbours; with it each child knows where it
+            sits in its parent. Zero-initialised, so pretrained copies behave as before.
+        use_checkpoint: recompute in backward.
+    """
+
+    def __init__(self, channels: int, out_channels: int, use_checkpoint: bool = False, child_embedding: bool = True):
         super().__init__()
         self.act_layers = nn.Sequential(SparseConv3d(channels, out_channels), SparseSiLU())
         self.out_layers = nn.Sequential(SparseConv3d(out_channels, out_channels), SparseSiLU())
+        if child_embedding:
+            self.child_embedding = nn.Parameter(torch.zeros(8, out_channels))
+        else:
+            self.register_parameter("child_embedding", None)
         self.use_checkpoint = use_checkpoint
 
     def _forward(self, x: SparseConvTensor) -> SparseConvTensor:
-        return self.out_layers(subdivide(self.act_layers(x)))
+        h = subdivide(self.act_layers(x))
+        if self.child_embedding is not None:  # children are parent-major, 8 per parent
+            f = h.features
+            f = (f.view(-1, 8, f.shape[1]) + self.child_embedding.to(f.dtype)).view(-1, f.shape[1])
+            h = replace(h, f)
+        return self.out_layers(h)
 
     def forward(self, x: SparseConvTensor) -> SparseConvTensor:
         return _maybe_checkpoint(self._forward, x, self.use_checkpoint)

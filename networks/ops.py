@@ -28,6 +28,7 @@ __all__ = [
     "SparseNorm",
     "SparseSiLU",
     "SparseLinear",
+    "child_index",
     "downsample",
     "subdivide",
     "sparse_lookup",
@@ -137,6 +138,12 @@ class SparseLinear(nn.Linear):
         if isinstance(x, SparseConvTensor):
             return replace(x, super().forward(x.features))
         return super().forward(x)
+
+
+def child_index(indices: torch.Tensor) -> torch.Tensor:
+    """Position [N] (0..7) of each voxel inside its parent cell, in :data:`CHILD_OFFSETS` order."""
+    c = indices[:, 1:].long() & 1
+    return c[:, 0] * 4 + c[:, 1] * 2 + c[:, 2]
 
 
 def downsample(x: SparseConvTensor, factor: int = 2) -> SparseConvTensor:

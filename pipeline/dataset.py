@@ -231,6 +231,8 @@ class CTWindowSparseDataset(Dataset):
         self.random_crop = (split == "train") if random_crop is None else bool(random_crop)
         self.cache = cache
         self.epoch = 0
+        import transforms  # noqa: F401  (import cost paid here, not in the first __getitem__)
+
         self.datasets = find_datasets(data_dir)
         if not self.datasets:
             raise FileNotFoundError(

@@ -24,8 +24,9 @@ Label maps (never cases themselves)
       ``_``/``-``/``.`` (``seg_total.nii.gz``, ``example_seg.nii.gz``, ``case1_label.nrrd``;
       not ``segment_ct.nii``) is a label map, paired with an image of its own folder
       (volume files and zips there, DICOM series in the folder itself or directly below it):
-      candidates whose header size differs from the label's are dropped; if one candidate
-      is left it is the pair; if several are left, the one whose name stem equals the
+      volumes whose header size equals the label's are kept (if there are none: the DICOM
+      series and zips, whose size is not read); if one candidate is left it is the pair; if
+      several are left, the one whose name stem equals the
       label's stem without the label word (``case1_seg`` -> ``case1``, also ignoring a
       ``_ct``/``_img``/``_image`` suffix of the image) wins; otherwise the label stays
       unpaired and is listed in :attr:`Dataset.unpaired_labels`.
@@ -316,12 +317,9 @@ def _pair_label(label: Path, candidates: list[Case]) -> Case | None:
         return None
     lsize = _header_size(label)
     if lsize is not None:
-        kept = []
-        for c in cands:
-            csize = _header_size(c.source) if c.kind == "volume" else None
-            if csize is None or csize == lsize:
-                kept.append(c)
-        cands = kept
+        sizes = [(_header_size(c.source) if c.kind == "volume" else None) for c in cands]
+        same = [c for c, sz in zip(cands, sizes) if sz == lsize]
+        cands = same or [c for c, sz in zip(cands, sizes) if sz is None]
     if len(cands) == 1:
         return cands[0]
     stem = _label_stem(label)

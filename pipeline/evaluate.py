@@ -186,6 +186,10 @@ def _geometry(info: Mapping) -> dict:
         g["source_affine"] = np.asarray(info["source_affine"], np.float64)
     if info.get("source_shape") is not None:
         g["source_shape"] = info["source_shape"]
+    if info.get("original_affine") is not None:
+        g["original_affine"] = np.asarray(info["original_affine"], np.float64)
+    if info.get("original_shape") is not None:
+        g["original_shape"] = info["original_shape"]
     if info.get("source"):
         g["source"] = str(info["source"])
     return g

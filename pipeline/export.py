@@ -96,6 +96,7 @@ MB_METADATA_SCHEMA: dict[str, Any] = {
         "pytorch_version",
         "numpy_version",
         "optional_packages_version",
+        "required_packages_version",
         "task",
         "description",
         "authors",
@@ -240,11 +241,11 @@ def make_metadata(
     meta["monai_version"] = vers["monai"]
     meta["pytorch_version"] = vers["torch"]
     meta["numpy_version"] = vers["numpy"]
-    req = {"spconv": vers["spconv"]}
-    if "ctvq" in vers:
-        req["ctvq"] = vers["ctvq"]
-    meta["required_packages_version"] = req
-    meta["optional_packages_version"] = {k: vers[k] for k in ("nibabel", "SimpleITK", "scipy") if k in vers}
+    # MONAI >= 1.4 reads "required_packages_version" (and renames the older "optional_packages_version"
+    # to it); the bundle specification lists the older key as mandatory: write both, with the same content.
+    req = {k: vers[k] for k in ("ctvq", "spconv", "nibabel", "SimpleITK", "scipy") if k in vers}
+    meta["required_packages_version"] = dict(req)
+    meta["optional_packages_version"] = dict(req)
     if version:
         meta["version"] = version
         meta.setdefault("changelog", {}).setdefault(version, "exported from a training run")
@@ -254,6 +255,7 @@ def make_metadata(
         spec["spatial_shape"] = [int(resolution)] * 3
     fmt["outputs"]["tokens"]["value_range"] = [0, k - 1]
     meta["window"] = {"name": window.name, "width": float(window.width), "level": float(window.level)}
+    meta["description"] = meta.get("description", "").replace("512^3", f"{int(resolution)}^3")
     meta["task"] = (
         f"Turn a CT scan into discrete tokens ({k}-code codebook on a {resolution // 8}^3 latent grid, "
         f"{window.name} window W{window.width:g}/L{window.level:g}) and reconstruct it"
@@ -287,9 +289,8 @@ def make_inference_config(network_def: Mapping, window: Any, resolution: int, te
     return cfg
 
 
-def _readme(meta: Mapping, run_cfg: Mapping, ckpt: Path, weights: str, eval_summary: Mapping | None) -> str:
+def _readme(meta: Mapping, net: Mapping, ckpt: Path, weights: str, eval_summary: Mapping | None) -> str:
     w = meta["window"]
-    net = run_cfg.get("network_def", {})
     lines = [
         f"# {meta.get('name', 'CT sparse VQ-VAE tokenizer')}",
         "",
@@ -422,7 +423,7 @@ def export_bundle(
     net = build_network(cfg, source=run_dir / "config.json")
     state = load_weights(net, ckpt_path, config_path=run_dir / "config.json")
     window = window_from_config(cfg)
-    resolution = int(cfg.get("resolution", 512))
+    resolution = int(cfg.get("resolution") or int(getattr(net, "resolution", 64)) * int(getattr(net, "factor", 8)))
     if eval_summary is None:
         eval_summary = _find_eval_summary(run_dir)
     if eval_summary is not None and not isinstance(eval_summary, Mapping):
@@ -430,6 +431,8 @@ def export_bundle(
             eval_summary = json.load(f)
     data_source = cfg.get("data_source") or (f"processed datasets under {cfg['data_dir']}" if cfg.get("data_dir") else None)
     network_def = resolved_network_def(cfg, run_dir / "config.json")
+    if "use_checkpoint" in network_def:
+        network_def["use_checkpoint"] = False  # activation checkpointing is a training setting
     meta = make_metadata(network_def, window, resolution, eval_summary, data_source, version)
     infer_cfg = make_inference_config(network_def, window, resolution)
 
@@ -448,7 +451,7 @@ def export_bundle(
         (stage / "models").mkdir(parents=True)
         torch.save(state, stage / "models" / "model.pt")
         (stage / "docs").mkdir(parents=True)
-        (stage / "docs" / "README.md").write_text(_readme(meta, cfg, ckpt_path, weights, eval_summary), encoding="utf-8")
+        (stage / "docs" / "README.md").write_text(_readme(meta, network_def, ckpt_path, weights, eval_summary), encoding="utf-8")
         lic = Path(license_file).read_text(encoding="utf-8") if license_file else _LICENSE
         (stage / "docs" / "license.txt").write_text(lic, encoding="utf-8")
         (stage / "LICENSE").write_text(lic, encoding="utf-8")

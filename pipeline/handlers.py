@@ -85,6 +85,11 @@ class StepLogHandler:
         n = max(1, self._n)
         avg = {k: v / n for k, v in self._acc.items()}
         self._acc, self._n = {}, 0
+        if D.is_distributed() and avg:  # mean over ranks (every rank reaches this line)
+            keys = sorted(avg)
+            t = torch.tensor([avg[k] for k in keys], dtype=torch.float64, device=engine.device)
+            torch.distributed.all_reduce(t)
+            avg = dict(zip(keys, (t / D.world_size()).tolist()))
         vq = getattr(getattr(engine, "model", None), "vq", None)
         usage = vq.usage_stats() if vq is not None and hasattr(vq, "usage_stats") else None
         if vq is not None and hasattr(vq, "reset_usage"):

@@ -280,6 +280,7 @@ def load_weights(net: torch.nn.Module, ckpt: str | os.PathLike, config_path: Any
     own = net.state_dict()
     params = {n for n, _ in net.named_parameters()}
     shape_diff = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in own.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    shape_diff.sort(key=lambda d: (d[0] not in params, d[0]))  # name a weight before a buffer
     missing = [k for k in params if k not in sd]
     extra = [k for k in sd if k not in own]
     if shape_diff or missing or extra:
@@ -641,6 +642,17 @@ class Tokenizer:
         Args:
             scan: a path (DICOM folder/zip, NIfTI, NRRD, MHA) or a loaded HU MetaTensor.
         """
+        try:
+            return self._preprocess(scan)
+        except RuntimeError as e:  # monai's Compose wraps errors as "applying transform ..."
+            cause = e
+            while cause is not None and isinstance(cause, RuntimeError) and "applying transform" in str(cause):
+                cause = cause.__cause__
+            if cause is not None and cause is not e:
+                raise cause from None
+            raise
+
+    def _preprocess(self, scan: Any) -> dict:
         pre = self.preprocessing
         if isinstance(scan, (str, os.PathLike)):
             return pre({"image": str(scan)})

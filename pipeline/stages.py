@@ -204,7 +204,8 @@ def prepare_run_folder(
     if run.resuming:
         logger.info(f"Loading checkpoint from step {run.resume_step}...")
     elif run.init_ckpt is not None:
-        logger.info(f"Initialising weights from {run.init_ckpt}")
+        _, init_step = find_checkpoint(run.init_ckpt)
+        logger.info(f"Loading checkpoint from step {init_step}... (weights of {run.init_ckpt}, training restarts at step 0)")
     return run
 
 

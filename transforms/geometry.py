@@ -94,29 +94,36 @@ def _signed_permutation(m: np.ndarray, tol: float = 1e-6):
     return perm
 
 
-def _take(x: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
-    """index_select, with advanced indexing where ``dim`` is the innermost in memory (much faster)."""
+def _memory_order(x: torch.Tensor) -> list[int]:
+    """Spatial dims (last three) of ``x`` from outermost to innermost in memory."""
+    sp = x.ndim - 3
+    return sorted(range(sp, x.ndim), key=lambda d: (-x.stride(d), d))
+
+
+def _take(x: torch.Tensor, dim: int, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Gather along ``dim`` of a contiguous tensor (gather for the innermost dim, index_select otherwise)."""
     if dim == x.ndim - 1:
-        return x[(slice(None),) * dim + (idx,)]
+        shape = list(x.shape)
+        shape[dim] = idx.numel()
+        ix = idx.view(*([1] * (x.ndim - 1)), -1).expand(*shape)
+        return torch.gather(x, dim, ix, out=out) if out is not None else torch.gather(x, dim, ix)
+    if out is not None:
+        out.copy_(x.index_select(dim, idx))
+        return out
     return x.index_select(dim, idx)
 
 
-def _interp_axis(x: torch.Tensor, dim: int, idx0: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-    """Linear (w given) or nearest (w None) interpolation of ``x`` along ``dim`` at indices."""
-    n = idx0.numel()
-    if w is None:
-        if n > 0 and int(idx0[-1] - idx0[0]) == n - 1 and bool((idx0[1:] - idx0[:-1] == 1).all()):
-            return x.narrow(dim, int(idx0[0]), n)
-        return _take(x, dim, idx0)
-    a = _take(x, dim, idx0)
-    b = _take(x, dim, idx0 + 1)
-    shape = [1] * x.ndim
-    shape[dim] = n
-    return a.lerp_(b, w.to(x.dtype).view(shape))
+def _is_run(idx: torch.Tensor) -> bool:
+    n = idx.numel()
+    return n > 0 and int(idx[-1] - idx[0]) == n - 1 and bool((idx[1:] - idx[:-1] == 1).all())
 
 
 def _axis_plan(scale: float, offset: float, n_in: int, n_out: int, linear: bool):
-    """Valid target range and source indices/weights for u = scale * i + offset along one axis."""
+    """Valid target range and source indices/weights for u = scale * i + offset along one axis.
+
+    Target voxels within half a source voxel of the source edge take the edge value; farther ones
+    are padding. Returns (lo, hi, idx0, w) with w None when no blending is needed.
+    """
     i = np.arange(n_out, dtype=np.float64)
     u = scale * i + offset
     valid = (u >= -0.5 - 1e-4) & (u <= n_in - 0.5 + 1e-4)
@@ -134,24 +141,81 @@ def _axis_plan(scale: float, offset: float, n_in: int, n_out: int, linear: bool)
     return lo, hi, torch.from_numpy(i0.astype(np.int64)), torch.from_numpy(w.astype(np.float32))
 
 
-def _resample_separable(x, m, perm, out_shape, linear, pad):
-    sp = x.ndim - 3  # leading (channel) dims
-    # Put the source axis feeding target axis a at position a.
-    x = x.permute(*range(sp), *(sp + int(p) for p in perm)).contiguous()
-    n_in = x.shape[sp:]
+def _resample_separable(x, m, perm, out_shape, linear, pad, out_dtype):
+    """Axis-aligned resampling, done in the source's memory order (no transposing copies).
+
+    The output tensor has the logical shape (*lead, *out_shape) and the same memory layout as
+    the source (e.g. F-order for volumes read by SimpleITK/nibabel).
+    """
+    sp = x.ndim - 3
+    lead = list(x.shape[:sp])
+    mem = _memory_order(x)  # source dims, outermost first
+    xm = x.permute(*range(sp), *mem)
+    if not xm.is_contiguous():
+        xm = xm.contiguous()
+    # target axis feeding each memory position: target a reads source axis perm[a]
+    inv = {int(perm[a]): a for a in range(3)}
+    tgt_of_pos = [inv[d - sp] for d in mem]
     plans = []
-    for a in range(3):
-        p = int(perm[a])
-        plan = _axis_plan(float(m[p, a]), float(m[p, 3]), n_in[a], int(out_shape[a]), linear)
-        if plan is None:
-            return None, None
+    for pos, a in enumerate(tgt_of_pos):
+        src_axis = int(perm[a])
+        plan = _axis_plan(float(m[src_axis, a]), float(m[src_axis, 3]), xm.shape[sp + pos], int(out_shape[a]), linear)
         plans.append(plan)
-    # Shrinking axes first keeps intermediate tensors small.
-    order = sorted(range(3), key=lambda a: (plans[a][1] - plans[a][0]) / max(n_in[a], 1))
-    for a in order:
-        _, _, idx, w = plans[a]
-        x = _interp_axis(x, sp + a, idx, w)
-    return x, [(pl[0], pl[1]) for pl in plans]
+    # output in the same memory order: allocate (lead, out dims in memory order), view logically.
+    out_mem_shape = lead + [int(out_shape[a]) for a in tgt_of_pos]
+    out_m = torch.empty(out_mem_shape, dtype=out_dtype)
+    if any(p is None for p in plans):
+        out_m.fill_(pad)
+    else:
+        box = [(p[0], p[1]) for p in plans]
+        # pad only the slabs outside the valid box
+        for pos, (lo, hi) in enumerate(box):
+            pre = [slice(None)] * sp + [slice(b[0], b[1]) for b in box[:pos]]
+            if lo > 0:
+                out_m[tuple(pre + [slice(0, lo)])] = pad
+            if hi < out_mem_shape[sp + pos]:
+                out_m[tuple(pre + [slice(hi, None)])] = pad
+        target = out_m[tuple([slice(None)] * sp + [slice(lo, hi) for lo, hi in box])]
+        # free passes (contiguous runs) first, then real gathers; the last one writes into ``target``
+        work = []
+        for pos, (_, _, idx, w) in enumerate(plans):
+            if w is None and _is_run(idx):
+                xm = xm.narrow(sp + pos, int(idx[0]), idx.numel())
+            else:
+                work.append((pos, idx, w))
+        if not work:
+            target.copy_(xm)
+        for n, (pos, idx, w) in enumerate(work):
+            last = n == len(work) - 1
+            dim = sp + pos
+            if w is None:
+                if _is_run(idx.flip(0)):  # a flipped run: torch.flip keeps the memory layout
+                    xm = xm.narrow(dim, int(idx[-1]), idx.numel()).flip(dim)
+                    if last:
+                        target.copy_(xm)
+                elif last and dim == xm.ndim - 1 and target.dtype == xm.dtype:
+                    _take(xm, dim, idx, out=target)
+                else:
+                    xm = _take(xm, dim, idx)
+                    if last:
+                        target.copy_(xm)
+            else:
+                a_ = _take(xm, dim, idx)
+                b_ = _take(xm, dim, idx + 1)
+                shape = [1] * xm.ndim
+                shape[dim] = idx.numel()
+                wv = w.view(shape)
+                if last:
+                    if target.dtype == a_.dtype:
+                        torch.lerp(a_, b_, wv, out=target)
+                    else:
+                        target.copy_(a_.lerp_(b_, wv))
+                else:
+                    xm = a_.lerp_(b_, wv)
+                del a_, b_
+    # logical view: position of target axis a in memory order
+    pos_of_tgt = [tgt_of_pos.index(a) for a in range(3)]
+    return out_m.permute(*range(sp), *(sp + p for p in pos_of_tgt))
 
 
 def _resample_grid_sample(x, m, out_shape, linear, pad):
@@ -182,7 +246,8 @@ def _resample_grid_sample(x, m, out_shape, linear, pad):
 
 
 def resample_to_grid(img, src_affine, dst_affine, dst_shape: Sequence[int], mode: str = "bilinear",
-                     padding_value: float = AIR_HU, dtype: torch.dtype | None = None) -> torch.Tensor:
+                     padding_value: float = AIR_HU, dtype: torch.dtype | None = None,
+                     contiguous: bool = False) -> torch.Tensor:
     """Resamples a channel-first volume onto another grid in world space.
 
     Args:
@@ -193,6 +258,9 @@ def resample_to_grid(img, src_affine, dst_affine, dst_shape: Sequence[int], mode
         mode: "bilinear"/"trilinear" (linear) or "nearest" (labels).
         padding_value: value of target voxels outside the source (more than half a voxel away).
         dtype: output dtype (default: float32 for linear, input dtype for nearest).
+        contiguous: return a C-contiguous tensor. By default the output keeps the source's memory
+            layout (e.g. F-order for volumes read by SimpleITK/nibabel), which avoids a transposing
+            copy; the logical axes are (C, X, Y, Z) either way.
 
     Returns:
         torch.Tensor (C, *dst_shape) (plain tensor, no metadata).
@@ -211,12 +279,8 @@ def resample_to_grid(img, src_affine, dst_affine, dst_shape: Sequence[int], mode
     lead = x.shape[:-3]
     perm = _signed_permutation(m[:3, :3])
     if perm is not None:
-        core, box = _resample_separable(x, m, perm, dst_shape, linear, padding_value)
-        out = torch.full((*lead, *dst_shape), padding_value, dtype=out_dtype)
-        if core is not None:
-            sl = (..., *(slice(lo, hi) for lo, hi in box))
-            out[sl] = core
-        return out
+        out = _resample_separable(x, m, perm, dst_shape, linear, padding_value, out_dtype)
+        return out.contiguous() if contiguous else out
     res = _resample_grid_sample(x, m, dst_shape, linear, padding_value)
     if not linear and not out_dtype.is_floating_point:
         res = res.round()

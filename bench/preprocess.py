@@ -1,0 +1,182 @@
+"""Preprocessing speed: one CT case to all outputs with one worker, stage by stage.
+
+A 512x512x300 CT is synthesised from a real scan (``example_ct.nii.gz`` of the shared data,
+resampled trilinearly onto that grid; a code phantom when the data is absent), written as NIfTI
+int16 once (cached), then run through ``pipeline.preprocess.process_case`` in a fresh worker
+process, as the job does: load, orient (RAS), resample into the cube, clip, normalise, windows,
+body mask, write. For comparison the same resampling is timed with ``scipy.ndimage.zoom``
+(order 1) in the same worker.
+
+    python bench/preprocess.py [--shape 512 512 300] [--resolution 512] [--repeats 3] [--gz]
+    python bench/preprocess.py --small        # CPU smoke run in seconds (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, add_common_args, fmt_bytes, fmt_seconds, finish, markdown_table  # noqa: E402
+
+STAGES = ["load", "orient", "resample", "normalize", "windows", "body_mask", "labels", "write"]
+TARGET_S = 3.0
+
+
+def _shared_scan() -> Path | None:
+    env = os.environ.get("CTVQ_CT_DATA")
+    base = Path(env) if env else ROOT.parent / "shared" / "data" / "ct"
+    p = base / "abdomen_nifti" / "example_ct.nii.gz"
+    return p if p.is_file() else None
+
+
+def synthesize(path: Path, shape: tuple[int, int, int], gz: bool) -> dict:
+    """Write a CT of ``shape`` (int16 HU, RAS affine) made from the shared scan (or a phantom)."""
+    import nibabel as nib
+    import torch
+
+    src = _shared_scan()
+    if src is not None:
+        img = nib.load(str(src))
+        vol = np.asarray(img.dataobj, dtype=np.float32)
+        aff = np.asarray(img.affine, dtype=np.float64)
+        origin = "shared example_ct.nii.gz resampled"
+    else:
+        from pipeline.phantom import make_phantom
+
+        out = make_phantom(seed=0)
+        vol = np.asarray(out[0] if isinstance(out, tuple) else out["image"], dtype=np.float32)
+        aff = np.diag([4.0, 4.0, 4.0, 1.0])
+        origin = "code phantom resampled"
+    t = torch.from_numpy(vol)[None, None]
+    big = torch.nn.functional.interpolate(t, size=shape, mode="trilinear", align_corners=True)[0, 0]
+    big = big.round_().clamp_(-32768, 32767).to(torch.int16).numpy()
+    scale = (np.asarray(vol.shape) - 1) / (np.asarray(shape) - 1)
+    new_aff = aff.copy()
+    new_aff[:3, :3] = aff[:3, :3] * scale[None, :]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".tmp-" + path.name)
+    nib.save(nib.Nifti1Image(big, new_aff), str(tmp))
+    os.replace(tmp, path)
+    return {"origin": origin, "shape": list(shape), "spacing": [float(s) for s in np.sqrt((new_aff[:3, :3] ** 2).sum(0))]}
+
+
+def _worker(scan: str, out_dir: str, resolution: int, repeats: int, zoom: bool, threads: int) -> dict:
+    """Runs in a fresh process: the job's case function ``repeats`` times, then scipy zoom."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from pipeline.discovery import Case
+    from pipeline.preprocess import PreprocessConfig, process_case
+
+    cfg = PreprocessConfig(resolution=resolution)
+    runs = []
+    for r in range(repeats):
+        case = Case("bench", f"case{r}", Path(scan), "volume", Path(scan).name)
+        case_dir = Path(out_dir) / "processed" / case.case_id
+        res = process_case({"case": case, "cfg": cfg, "case_dir": str(case_dir), "key": "bench"})
+        if res["row"]["status"] != "ok":
+            return {"error": res["row"]["error"]}
+        runs.append({"wall": res["timings"], "cpu": res["cpu_timings"]})
+        shutil.rmtree(case_dir, ignore_errors=True)  # keep disk use at one case
+    out = {"runs": runs, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+           "threads": torch.get_num_threads()}
+    if zoom:
+        import nibabel as nib
+        from scipy import ndimage
+
+        from transforms import cube_affine_for
+
+        img = nib.load(scan)
+        vol = np.asarray(img.dataobj, dtype=np.float32)
+        _, cube_sp = cube_affine_for(img.affine, vol.shape, resolution)
+        factors = np.sqrt((img.affine[:3, :3] ** 2).sum(0)) / cube_sp
+        t0, c0 = time.perf_counter(), time.process_time()
+        z = ndimage.zoom(vol, factors, order=1)
+        out["zoom_s"] = time.perf_counter() - t0
+        out["zoom_cpu_s"] = time.process_time() - c0
+        out["zoom_shape"] = list(z.shape)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, "preprocess")
+    p.add_argument("--shape", type=int, nargs=3, default=None, help="synthetic scan shape (default 512 512 300)")
+    p.add_argument("--resolution", type=int, default=None, help="cube side (default 512; 128 with --small)")
+    p.add_argument("--repeats", type=int, default=None, help="timed cases (default 3; 1 with --small)")
+    p.add_argument("--gz", action="store_true", help="store the synthetic scan as .nii.gz (load includes gunzip)")
+    p.add_argument("--no-zoom", action="store_true", help="skip the scipy.ndimage.zoom comparison")
+    p.add_argument("--workdir", type=Path, default=None, help="where the case is written (default: a temp folder)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="torch threads of the worker (the job gives each worker cpu_count // workers)")
+    args = p.parse_args(argv)
+    shape = tuple(args.shape or ((128, 128, 75) if args.small else (512, 512, 300)))
+    R = args.resolution or (128 if args.small else 512)
+    repeats = args.repeats or (1 if args.small else 3)
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="ctvq_bench_pp_"))
+    try:
+        ext = ".nii.gz" if args.gz else ".nii"
+        scan = work / f"synthetic_{shape[0]}x{shape[1]}x{shape[2]}{ext}"
+        t0 = time.perf_counter()
+        scan_info = synthesize(scan, shape, args.gz)
+        scan_info["synth_s"] = round(time.perf_counter() - t0, 2)
+        scan_info["file_bytes"] = scan.stat().st_size
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(1) as pool:
+            res = pool.apply(_worker, (str(scan), str(work / "out"), R, repeats, not args.no_zoom, args.threads))
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    if "error" in res:
+        print(f"bench preprocess: the case failed: {res['error']}", file=sys.stderr)
+        return 1
+
+    med = {s: statistics.median(r["wall"].get(s, 0.0) for r in res["runs"]) for s in STAGES + ["total"]}
+    cpu = {s: statistics.median(r["cpu"].get(s, 0.0) for r in res["runs"]) for s in STAGES + ["total"]}
+    rows = []
+    for s in STAGES + ["total"]:
+        if med[s] == 0 and s != "total":
+            continue
+        rows.append({"stage": s, "median": fmt_seconds(med[s]), "cpu": fmt_seconds(cpu[s]),
+                     "share": f"{100 * med[s] / med['total']:.0f}%", "seconds": round(med[s], 4),
+                     "cpu_seconds": round(cpu[s], 4)})
+    if "zoom_s" in res:
+        rows.append({"stage": "scipy.ndimage.zoom order 1 (same resampling)", "median": fmt_seconds(res["zoom_s"]),
+                     "cpu": fmt_seconds(res["zoom_cpu_s"]), "share": "-", "seconds": round(res["zoom_s"], 4),
+                     "cpu_seconds": round(res["zoom_cpu_s"], 4)})
+    table = markdown_table(rows, [("stage", "stage"), ("median", f"wall, median of {repeats}"),
+                                  ("cpu", "CPU (all threads)"), ("share", "share of wall")])
+    notes = [
+        f"scan {shape} ({scan_info['origin']}, {ext}, {fmt_bytes(scan_info['file_bytes'])}) -> {R}^3 cube, "
+        f"4 windows + ct_normalized (float16), body mask, one worker with {res['threads']} torch threads",
+        f"per case total {med['total']:.2f} s (target <= {TARGET_S:.0f} s at 512x512x300 -> 512^3: "
+        f"{'met' if med['total'] <= TARGET_S else 'NOT met'})",
+        f"worker peak RSS {fmt_bytes(res['peak_rss_bytes'])}; machine load average at the end "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (wall times grow with other work, CPU times less so)",
+    ]
+    if "zoom_s" in res:
+        notes.append(f"scipy.ndimage.zoom(order=1) of the same scan to the cube spacing: {res['zoom_s']:.2f} s "
+                     f"(output {res['zoom_shape']}) vs resample stage {med['resample']:.2f} s")
+    import torch
+
+    finish("preprocess", args, torch.device("cpu"), rows, table, notes,
+           extra={"scan": scan_info, "resolution": R, "repeats": repeats, "median_s": med,
+                  "runs": res["runs"], "zoom_s": res.get("zoom_s"), "peak_rss_bytes": res["peak_rss_bytes"],
+                  "target_s": TARGET_S})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

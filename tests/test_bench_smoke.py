@@ -1,0 +1,136 @@
+"""CPU smoke runs of the bench/ scripts: tiny volume, tiny models, one or two timed calls each."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import common as C  # noqa: E402
+
+pytestmark = pytest.mark.bench
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench_cache")
+
+
+def _ok_or_skipped(rows, allow_skip=("skipped: networks not importable",)):
+    for r in rows:
+        status = r.get("status", "")
+        assert status == "ok" or status.startswith(allow_skip), r
+
+
+def test_measure_and_table(tmp_path):
+    calls = []
+    t = C.measure(lambda: calls.append(1), torch.device("cpu"), warmup=2, repeats=5)
+    assert len(calls) == 7 and t.n == 5 and t.warmup == 2 and t.median_s >= 0 and t.peak_bytes is None
+    capped = C.measure(lambda: __import__("time").sleep(0.02), torch.device("cpu"), warmup=1, repeats=50,
+                       max_seconds=0.1, min_repeats=2)
+    assert capped.capped and 2 <= capped.n < 50
+    table = C.markdown_table([{"a": 1, "b": "x"}, {"a": 2}], [("a", "A"), ("b", "B")])
+    assert table.splitlines() == ["| A | B |", "|---|---|", "| 1 | x |", "| 2 | - |"]
+    out = C.write_json(tmp_path / "r" / "x.json", {"t": t, "p": tmp_path})
+    assert json.loads(out.read_text())["t"]["n"] == 5
+    assert not list(out.parent.glob(".*tmp*"))
+
+
+def test_failures_become_rows():
+    def boom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+
+    assert C.run_guarded(boom, torch.device("cpu")) == {"status": "OOM"}
+    res = C.run_guarded(lambda: (_ for _ in ()).throw(ValueError("bad shape")), torch.device("cpu"))
+    assert res["status"].startswith("error: ValueError: bad shape")
+
+
+def test_crop_box_is_aligned_and_inside():
+    box = C.crop_box((250, 3, 509), 128, 512)
+    assert [(s.start, s.stop) for s in box] == [(184, 312), (0, 128), (384, 512)]
+    assert all(s.start % 8 == 0 for s in box)
+    with pytest.raises(ValueError, match="larger than"):
+        C.crop_box((0, 0, 0), 64, 32)
+
+
+def test_phantom_case_layout(cache):
+    import argparse
+
+    args = argparse.Namespace(case=None, nifti=None, cache=cache, window="lung", resolution=32, small=True)
+    scan = C.load_scan(args)
+    assert scan.window.shape == (32, 32, 32) and scan.body.dtype == bool
+    ds_root = scan.case_dir.parent.parent
+    cfg = json.loads((ds_root / "dataset_config.json").read_text())
+    assert cfg["windows"]["lung"]["file"] == "windows/lung_w1500_l-600.npy"
+    assert (scan.case_dir / ".complete").exists() and (ds_root / "metadata.csv").exists()
+    crop = C.make_crop(scan, 16, torch.device("cpu"))
+    assert crop.dense.shape == (1, 1, 16, 16, 16) and crop.coords.dtype == torch.int32
+    # the sparse view is the dense view's support, in full-grid coordinates
+    lo = torch.tensor([s.start for s in crop.box])
+    local = crop.coords[:, 1:].long() - lo
+    assert torch.equal(crop.dense[0, 0][local[:, 0], local[:, 1], local[:, 2]], crop.feats[:, 0])
+    assert int((crop.dense > 0).sum()) <= crop.coords.shape[0]
+    assert 0 < crop.occupancy <= 1 and np.isclose(crop.occupancy, crop.coords.shape[0] / 16**3)
+
+
+@pytest.mark.parametrize("script", ["train_step", "inference", "dataloader"])
+def test_help(script, capsys):
+    mod = __import__(f"bench.{script}", fromlist=["parse_args"])
+    with pytest.raises(SystemExit) as e:
+        mod.parse_args(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--device" in out and "--small" in out and "--out" in out
+
+
+def test_train_step_smoke(cache, tmp_path):
+    from bench import train_step
+
+    out = tmp_path / "train_step.json"
+    payload = train_step.main(["--small", "--device", "cpu", "--crops", "16", "--warmup", "0", "--repeats", "1",
+                               "--cache", str(cache), "--resolution", "32", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "train_step" and len(data["rows"]) == 4
+    assert {r["key"] for r in data["rows"]} == set(train_step.MODELS)
+    _ok_or_skipped(data["rows"])
+    for r in data["rows"]:
+        if r["status"] == "ok":
+            assert r["median_s"] > 0 and r["voxels_per_s"] == pytest.approx(16**3 / r["median_s"])
+    assert "| model | precision | crop |" in payload["table_markdown"]
+
+
+def test_inference_smoke(cache, tmp_path):
+    from bench import inference
+
+    out = tmp_path / "inference.json"
+    inference.main(["--small", "--device", "cpu", "--warmup", "0", "--repeats", "1", "--cache", str(cache),
+                    "--resolution", "32", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    _ok_or_skipped(rows)
+    ops = {(r["model"].split()[0], r.get("op")) for r in rows if r["status"] == "ok"}
+    assert {("MAISI", "encode"), ("MAISI", "decode")} <= ops
+    if C.networks_available()[0]:
+        assert {("ctvq", "encode"), ("ctvq", "decode")} <= ops
+
+
+def test_dataloader_smoke(cache, tmp_path):
+    pytest.importorskip("pipeline.dataset")
+    from bench import dataloader
+
+    out = tmp_path / "dataloader.json"
+    dataloader.main(["--small", "--device", "cpu", "--workers", "0", "1", "--num-crops", "3", "--step-rate", "2",
+                     "--cache", str(cache), "--resolution", "32", "--max-points", "1000", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert [r["workers"] for r in data["rows"]] == [0, 1]
+    _ok_or_skipped(data["rows"])
+    for r in data["rows"]:
+        assert r["crops"] >= 1 and r["mean_points"] <= 1000
+        assert r["ratio_value"] == pytest.approx(r["crops_per_s_value"] / 2)

@@ -1,0 +1,174 @@
+"""Bundle export: MONAI bundle layout, metadata schema, loading elsewhere, same tokens as the run."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.export import MB_METADATA_SCHEMA, export_bundle, main, verify_bundle
+from pipeline.infer import Tokenizer, TokenizerError
+from pipeline.phantom import write_phantom
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "_target_": "networks.SparseVQVAE",
+    "resolution": 4,
+    "model_channels": 32,
+    "latent_channels": 8,
+    "num_embeddings": 64,
+    "channels": [8, 16, 32, 32],
+    "num_blocks": 1,
+    "num_heads": 2,
+    "window_size": 4,
+}
+
+
+def make_run(folder: Path, window="lung") -> Path:
+    """A run folder as pipeline.train writes it, with different plain and EMA weights."""
+    from networks import SparseVQVAE
+
+    (folder / "ckpts").mkdir(parents=True, exist_ok=True)
+    cfg = {"window_type": window, "lambda_vq": 1.0, "network_def": {**TINY, "lambda_vq": "@lambda_vq"}}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    for seed, name in ((0, "vqvae_step0000020.pt"), (1, "vqvae_ema0.9999_step0000020.pt"), (2, "vqvae_ema0.9999_step0000010.pt")):
+        torch.manual_seed(seed)
+        net = SparseVQVAE(**{k: v for k, v in TINY.items() if k != "_target_"})
+        with torch.no_grad():
+            torch.nn.init.normal_(net.Decoder.out_layer.weight, std=0.5)
+            net.Decoder.out_layer.bias.fill_(0.5)
+        torch.save(net.state_dict(), folder / "ckpts" / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    run = make_run(tmp / "run")
+    summary = {"num_cases": 2, "overall": {"psnr_body": 30.5, "ssim_body": 0.9, "mae_hu_body": 12.0, "perplexity": 20.0}}
+    (tmp / "summary.json").write_text(json.dumps(summary))
+    assert main(["--run", str(run), "--out", str(tmp / "dist" / "ct_vqvae"), "--eval", str(tmp / "summary.json")]) == 0
+    return run, tmp / "dist" / "ct_vqvae"
+
+
+def test_layout_and_metadata(exported):
+    run, b = exported
+    for rel in ("configs/metadata.json", "configs/inference.json", "configs/logging.conf", "models/model.pt",
+                "docs/README.md", "docs/license.txt", "LICENSE"):
+        assert (b / rel).is_file(), rel
+    meta = json.loads((b / "configs" / "metadata.json").read_text())
+    import monai
+
+    assert meta["monai_version"] == monai.__version__ and meta["pytorch_version"] == torch.__version__.split("+")[0]
+    assert meta["numpy_version"] == np.__version__ and "spconv" in meta["required_packages_version"]
+    assert meta["window"] == {"name": "lung", "width": 1500.0, "level": -600.0}
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [32, 32, 32]
+    assert meta["network_data_format"]["outputs"]["tokens"]["value_range"] == [0, 63]
+    assert meta["eval_metrics"]["psnr_body"] == 30.5
+    readme = (b / "docs" / "README.md").read_text()
+    assert "lung" in readme and "30.5" in readme and "TorchScript" in readme and "ONNX" in readme
+    inf = json.loads((b / "configs" / "inference.json").read_text())
+    assert inf["network_def"]["lambda_vq"] == 1.0 and inf["window"]["name"] == "lung" and inf["resolution"] == 32
+    names = [t["_target_"] for t in inf["preprocessing"]["transforms"]]
+    assert names[0] == "transforms.LoadCTd" and "Orientationd" in names and "transforms.Sparsifyd" in names
+    # EMA weights of the latest step by default
+    sd = torch.load(b / "models" / "model.pt", weights_only=True)
+    ema = torch.load(run / "ckpts" / "vqvae_ema0.9999_step0000020.pt", weights_only=True)
+    assert all(torch.equal(sd[k], ema[k]) for k in ema)
+    with zipfile.ZipFile(b.with_name("ct_vqvae.zip")) as zf:
+        assert "ct_vqvae/configs/metadata.json" in zf.namelist() and "ct_vqvae/models/model.pt" in zf.namelist()
+
+
+def test_verify_metadata(exported, tmp_path):
+    _, b = exported
+    verify_bundle(b)  # monai.bundle.verify_metadata against the local schema (no download)
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(MB_METADATA_SCHEMA))
+    verify_bundle(b, schema_file=schema)
+    bad = tmp_path / "bad"
+    shutil.copytree(b, bad)
+    meta = json.loads((bad / "configs" / "metadata.json").read_text())
+    del meta["network_data_format"]["inputs"]["image"]["modality"]
+    (bad / "configs" / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError):
+        verify_bundle(bad)
+
+
+def test_same_tokens_when_copied_alone(exported, tmp_path):
+    run, b = exported
+    alone = tmp_path / "elsewhere" / "ct_vqvae"
+    shutil.copytree(b, alone)
+    scan = write_phantom(tmp_path / "raw", seed=3, shape=(40, 40, 30), spacing=8.0)["ct"]
+    ref = Tokenizer.from_checkpoint(run / "ckpts" / "vqvae_ema0.9999_step0000020.pt", device="cpu", tile=2).encode(str(scan))
+    tok = Tokenizer.from_bundle(alone, device="cpu", tile=2)
+    t = tok.encode(str(scan))
+    assert np.array_equal(t.indices, ref.indices) and np.array_equal(t.coords, ref.coords)
+    # monai.bundle.load builds network_def from configs/inference.json and loads models/model.pt
+    import monai.bundle
+
+    net = monai.bundle.load(name="ct_vqvae", bundle_dir=str(alone.parent), workflow_type="inference", device="cpu")
+    sd = torch.load(alone / "models" / "model.pt", weights_only=True)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in sd.items())
+    # ConfigWorkflow, as `python -m monai.bundle run` does
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(config_file=str(alone / "configs" / "inference.json"), workflow_type="inference",
+                        bundle_root=str(alone), input_files=[str(scan)], output_dir=str(tmp_path / "out"), device="cpu", tile=2)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    from pipeline.infer import CTTokens
+
+    out = CTTokens.load(tmp_path / "out" / f"{scan.name[:-7]}_tokens.npz")
+    assert np.array_equal(out.indices, ref.indices)
+
+
+@pytest.mark.slow
+def test_monai_bundle_run_cli(exported, tmp_path):
+    """`python -m monai.bundle run` in another folder, the bundle copied there alone."""
+    _, b = exported
+    shutil.copytree(b, tmp_path / "ct_vqvae")
+    scan = write_phantom(tmp_path, seed=0, shape=(40, 40, 30), spacing=8.0)["ct"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "ct_vqvae/configs/inference.json",
+         "--bundle_root", "ct_vqvae", "--input_files", f"['{scan.name}']", "--output_dir", "out", "--device", "cpu"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "out" / "phantom_000_tokens.npz").is_file()
+
+
+def test_choice_of_weights_and_errors(tmp_path, capsys):
+    run = make_run(tmp_path / "run")
+    out = export_bundle(run, tmp_path / "plain", weights="model", make_zip=False)
+    sd = torch.load(out / "models" / "model.pt", weights_only=True)
+    plain = torch.load(run / "ckpts" / "vqvae_step0000020.pt", weights_only=True)
+    assert all(torch.equal(sd[k], plain[k]) for k in plain) and not (tmp_path / "plain.zip").exists()
+    out = export_bundle(run, tmp_path / "old", ckpt=run / "ckpts" / "vqvae_ema0.9999_step0000010.pt", make_zip=False)
+    old = torch.load(run / "ckpts" / "vqvae_ema0.9999_step0000010.pt", weights_only=True)
+    assert all(torch.equal(torch.load(out / "models" / "model.pt", weights_only=True)[k], old[k]) for k in old)
+    # re-export over an existing bundle replaces it
+    export_bundle(run, tmp_path / "old", make_zip=False)
+    # a run without checkpoints / without config: one line, non-zero exit
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text((run / "config.json").read_text())
+    with pytest.raises(SystemExit) as e:
+        main(["--run", str(tmp_path / "empty"), "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code != 0 and err.startswith("error:") and "ckpts" in err and "\n" not in err
+    with pytest.raises(TokenizerError, match="config.json"):
+        export_bundle(tmp_path / "nowhere", tmp_path / "y")
+    # a bundle missing a file
+    b = export_bundle(run, tmp_path / "b", make_zip=False)
+    (b / "models" / "model.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="model.pt"):
+        verify_bundle(b)
+    with pytest.raises(TokenizerError, match="model.pt"):
+        Tokenizer.from_bundle(b)

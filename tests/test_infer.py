@@ -1,0 +1,179 @@
+"""Whole-scan encode/decode: Tokenizer API, token files, CLI and its one-line errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from pipeline.infer import CTTokens, Tokenizer, TokenizerError, main, parse_window
+from pipeline.phantom import write_phantom
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "_target_": "networks.SparseVQVAE",
+    "resolution": 4,
+    "model_channels": 32,
+    "latent_channels": 8,
+    "num_embeddings": 64,
+    "channels": [8, 16, 32, 32],
+    "num_blocks": 1,
+    "num_heads": 2,
+    "window_size": 4,
+}
+
+
+def tiny_net(seed=0, **over):
+    from networks import SparseVQVAE
+
+    torch.manual_seed(seed)
+    kw = {k: v for k, v in TINY.items() if k != "_target_"}
+    kw.update(over)
+    net = SparseVQVAE(**kw)
+    with torch.no_grad():  # the decoder's last layer starts at zero: give it something to decode
+        torch.nn.init.normal_(net.Decoder.out_layer.weight, std=0.5)
+        net.Decoder.out_layer.bias.fill_(0.5)
+    return net
+
+
+def make_run(folder: Path, window="soft_tissue", seed=0, **over) -> Path:
+    """A run folder as pipeline.train writes it: config.json + ckpts/."""
+    net = tiny_net(seed, **over)
+    (folder / "ckpts").mkdir(parents=True, exist_ok=True)
+    cfg = {"window_type": window, "use_checkpoint": False, "network_def": {**TINY, **over, "use_checkpoint": "@use_checkpoint"}}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    torch.save(net.state_dict(), folder / "ckpts" / "vqvae_step0000010.pt")
+    torch.save(net.state_dict(), folder / "ckpts" / "vqvae_ema0.9999_step0000010.pt")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    return write_phantom(tmp_path_factory.mktemp("raw"), seed=0, shape=(40, 40, 30), spacing=8.0)["ct"]
+
+
+def test_tiled_equals_untiled():
+    net = tiny_net()
+    tiled = Tokenizer(net, "soft_tissue", device="cpu", tile=2)
+    whole = Tokenizer(net, "soft_tissue", device="cpu", tile=None)
+    rng = np.random.default_rng(0)
+    w = np.zeros((32, 32, 32), np.float32)
+    w[3:29, 5:27, 2:30] = rng.random((26, 22, 28))
+    a, b = tiled.encode_arrays(w, w > 0), whole.encode_arrays(w, w > 0)
+    assert len(a) > 8 and np.array_equal(a.coords, b.coords) and np.array_equal(a.indices, b.indices)
+    ra, rb = tiled.decode(a), whole.decode(b)
+    assert ra.shape == (32, 32, 32) and ra.max() > 0
+    np.testing.assert_allclose(ra, rb, atol=1e-5)
+    # decoded cells are exactly the 8^3 children of the tokens; zeros elsewhere
+    cells = np.zeros((4, 4, 4), bool)
+    cells[tuple(a.coords.T)] = True
+    assert not ra[~np.kron(cells, np.ones((8, 8, 8), bool)).astype(bool)].any()
+
+
+def test_encode_scan_roundtrip(run_dir, phantom, tmp_path):
+    tok = Tokenizer.from_checkpoint(run_dir / "ckpts" / "vqvae_ema0.9999_step0000010.pt", device="cpu", tile=2)
+    assert tok.window == parse_window("soft_tissue") and tok.resolution == 32
+    t = tok.encode(str(phantom))
+    assert len(t) > 0 and t.coords.shape == (len(t), 3) and t.latent_shape == (4, 4, 4)
+    assert t.source_shape == (40, 40, 30) and t.original_shape == (40, 40, 30)
+    path = t.save(tmp_path / "t.npz")
+    back = CTTokens.load(path)
+    assert np.array_equal(back.indices, t.indices) and np.array_equal(back.coords, t.coords)
+    assert back.window == t.window and np.allclose(back.cube_affine, t.cube_affine)
+    hu, aff = tok.decode_hu(back)
+    assert hu.shape == (32, 32, 32) and np.allclose(aff, t.cube_affine)
+    w = tok.window
+    assert hu.min() >= w.level - w.width / 2 - 1e-3 and hu.max() <= w.level + w.width / 2 + 1e-3
+    np.testing.assert_allclose(hu, w.level - w.width / 2 + tok.decode(back) * w.width, atol=1e-3)
+    hu2, aff2 = tok.decode_hu(back, original_grid=True)
+    assert hu2.shape == (40, 40, 30) and np.allclose(aff2, nib.load(str(phantom)).affine)
+    # a MetaTensor gives the same tokens as the path
+    from transforms import LoadCT
+
+    t2 = tok.encode(LoadCT()(str(phantom)))
+    assert np.array_equal(t2.indices, t.indices)
+
+
+def test_real_scan_original_grid(ct_data_dir, run_dir, tmp_path):
+    scan = ct_data_dir / "abdomen_nifti" / "example_ct_sm.nii.gz"
+    tok = Tokenizer.from_checkpoint(run_dir / "ckpts" / "vqvae_step0000010.pt", device="cpu", tile=2)
+    assert main(["encode", str(scan), str(tmp_path / "t.npz"), "--ckpt", str(run_dir / "ckpts" / "vqvae_step0000010.pt"), "--tile", "2"]) == 0
+    assert main(["decode", str(tmp_path / "t.npz"), str(tmp_path / "r.nii.gz"), "--ckpt", str(run_dir), "--original-grid"]) == 0
+    src, out = nib.load(str(scan)), nib.load(str(tmp_path / "r.nii.gz"))
+    assert out.shape == src.shape and np.allclose(out.affine, src.affine, atol=1e-4)
+    assert main(["decode", str(tmp_path / "t.npz"), str(tmp_path / "c.nii.gz"), "--ckpt", str(run_dir)]) == 0
+    assert nib.load(str(tmp_path / "c.nii.gz")).shape == (32, 32, 32)
+    assert np.array_equal(CTTokens.load(tmp_path / "t.npz").indices, tok.encode(str(scan)).indices)
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def _one_line_error(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_errors(run_dir, phantom, tmp_path, capsys):
+    ck = run_dir / "ckpts" / "vqvae_step0000010.pt"
+    # missing checkpoint
+    err = _one_line_error(capsys, ["encode", str(phantom), str(tmp_path / "t.npz"), "--ckpt", str(run_dir / "ckpts" / "nope.pt")])
+    assert "nope.pt" in err and "checkpoint" in err
+    # checkpoint of another model size
+    other = make_run(tmp_path / "other", num_embeddings=32)
+    (other / "config.json").write_text((run_dir / "config.json").read_text())
+    err = _one_line_error(capsys, ["encode", str(phantom), str(tmp_path / "t.npz"), "--ckpt", str(other / "ckpts" / "vqvae_step0000010.pt")])
+    assert "vq.embeddings.weight" in err and "config.json" in err
+    # a scan the preprocessing refuses
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not a nifti at all")
+    err = _one_line_error(capsys, ["encode", str(bad), str(tmp_path / "t.npz"), "--ckpt", str(ck)])
+    assert "bad.nii.gz" in err
+    # no model given
+    assert "--bundle" in _one_line_error(capsys, ["encode", str(phantom), str(tmp_path / "t.npz")])
+    # bundle folder without its weights
+    b = tmp_path / "bundle"
+    (b / "configs").mkdir(parents=True)
+    (b / "configs" / "inference.json").write_text(json.dumps({"network_def": TINY, "window_type": "soft_tissue"}))
+    err = _one_line_error(capsys, ["encode", str(phantom), str(tmp_path / "t.npz"), "--bundle", str(b)])
+    assert "model.pt" in err and "export" in err
+    # tokens of another window / another model
+    tok = Tokenizer.from_checkpoint(ck, device="cpu", tile=2)
+    t = tok.encode(str(phantom))
+    lung = make_run(tmp_path / "lung", window="lung")
+    with pytest.raises(TokenizerError, match="window"):
+        Tokenizer.from_checkpoint(lung / "ckpts" / "vqvae_step0000010.pt", device="cpu").decode(t)
+    t.save(tmp_path / "t.npz")
+    other_w = make_run(tmp_path / "seed1", seed=1)
+    err = _one_line_error(capsys, ["decode", str(tmp_path / "t.npz"), str(tmp_path / "r.nii.gz"), "--ckpt", str(other_w)])
+    assert "another model" in err
+    assert not (tmp_path / "r.nii.gz").exists()
+    # not a token file
+    (tmp_path / "x.npz").write_bytes(b"junk")
+    assert "x.npz" in _one_line_error(capsys, ["decode", str(tmp_path / "x.npz"), str(tmp_path / "r.nii.gz"), "--ckpt", str(ck)])
+
+
+def test_cli_subprocess_no_traceback(run_dir, tmp_path):
+    """run.sh path: a refused scan gives one line on stderr and a non-zero exit."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("CTVQ_DEBUG", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.infer", "encode", str(tmp_path / "missing_scan.nii.gz"), str(tmp_path / "o.npz"),
+         "--ckpt", str(run_dir / "ckpts" / "vqvae_step0000010.pt")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode != 0
+    lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "missing_scan.nii.gz" in lines[0] and "Traceback" not in r.stderr

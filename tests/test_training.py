@@ -1,0 +1,223 @@
+"""Staged training through the bundle configs on CPU with a tiny model.
+
+- stage 0 -> 1 -> 2 chain through ``python -m monai.bundle run training`` (subprocesses);
+- stage 1 freezing (summary file and unchanged Encoder / Decoder weights);
+- stage 1 without weights fails naming stage 0 and pretrained_vae_path;
+- resume at step k reproduces the uninterrupted run's losses; a used folder is not overwritten;
+- a 2-process gloo run through ``python -m pipeline.train --num_gpus 2``.
+
+Data: the shared abdomen NIfTI scans preprocessed to 64^3 with pipeline.preprocess, or a tiny
+synthetic processed dataset when the shared scans are absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / "bundles" / "ct_vqvae"
+sys.path.insert(0, str(Path(__file__).parent))
+
+TINY = {
+    "network_def#resolution": 8,
+    "network_def#model_channels": 16,
+    "network_def#latent_channels": 8,
+    "network_def#channels": [8, 8, 16, 16],
+    "network_def#num_embeddings": 64,
+    "network_def#num_blocks": 1,
+    "network_def#num_heads": 2,
+    "network_def#window_size": 4,
+    "network_def#vq_kmeans_init_points": 16,
+    "network_def#vq_reservoir_size": 256,
+    "dataset#args#max_points": 8000,
+    "batch_size_per_gpu": 2,
+    "num_workers": 0,
+    "i_log": 1,
+    "val_cases": 1,
+}
+STEP_RE = re.compile(r"Step (\d+): loss=(\S+) recon=(\S+) vq=(\S+) commitment=(\S+)")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    from conftest import _ct_data_dir
+
+    out = tmp_path_factory.mktemp("processed")
+    ct = _ct_data_dir() / "abdomen_nifti"
+    if (ct / "example_ct.nii.gz").is_file():
+        try:
+            from pipeline.preprocess import run as preprocess
+        except ImportError:
+            preprocess = None
+        if preprocess is not None:
+            raw = tmp_path_factory.mktemp("raw") / "abdomen"
+            raw.mkdir()
+            for name in ("example_ct.nii.gz", "example_ct_sm.nii.gz"):
+                os.symlink(ct / name, raw / name)
+            res = preprocess(raw.parent, out, num_workers=0, resolution=64, windows=["lung"], progress=False,
+                             log=lambda *a, **k: None)
+            if res["ok"] >= 2:
+                return out
+    from test_dataset import write_processed_dataset
+
+    write_processed_dataset(out, "synth", num_cases=3, resolution=64, failed=0)
+    return out
+
+
+def _args(overrides: dict) -> list[str]:
+    out = []
+    for k, v in overrides.items():
+        out += [f"--{k}", json.dumps(v) if isinstance(v, (list, dict, bool)) or v is None else str(v)]
+    return out
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "2")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def bundle_run(stage: str, **overrides) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(BUNDLE / stage),
+           *_args({**TINY, **overrides})]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for m in STEP_RE.finditer((run_dir / "log.txt").read_text()):
+        out[int(m.group(1))] = float(m.group(2))
+    return out
+
+
+def _ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+@pytest.fixture(scope="module")
+def chain(data_dir, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    s0, s1, s2 = runs / "s0", runs / "s1", runs / "s2"
+    common = {"data_dir": str(data_dir), "i_save": 2, "i_sample": 3, "i_val": 3}
+    p0 = bundle_run("stage0.json", output_dir=str(s0), max_steps=3, **common)
+    _ok(p0)
+    p1 = bundle_run("stage1.json", output_dir=str(s1), max_steps=3,
+                    pretrained_vae_path=str(s0 / "ckpts" / "vqvae_step0000003.pt"), **common)
+    _ok(p1)
+    p2 = bundle_run("stage2.json", output_dir=str(s2), max_steps=2, load_dir=str(s1), ckpt="latest", **common)
+    _ok(p2)
+    return {"s0": s0, "s1": s1, "s2": s2, "out": [p0.stdout, p1.stdout, p2.stdout]}
+
+
+def test_stage_chain_files(chain):
+    for name, last in (("s0", 3), ("s1", 3), ("s2", 2)):
+        run = chain[name]
+        ck = run / "ckpts"
+        for f in (f"vqvae_step{last:07d}.pt", f"vqvae_ema0.9999_step{last:07d}.pt", f"misc_step{last:07d}.pt"):
+            assert (ck / f).is_file(), f"{name}: {f} missing"
+        assert (run / "vqvae_model_summary.txt").is_file() and (run / "command.txt").is_file()
+        assert any((run / "tb_logs").iterdir())
+        assert "monai.bundle run training" in (run / "command.txt").read_text()
+        losses = step_losses(run)
+        assert sorted(losses) == list(range(1, last + 1)), f"{name}: {losses}"
+        assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+        # config.json is the resolved config: the model rebuilds from it
+        from monai.bundle import ConfigParser
+
+        cfg = json.loads((run / "config.json").read_text())
+        assert cfg["network_def"]["model_channels"] == 16
+        model = ConfigParser(cfg).get_parsed_content("network_def")
+        model.load_state_dict(torch.load(ck / f"vqvae_step{last:07d}.pt", weights_only=True))
+    assert (chain["s0"] / "samples" / "step0000003.png").is_file()
+    log1 = (chain["s1"] / "log.txt").read_text()
+    assert "[Stage 1]" in log1 and "Total parameters:" in log1 and "Trainable parameters:" in log1
+    assert "Validation step 3:" in log1 and "psnr_body=" in log1 and "mae_hu_body=" in log1
+    log2 = (chain["s2"] / "log.txt").read_text()
+    assert "[Stage 2]" in log2 and "Loading checkpoint from step 3" in log2
+
+
+def test_stage1_freezing(chain):
+    summary = (chain["s1"] / "vqvae_model_summary.txt").read_text().splitlines()
+    assert any(l.startswith("Name") and "Shape" in l and "Grad" in l for l in summary)
+    grads = {l.split()[0]: l.split()[-1] for l in summary if l.startswith(("Encoder.", "Decoder.", "vq."))}
+    assert grads and all(g == "False" for n, g in grads.items() if not n.startswith("vq."))
+    assert grads["vq.embeddings.weight"] == "True"
+    s0 = torch.load(chain["s0"] / "ckpts" / "vqvae_step0000003.pt", weights_only=True)
+    s1 = torch.load(chain["s1"] / "ckpts" / "vqvae_step0000003.pt", weights_only=True)
+    for k, v in s0.items():
+        if k.startswith(("Encoder.", "Decoder.")):
+            assert torch.equal(v, s1[k]), f"{k} changed in stage 1"
+    assert not torch.equal(s0["vq.embeddings.weight"], s1["vq.embeddings.weight"])
+    assert bool(s1["vq.initialized"])  # k-means ran
+    # stage 2 trains everything
+    s2_summary = (chain["s2"] / "vqvae_model_summary.txt").read_text()
+    assert " False" not in s2_summary.split("Parameters:")[1].split("Total")[0]
+
+
+def _inproc(stage: str, **overrides):
+    from monai.bundle import run
+
+    run("training", config_file=str(BUNDLE / stage), logging_file=str(BUNDLE / "logging.conf"), **{**TINY, **overrides})
+
+
+def test_stage1_needs_weights(data_dir, tmp_path):
+    with pytest.raises(Exception) as err:
+        _inproc("stage1.json", data_dir=str(data_dir), output_dir=str(tmp_path / "s1"), max_steps=1)
+    chain_msgs = []
+    e = err.value
+    while e is not None:
+        chain_msgs.append(str(e))
+        e = e.__cause__
+    text = " ".join(chain_msgs)
+    assert "stage 0" in text and "pretrained_vae_path" in text
+
+
+def test_resume_reproduces_losses(data_dir, tmp_path):
+    common = {
+        "data_dir": str(data_dir), "i_save": 100, "i_sample": 100, "i_val": 100,
+        "lr_scheduler": {"_target_": "torch.optim.lr_scheduler.ExponentialLR", "optimizer": "@optimizer", "gamma": 0.9},
+    }
+    full, part = tmp_path / "full", tmp_path / "part"
+    _inproc("stage0.json", output_dir=str(full), max_steps=7, **common)
+    _inproc("stage0.json", output_dir=str(part), max_steps=2, **common)
+    # reusing a run folder without --ckpt is refused, with the resume command in the message
+    with pytest.raises(Exception) as err:
+        _inproc("stage0.json", output_dir=str(part), max_steps=7, **common)
+    msg = str(err.value) + str(err.value.__cause__)
+    assert "--load_dir" in msg and "--ckpt latest" in msg
+    _inproc("stage0.json", output_dir=str(part), load_dir=str(part), ckpt="latest", max_steps=7, **common)
+    a, b = step_losses(full), step_losses(part)
+    assert sorted(b) == list(range(1, 8)), b
+    for s in range(3, 8):
+        assert b[s] == pytest.approx(a[s], rel=1e-4, abs=1e-6), (s, a, b)
+    misc = torch.load(part / "ckpts" / "misc_step0000007.pt", weights_only=False)
+    assert misc["step"] == 7 and misc["scheduler"]["last_epoch"] == 7 and misc["sampler"]["start_step"] == 7
+    assert "Loading checkpoint from step 2" in (part / "log.txt").read_text()
+
+
+def test_two_process_gloo(data_dir, tmp_path):
+    out = tmp_path / "ddp"
+    over = [f"{k}={json.dumps(v)}" for k, v in {**TINY, "i_save": 2, "i_sample": 100, "i_val": 2}.items()]
+    cmd = [sys.executable, "-m", "pipeline.train", "--config", str(BUNDLE / "stage0.json"), "--output_dir", str(out),
+           "--data_dir", str(data_dir), "--num_gpus", "2", "--master_port", "29533",
+           *sum((["--override", o] for o in over), []), "--override", "max_steps=2"]
+    env = _env()
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    _ok(proc)
+    ck = sorted(p.name for p in (out / "ckpts").iterdir())
+    assert ck == ["misc_step0000002.pt", "vqvae_ema0.9999_step0000002.pt", "vqvae_step0000002.pt"], ck
+    assert sorted(step_losses(out)) == [1, 2]
+    assert (out / "log.txt").read_text().count("Step 2: loss=") == 1
+    misc = torch.load(out / "ckpts" / "misc_step0000002.pt", weights_only=False)
+    assert misc["world_size"] == 2
+    assert "./run.sh train" in (out / "command.txt").read_text()

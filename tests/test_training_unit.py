@@ -1,0 +1,112 @@
+"""Trainer pieces without the bundle runner: losses, non-finite steps, gradient accumulation, stages."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from pipeline.dataset import CTWindowSparseDataset, StepSampler, sparse_collate, to_sparse_tensor  # noqa: E402
+from pipeline.stages import freeze_for_stage, model_summary, stage_banner  # noqa: E402
+from pipeline.trainer import SparseReconLoss, SparseVQVAETrainer  # noqa: E402
+
+TINY = dict(resolution=4, model_channels=16, latent_channels=8, channels=(8, 8, 16, 16), num_embeddings=16,
+            num_blocks=1, num_heads=2, window_size=4)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from test_dataset import write_processed_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    write_processed_dataset(root, "synth", num_cases=2, resolution=32, failed=0)
+    return CTWindowSparseDataset(root, "lung", split="all", max_points=1500, min_points=10)
+
+
+def _model():
+    from networks import SparseVQVAE
+
+    torch.manual_seed(0)
+    return SparseVQVAE(**TINY)
+
+
+def _trainer(model, ds, loss=None, batch_split=1, steps=3):
+    sampler = StepSampler(ds, batch_size=2, seed=0)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, sampler=sampler, collate_fn=sparse_collate)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    return SparseVQVAETrainer("cpu", steps, loader, model, opt, loss_function=loss or SparseReconLoss("l1_l2"),
+                              batch_split=batch_split)
+
+
+class NaNOnSecondCall(SparseReconLoss):
+    def __init__(self):
+        super().__init__("l1")
+        self.calls = 0
+
+    def forward(self, recon, x):
+        self.calls += 1
+        out = super().forward(recon, x)
+        return out * float("nan") if self.calls == 2 else out
+
+
+def test_loss_types_and_target(data):
+    batch = sparse_collate([data[(0, 0)]])
+    x = to_sparse_tensor(batch)
+    recon, _ = _model()(x)
+    tgt = SparseReconLoss.target(x, recon)
+    assert tgt.shape[0] == recon.features.shape[0]
+    # the target holds every input voxel (recon covers all children of active cells), 0 elsewhere
+    assert torch.isclose(tgt.sum(), x.features.sum(), rtol=1e-4)
+    for lt in ("l1", "l2", "l1_l2"):
+        assert torch.isfinite(SparseReconLoss(lt)(recon, x))
+    with pytest.raises(ValueError, match="loss_type"):
+        SparseReconLoss("huber")
+
+
+def test_nonfinite_step_is_skipped(data):
+    model = _model()
+    tr = _trainer(model, data, loss=NaNOnSecondCall(), steps=2)
+    snaps = []
+    from ignite.engine import Events
+
+    tr.add_event_handler(Events.ITERATION_COMPLETED, lambda e: snaps.append({k: v.clone() for k, v in model.state_dict().items()}))
+    tr.run()
+    assert tr.state.nonfinite_steps == 1 and tr.state.output["skipped"]
+    for k, v in snaps[1].items():
+        assert torch.isfinite(v.float()).all(), k
+        if v.dtype.is_floating_point and not k.startswith("vq."):
+            assert torch.equal(v, snaps[0][k]), f"{k} changed on a skipped step"
+
+
+def test_batch_split_matches_full_batch(data):
+    batch = sparse_collate([data[(0, 0)], data[(1, 1)]])
+    grads = []
+    for split in (1, 2):
+        model = _model()
+        tr = _trainer(model, data, batch_split=split)
+        tr.optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # keep weights, read gradients
+        tr.state.iteration = 1
+        out = tr._iteration(tr, batch)
+        assert not out["skipped"]
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for n, g in grads[0].items():
+        assert torch.allclose(g, grads[1][n], rtol=1e-3, atol=1e-6), n
+
+
+def test_freezing_and_summary():
+    model = _model()
+    freeze_for_stage(model, 1)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith(("Encoder.", "Decoder.")))
+    assert model.vq.embeddings.weight.requires_grad
+    text = model_summary(model)
+    assert "vq.embeddings.weight" in text and "Trainable parameters:" in text
+    banner = stage_banner(model, 1)
+    assert "[Stage 1]" in banner and f"Trainable parameters: {model.vq.embeddings.weight.numel():,}" in banner
+    freeze_for_stage(model, 0)
+    assert not model.vq.embeddings.weight.requires_grad
+    freeze_for_stage(model, 2)
+    assert all(p.requires_grad for p in model.parameters())
