@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     rate.add_argument("--train-json", type=Path, default=None,
                       help="train_step JSON: uses the ctvq fp16 row whose crop support is closest to --max-points "
                            "(default: bench/results/train_step.json when it exists)")
-    p.set_defaults(default_budget=40.0)
+    p.set_defaults(default_budget=30.0)
     return p.parse_args(argv)
 
 
@@ -104,7 +104,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = C.resolve_device(args.device)
     C.seed_all(args.seed)
-    budget = C.Budget(C.default_budget(args))
     args.max_points = args.max_points or (4096 if args.small else 300000)
     args.num_crops = args.num_crops or (8 if args.small else 200)
     cap = args.max_seconds if args.max_seconds is not None else 10.0
@@ -137,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if len(ds) == 0:
             rows.append({"workers": "-", "status": f"skipped: no usable case with window '{window}' under {data_dir}"})
             ds = None
+    budget = C.Budget(C.default_budget(args))  # after indexing: the budget is for the loaders
     for w in args.workers if ds is not None else []:
         row: dict[str, Any] = {"workers": w}
         if budget.exhausted():

@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported (default 3)")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="soft time cap per configuration (default 40, or 15 with --small)")
-    p.set_defaults(default_budget=110.0)
+    p.set_defaults(default_budget=100.0)
     return p.parse_args(argv)
 
 
@@ -75,7 +75,7 @@ def _fill(row: dict[str, Any], res: dict[str, Any], voxels: int) -> dict[str, An
     row.update(res)
     if t is not None:
         row.update(median_s=t.median_s, times_s=t.times_s, peak_bytes=t.peak_bytes,
-                   voxels_per_s=voxels / t.median_s, n=f"{t.n}" + (" (capped)" if t.capped else ""),
+                   voxels_per_s=voxels / t.median_s, n=t.label,
                    time=C.fmt_seconds(t.median_s), rate=C.fmt_rate(voxels / t.median_s, "vox/s"),
                    peak=C.fmt_bytes(t.peak_bytes))
     print(f"    -> {row.get('status')} {row.get('time', '')} {row.get('peak', '')}", flush=True)
@@ -210,9 +210,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = C.resolve_device(args.device)
     C.seed_all(args.seed)
-    budget = C.Budget(C.default_budget(args))
     cap = args.max_seconds if args.max_seconds is not None else (15.0 if args.small else 40.0)
     scan = C.load_scan(args)
+    budget = C.Budget(C.default_budget(args))  # after loading (or building) the scan
     print(f"scan: {scan.source} ({scan.resolution}^3, window {scan.window_name}); device {device}; "
           f"budget {budget.seconds:.0f} s", flush=True)
     vol = C.whole_scan(scan, device)
@@ -235,17 +235,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         elif key == "ours" and not ok_ours:
             rows.append({"model": "ctvq SparseVQVAE", "status": f"skipped: networks not importable ({why[:80]})"})
         elif key == "ours":
-            rows += bench_ours(vol, args, device, amp, cap, budget)
+            with C.only_on_device(vol, ("coords", "feats"), device):
+                rows += bench_ours(vol, args, device, amp, cap, budget)
         else:
-            rows += bench_maisi(vol, args, device, amp, cap, budget)
+            with C.only_on_device(vol, ("dense",), device):
+                rows += bench_maisi(vol, args, device, amp, cap, budget)
         C.write_partial("inference", args, rows)
     notes = [
         f"scan: {scan.source}, whole {scan.resolution}^3 cube, window {scan.window_name}; ctvq sees the support "
         f"({C.fmt_pct(vol.occupancy)} of the cube), MAISI the dense cube",
         "RANDOM WEIGHTS: timing and memory only, no reconstruction quality",
         "ctvq fp32 = as pipeline.infer runs it (tile 16, no autocast); fp16 = the same under fp16 autocast",
-        f"time = median of n runs after {args.warmup} warm-up run(s), CUDA-synchronised; peak GPU mem = "
-        "torch.cuda.max_memory_allocated during the runs (weights, inputs and outputs included)",
+        f"time = median of n runs after {args.warmup} warm-up run(s), CUDA-synchronised ('warm-up only': one "
+        "run outlasted the cap, the first run is reported, an upper bound); peak GPU mem = "
+        "torch.cuda.max_memory_allocated during the runs (weights, the model's own input and outputs included)",
         "dense-equiv. voxels/s = cube voxels / time; MAISI compresses 4x per axis (latent 4 channels), ctvq 8x "
         "(one 8192-code token per active 8^3 cell)",
         "MAISI windows are stitched on the GPU (MAISI's own scripts stitch on the CPU to save GPU memory)",

@@ -33,7 +33,7 @@ MODEL_LABELS = {
     "maisi-ae": ("MAISI AutoencoderKlMaisi (4x)", "fp16 amp"),
 }
 COLUMNS = [
-    ("model", "model"), ("precision", "precision"), ("crop", "crop"), ("occupancy", "occupancy"),
+    ("model", "model"), ("params_fmt", "params"), ("precision", "precision"), ("crop", "crop"), ("occupancy", "occupancy"),
     ("step", "time/step (median)"), ("n", "n"), ("rate", "dense-equiv. voxels/s"), ("peak", "peak GPU mem"),
     ("status", "status"),
 ]
@@ -52,10 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="soft time cap per configuration; slow ones time fewer steps (>= 3), flagged in n "
                         "(default 20, or 10 with --small)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    p.add_argument("--try-all", action="store_true",
+                   help="also run configurations known not to fit (MAISI at crops >= 500: ~0.5 TB of activations)")
     p.add_argument("--maisi-num-splits", type=int, default=None,
                    help="MAISI conv split count (memory only; default 8, lowered where a crop is too small "
                         "for it; 1 with --small)")
-    p.set_defaults(default_budget=170.0)
+    p.set_defaults(default_budget=150.0)
     return p.parse_args(argv)
 
 
@@ -143,17 +145,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = C.resolve_device(args.device)
     C.seed_all(args.seed)
-    budget = C.Budget(C.default_budget(args))
     cap = args.max_seconds if args.max_seconds is not None else (10.0 if args.small else 20.0)
     crops = args.crops or ([16, 32] if args.small else [64, 128, 256, 512])
     scan = C.load_scan(args)
+    budget = C.Budget(C.default_budget(args))  # after loading (or building) the scan
     ok_ours, why = C.networks_available()
     print(f"scan: {scan.source} ({scan.resolution}^3, window {scan.window_name}); device {device}; "
           f"budget {budget.seconds:.0f} s", flush=True)
 
     rows: list[dict[str, Any]] = []
     for size in crops:
-        crop = None
+        crop, crop_status = None, "ok"
         for key in args.models:
             name, prec = MODEL_LABELS[key]
             if device.type != "cuda" and prec == "fp16 amp":
@@ -166,24 +168,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 row["status"] = f"skipped: networks not importable ({why[:80]})"
             elif budget.exhausted():
                 row["status"] = "skipped: time budget"
+            elif key == "maisi-ae" and size >= 500 and not args.try_all:
+                # MAISI moves tensors with an edge >= 500 to the CPU to concatenate them (minutes per
+                # step), and its full-resolution activations alone need about 30 x 64 channels x 2 bytes
+                # per voxel: 0.5 TB at 512^3
+                row["status"] = f"skipped: about {30 * 64 * 2 * size**3 / 2**30:.0f} GiB of activations (--try-all runs it)"
             else:
+                if crop is None and crop_status == "ok":
+                    built = C.run_guarded(lambda: {"crop": C.make_crop(scan, size, device)}, device)
+                    crop, crop_status = built.get("crop"), built["status"]
                 if crop is None:
-                    crop = C.run_guarded(lambda: {"crop": C.make_crop(scan, size, device)}, device).get("crop")
-                if crop is None:
-                    row["status"] = "error: could not build the crop"
+                    row["status"] = f"crop not built: {crop_status}"
                 else:
                     row["occupancy_frac"] = crop.occupancy
                     row["support_voxels"] = int(crop.coords.shape[0])
                     print(f"[{budget.elapsed():6.1f}s] {key} {size}^3 ...", flush=True)
-                    row.update(C.run_guarded(
-                        lambda: run_config(key, crop, args, device, budget.per_config(cap)), device))
+                    keep = ("coords", "feats") if key.startswith("ours") else ("dense",)
+                    with C.only_on_device(crop, keep, device):  # peak memory: the model's own input only
+                        row.update(C.run_guarded(
+                            lambda: run_config(key, crop, args, device, budget.per_config(cap)), device))
             t = row.pop("timing", None)
             if t is not None:
-                row["n"] = f"{t.n}" + (" (capped)" if t.capped else "")
+                row["n"] = t.label
                 row["times_s"] = t.times_s
                 row["step"] = C.fmt_seconds(t.median_s)
                 row["rate"] = C.fmt_rate(row["voxels_per_s"], "vox/s")
                 row["peak"] = C.fmt_bytes(row["peak_bytes"])
+                row["params_fmt"] = C.fmt_rate(row["params"])
             row["occupancy"] = C.fmt_pct(row.get("occupancy_frac"))
             print(f"    -> {row.get('status')} {row.get('step', '')} {row.get('peak', '')}", flush=True)
             rows.append(row)
@@ -196,8 +207,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "(8-aligned); occupancy = support voxels (body mask & window > 0) / crop voxels",
         "batch 1; one step = forward + loss + backward + AdamW step; dense models get the whole crop, "
         "ctvq gets the crop's support only",
-        f"time/step = median of n timed steps after {args.warmup} warm-up steps (CUDA-synchronised); "
-        "'capped' = fewer than the asked repeats because of the per-configuration time cap",
+        f"time/step = median of n timed steps after up to {args.warmup} warm-up steps (one for slow "
+        "configurations; CUDA-synchronised); "
+        "'capped' = fewer than the asked repeats because of the per-configuration time cap; 'warm-up only' = "
+        "one step outlasted the cap, so the first (untuned) step is reported, an upper bound",
         "dense-equiv. voxels/s = crop voxels / step time; peak GPU mem = torch.cuda.max_memory_allocated "
         "(weights, optimizer state and activations)",
         "random weights (timing does not depend on them); MAISI keeps its shipped save_mem=True "

@@ -1,25 +1,42 @@
-"""Sparse VQ-VAE networks on spconv: backend, sparse ops, attention, quantizer, model, pretrained weights."""
+"""Sparse VQ-VAE networks on spconv: backend, sparse ops, attention, quantizer, model, pretrained weights.
 
-from .backend import SparseConvTensor, SparseInt32LimitError, check_int32_limit, conv_algo, int32_limit, make_sparse
-from .ops import downsample, sparse_lookup, subdivide
-from .pretrained import load_pretrained
-from .quantizer import VectorQuantizer
-from .vqvae import Direct3DS2_VQVAE, SparseVQVAE, Tokens, count_parameters
+Names are imported lazily (PEP 562), so ``networks.quantizer`` can be used without loading
+spconv; anything that touches sparse tensors imports :mod:`networks.backend` first, which
+picks the conv algorithm and installs the CPU stream stub.
+"""
 
-__all__ = [
-    "SparseConvTensor",
-    "SparseInt32LimitError",
-    "check_int32_limit",
-    "conv_algo",
-    "int32_limit",
-    "make_sparse",
-    "downsample",
-    "subdivide",
-    "sparse_lookup",
-    "VectorQuantizer",
-    "load_pretrained",
-    "SparseVQVAE",
-    "Direct3DS2_VQVAE",
-    "Tokens",
-    "count_parameters",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "SparseConvTensor": "backend",
+    "SparseInt32LimitError": "backend",
+    "check_int32_limit": "backend",
+    "conv_algo": "backend",
+    "int32_limit": "backend",
+    "make_sparse": "backend",
+    "downsample": "ops",
+    "subdivide": "ops",
+    "sparse_lookup": "ops",
+    "VectorQuantizer": "quantizer",
+    "load_pretrained": "pretrained",
+    "SparseVQVAE": "vqvae",
+    "Direct3DS2_VQVAE": "vqvae",
+    "Tokens": "vqvae",
+    "count_parameters": "vqvae",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'networks' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

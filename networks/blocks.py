@@ -35,13 +35,18 @@ class SparseConv3d(nn.Module):
         check_int32_limit(feats.shape[0], max(self.in_channels, self.out_channels), feats.dtype, self.name)
         self.conv.algo = conv_algo(feats.device)
         self.conv.indice_key = level_key(x.spatial_shape)
-        if feats.dtype != self.conv.weight.dtype and not torch.is_autocast_enabled(feats.device.type):
+        if feats.dtype != self.conv.weight.dtype and not (feats.is_cuda and torch.is_autocast_enabled("cuda")):
+            # spconv casts to fp16 itself under CUDA autocast; elsewhere match the weight dtype
             x = replace(x, feats.to(self.conv.weight.dtype))
-        # spconv fuses the bias in inference mode, which its CPU kernels do not support:
-        # on CPU always take the training path (bias added after the gather-GEMM-scatter)
-        training = self.training or feats.device.type == "cpu"
+        # Always take spconv's training path: its inference path fuses the bias, which the CPU
+        # kernels do not support, and skips the autocast cast (fp32 features with fp16 weights
+        # then find no GPU kernel: "can't find suitable algorithm for 0").
+        training = True
         c = self.conv
-        return c._conv_forward(training, x, c.weight, c.bias, name=c.name, sparse_unique_name=c._sparse_unique_name)
+        if feats.is_cuda:
+            return c._conv_forward(training, x, c.weight, c.bias, name=c.name, sparse_unique_name=c._sparse_unique_name)
+        with torch.autocast(feats.device.type, enabled=False):  # spconv's CPU path knows fp32/fp16 only
+            return c._conv_forward(training, x, c.weight, c.bias, name=c.name, sparse_unique_name=c._sparse_unique_name)
 
 
 def _maybe_checkpoint(fn, x, enabled: bool):

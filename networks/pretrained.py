@@ -131,8 +131,11 @@ def load_pretrained(model: nn.Module, path_or_state: str | os.PathLike | Mapping
         strict: raise when a model key stays unloaded (our checkpoints only).
 
     Returns:
-        report ``{"format", "loaded", "missing", "unexpected", "reinitialized", "skipped"}``
-        (lists of keys; ``loaded`` is a count).
+        report ``{"format", "loaded", "missing", "unexpected", "reinitialized", "skipped", "zero_init"}``
+        (lists of keys; ``loaded`` is a count). For Direct3D-S2 weights ``missing`` lists the
+        model keys without a source other than ``vq.*`` and the zero-initialised child position
+        embeddings (``zero_init``: they leave the original's behaviour unchanged); ``reinitialized``
+        the layers left new because the latent size differs.
     """
     ckpt = path_or_state if isinstance(path_or_state, Mapping) else _load_file(path_or_state)
     if not isinstance(ckpt, Mapping):
@@ -164,6 +167,12 @@ def load_pretrained(model: nn.Module, path_or_state: str | os.PathLike | Mapping
         sd = {k: v for k, v in sd.items() if k not in bad}
     result = model.load_state_dict(sd, strict=False)
     missing = list(result.missing_keys)
+    zero_init = []
+    if fmt == "direct3d_s2":
+        # our zero-initialised additions behave exactly like the original without them:
+        # not "missing" (a stage-1 run keeps them frozen with the rest of the VAE)
+        zero_init = [k for k in missing if k.endswith("child_embedding")]
+        missing = [k for k in missing if k not in zero_init]
     if fmt == "ctvq" and strict and (missing or notes["skipped"]):
         raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]}, mismatched {notes['skipped'][:5]}; check the model config.")
     report = {
@@ -173,6 +182,7 @@ def load_pretrained(model: nn.Module, path_or_state: str | os.PathLike | Mapping
         "unexpected": list(result.unexpected_keys),
         "reinitialized": notes["reinitialized"],
         "skipped": notes["skipped"],
+        "zero_init": zero_init,
     }
     logger.info("loaded %d tensors (%s); %d missing, %d skipped", len(sd), fmt, len(missing), len(notes["skipped"]))
     return report

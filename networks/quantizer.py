@@ -132,9 +132,9 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("last_used", torch.zeros(num_embeddings, dtype=torch.long))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
-        # reservoir of recent encoder outputs (not saved in checkpoints)
-        self.register_buffer("reservoir", torch.zeros(0, embedding_dim), persistent=False)
-        self._seen = 0  # vectors offered to the reservoir (host counter: no device sync)
+        # reservoir of recent encoder outputs: a plain attribute, not a buffer, so that DDP's
+        # buffer broadcast never sees its rank-dependent size (not saved in checkpoints)
+        self.reservoir = torch.zeros(0, embedding_dim)
         self._py_step = 0
         self._py_initialized = not kmeans_init
 
@@ -164,12 +164,20 @@ class VectorQuantizer(nn.Module):
             slots = torch.randint(cap, (z.shape[0],), device=z.device)
             res[slots] = z
         self.reservoir = res
-        self._seen += int(z.shape[0])
+
+    def _reservoir_ready(self) -> bool:
+        """True once every rank's reservoir holds ``kmeans_init_points`` (same answer on all ranks)."""
+        n = self.reservoir.shape[0]
+        if _dist():  # during the first steps only: one tiny all-reduce
+            t = torch.tensor([n], device=self.embeddings.weight.device, dtype=torch.long)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            n = int(t)
+        return n >= self.kmeans_init_points
 
     @torch.no_grad()
     def kmeans_init_from_reservoir(self, iters: int | None = None) -> None:
         """Set the codebook to k-means centres of the reservoir (rank 0, then broadcast)."""
-        if self.reservoir.shape[0] == 0 and not _dist():
+        if self.reservoir.shape[0] == 0 and (not _dist() or dist.get_rank() == 0):
             raise ValueError("vq reservoir is empty: run training forwards or vq.collect(z) before k-means init.")
         if not _dist() or dist.get_rank() == 0:
             centres = kmeans(self.reservoir, self.num_embeddings, iters or self.kmeans_iters)
@@ -187,11 +195,11 @@ class VectorQuantizer(nn.Module):
     def restart_dead_codes(self) -> int:
         """Re-seed codes unused for ``dead_code_steps`` steps from the reservoir; returns how many."""
         dead = (self.step - self.last_used) >= self.dead_code_steps
-        n = int(dead.sum())  # sync: runs every `restart_every` steps only
-        if n == 0 or self.reservoir.shape[0] == 0:
+        n = int(dead.sum())  # sync: runs every `restart_every` steps only; same on all ranks
+        if n == 0:
             return 0
         w = self.embeddings.weight.data
-        if not _dist() or dist.get_rank() == 0:
+        if (not _dist() or dist.get_rank() == 0) and self.reservoir.shape[0] > 0:
             pick = torch.randint(self.reservoir.shape[0], (n,), device=w.device)
             new = self.reservoir.to(w.device)[pick]
             new = new + 0.01 * new.std() * torch.randn_like(new)
@@ -242,7 +250,7 @@ class VectorQuantizer(nn.Module):
             zf = z.float()
             if self.training and not self._py_initialized:
                 self.collect(zf)
-                if self.reservoir.shape[0] >= self.kmeans_init_points:
+                if self._reservoir_ready():
                     self.kmeans_init_from_reservoir()
             idx = nearest_code(zf.detach(), self.embeddings.weight)
             e = self.embeddings.weight.float()[idx]

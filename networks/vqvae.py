@@ -8,10 +8,18 @@ Quantizer ``vq``. Decoder: linear latent -> model_channels; position embedding; 
 blocks; subdivide blocks model_channels -> channels[-2] -> ... -> channels[0] (conv, split into
 all 8 children, conv); linear -> 1.
 
+Two small additions to that layout, zero-initialised so Direct3D-S2 weights behave as before:
+a learned embedding of each voxel's position inside its parent, added before pooling in the
+down blocks and after subdividing in the subdivide blocks. A mean of children cannot tell the
+children apart and copies of a parent are identical, so without them detail below the cell
+size can only come from neighbouring cells.
+
 Whole volumes: the transformers see all latent tokens at once (cheap), the conv parts run tile
 by tile over the latent grid with a halo of ``Encoder.halo`` / ``Decoder.halo`` latent cells,
 the sum of the radii of their convs in latent units rounded up (4 and 3 by default). Norms are
 per voxel and windows use absolute coordinates, so the tiled result equals the untiled one.
+Decoder tiles shrink level by level (:meth:`SparseDecoder.remaining_halos`), so the costly
+full-resolution layers only see the tile plus a 4-voxel margin.
 """
 
 from __future__ import annotations
@@ -110,11 +118,13 @@ class SparseEncoder(_LatentTransformer):
         norm: str = "layer",
         num_groups: int = 32,
         use_checkpoint: bool = False,
+        child_embedding: bool = True,
     ):
         super().__init__(channels[-1], model_channels, num_blocks, num_heads, window_size, mlp_ratio, use_checkpoint)
         self.input_layer1 = SparseLinear(in_channels, channels[0])
         self.downsample = nn.ModuleList(
-            SparseDownBlock3d(channels[i], channels[i + 1], norm, num_groups, use_checkpoint) for i in range(len(channels) - 1)
+            SparseDownBlock3d(channels[i], channels[i + 1], norm, num_groups, use_checkpoint, child_embedding)
+            for i in range(len(channels) - 1)
         )
         self.out_layer = SparseLinear(model_channels, latent_channels)
         self.norm = norm
@@ -156,11 +166,12 @@ class SparseDecoder(_LatentTransformer):
         window_size: int = 8,
         mlp_ratio: float = 4.0,
         use_checkpoint: bool = False,
+        child_embedding: bool = True,
     ):
         super().__init__(latent_channels, model_channels, num_blocks, num_heads, window_size, mlp_ratio, use_checkpoint)
         ups = [model_channels] + list(channels[-2::-1])
         self.upsample = nn.ModuleList(
-            SparseSubdivideBlock3d(ups[i], ups[i + 1], use_checkpoint) for i in range(len(ups) - 1)
+            SparseSubdivideBlock3d(ups[i], ups[i + 1], use_checkpoint, child_embedding) for i in range(len(ups) - 1)
         )
         self.out_layer = SparseLinear(channels[0], out_channels)
         self.factor = 2 ** len(self.upsample)
@@ -168,6 +179,17 @@ class SparseDecoder(_LatentTransformer):
         # block j: radius-1 conv at cell size 2^-j, subdivide, radius-1 conv at 2^-(j+1)
         self.halo = math.ceil(sum(2.0**-j + 2.0 ** -(j + 1) for j in range(n)))
         self.apply(_init_linear)
+
+    def remaining_halos(self) -> list:
+        """Per subdivide block: (scale of its output level in voxels per latent cell, margin in
+        those voxels that the later blocks still need), for level-by-level cropping of tiles."""
+        n = len(self.upsample)
+        out = []
+        for j in range(n):
+            rem = sum(2.0**-i + 2.0 ** -(i + 1) for i in range(j + 1, n))
+            scale = 2 ** (j + 1)
+            out.append((scale, math.ceil(rem * scale)))
+        return out
 
     def forward_global(self, z: SparseConvTensor) -> SparseConvTensor:
         return self.transform(z)
@@ -215,6 +237,8 @@ class SparseVQVAE(nn.Module):
         vq_kmeans_init, vq_kmeans_init_points, vq_reservoir_size, vq_restart_every,
         vq_dead_code_steps, vq_ema_decay: see :class:`~networks.quantizer.VectorQuantizer`.
         attn_max_tokens: bound on padded window tokens per attention call (None: one call).
+        child_embedding: learned position-in-parent embeddings in the down and subdivide blocks
+            (zero at init; False gives exactly the Direct3D-S2 layout).
     """
 
     def __init__(
@@ -243,6 +267,7 @@ class SparseVQVAE(nn.Module):
         vq_dead_code_steps: int = 1000,
         vq_ema_decay: float = 0.99,
         attn_max_tokens: int | None = None,
+        child_embedding: bool = True,
     ):
         super().__init__()
         channels = tuple(int(c) for c in channels)
@@ -257,10 +282,12 @@ class SparseVQVAE(nn.Module):
         self.lambda_commitment = lambda_commitment
         self.norm = norm
         self.Encoder = SparseEncoder(
-            in_channels, channels, model_channels, latent_channels, num_blocks, num_heads, window_size, mlp_ratio, norm, num_groups, use_checkpoint
+            in_channels, channels, model_channels, latent_channels, num_blocks, num_heads, window_size, mlp_ratio, norm, num_groups,
+            use_checkpoint, child_embedding,
         )
         self.Decoder = SparseDecoder(
-            out_channels, channels, model_channels, latent_channels, num_blocks, num_heads, window_size, mlp_ratio, use_checkpoint
+            out_channels, channels, model_channels, latent_channels, num_blocks, num_heads, window_size, mlp_ratio, use_checkpoint,
+            child_embedding,
         )
         self.vq = VectorQuantizer(
             num_embeddings,
@@ -321,9 +348,6 @@ class SparseVQVAE(nn.Module):
         return recon, losses
 
     # ------------------------------------------------------------------ inference
-    def _latent_sparse(self, feats: torch.Tensor, coords: torch.Tensor, batch_size: int, latent_shape) -> SparseConvTensor:
-        return make_sparse(feats, coords, latent_shape, batch_size)
-
     @torch.no_grad()
     def encode_latent(self, x: SparseConvTensor, tile: int | None = None) -> SparseConvTensor:
         """Continuous latent (before quantisation), rows sorted by (batch, i, j, k).
@@ -385,13 +409,18 @@ class SparseVQVAE(nn.Module):
         out_shape = [int(s) * f for s in h.spatial_shape]
         cells = h.indices[:, 1:].long()
         feats, idx = [], []
+        shrink = self.Decoder.remaining_halos()
         for origin in _occupied_tiles(cells, tile).tolist():  # loop over tiles, not voxels
             sel = crop_indices(h.indices, [o - halo for o in origin], [o + tile + halo for o in origin])
-            sub = make_sparse(h.features[sel], h.indices[sel], h.spatial_shape, h.batch_size)
-            out = self.Decoder.forward_local(sub)
-            core = crop_indices(out.indices, [o * f for o in origin], [(o + tile) * f for o in origin])
-            feats.append(out.features[core])
-            idx.append(out.indices[core])
+            out = make_sparse(h.features[sel], h.indices[sel], h.spatial_shape, h.batch_size)
+            for blk, (scale, margin) in zip(self.Decoder.upsample, shrink):
+                out = blk(out)
+                # keep only what the remaining layers still need: the halo shrinks level by level
+                keep = crop_indices(out.indices, [o * scale - margin for o in origin], [(o + tile) * scale + margin for o in origin])
+                out = make_sparse(out.features[keep], out.indices[keep], out.spatial_shape, out.batch_size)
+            out = self.Decoder.out_layer(out)
+            feats.append(out.features)
+            idx.append(out.indices)
         if not feats:
             c = self.Decoder.out_layer.out_features
             return make_sparse(h.features.new_zeros(0, c), h.indices.new_zeros(0, 4), out_shape, h.batch_size)

@@ -231,6 +231,8 @@ class CTWindowSparseDataset(Dataset):
         self.random_crop = (split == "train") if random_crop is None else bool(random_crop)
         self.cache = cache
         self.epoch = 0
+        self._counts: dict[str, np.ndarray] = {}
+        self._masks: dict[str, np.ndarray] = {}
         import transforms  # noqa: F401  (import cost paid here, not in the first __getitem__)
 
         self.datasets = find_datasets(data_dir)
@@ -280,8 +282,6 @@ class CTWindowSparseDataset(Dataset):
             self.cases.append(c)
         if self.skipped:
             logger.info(f"skipped {len(self.skipped)} case(s) with fewer than min_points={self.min_points} support voxels")
-        self._counts: dict[str, np.ndarray] = {}
-        self._masks: dict[str, np.ndarray] = {}
         logger.info(
             f"CTWindowSparseDataset[{split}]: {len(self.cases)} case(s) from {len(self.datasets)} dataset(s), window '{window_type}'"
         )
@@ -300,41 +300,51 @@ class CTWindowSparseDataset(Dataset):
         path = Path(c["dir"]) / "body_mask_512.npy"
         if path.is_file():
             return np.load(path, mmap_mode="r")
-        if c["key"] not in getattr(self, "_masks", {}):
+        cached = Path(c["dir"]) / ".cache" / "body_mask_512.npy"
+        if self.cache != "memory" and cached.is_file():
+            return np.load(cached, mmap_mode="r")
+        masks = self.__dict__.setdefault("_masks", {})
+        if c["key"] not in masks:
             if not (Path(c["dir"]) / "ct_normalized_512.npy").is_file():
                 return None
             logger.warning(f"{c['key']}: body_mask_512.npy missing, computing the body mask from ct_normalized_512.npy")
-            if not hasattr(self, "_masks"):
-                self._masks = {}
-            self._masks[c["key"]] = _load_body_mask_from_ct(Path(c["dir"]), c["hu_min"], c["hu_max"])
-        return self._masks[c["key"]]
+            mask = _load_body_mask_from_ct(Path(c["dir"]), c["hu_min"], c["hu_max"])
+            if self.cache != "memory":
+                try:
+                    from pipeline.io_utils import save_npy
+
+                    save_npy(cached, mask)
+                    return np.load(cached, mmap_mode="r")
+                except OSError:
+                    pass  # read-only dataset: keep it in memory
+            masks[c["key"]] = mask
+        return masks[c["key"]]
 
     def _window(self, c: dict) -> np.ndarray:
         return np.load(c["window_file"], mmap_mode="r")
 
     def _block_counts(self, c: dict) -> np.ndarray:
-        mem = getattr(self, "_counts", None)
-        if mem is not None and c["key"] in mem:
+        """Support voxels per block of one case: from the disk cache, else computed once (and cached)."""
+        mem = self.__dict__.setdefault("_counts", {})
+        if c["key"] in mem:
             return mem[c["key"]]
         path = self._cache_path(c)
         wfile = Path(c["window_file"])
-        counts = None
         if path is not None and path.is_file() and path.stat().st_mtime >= wfile.stat().st_mtime:
             try:
-                counts = np.load(path)
+                return np.load(path)  # 512 KB for a 512^3 case: read per item, not kept in memory
             except (OSError, ValueError):
-                counts = None
-        if counts is None:
-            counts = block_counts(self._window(c), self._mask(c), self.block)
-            if path is not None:
-                try:
-                    from pipeline.io_utils import save_npy
+                pass
+        counts = block_counts(self._window(c), self._mask(c), self.block)
+        if path is not None:
+            try:
+                from pipeline.io_utils import save_npy
 
-                    save_npy(path, counts)
-                except OSError:
-                    pass  # read-only dataset: keep it in memory only
-        if mem is not None:
-            mem[c["key"]] = counts
+                save_npy(path, counts)
+                return counts
+            except OSError:
+                pass  # read-only dataset: keep it in memory only
+        mem[c["key"]] = counts
         return counts
 
     # -- Dataset API ------------------------------------------------------------------------

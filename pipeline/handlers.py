@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from copy import deepcopy
 from pathlib import Path
 from typing import Any
 

@@ -34,7 +34,13 @@ __all__ = [
 
 def _as_tensor(x: Any, device: torch.device | None = None, dtype=torch.float32) -> torch.Tensor:
     """Array-like -> 3D torch tensor (channel axis of size 1 dropped)."""
-    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    if isinstance(x, torch.Tensor):
+        t = x
+    else:
+        a = np.asarray(x)
+        if not a.flags.writeable:  # memory-mapped or read-only arrays: torch needs a writable buffer
+            a = np.array(a, dtype=np.float32 if dtype.is_floating_point and a.dtype.kind == "f" else a.dtype)
+        t = torch.as_tensor(a)
     t = t.as_tensor() if hasattr(t, "as_tensor") else t  # MetaTensor -> Tensor
     if t.ndim == 5 and t.shape[0] == 1 and t.shape[1] == 1:
         t = t[0, 0]

@@ -117,7 +117,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from monai.bundle import run
 
-    run("training", config_file=files, logging_file=logging_file, meta_file=_meta(files), **overrides)
+    try:
+        run("training", config_file=files, logging_file=logging_file, meta_file=_meta(files), **overrides)
+    except Exception as e:  # the bundle runner wraps errors: show the root cause in one line
+        root = e
+        while root.__cause__ is not None:
+            root = root.__cause__
+        if isinstance(root, (FileExistsError, FileNotFoundError, ValueError, KeyError)) and root is not e:
+            print(f"train: {type(root).__name__}: {root}", file=sys.stderr)
+            return 2
+        raise
     return 0
 
 

@@ -36,7 +36,10 @@ def test_measure_and_table(tmp_path):
     assert len(calls) == 7 and t.n == 5 and t.warmup == 2 and t.median_s >= 0 and t.peak_bytes is None
     capped = C.measure(lambda: __import__("time").sleep(0.02), torch.device("cpu"), warmup=1, repeats=50,
                        max_seconds=0.1, min_repeats=2)
-    assert capped.capped and 2 <= capped.n < 50
+    assert capped.capped and 2 <= capped.n < 50 and capped.label.endswith("(capped)")
+    slow = C.measure(lambda: __import__("time").sleep(0.05), torch.device("cpu"), warmup=3, repeats=20,
+                     max_seconds=0.01)
+    assert slow.warmup_only and slow.n == 1 and slow.label == "1 (warm-up only)"
     table = C.markdown_table([{"a": 1, "b": "x"}, {"a": 2}], [("a", "A"), ("b", "B")])
     assert table.splitlines() == ["| A | B |", "|---|---|", "| 1 | x |", "| 2 | - |"]
     out = C.write_json(tmp_path / "r" / "x.json", {"t": t, "p": tmp_path})
@@ -95,23 +98,23 @@ def test_train_step_smoke(cache, tmp_path):
     from bench import train_step
 
     out = tmp_path / "train_step.json"
-    payload = train_step.main(["--small", "--device", "cpu", "--crops", "16", "--warmup", "0", "--repeats", "1",
-                               "--cache", str(cache), "--resolution", "32", "--out", str(out)])
+    payload = train_step.main(["--small", "--device", "cpu", "--crops", "8", "--warmup", "0", "--repeats", "1",
+                               "--cache", str(cache), "--resolution", "32", "--budget", "600", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data["benchmark"] == "train_step" and len(data["rows"]) == 4
     assert {r["key"] for r in data["rows"]} == set(train_step.MODELS)
     _ok_or_skipped(data["rows"])
     for r in data["rows"]:
         if r["status"] == "ok":
-            assert r["median_s"] > 0 and r["voxels_per_s"] == pytest.approx(16**3 / r["median_s"])
-    assert "| model | precision | crop |" in payload["table_markdown"]
+            assert r["median_s"] > 0 and r["voxels_per_s"] == pytest.approx(8**3 / r["median_s"])
+    assert "| model | params | precision | crop |" in payload["table_markdown"]
 
 
 def test_inference_smoke(cache, tmp_path):
     from bench import inference
 
     out = tmp_path / "inference.json"
-    inference.main(["--small", "--device", "cpu", "--warmup", "0", "--repeats", "1", "--cache", str(cache),
+    inference.main(["--small", "--device", "cpu", "--warmup", "0", "--repeats", "1", "--budget", "600", "--cache", str(cache),
                     "--resolution", "32", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     _ok_or_skipped(rows)

@@ -161,3 +161,14 @@ def test_step_sampler_resume():
     g0 = {next(r0)[1] for _ in range(5)}
     g1 = {next(r1)[1] for _ in range(5)}
     assert not g0 & g1
+
+
+def test_check_data_report(synth, capsys):
+    from pipeline.check_data import main
+
+    assert main([str(synth), "--window", "lung", "--max_points", "2000"]) == 0
+    out = capsys.readouterr().out
+    assert "Datasets found" in out and "failed   a/case_004" in out and "skipped  a/case_003" in out
+    assert "Sample " in out and "loaded in" in out
+    assert main([str(synth), "--window", "brain"]) == 1  # no brain window files: nothing usable
+

@@ -105,8 +105,8 @@ def test_same_tokens_when_copied_alone(exported, tmp_path):
     alone = tmp_path / "elsewhere" / "ct_vqvae"
     shutil.copytree(b, alone)
     scan = write_phantom(tmp_path / "raw", seed=3, shape=(40, 40, 30), spacing=8.0)["ct"]
-    ref = Tokenizer.from_checkpoint(run / "ckpts" / "vqvae_ema0.9999_step0000020.pt", device="cpu", tile=2).encode(str(scan))
-    tok = Tokenizer.from_bundle(alone, device="cpu", tile=2)
+    ref = Tokenizer.from_checkpoint(run / "ckpts" / "vqvae_ema0.9999_step0000020.pt", device="cpu").encode(str(scan))
+    tok = Tokenizer.from_bundle(alone, device="cpu")
     t = tok.encode(str(scan))
     assert np.array_equal(t.indices, ref.indices) and np.array_equal(t.coords, ref.coords)
     # monai.bundle.load builds network_def from configs/inference.json and loads models/model.pt
@@ -119,7 +119,7 @@ def test_same_tokens_when_copied_alone(exported, tmp_path):
     from monai.bundle import ConfigWorkflow
 
     wf = ConfigWorkflow(config_file=str(alone / "configs" / "inference.json"), workflow_type="inference",
-                        bundle_root=str(alone), input_files=[str(scan)], output_dir=str(tmp_path / "out"), device="cpu", tile=2)
+                        bundle_root=str(alone), input_files=[str(scan)], output_dir=str(tmp_path / "out"), device="cpu")
     wf.initialize()
     wf.run()
     wf.finalize()

@@ -81,7 +81,7 @@ def test_tiled_equals_untiled():
 
 
 def test_encode_scan_roundtrip(run_dir, phantom, tmp_path):
-    tok = Tokenizer.from_checkpoint(run_dir / "ckpts" / "vqvae_ema0.9999_step0000010.pt", device="cpu", tile=2)
+    tok = Tokenizer.from_checkpoint(run_dir / "ckpts" / "vqvae_ema0.9999_step0000010.pt", device="cpu")
     assert tok.window == parse_window("soft_tissue") and tok.resolution == 32
     t = tok.encode(str(phantom))
     assert len(t) > 0 and t.coords.shape == (len(t), 3) and t.latent_shape == (4, 4, 4)
@@ -106,8 +106,8 @@ def test_encode_scan_roundtrip(run_dir, phantom, tmp_path):
 
 def test_real_scan_original_grid(ct_data_dir, run_dir, tmp_path):
     scan = ct_data_dir / "abdomen_nifti" / "example_ct_sm.nii.gz"
-    tok = Tokenizer.from_checkpoint(run_dir / "ckpts" / "vqvae_step0000010.pt", device="cpu", tile=2)
-    assert main(["encode", str(scan), str(tmp_path / "t.npz"), "--ckpt", str(run_dir / "ckpts" / "vqvae_step0000010.pt"), "--tile", "2"]) == 0
+    tok = Tokenizer.from_checkpoint(run_dir / "ckpts" / "vqvae_step0000010.pt", device="cpu")
+    assert main(["encode", str(scan), str(tmp_path / "t.npz"), "--ckpt", str(run_dir / "ckpts" / "vqvae_step0000010.pt")]) == 0
     assert main(["decode", str(tmp_path / "t.npz"), str(tmp_path / "r.nii.gz"), "--ckpt", str(run_dir), "--original-grid"]) == 0
     src, out = nib.load(str(scan)), nib.load(str(tmp_path / "r.nii.gz"))
     assert out.shape == src.shape and np.allclose(out.affine, src.affine, atol=1e-4)
@@ -150,7 +150,7 @@ def test_errors(run_dir, phantom, tmp_path, capsys):
     err = _one_line_error(capsys, ["encode", str(phantom), str(tmp_path / "t.npz"), "--bundle", str(b)])
     assert "model.pt" in err and "export" in err
     # tokens of another window / another model
-    tok = Tokenizer.from_checkpoint(ck, device="cpu", tile=2)
+    tok = Tokenizer.from_checkpoint(ck, device="cpu")
     t = tok.encode(str(phantom))
     lung = make_run(tmp_path / "lung", window="lung")
     with pytest.raises(TokenizerError, match="window"):

@@ -172,9 +172,9 @@ def check_tiled(model, x, tile):
     model.Encoder.halo, model.Decoder.halo = enc_halo, dec_halo
 
 
-@pytest.mark.parametrize("channels,stride,tile", [((8, 16), 4, 4), ((8, 8, 16), 2, 2)])
-def test_tiled_equals_untiled_real(ct_data_dir, channels, stride, tile):
-    x = ct_sparse(ct_data_dir, grid=32, stride=stride)
+@pytest.mark.parametrize("channels,stride,tile,batch", [((8, 16), 4, 4, 2), ((8, 8, 16), 2, 2, 1)])
+def test_tiled_equals_untiled_real(ct_data_dir, channels, stride, tile, batch):
+    x = ct_sparse(ct_data_dir, grid=32, stride=stride, batch=batch)
     check_tiled(small_model(channels=channels, window_size=4).eval(), x, tile)
 
 

@@ -107,13 +107,14 @@ def _ok(proc: subprocess.CompletedProcess) -> None:
 def chain(data_dir, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     s0, s1, s2 = runs / "s0", runs / "s1", runs / "s2"
-    common = {"data_dir": str(data_dir), "i_save": 2, "i_sample": 3, "i_val": 3}
-    p0 = bundle_run("stage0.json", output_dir=str(s0), max_steps=3, **common)
+    common = {"data_dir": str(data_dir), "i_save": 2}
+    p0 = bundle_run("stage0.json", output_dir=str(s0), max_steps=3, i_sample=3, i_val=100, **common)
     _ok(p0)
-    p1 = bundle_run("stage1.json", output_dir=str(s1), max_steps=3,
+    p1 = bundle_run("stage1.json", output_dir=str(s1), max_steps=3, i_sample=100, i_val=3,
                     pretrained_vae_path=str(s0 / "ckpts" / "vqvae_step0000003.pt"), **common)
     _ok(p1)
-    p2 = bundle_run("stage2.json", output_dir=str(s2), max_steps=2, load_dir=str(s1), ckpt="latest", **common)
+    p2 = bundle_run("stage2.json", output_dir=str(s2), max_steps=2, i_sample=100, i_val=100, load_dir=str(s1),
+                    ckpt="latest", **common)
     _ok(p2)
     return {"s0": s0, "s1": s1, "s2": s2, "out": [p0.stdout, p1.stdout, p2.stdout]}
 

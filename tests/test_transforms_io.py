@@ -267,3 +267,30 @@ def test_several_series_split_by_uid(ct_data_dir, phantom_files, tmp_path):
     assert img.meta["dicom_series_found"] == 2
     with pytest.raises(CTLoadError, match="MR is not CT"):
         LoadCT(series_uid="1.2.3.4")(folder)
+
+
+def test_nrrd_and_mha_match_nifti(ct_data_dir, tmp_path):
+    sitk = _sitk()
+    ref = load_ct(ct_data_dir / "abdomen_nifti/example_ct_sm.nii.gz")
+    aff_lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ref.affine.numpy()
+    spacing = np.linalg.norm(aff_lps[:3, :3], axis=0)
+    img = sitk.GetImageFromArray(ref[0].numpy().transpose(2, 1, 0).astype(np.int16))
+    img.SetSpacing(spacing.tolist())
+    img.SetDirection((aff_lps[:3, :3] / spacing).ravel().tolist())
+    img.SetOrigin(aff_lps[:3, 3].tolist())
+    for ext in (".nrrd", ".mha"):
+        p = tmp_path / f"ct{ext}"
+        sitk.WriteImage(img, str(p))
+        got = LoadCT()(p)
+        assert torch.equal(got.as_tensor(), ref.as_tensor())
+        assert torch.allclose(got.affine, ref.affine, atol=1e-5)
+
+
+def test_refuse_non_hu_volume(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    p = tmp_path / "mr.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).integers(0, 900, (16, 16, 8)).astype(np.int16), np.eye(4)),
+             str(p))
+    with pytest.raises(CTLoadError, match="do not look like CT in HU"):
+        LoadCT()(p)
+    assert LoadCT(check_hu=False)(p).shape == (1, 16, 16, 8)

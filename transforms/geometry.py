@@ -185,15 +185,27 @@ def _resample_separable(x, m, perm, out_shape, linear, pad, out_dtype):
                 work.append((pos, idx, w))
         if not work:
             target.copy_(xm)
-        for n, (pos, idx, w) in enumerate(work):
-            last = n == len(work) - 1
+        # reversed runs become one multi-axis flip; shrinking passes go first, then the flip, then
+        # growing passes, so each pass touches as few voxels as possible
+        flips, shrink, grow = [], [], []
+        for pos, idx, w in work:
             dim = sp + pos
-            if w is None:
-                if _is_run(idx.flip(0)):  # a flipped run: torch.flip keeps the memory layout
-                    xm = xm.narrow(dim, int(idx[-1]), idx.numel()).flip(dim)
-                    if last:
-                        target.copy_(xm)
-                elif last and dim == xm.ndim - 1 and target.dtype == xm.dtype:
+            if w is None and _is_run(idx.flip(0)):
+                xm = xm.narrow(dim, int(idx[-1]), idx.numel())
+                flips.append(dim)
+            else:
+                (shrink if idx.numel() <= xm.shape[dim] else grow).append((dim, idx, w))
+        steps = sorted(shrink, key=lambda t: t[1].numel() / xm.shape[t[0]])
+        steps += [("flip", None, None)] if flips else []
+        steps += sorted(grow, key=lambda t: t[1].numel() / xm.shape[t[0]])
+        for n, (dim, idx, w) in enumerate(steps):
+            last = n == len(steps) - 1
+            if dim == "flip":
+                xm = xm.flip(flips)
+                if last:
+                    target.copy_(xm)
+            elif w is None:
+                if last and dim == xm.ndim - 1 and target.dtype == xm.dtype:
                     _take(xm, dim, idx, out=target)
                 else:
                     xm = _take(xm, dim, idx)
@@ -311,7 +323,7 @@ def resample_to_source(cube, meta: Mapping | None = None, mode: str = "bilinear"
     for k in ("cube_affine", "source_affine", "source_shape"):
         if k not in meta:
             raise KeyError(f"meta has no {k!r}: pass the meta written by ResampleToCube")
-    squeeze = np.ndim(cube) == 3
+    squeeze = (cube.ndim if hasattr(cube, "ndim") else np.ndim(cube)) == 3
     x = torch.as_tensor(cube.as_tensor() if isinstance(cube, MetaTensor) else cube)
     if squeeze:
         x = x[None]
@@ -337,14 +349,18 @@ class ResampleToCube(InvertibleTransform, Transform):
         mode: "bilinear" (images) or "nearest" (labels).
         padding_value: value outside the source volume (-1024 HU).
         dtype: output dtype (None: float32 for bilinear, input dtype for nearest).
+        contiguous: return C-contiguous data. By default the cube keeps the memory layout of the
+            source (F-order for SimpleITK/nibabel volumes), which saves a transposing copy of the
+            whole cube; indexing is (C, X, Y, Z) either way.
     """
 
     def __init__(self, resolution: int = 512, mode: str = "bilinear", padding_value: float = AIR_HU,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, contiguous: bool = False):
         self.resolution = int(resolution)
         self.mode = mode
         self.padding_value = padding_value
         self.dtype = dtype
+        self.contiguous = contiguous
 
     def __call__(self, img, cube_affine=None, mode: str | None = None, padding_value: float | None = None):
         """
@@ -366,7 +382,8 @@ class ResampleToCube(InvertibleTransform, Transform):
             cube = _np_affine(cube_affine)
             spacing = float(np.sqrt((cube[:3, :3] ** 2).sum(axis=0)).mean())
         R = self.resolution
-        data = resample_to_grid(img, src_aff, cube, (R, R, R), mode=mode, padding_value=pad, dtype=self.dtype)
+        data = resample_to_grid(img, src_aff, cube, (R, R, R), mode=mode, padding_value=pad, dtype=self.dtype,
+                                contiguous=self.contiguous)
         meta = dict(img.meta)
         meta.update(
             {
@@ -414,12 +431,13 @@ class ResampleToCubed(MapTransform, InvertibleTransform):
         mode: one mode or one per key ("bilinear" images, "nearest" labels).
         padding_value: one value or one per key (-1024 for images, 0 for labels).
         dtype: output dtype, one or one per key (None keeps float32 / label dtype).
+        contiguous: return C-contiguous data (default: keep the source memory layout, see ResampleToCube).
         allow_missing_keys: do not raise when a key is absent.
     """
 
     def __init__(self, keys: KeysCollection, ref_key: Hashable | None = None, resolution: int = 512,
                  mode: str | Sequence[str] = "bilinear", padding_value: float | Sequence[float] = AIR_HU,
-                 dtype=None, allow_missing_keys: bool = False):
+                 dtype=None, contiguous: bool = False, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         n = len(self.keys)
         self.ref_key = ref_key if ref_key is not None else self.keys[0]
@@ -427,7 +445,7 @@ class ResampleToCubed(MapTransform, InvertibleTransform):
         self.pads = list(padding_value) if isinstance(padding_value, Sequence) else [padding_value] * n
         self.dtypes = list(dtype) if isinstance(dtype, (list, tuple)) else [dtype] * n
         self.resampler = ResampleToCube(resolution=resolution)
-        self._per_key = {k: ResampleToCube(resolution, m, p, t)
+        self._per_key = {k: ResampleToCube(resolution, m, p, t, contiguous)
                          for k, m, p, t in zip(self.keys, self.modes, self.pads, self.dtypes)}
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:

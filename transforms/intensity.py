@@ -132,20 +132,24 @@ def apply_window(img, width: float, level: float):
     """clip((HU - (L - W/2)) / W, 0, 1) as float32 (tensor or array, metadata kept)."""
     x = _as_float(img)
     lo = float(level) - float(width) / 2.0
+    scale, shift = 1.0 / float(width), -lo / float(width)
     if isinstance(x, np.ndarray):
-        out = (x - np.float32(lo)) * np.float32(1.0 / width)
+        out = x * np.float32(scale)
+        out += np.float32(shift)
         return np.clip(out, 0.0, 1.0, out=out)
-    return ((x - lo) * (1.0 / float(width))).clamp_(0.0, 1.0)
+    return x.mul(scale).add_(shift).clamp_(0.0, 1.0)
 
 
 def normalize_hu(img, hu_min: float = HU_MIN, hu_max: float = HU_MAX, clip: bool = True):
     """(HU - hu_min) / (hu_max - hu_min), clipped to [0, 1] when ``clip``."""
     x = _as_float(img)
     scale = 1.0 / (float(hu_max) - float(hu_min))
+    shift = -float(hu_min) * scale
     if isinstance(x, np.ndarray):
-        out = (x - np.float32(hu_min)) * np.float32(scale)
+        out = x * np.float32(scale)
+        out += np.float32(shift)
         return np.clip(out, 0.0, 1.0, out=out) if clip else out
-    out = (x - float(hu_min)) * scale
+    out = x.mul(scale).add_(shift)
     return out.clamp_(0.0, 1.0) if clip else out
 
 
@@ -153,8 +157,10 @@ def denormalize_hu(x, hu_min: float = HU_MIN, hu_max: float = HU_MAX):
     """Inverse of :func:`normalize_hu`: x * (hu_max - hu_min) + hu_min (float32)."""
     x = _as_float(x)
     if isinstance(x, np.ndarray):
-        return x * np.float32(hu_max - hu_min) + np.float32(hu_min)
-    return x * (float(hu_max) - float(hu_min)) + float(hu_min)
+        out = x * np.float32(hu_max - hu_min)
+        out += np.float32(hu_min)
+        return out
+    return x.mul(float(hu_max) - float(hu_min)).add_(float(hu_min))
 
 
 class ClipHU(Transform):

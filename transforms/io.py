@@ -544,7 +544,7 @@ class LoadCT(Transform):
         if self.orientation:
             from monai.transforms import Orientation
 
-            img = Orientation(axcodes=self.orientation)(img)
+            img = Orientation(axcodes=self.orientation, labels=None)(img)
         return img
 
 

@@ -81,15 +81,23 @@ def body_mask(img, threshold: float = -500.0, factor: int | Sequence[int] | None
     x3 = x.reshape(x.shape[-3:]) if x.ndim > 3 else x
     if x3.ndim != 3:
         raise ValueError(f"body_mask needs a 3D volume (optionally with one channel), got shape {tuple(x.shape)}")
-    shape = np.asarray(x3.shape)
     if axial_axis is None:
         axial_axis = _axial_axis(affine) if affine is not None else 2
     if factor is None:
         sp = _spacing(affine) if affine is not None else np.ones(3)
         f = np.clip(np.round(coarse_mm / np.maximum(sp, 1e-6)), 1, 8).astype(int)
-        f = np.minimum(f, np.maximum(shape // 32, 1))  # keep at least ~32 coarse voxels per axis
+        f = np.minimum(f, np.maximum(np.asarray(x3.shape) // 32, 1))  # keep >= ~32 coarse voxels per axis
     else:
         f = np.broadcast_to(np.asarray(factor, dtype=int), (3,)).copy()
+    # work in memory order (outermost axis first): no transposing copies for F-ordered volumes
+    perm = sorted(range(3), key=lambda d: (-x3.stride(d), d))
+    inv = [perm.index(d) for d in range(3)]
+    x3 = x3.permute(*perm)
+    if not x3.is_contiguous():
+        x3 = x3.contiguous()
+    f = f[perm]
+    axial_axis = perm.index(axial_axis)
+    shape = np.asarray(x3.shape)
     if not x3.is_floating_point():
         x3 = x3.float()
     padded = (-shape) % f
@@ -121,7 +129,8 @@ def body_mask(img, threshold: float = -500.0, factor: int | Sequence[int] | None
         out = (fine & b6).logical_or_(i6).reshape(*(int(v) for v in full_shape))
     if padded.any():
         out = out[: shape[0], : shape[1], : shape[2]]
-    return out.reshape(*lead, *shape.tolist()).contiguous()
+    out = out.permute(*inv)
+    return out.reshape(*lead, *out.shape)
 
 
 def body_bbox(mask) -> list[list[int]] | None:

@@ -46,6 +46,35 @@ def _spatial(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _mem_perm(x: torch.Tensor) -> list[int]:
+    """Axes of a 3D tensor from outermost to innermost in memory."""
+    return sorted(range(3), key=lambda d: (-x.stride(d), d))
+
+
+def _in_memory_order(x: torch.Tensor, perm: list[int]) -> torch.Tensor:
+    xm = x.permute(*perm)
+    return xm if xm.is_contiguous() else xm.contiguous()
+
+
+def _sparse_from_dense(x: torch.Tensor, s: torch.Tensor, extra: Sequence[torch.Tensor] = ()):
+    """coords [N, 3] int64 (logical i, j, k) and values of ``x`` (and ``extra``) where ``s``.
+
+    Runs in ``x``'s memory order (no transposing copies for F-ordered volumes); points come in
+    memory order.
+    """
+    perm = _mem_perm(x)
+    xm = _in_memory_order(x, perm)
+    sm = _in_memory_order(s, perm)
+    flat = torch.nonzero(sm.reshape(-1)).squeeze(1)
+    cm = torch.nonzero(sm)
+    vals = [xm.reshape(-1).index_select(0, flat)]
+    for e in extra:
+        vals.append(_in_memory_order(e, perm).reshape(-1).index_select(0, flat))
+    inv = [perm.index(d) for d in range(3)]
+    coords = cm[:, inv]
+    return coords, vals
+
+
 def support_mask(img, mask=None, threshold: float = 0.0) -> torch.Tensor:
     """(X, Y, Z) bool support: ``img > threshold`` and ``mask`` (when given)."""
     s = _spatial(_t(img)) > threshold
@@ -57,13 +86,16 @@ def support_mask(img, mask=None, threshold: float = 0.0) -> torch.Tensor:
 def block_counts(support, block: int = 8) -> torch.Tensor:
     """Number of support voxels in each ``block``^3 cell, shape ceil(shape / block), int64."""
     s = _spatial(_t(support)).bool()
+    perm = _mem_perm(s)
+    s = _in_memory_order(s, perm)
     shape = np.asarray(s.shape)
     pad = (-shape) % block
     if pad.any():
         s = torch.nn.functional.pad(s, (0, int(pad[2]), 0, int(pad[1]), 0, int(pad[0])))
     nb = (np.asarray(s.shape) // block).tolist()
-    v = s.view(nb[0], block, nb[1], block, nb[2], block)
-    return v.sum(dim=5, dtype=torch.int32).sum(dim=3).sum(dim=1).long()
+    v = s.view(nb[0], block, nb[1], block, nb[2], block).view(torch.uint8)
+    c = v.sum(dim=5, dtype=torch.int32).sum(dim=3).sum(dim=1).long()
+    return c.permute(*[perm.index(d) for d in range(3)]).contiguous()
 
 
 def _crop_meta(img, start: Sequence[int], stop: Sequence[int]):
@@ -153,8 +185,9 @@ class Sparsify(Transform):
             offset = img.meta.get("crop_start")
         x = _spatial(_t(img))
         s = support_mask(x, mask, self.threshold)
-        coords = torch.nonzero(s).to(torch.int32)
-        feats = x[s].to(torch.float32).reshape(-1, 1)
+        coords, (vals,) = _sparse_from_dense(x, s)
+        coords = coords.to(torch.int32)
+        feats = vals.to(torch.float32).reshape(-1, 1)
         if offset is not None and any(int(o) for o in offset):
             coords += torch.as_tensor([int(o) for o in offset], dtype=torch.int32)
         return coords, feats
@@ -232,10 +265,11 @@ class Sparsifyd(MapTransform):
         full_shape = d.get("full_shape")
         if full_shape is None and isinstance(first, MetaTensor):
             full_shape = first.meta.get("full_shape")
-        coords = torch.nonzero(s).to(torch.int32)
+        coords, vals = _sparse_from_dense(x, s, [_spatial(_t(d[k])) for k in keys[1:]])
+        coords = coords.to(torch.int32)
         if offset is not None and any(int(o) for o in offset):
             coords += torch.as_tensor([int(o) for o in offset], dtype=torch.int32)
-        feats = torch.stack([_spatial(_t(d[k]))[s].float() for k in keys], dim=1)
+        feats = torch.stack([v.float() for v in vals], dim=1)
         d[self.coords_key], d[self.feats_key] = coords, feats
         d["spatial_shape"] = [int(v) for v in (full_shape if full_shape is not None else x.shape)]
         if self.drop_dense:

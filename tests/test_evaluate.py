@@ -1,0 +1,125 @@
+"""Whole-scan evaluation: metrics.csv, summary.json, pictures and report.html from processed phantoms."""
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.evaluate import evaluate, find_cases, main
+from pipeline.infer import Tokenizer, TokenizerError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "_target_": "networks.SparseVQVAE",
+    "resolution": 4,
+    "model_channels": 32,
+    "latent_channels": 8,
+    "num_embeddings": 64,
+    "channels": [8, 16, 32, 32],
+    "num_blocks": 1,
+    "num_heads": 2,
+    "window_size": 4,
+}
+
+
+def make_run(folder: Path, window="soft_tissue") -> Path:
+    from networks import SparseVQVAE
+
+    torch.manual_seed(0)
+    net = SparseVQVAE(**{k: v for k, v in TINY.items() if k != "_target_"})
+    with torch.no_grad():
+        torch.nn.init.normal_(net.Decoder.out_layer.weight, std=0.5)
+        net.Decoder.out_layer.bias.fill_(0.5)
+    (folder / "ckpts").mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"window_type": window, "network_def": TINY}))
+    torch.save(net.state_dict(), folder / "ckpts" / "vqvae_ema0.9999_step0000005.pt")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory):
+    from pipeline import preprocess
+    from pipeline.phantom import write_phantom_dataset
+
+    tmp = tmp_path_factory.mktemp("eval_data")
+    write_phantom_dataset(tmp / "raw", seeds=[0, 1], shape=(40, 40, 30), spacing=8.0)
+    summary = preprocess.run(tmp / "raw", tmp / "processed", tmp / "raw" / "organ_mapping.json", num_workers=0,
+                             resolution=32, windows=["soft_tissue"], progress=False, log=lambda *a, **k: None)
+    assert summary["ok"] == 2
+    return tmp / "processed"
+
+
+def test_cli_report(processed, tmp_path):
+    run = make_run(tmp_path / "run")
+    out = tmp_path / "report"
+    assert main(["--ckpt", str(run / "ckpts" / "vqvae_ema0.9999_step0000005.pt"), "--data_dir", str(processed),
+                 "--out", str(out), "--device", "cpu"]) == 0
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [r["case"] for r in rows] == ["phantom/phantom_000", "phantom/phantom_001"]
+    for r in rows:
+        for k in ("psnr_body", "ssim_body", "psnr", "ssim", "mae_hu_body", "rmse_hu_body", "encode_s", "decode_s", "encode_peak_mb"):
+            assert math.isfinite(float(r[k])), k
+        assert int(r["tokens"]) > 0 and int(r["codes_used"]) >= 1
+        assert (out / r["picture"]).is_file()
+    s = json.loads((out / "summary.json").read_text())
+    assert s["num_cases"] == 2 and s["window"]["name"] == "soft_tissue" and s["resolution"] == 32
+    ov = s["overall"]
+    assert 0 < ov["codes_used"] <= 64 and ov["perplexity"] >= 1 and ov["tokens_per_scan"] > 0
+    assert {"liver", "spine", "lung_left"} <= set(s["organ_mae_hu"])
+    assert all(v >= 0 for v in s["organ_mae_hu"].values())
+    html = (out / "report.html").read_text()
+    assert "phantom/phantom_000" in html and "<img" in html and "liver" in html
+    assert (out / "organs.csv").is_file()
+
+
+def test_metrics_match_direct_computation(processed, tmp_path):
+    """The report's numbers are those of pipeline.metrics on the decoded whole scan."""
+    from pipeline.metrics import psnr
+
+    tok = Tokenizer.from_checkpoint(make_run(tmp_path / "run") / "ckpts" / "vqvae_ema0.9999_step0000005.pt", device="cpu")
+    s = evaluate(tok, processed, tmp_path / "r", max_cases=1, ssim=False, pictures=False, log=lambda *a: None)
+    case = find_cases(processed, tok.window, 32)[0]
+    win = np.load(case["window_file"]).astype(np.float32)
+    mask = np.load(case["dir"] / "body_mask_512.npy")
+    recon = tok.decode(tok.encode_arrays(win, mask))
+    assert s["cases"][0]["psnr_body"] == pytest.approx(psnr(recon, win, mask), abs=1e-6)
+    assert s["cases"][0]["ssim_body"] is None and s["num_cases"] == 1
+
+
+def test_bundle_config_workflow(processed, tmp_path):
+    """bundles/ct_vqvae/evaluate.json runs with MONAI's ConfigWorkflow."""
+    from monai.bundle import ConfigWorkflow
+
+    run = make_run(tmp_path / "run")
+    wf = ConfigWorkflow(config_file=str(ROOT / "bundles" / "ct_vqvae" / "evaluate.json"), workflow_type=None,
+                        meta_file=str(ROOT / "bundles" / "ct_vqvae" / "metadata.json"), logging_file=False,
+                        ckpt=str(run / "ckpts" / "vqvae_ema0.9999_step0000005.pt"), data_dir=str(processed),
+                        output_dir=str(tmp_path / "wf"), device="cpu", ssim=False, pictures=False, max_cases=1)
+    wf.initialize()
+    wf.run()
+    assert json.loads((tmp_path / "wf" / "summary.json").read_text())["num_cases"] == 1
+
+
+def test_errors(processed, tmp_path, capsys):
+    run = make_run(tmp_path / "run")
+    ck = str(run / "ckpts" / "vqvae_ema0.9999_step0000005.pt")
+
+    def one_line(argv):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code != 0 and err.startswith("error:") and "\n" not in err
+        return err
+
+    assert "lung" in one_line(["--ckpt", ck, "--data_dir", str(processed), "--window", "lung", "--out", str(tmp_path / "o")])
+    assert "preprocess" in one_line(["--ckpt", ck, "--data_dir", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert "--ckpt" in one_line(["--data_dir", str(processed), "--out", str(tmp_path / "o")])
+    lung = make_run(tmp_path / "lung", window="lung")
+    assert "lung" in one_line(["--ckpt", str(lung / "ckpts" / "vqvae_ema0.9999_step0000005.pt"), "--data_dir", str(processed),
+                               "--out", str(tmp_path / "o")])
+    with pytest.raises(TokenizerError, match="resolution"):
+        find_cases(processed, "soft_tissue", resolution=64)

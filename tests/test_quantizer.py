@@ -1,0 +1,181 @@
+"""VectorQuantizer: straight-through, losses, k-means init, dead-code restart, EMA, usage stats."""
+
+import pytest
+import torch
+
+from networks.quantizer import VectorQuantizer, kmeans, nearest_code
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def clustered(n_clusters=64, dim=8, per=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_clusters, dim, generator=g) * 3
+    x = centres.repeat_interleave(per, 0) + 0.05 * torch.randn(n_clusters * per, dim, generator=g)
+    return x[torch.randperm(x.shape[0], generator=g)], centres
+
+
+def test_nearest_code_matches_cdist():
+    z, _ = clustered()
+    e = torch.randn(50, 8)
+    assert torch.equal(nearest_code(z, e, chunk=100), torch.cdist(z, e).argmin(1))
+
+
+def test_straight_through_and_losses():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(16, 4).train()
+    enc = torch.nn.Linear(3, 4)
+    z = enc(torch.randn(100, 3))
+    z_q, idx, losses = vq(z)
+    torch.testing.assert_close(z_q, vq.embeddings.weight[idx])  # forward = codes
+    torch.testing.assert_close(losses["vq"], ((vq.embeddings.weight[idx] - z) ** 2).mean())
+    torch.testing.assert_close(losses["commitment"], losses["vq"])
+    g = torch.randn_like(z_q)
+    (z_q * g).sum().backward(retain_graph=True)
+    # identity gradient to the encoder output, so the encoder gets d/dz = g
+    gw = enc.weight.grad.clone()
+    enc.weight.grad = None
+    (z * g).sum().backward()
+    torch.testing.assert_close(gw, enc.weight.grad)
+    assert vq.embeddings.weight.grad is None  # codes get gradients only from the codebook loss
+    losses["vq"].backward()
+    assert vq.embeddings.weight.grad is not None and enc.weight.grad is not None
+
+
+def test_kmeans_init_uses_many_codes():
+    x, _ = clustered(64)
+    vq = VectorQuantizer(64, 8, kmeans_init=True, kmeans_init_points=2000, reservoir_size=4096).train()
+    assert not bool(vq.initialized)
+    vq(x[:1000])
+    assert not bool(vq.initialized)  # reservoir not yet full enough
+    vq.reset_usage()
+    vq(x[1000:2000])  # second batch triggers k-means automatically
+    assert bool(vq.initialized)
+    vq.reset_usage()
+    vq(x)
+    stats = vq.usage_stats()
+    assert stats["codes_used"] >= 56, stats
+    assert stats["perplexity"] > 45, stats
+    # explicit trigger
+    vq2 = VectorQuantizer(64, 8)
+    vq2.collect(x)
+    vq2.kmeans_init_from_reservoir()
+    assert torch.unique(nearest_code(x, vq2.embeddings.weight)).numel() >= 56
+
+
+def test_kmeans_function_recovers_centres():
+    x, centres = clustered(8, per=100)
+    c = kmeans(x, 8, iters=20, generator=torch.Generator().manual_seed(1))
+    d = torch.cdist(centres, c).min(1).values
+    assert (d < 0.5).sum() >= 6
+
+
+def test_dead_codes_restarted():
+    x, _ = clustered(16, dim=4)
+    vq = VectorQuantizer(32, 4, restart_every=5, dead_code_steps=3, reservoir_size=1024).train()
+    with torch.no_grad():
+        vq.embeddings.weight[:16] = x[:16]
+        vq.embeddings.weight[16:] = 1000.0  # far away: never chosen
+    for _ in range(5):
+        vq(x)
+    far = (vq.embeddings.weight[16:].abs() > 100).any(1)
+    assert not far.any(), "dead codes were not re-seeded"
+    vq.reset_usage()
+    for _ in range(5):
+        vq(x)
+    assert vq.usage_stats()["codes_used"] > 16
+
+
+def test_ema_update_moves_codes_to_means():
+    x, centres = clustered(4, dim=2, per=200)
+    vq = VectorQuantizer(4, 2, codebook_update="ema", ema_decay=0.5).train()
+    assert not vq.embeddings.weight.requires_grad
+    with torch.no_grad():
+        vq.embeddings.weight.copy_(centres + 0.5)
+    for _ in range(20):
+        _, _, losses = vq(x)
+    assert float(losses["vq"]) == 0.0
+    torch.testing.assert_close(vq.embeddings.weight, centres, atol=0.05, rtol=0)
+
+
+def test_usage_stats_uniform_and_reset():
+    vq = VectorQuantizer(8, 2).train()
+    with torch.no_grad():
+        vq.embeddings.weight.copy_(torch.arange(16, dtype=torch.float32).view(8, 2))
+    vq(vq.embeddings.weight.detach().repeat(3, 1))
+    s = vq.usage_stats()
+    assert s["codes_used"] == 8 and s["usage"] == 1.0
+    assert abs(s["perplexity"] - 8) < 1e-6
+    vq.reset_usage()
+    assert vq.usage_stats()["codes_used"] == 0
+
+
+def test_low_precision_input_uses_fp32_distances():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(64, 8).eval()
+    z = torch.randn(200, 8)
+    ref = nearest_code(z, vq.embeddings.weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z_q, idx, losses = vq(z.bfloat16())
+    assert z_q.dtype == torch.bfloat16 and losses["commitment"].dtype == torch.float32
+    assert (idx == nearest_code(z.bfloat16().float(), vq.embeddings.weight)).all()
+    assert (idx == ref).float().mean() > 0.9
+
+
+def test_state_dict_restores_flags():
+    x, _ = clustered(8, dim=4)
+    vq = VectorQuantizer(8, 4, kmeans_init=True, kmeans_init_points=100).train()
+    vq(x)
+    assert bool(vq.initialized)
+    fresh = VectorQuantizer(8, 4, kmeans_init=True, kmeans_init_points=100)
+    fresh.load_state_dict(vq.state_dict())
+    assert fresh._py_initialized and fresh._py_step == 1
+    torch.testing.assert_close(fresh.embeddings.weight, vq.embeddings.weight)
+
+
+def _ddp_worker(rank, world, port, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(rank)  # different data and random picks per rank
+        x, _ = clustered(16, dim=4, seed=rank)
+        vq = VectorQuantizer(32, 4, kmeans_init=True, kmeans_init_points=300 + 100 * rank, restart_every=3, dead_code_steps=2).train()
+        for step in range(6):
+            vq(x[: 200 + 50 * rank])  # ranks see different amounts: the init trigger must agree
+        gathered = [torch.zeros_like(vq.embeddings.weight) for _ in range(world)]
+        dist.all_gather(gathered, vq.embeddings.weight.detach())
+        counts = [torch.zeros_like(vq.usage_counts) for _ in range(world)]
+        dist.all_gather(counts, vq.usage_counts)
+        if rank == 0:
+            torch.save({"codebooks": gathered, "counts": counts, "init": bool(vq.initialized)}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_ranks_keep_one_codebook(tmp_path):
+    """Two gloo ranks: k-means init, usage counts and restarts stay identical across ranks."""
+    import socket
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_ddp_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    res = torch.load(out)
+    assert res["init"]
+    torch.testing.assert_close(res["codebooks"][0], res["codebooks"][1], atol=0, rtol=0)
+    torch.testing.assert_close(res["counts"][0], res["counts"][1], atol=0, rtol=0)
