@@ -29,7 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, add_common_args, fmt_bytes, fmt_seconds, finish, markdown_table  # noqa: E402
 
-STAGES = ["load", "orient", "resample", "normalize", "windows", "body_mask", "labels", "write"]
+STAGES = ["load", "orient", "resample", "normalize", "windows", "body_mask", "bbox", "labels", "write", "write_bg"]
+LABELS = {"write": "write (main thread blocked)", "write_bg": "write_bg (writer threads, overlapped)"}
 TARGET_S = 3.0
 
 
@@ -145,13 +146,14 @@ def main(argv=None) -> int:
 
     med = {s: statistics.median(r["wall"].get(s, 0.0) for r in res["runs"]) for s in STAGES + ["total"]}
     cpu = {s: statistics.median(r["cpu"].get(s, 0.0) for r in res["runs"]) for s in STAGES + ["total"]}
+    cpu["write_bg"] = float("nan")  # the writer threads' CPU lands in whatever stage runs meanwhile
     rows = []
     for s in STAGES + ["total"]:
         if med[s] == 0 and s != "total":
             continue
-        rows.append({"stage": s, "median": fmt_seconds(med[s]), "cpu": fmt_seconds(cpu[s]),
-                     "share": f"{100 * med[s] / med['total']:.0f}%", "seconds": round(med[s], 4),
-                     "cpu_seconds": round(cpu[s], 4)})
+        rows.append({"stage": LABELS.get(s, s), "median": fmt_seconds(med[s]), "cpu": fmt_seconds(cpu[s]),
+                     "share": "-" if s == "write_bg" else f"{100 * med[s] / med['total']:.0f}%", "seconds": round(med[s], 4),
+                     "cpu_seconds": None if cpu[s] != cpu[s] else round(cpu[s], 4)})
     if "zoom_s" in res:
         rows.append({"stage": "scipy.ndimage.zoom order 1 (same resampling)", "median": fmt_seconds(res["zoom_s"]),
                      "cpu": fmt_seconds(res["zoom_cpu_s"]), "share": "-", "seconds": round(res["zoom_s"], 4),
@@ -161,8 +163,9 @@ def main(argv=None) -> int:
     notes = [
         f"scan {shape} ({scan_info['origin']}, {ext}, {fmt_bytes(scan_info['file_bytes'])}) -> {R}^3 cube, "
         f"4 windows + ct_normalized (float16), body mask, one worker with {res['threads']} torch threads",
-        f"per case total {med['total']:.2f} s (target <= {TARGET_S:.0f} s at 512x512x300 -> 512^3: "
-        f"{'met' if med['total'] <= TARGET_S else 'NOT met'})",
+        f"per case total {med['total']:.2f} s" + (
+            f" (target <= {TARGET_S:.0f} s: {'met' if med['total'] <= TARGET_S else 'NOT met'})"
+            if shape == (512, 512, 300) and R == 512 else " (the 3 s target is for 512x512x300 -> 512^3)"),
         f"worker peak RSS {fmt_bytes(res['peak_rss_bytes'])}; machine load average at the end "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (wall times grow with other work, CPU times less so)",
     ]

@@ -11,7 +11,6 @@ inference by splitting the windows into a few chunks.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
@@ -80,6 +79,7 @@ def windowed_attention(
     if partition is None:
         partition = window_partition(indices, window_size, shift)
     order, win, slot, nw, lmax, _ = partition
+    lmax = -(-lmax // 8) * 8  # aligned key length: keeps GPU SDPA on its fused masked kernels
     qkv = torch.stack([q, k, v], 0)[:, order]  # [3, N, H, D]
     padded = qkv.new_zeros(3, nw, lmax, h, d)
     padded[:, win, slot] = qkv

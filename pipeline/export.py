@@ -304,7 +304,7 @@ def _readme(meta: Mapping, net: Mapping, ckpt: Path, weights: str, eval_summary:
         " one token per active 8^3 cell.",
         f"- Model: `{net.get('_target_', 'networks.SparseVQVAE')}` with "
         + ", ".join(f"{k}={v}" for k, v in net.items() if not str(k).startswith("_")),
-        f"- Weights: `{weights}` state dict from `{ckpt.name}`.",
+        f"- Weights: {weights} weights (state dict) from `{ckpt.name}`.",
         f"- Trained on: {meta.get('data_source', 'see the run configuration')}.",
         "",
         "## Use",
@@ -421,7 +421,8 @@ def export_bundle(
     cfg = load_run_config(run_dir)
     ckpt_path = find_checkpoint(run_dir, ckpt, weights)
     net = build_network(cfg, source=run_dir / "config.json")
-    state = load_weights(net, ckpt_path, config_path=run_dir / "config.json")
+    load_weights(net, ckpt_path, config_path=run_dir / "config.json")
+    state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}  # complete: weights and buffers
     window = window_from_config(cfg)
     resolution = int(cfg.get("resolution") or int(getattr(net, "resolution", 64)) * int(getattr(net, "factor", 8)))
     if eval_summary is None:
@@ -451,7 +452,8 @@ def export_bundle(
         (stage / "models").mkdir(parents=True)
         torch.save(state, stage / "models" / "model.pt")
         (stage / "docs").mkdir(parents=True)
-        (stage / "docs" / "README.md").write_text(_readme(meta, network_def, ckpt_path, weights, eval_summary), encoding="utf-8")
+        kind = "EMA" if "_ema" in ckpt_path.name else "plain"
+        (stage / "docs" / "README.md").write_text(_readme(meta, network_def, ckpt_path, kind, eval_summary), encoding="utf-8")
         lic = Path(license_file).read_text(encoding="utf-8") if license_file else _LICENSE
         (stage / "docs" / "license.txt").write_text(lic, encoding="utf-8")
         (stage / "LICENSE").write_text(lic, encoding="utf-8")

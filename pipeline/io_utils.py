@@ -207,8 +207,31 @@ def save_npy(path: str | os.PathLike, array: Any, dtype: Any = None, fsync: bool
         return Path(path)
     with atomic_path(path, fsync=fsync) as tmp:
         with open(tmp, "wb") as f:
-            np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+            _write_npy(f, array)
     return Path(path)
+
+
+def _write_npy(f, array: np.ndarray) -> None:
+    """Write ``array`` as .npy in its own memory order (C or Fortran), never transposing it.
+
+    C- and F-contiguous arrays go straight to ``np.lib.format.write_array``. A strided view
+    (e.g. a crop of a padded buffer) is written slab by slab in the order its strides suggest,
+    with ``fortran_order`` set accordingly, so the file reads back as the same array.
+    """
+    fmt = np.lib.format
+    if array.ndim < 2 or array.flags.c_contiguous or array.flags.f_contiguous:
+        fmt.write_array(f, array, allow_pickle=False)
+        return
+    strides = [abs(s) for s in array.strides]
+    fortran = strides[0] < strides[-1]
+    data = array.T if fortran else array  # C-like traversal of memory order
+    header = fmt.header_data_from_array_1_0(array)
+    header["fortran_order"] = bool(fortran)
+    fmt.write_array_header_1_0(f, header)
+    per_row = max(1, int(np.prod(data.shape[1:])) * data.itemsize)
+    step = max(1, (16 << 20) // per_row)
+    for s in range(0, data.shape[0], step):
+        f.write(np.ascontiguousarray(data[s : s + step]).data)
 
 
 class _NpyOut:

@@ -97,13 +97,12 @@ def psnr(pred: Any, target: Any, mask: Any | None = None, data_range: float = 1.
         data_range: peak value range (1.0 for window values).
     """
     p, t, m = _pair(pred, target, mask)
-    d = (p - t).double() ** 2
+    d = p - t
     if m is not None:
         if not bool(m.any()):
             return float("nan")
-        mse = float(d[m].mean())
-    else:
-        mse = float(d.mean())
+        d = d[m]
+    mse = float((d * d).sum(dtype=torch.float64)) / max(1, d.numel())
     if mse <= 0.0:
         return float("inf")
     return 10.0 * math.log10(data_range**2 / mse)
@@ -208,13 +207,14 @@ def mae_rmse_hu(pred: Any, target: Any, window: Any, mask: Any | None = None) ->
     """
     width, _ = _window_wl(window)
     p, t, m = _pair(pred, target, mask)
-    d = (p - t).double()
+    d = p - t
     if m is not None:
         if not bool(m.any()):
             return float("nan"), float("nan")
         d = d[m]
-    mae = float(d.abs().mean()) * width
-    rmse = math.sqrt(float((d * d).mean())) * width
+    n = max(1, d.numel())
+    mae = float(d.abs().sum(dtype=torch.float64)) / n * width
+    rmse = math.sqrt(float((d * d).sum(dtype=torch.float64)) / n) * width
     return mae, rmse
 
 
@@ -255,11 +255,11 @@ def organ_mae_hu(
     """
     width, _ = _window_wl(window)
     p, t, m = _pair(pred, target, mask)
-    lab = _as_tensor(labels, device=p.device, dtype=torch.int64)
+    lab = _as_tensor(labels, device=p.device, dtype=torch.int32)
     if lab.shape != p.shape:
         raise ValueError(f"labels shape {tuple(lab.shape)} != volume shape {tuple(p.shape)}")
     names = normalize_organ_mapping(organ_mapping)
-    err = (p - t).abs().double().flatten()
+    err = (p - t).abs().flatten()
     flat = lab.flatten()
     if m is not None:
         keep = m.flatten()
@@ -267,8 +267,10 @@ def organ_mae_hu(
     n = int(flat.max()) + 1 if flat.numel() else 0
     if n <= 1:
         return {}
-    sums = torch.zeros(n, dtype=torch.float64, device=err.device).index_add_(0, flat, err)
-    counts = torch.bincount(flat, minlength=n)
+    if flat.min() < 0:
+        raise ValueError(f"labels must be >= 0, got {int(flat.min())}")
+    sums = torch.from_numpy(np.bincount(flat.cpu().numpy(), weights=err.cpu().numpy(), minlength=n))
+    counts = torch.bincount(flat, minlength=n).cpu()
     out = {}
     for i in range(1, n):
         if int(counts[i]) > 0:

@@ -10,9 +10,13 @@ air padding), and writes, each file atomically and as soon as it is computed::
         windows/<name>_w<W>_l<L>.npy   float16 (R,R,R) in [0, 1]
         body_mask_512.npy         bool (R,R,R)
         labels_512.npy            uint8/int16 (R,R,R), nearest in world space (when a label map exists)
-    (the ``_512`` names are kept for any --resolution R; R is recorded in the JSON files)
         case.json                 geometry, body bbox, timings, the metadata row
         .complete                 written last; a rerun skips a case only when it is valid
+
+The ``_512`` file names are kept for any ``--resolution R`` (R is recorded in the JSON files).
+Arrays keep the memory order the resampler produced (C or Fortran; the ``.npy`` header says
+which): ``np.load`` returns the same logical (i, j, k) array either way, and no 512^3
+transposing copy is paid.
 
 Run ``python -m pipeline.preprocess --help`` for the command line.
 """
@@ -40,7 +44,6 @@ import torch
 
 from pipeline import discovery
 from pipeline.discovery import Case, Dataset
-from transforms import HU_MAX, HU_MIN, WINDOW_PRESETS, WindowSpec, parse_window
 from pipeline.io_utils import (
     load_json,
     remove_stale_tmp,
@@ -50,6 +53,7 @@ from pipeline.io_utils import (
     save_npy,
     save_text,
 )
+from transforms import HU_MAX, HU_MIN, WINDOW_PRESETS, WindowSpec, parse_window
 
 __all__ = [
     "HU_MIN",
@@ -76,6 +80,7 @@ METADATA_COLUMNS = [
 ]
 DEFAULT_WINDOWS = tuple(WINDOW_PRESETS)  # lung, bone, soft_tissue, brain
 _SLAB_VOXELS = 1 << 20  # voxels per slab when computing windows (4 MiB of float32: stays in cache)
+_WRITER_THREADS = int(os.environ.get("CTVQ_WRITER_THREADS", "2"))  # background file writers per worker
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -358,6 +363,53 @@ def _spacing(aff: np.ndarray) -> list[float]:
     return [float(v) for v in np.sqrt((aff[:3, :3] ** 2).sum(axis=0))]
 
 
+class _BackgroundWriter:
+    """Saves arrays with :func:`save_npy` on background threads (``CTVQ_WRITER_THREADS``, 2).
+
+    ``save`` returns at once; ``wait_for(owner)`` blocks until the last file written from
+    ``owner``'s memory is done (before that buffer is refilled); ``wait_all`` re-raises the
+    first write error. Time spent blocked is added to the timer's "write" stage, the writer
+    thread's own time to "write_bg".
+    """
+
+    def __init__(self, timer: "_Timer"):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.timer = timer
+        self.pool = ThreadPoolExecutor(max_workers=_WRITER_THREADS, thread_name_prefix="ctvq-writer")
+        self.futures: list = []
+        self.by_owner: dict[int, Any] = {}
+        import threading
+
+        self.lock = threading.Lock()
+
+    def _save(self, path: Path, array: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        save_npy(path, array)
+        with self.lock:
+            self.timer.t["write_bg"] = self.timer.t.get("write_bg", 0.0) + time.perf_counter() - t0
+
+    def save(self, path: Path, array: np.ndarray, owner: Any = None) -> None:
+        fut = self.pool.submit(self._save, Path(path), array)
+        self.futures.append(fut)
+        if owner is not None:
+            self.by_owner[id(owner)] = fut
+
+    def wait_for(self, owner: Any) -> None:
+        fut = self.by_owner.pop(id(owner), None)
+        if fut is not None:
+            with self.timer("write"):
+                fut.result()
+
+    def wait_all(self) -> None:
+        with self.timer("write"):
+            for fut in self.futures:
+                fut.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)  # never leave a thread writing into a folder being removed
+
+
 def _affine_clip_into(hu: torch.Tensor, out: torch.Tensor, hu_min: float, hu_max: float, low: float,
                       width: float) -> None:
     """out[...] = clip((clip(hu, hu_min, hu_max) - low) / width, 0, 1), stored as out.dtype.
@@ -402,6 +454,41 @@ def _labels_to_cube(path: Path, cube_affine: np.ndarray, resolution: int) -> np.
     del img, arr
     out = ResampleToCube(resolution=resolution, mode="nearest", padding_value=0)(lab, cube_affine=cube_affine)
     return _to_numpy(out)[0]
+
+
+def _count_and_bbox(mask: np.ndarray) -> tuple[int, list[list[int]] | None]:
+    """Voxel count and half-open [[i0, i1], [j0, j1], [k0, k1]] box of a mask (as
+    ``transforms.body_bbox``), from two strided reductions (no reshaped copies)."""
+    ax = int(np.argmax(mask.strides))  # reduce over the slowest axis first: one pass, in memory order
+    proj = mask.any(axis=ax)
+    count = int(np.count_nonzero(mask))
+    if not count:
+        return 0, None
+    other = [a for a in range(3) if a != ax]
+    box: dict[int, list[int]] = {}
+    for pos, a in enumerate(other):
+        nz = np.flatnonzero(proj.any(axis=1 - pos))
+        box[a] = [int(nz[0]), int(nz[-1]) + 1]
+    nz = np.flatnonzero(mask.any(axis=tuple(other)))
+    box[ax] = [int(nz[0]), int(nz[-1]) + 1]
+    return count, [box[0], box[1], box[2]]
+
+
+def _label_ids(lab: np.ndarray) -> list[int]:
+    """Non-zero ids present in a label volume (histogram over slabs along the slowest memory
+    axis: no full-size int64 temporary, no sort)."""
+    ax = int(np.argmax(lab.strides))
+    step = max(1, _SLAB_VOXELS // max(1, lab.size // lab.shape[ax]))
+    counts = np.zeros(1, dtype=np.int64)
+    for s in range(0, lab.shape[ax], step):
+        slab = lab[(slice(None),) * ax + (slice(s, s + step),)]  # a view, contiguous in memory
+        c = np.bincount(slab.ravel(order="K"))
+        if len(c) > len(counts):
+            c[: len(counts)] += counts
+            counts = c
+        else:
+            counts[: len(c)] += c
+    return [int(v) for v in np.flatnonzero(counts) if v != 0]
 
 
 def _one_line(e: BaseException) -> str:
@@ -459,7 +546,7 @@ def process_case(task: dict) -> dict:
         if case.error:
             raise ValueError(case.error)
         from monai.transforms import Orientation
-        from transforms import body_bbox, load_ct
+        from transforms import load_ct
 
         with timer("load"):
             img = load_ct(case.source)
@@ -485,42 +572,43 @@ def process_case(task: dict) -> dict:
         # Outputs keep the cube's memory order (C or Fortran, as the resampler returns it): a
         # transposing copy of a 512^3 volume costs about 2 s of CPU. np.save records the order
         # in the .npy header and np.load returns the same logical (i, j, k) array either way.
-        buf16 = torch.empty_like(hu, dtype=torch.float16)
-        out16 = buf16.numpy()
-        with timer("normalize"):
-            _affine_clip_into(hu, buf16, cfg.hu_min, cfg.hu_max, cfg.hu_min, cfg.hu_max - cfg.hu_min)
-        with timer("write"):
-            save_npy(case_dir / files["ct_normalized"], out16)
-        written.append(files["ct_normalized"])
-        for w in cfg.windows:
-            with timer("windows"):
-                _affine_clip_into(hu, buf16, cfg.hu_min, cfg.hu_max, w.low, w.width)
-            with timer("write"):
-                save_npy(case_dir / "windows" / w.filename, out16)
-            written.append(f"windows/{w.filename}")
-        del buf16, out16
+        # Files are written by a background thread while the next output is computed (two
+        # float16 buffers take turns), so the write overlaps the compute.
+        writer = _BackgroundWriter(timer)
+        try:
+            bufs = [torch.empty_like(hu, dtype=torch.float16) for _ in range(2 if cfg.windows else 1)]
+            jobs = [("normalize", files["ct_normalized"], cfg.hu_min, cfg.hu_max - cfg.hu_min)]
+            jobs += [("windows", f"windows/{w.filename}", w.low, w.width) for w in cfg.windows]
+            for n, (stage, rel, low, width) in enumerate(jobs):
+                buf = bufs[n % len(bufs)]
+                writer.wait_for(buf)  # the buffer's previous content is on disk
+                with timer(stage):
+                    _affine_clip_into(hu, buf, cfg.hu_min, cfg.hu_max, low, width)
+                writer.save(case_dir / rel, buf.numpy(), owner=buf)
+                written.append(rel)
 
-        with timer("body_mask"):
-            mask = _body_mask(cube)
-            if mask.shape != (R, R, R):
-                raise ValueError(f"BodyMask returned shape {mask.shape}, expected {(R, R, R)}")
-            body_voxels = int(np.count_nonzero(mask))
-            bbox = body_bbox(torch.from_numpy(mask))
-        with timer("write"):
-            save_npy(case_dir / files["body_mask"], mask)
-        written.append(files["body_mask"])
-        del mask, cube, hu
+            # the body mask is computed while the last windows are still being written
+            with timer("body_mask"):
+                mask = _body_mask(cube)
+                if mask.shape != (R, R, R):
+                    raise ValueError(f"BodyMask returned shape {mask.shape}, expected {(R, R, R)}")
+            with timer("bbox"):
+                body_voxels, bbox = _count_and_bbox(mask)
+            writer.save(case_dir / files["body_mask"], mask)
+            written.append(files["body_mask"])
+            del cube, hu
 
-        label_ids = None
-        if case.label is not None:
-            with timer("labels"):
-                lab_cube = _labels_to_cube(case.label, cube_affine, R)
-                counts = np.bincount(lab_cube.reshape(-1).view(np.uint8 if lab_cube.dtype == np.uint8 else np.uint16))
-                label_ids = [int(v) for v in np.flatnonzero(counts) if v != 0]
-            with timer("write"):
-                save_npy(case_dir / files["labels"], lab_cube)
-            written.append(files["labels"])
-            del lab_cube
+            label_ids = None
+            if case.label is not None:
+                with timer("labels"):
+                    lab_cube = _labels_to_cube(case.label, cube_affine, R)
+                    label_ids = _label_ids(lab_cube)
+                writer.save(case_dir / files["labels"], lab_cube)
+                written.append(files["labels"])
+            writer.wait_all()
+        finally:
+            writer.close()
+        del bufs, mask
         row.update({
             "status": "ok",
             "spacing_512": json.dumps([round(v, 6) for v in spacing_cube]),
@@ -583,7 +671,7 @@ def process_case(task: dict) -> dict:
 # ---------------------------------------------------------------------------------------- pool
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, parent_pid: int) -> None:
     """Worker start: die with the parent (Linux), keep BLAS/torch threads to a fair share."""
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -593,7 +681,7 @@ def _worker_init(threads: int) -> None:
         import torch
 
         torch.set_num_threads(max(1, threads))
-    if os.getppid() == 1:
+    if os.getppid() != parent_pid:  # the parent died before PR_SET_PDEATHSIG was armed
         os._exit(1)
 
 
@@ -748,7 +836,7 @@ def _run_pool(tasks: list[dict], num_workers: int, record) -> None:
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     while pending:
         with ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx, initializer=_worker_init,
-                                 initargs=(threads,)) as ex:
+                                 initargs=(threads, os.getpid())) as ex:
             inflight = {}
             broken = False
             try:

@@ -313,3 +313,57 @@ def test_positional_workers(tmp_path):
     assert pp._resolve_positionals(args, parser) == (None, 0)
     args = parser.parse_args(["raw", "out", "m.json"])
     assert pp._resolve_positionals(args, parser)[0] == "m.json"
+
+
+@pytest.mark.slow
+def test_full_resolution_512_case(ct_data_dir, tmp_path):
+    """One case at the real 512^3 resolution (ct_normalized, lung window, body mask, labels)."""
+    raw = tmp_path / "raw" / "nifti"
+    raw.mkdir(parents=True)
+    for name in ("example_ct_sm.nii.gz", "example_seg.nii.gz"):
+        (raw / name).symlink_to(ct_data_dir / "abdomen_nifti" / name)
+    out = tmp_path / "out"
+    s = pp.run(raw.parent, out, None, 0, 512, ["lung"], progress=False)
+    assert (s["ok"], s["failed"]) == (1, 0)
+    d = out / "nifti" / "processed" / "example_ct_sm"
+    info = json.loads((d / "case.json").read_text())
+    assert info["resolution"] == 512 and len(info["affine_512"]) == 4
+    assert abs(info["spacing_512"][0] - 366.0 / 512) < 1e-6  # largest extent 122 * 3 mm fills the cube
+    ct = np.load(d / "ct_normalized_512.npy", mmap_mode="r")
+    lab = np.load(d / "labels_512.npy", mmap_mode="r")
+    mask = np.load(d / "body_mask_512.npy", mmap_mode="r")
+    assert ct.shape == lab.shape == mask.shape == (512, 512, 512)
+    assert ct.dtype == np.float16 and mask.dtype == np.bool_ and lab.dtype == np.uint8
+    for w in info["windows"].values():
+        win = np.load(d / w["file"], mmap_mode="r")
+        assert win.shape == (512, 512, 512) and win.dtype == np.float16
+    (i0, i1), (j0, j1), (k0, k1) = info["body_bbox"]
+    sub = (slice(i0, i1), slice(j0, j1), slice(k0, k1))
+    hu = np.asarray(ct[sub], dtype=np.float32) * (HU_MAX - HU_MIN) + HU_MIN
+    liver = np.asarray(lab[sub]) == 5
+    assert liver.sum() > 10000 and 20 <= hu[liver].mean() <= 120
+    print(f"512^3 case: {info['timings']}")
+
+
+def _crashing_case(task):
+    if task["case"].case_id == "crash":
+        import os
+
+        os._exit(3)  # a worker dying hard (segfault, out-of-memory kill)
+    return {"dataset": "d", "timings": {}, "row": {"case_id": task["case"].case_id, "status": "ok"}}
+
+
+@pytest.mark.skipif("fork" not in __import__("multiprocessing").get_all_start_methods(),
+                    reason="the patched case function reaches workers only through fork")
+def test_worker_crash_fails_only_its_case(monkeypatch, tmp_path):
+    from pipeline.discovery import Case
+
+    monkeypatch.setattr(pp, "process_case", _crashing_case)  # workers are forked: they see it too
+    tasks = [{"case": Case("d", cid, tmp_path / cid, "volume", cid), "case_dir": str(tmp_path / cid)}
+             for cid in ("a", "crash", "b", "c")]
+    got = []
+    pp._run_pool(tasks, 2, got.append)
+    status = {r["row"]["case_id"]: r["row"]["status"] for r in got}
+    assert status == {"a": "ok", "b": "ok", "c": "ok", "crash": "failed"}
+    err = next(r["row"]["error"] for r in got if r["row"]["case_id"] == "crash")
+    assert "worker process died" in err

@@ -1,7 +1,5 @@
 """load_pretrained: our checkpoints and the Direct3D-S2 VAE layout (torchsparse kernels)."""
 
-import itertools
-
 import pytest
 import torch
 

@@ -9,7 +9,6 @@ from monai.data import MetaTensor
 from scipy.ndimage import map_coordinates
 
 from transforms import (
-    LoadCT,
     LoadCTd,
     Orientation,
     Orientationd,
@@ -92,7 +91,7 @@ def test_labels_land_on_liver(ct_data_dir, j2k):
     names = json.loads((ct_data_dir / "totalsegmentator_v2_total_labels.json").read_text())
     ids = {v: int(k) for k, v in names.items()}
     # image LPS (DICOM), labels LAS (NIfTI): paired by world position, not array index
-    assert np.sign(j2k["image"].affine[1, 1]) != np.sign(j2k["label"].affine[1, 1])
+    assert float(j2k["image"].affine[1, 1]) * float(j2k["label"].affine[1, 1]) < 0
     d = ResampleToCubed(["image", "label"], resolution=128, mode=["bilinear", "nearest"],
                         padding_value=[-1024, 0])(dict(j2k))
     img, lab = d["image"][0], d["label"][0]
@@ -186,3 +185,14 @@ def test_cube_affine_for_spacing():
     assert sp == pytest.approx(0.5)  # x/y extent 256 mm > z extent 200 mm
     cube, sp = cube_affine_for(aff, (100, 100, 300), 100)
     assert sp == pytest.approx(6.0)
+
+
+def test_default_padding_per_mode(j2k):
+    t = ResampleToCubed(["image", "label"], resolution=64, mode=["bilinear", "nearest"])
+    d = t(dict(j2k))
+    assert float(d["image"].min()) == -1024.0
+    assert int(d["label"].min()) == 0 and d["label"].dtype == torch.int16
+    back = t.inverse(d)  # the same instance (MONAI checks it), or resample_to_source(cube) from meta
+    assert back["label"].shape == j2k["label"].shape and int(back["label"].min()) == 0
+    lab = resample_to_source(d["label"], mode="nearest")
+    assert torch.equal(lab.as_tensor(), back["label"].as_tensor())

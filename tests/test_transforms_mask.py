@@ -35,7 +35,9 @@ def test_phantom_mask(factor):
     mid = m[0, :, :, 48].numpy()
     assert mid[lungs].all()  # lungs inside the body are kept
     assert not mid[table].any()  # the table is not the patient
-    assert not m[0, :, :, :5].any()  # air outside the scanned range
+    assert not m[0, :, :, :10].any() and not m[0, :, :, -10:].any()  # air outside the scanned range
+    for k in (10, 11, 84, 85):  # lungs are kept up to the first and last scanned slice
+        assert m[0, :, :, k].numpy()[lungs].all(), k
     assert (mid == body).mean() > 0.995  # the skin edge at full resolution
 
 

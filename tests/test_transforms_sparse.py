@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from monai.data import MetaTensor
 
 from transforms import (
     BodyMask,

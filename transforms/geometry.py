@@ -258,7 +258,7 @@ def _resample_grid_sample(x, m, out_shape, linear, pad):
 
 
 def resample_to_grid(img, src_affine, dst_affine, dst_shape: Sequence[int], mode: str = "bilinear",
-                     padding_value: float = AIR_HU, dtype: torch.dtype | None = None,
+                     padding_value: float | None = None, dtype: torch.dtype | None = None,
                      contiguous: bool = False) -> torch.Tensor:
     """Resamples a channel-first volume onto another grid in world space.
 
@@ -268,7 +268,8 @@ def resample_to_grid(img, src_affine, dst_affine, dst_shape: Sequence[int], mode
         dst_affine: 4x4 voxel-to-world affine of the target grid.
         dst_shape: spatial shape of the target grid.
         mode: "bilinear"/"trilinear" (linear) or "nearest" (labels).
-        padding_value: value of target voxels outside the source (more than half a voxel away).
+        padding_value: value of target voxels outside the source (more than half a voxel away);
+            None: -1024 (air) for linear modes, 0 (background) for nearest.
         dtype: output dtype (default: float32 for linear, input dtype for nearest).
         contiguous: return a C-contiguous tensor. By default the output keeps the source's memory
             layout (e.g. F-order for volumes read by SimpleITK/nibabel), which avoids a transposing
@@ -286,6 +287,8 @@ def resample_to_grid(img, src_affine, dst_affine, dst_shape: Sequence[int], mode
     if linear and x.dtype == torch.float64:
         x = x.float()
     out_dtype = dtype or x.dtype
+    if padding_value is None:
+        padding_value = AIR_HU if linear else 0
     m = np.linalg.inv(_np_affine(src_affine)) @ _np_affine(dst_affine)  # target voxel -> source voxel
     dst_shape = [int(s) for s in dst_shape[-3:]]
     lead = x.shape[:-3]
@@ -303,7 +306,7 @@ def _meta_of(img) -> dict:
     return dict(img.meta) if isinstance(img, MetaTensor) else {}
 
 
-def resample_to_source(cube, meta: Mapping | None = None, mode: str = "bilinear", padding_value: float = AIR_HU,
+def resample_to_source(cube, meta: Mapping | None = None, mode: str = "bilinear", padding_value: float | None = None,
                        target_affine=None, target_shape: Sequence[int] | None = None) -> MetaTensor:
     """Maps a cube-grid volume (e.g. a decoded reconstruction) back onto the source grid.
 
@@ -312,7 +315,7 @@ def resample_to_source(cube, meta: Mapping | None = None, mode: str = "bilinear"
         meta: meta dict written by :class:`ResampleToCube` (``cube_affine``, ``source_affine``,
             ``source_shape``); defaults to ``cube.meta``.
         mode: "bilinear" for intensities, "nearest" for labels.
-        padding_value: value outside the cube.
+        padding_value: value outside the cube (None: -1024 for bilinear, 0 for nearest).
         target_affine: overrides the target affine (e.g. ``meta["original_affine"]`` of the file).
         target_shape: overrides the target shape (e.g. ``meta["original_shape"]``).
 
@@ -347,14 +350,14 @@ class ResampleToCube(InvertibleTransform, Transform):
     Args:
         resolution: voxels per cube side (512 default).
         mode: "bilinear" (images) or "nearest" (labels).
-        padding_value: value outside the source volume (-1024 HU).
+        padding_value: value outside the source volume (None: -1024 HU for bilinear, 0 for nearest).
         dtype: output dtype (None: float32 for bilinear, input dtype for nearest).
         contiguous: return C-contiguous data. By default the cube keeps the memory layout of the
             source (F-order for SimpleITK/nibabel volumes), which saves a transposing copy of the
             whole cube; indexing is (C, X, Y, Z) either way.
     """
 
-    def __init__(self, resolution: int = 512, mode: str = "bilinear", padding_value: float = AIR_HU,
+    def __init__(self, resolution: int = 512, mode: str = "bilinear", padding_value: float | None = None,
                  dtype: torch.dtype | None = None, contiguous: bool = False):
         self.resolution = int(resolution)
         self.mode = mode
@@ -429,14 +432,14 @@ class ResampleToCubed(MapTransform, InvertibleTransform):
         ref_key: key whose extent defines the cube (default: first of ``keys``).
         resolution: voxels per cube side.
         mode: one mode or one per key ("bilinear" images, "nearest" labels).
-        padding_value: one value or one per key (-1024 for images, 0 for labels).
+        padding_value: one value or one per key (None: -1024 for bilinear keys, 0 for nearest keys).
         dtype: output dtype, one or one per key (None keeps float32 / label dtype).
         contiguous: return C-contiguous data (default: keep the source memory layout, see ResampleToCube).
         allow_missing_keys: do not raise when a key is absent.
     """
 
     def __init__(self, keys: KeysCollection, ref_key: Hashable | None = None, resolution: int = 512,
-                 mode: str | Sequence[str] = "bilinear", padding_value: float | Sequence[float] = AIR_HU,
+                 mode: str | Sequence[str] = "bilinear", padding_value: float | Sequence[float] | None = None,
                  dtype=None, contiguous: bool = False, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         n = len(self.keys)

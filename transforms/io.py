@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 import zipfile
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -331,31 +331,31 @@ def _regularize_stack(vol, pos, r, c, n, dx, dy, s, gaps, pad: float = -1024.0):
     zt = np.arange(out_z) * dz
     k0 = np.clip(np.searchsorted(srel, zt, side="right") - 1, 0, nk - 2)
     w = np.clip((zt - srel[k0]) / (srel[k0 + 1] - srel[k0]), 0.0, 1.0)
-    src = torch.from_numpy(vol).permute(2, 1, 0).unsqueeze(1)  # (K, 1, Y, X)
-    out = torch.empty((out_z, out_y, out_x), dtype=torch.float32)
-    xs = torch.arange(out_x, dtype=torch.float64) * dx + ox0  # target in-plane mm
-    ys = torch.arange(out_y, dtype=torch.float64) * dy + oy0
-    chunk = max(1, int(2**22 // (out_x * out_y)))
-    for t0 in range(0, out_z, chunk):
-        t1 = min(out_z, t0 + chunk)
-        acc = None
-        for kk, ww in ((k0[t0:t1], 1.0 - w[t0:t1]), (k0[t0:t1] + 1, w[t0:t1])):
-            kk_t = torch.from_numpy(kk)
-            gx = (xs[None, :] - torch.from_numpy(off[kk, 0])[:, None]) / dx  # (T, X') source pixel
-            gy = (ys[None, :] - torch.from_numpy(off[kk, 1])[:, None]) / dy
-            gx = (2 * gx / (nx - 1) - 1).float()
-            gy = (2 * gy / (ny - 1) - 1).float()
-            grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
-            samp = torch.nn.functional.grid_sample(
-                src[kk_t] - pad, grid, mode="bilinear", padding_mode="zeros", align_corners=True
-            )[:, 0] + pad
-            term = samp * torch.from_numpy(ww).float()[:, None, None]
-            acc = term if acc is None else acc + term
-        out[t0:t1] = acc
+    # 1) shift every source slice onto the common in-plane grid (separable linear, pad outside)
+    from .geometry import _axis_plan, _take
+
+    src = torch.from_numpy(np.ascontiguousarray(vol.transpose(2, 1, 0)))  # (K, Y, X)
+    shifted = torch.full((nk, out_y, out_x), pad, dtype=torch.float32)
+    for k in range(nk):
+        plane = src[k]
+        px = _axis_plan(1.0, (ox0 - off[k, 0]) / dx, nx, out_x, True)
+        py = _axis_plan(1.0, (oy0 - off[k, 1]) / dy, ny, out_y, True)
+        for dim, (lo, hi, idx, wt) in ((1, px), (0, py)):
+            if wt is None:
+                plane = _take(plane, dim, idx)
+            else:
+                shape = [1, 1]
+                shape[dim] = -1
+                plane = _take(plane, dim, idx).lerp_(_take(plane, dim, idx + 1), wt.view(shape))
+        shifted[k, py[0]:py[1], px[0]:px[1]] = plane
+    # 2) blend the two slices enclosing each target plane along the normal
+    k0_t = torch.from_numpy(k0)
+    out = shifted.index_select(0, k0_t)
+    out.lerp_(shifted.index_select(0, k0_t + 1), torch.from_numpy(w.astype(np.float32)).view(-1, 1, 1))
     aff = np.eye(4)
     aff[:3, 0], aff[:3, 1], aff[:3, 2] = r * dx, c * dy, n * dz
     aff[:3, 3] = pos[0] + ox0 * r + oy0 * c
-    return np.ascontiguousarray(out.permute(2, 1, 0).numpy()), aff
+    return out.permute(2, 1, 0).numpy(), aff
 
 
 # ----------------------------------------------------------------------------------------------

@@ -120,13 +120,25 @@ def body_mask(img, threshold: float = -500.0, factor: int | Sequence[int] | None
     if (f == 1).all():
         out = torch.from_numpy(filled)
     else:
-        interior = ndimage.binary_erosion(filled, border_value=0)
+        # interior: eroded in-plane only, so lungs stay in up to the first/last scanned slice;
+        # band (skin, scan ends): decided voxel by voxel with the threshold
+        plane = np.zeros((3, 3, 3), dtype=bool)
+        sl = [slice(None)] * 3
+        sl[axial_axis] = 1
+        plane[tuple(sl)] = ndimage.generate_binary_structure(2, 1)
+        interior = ndimage.binary_erosion(filled, structure=plane, border_value=0)
         band = ndimage.binary_dilation(filled) & ~interior
-        fine = (x3 > threshold).contiguous().view(int(cshape[0]), int(f[0]), int(cshape[1]), int(f[1]),
-                                                  int(cshape[2]), int(f[2]))
+        tissue = x3 > threshold
+        others = tuple(d for d in range(3) if d != axial_axis)
+        slice_has_tissue = tissue.any(dim=others[1]).any(dim=others[0])
+        fine = tissue.view(int(cshape[0]), int(f[0]), int(cshape[1]), int(f[1]), int(cshape[2]), int(f[2]))
         b6 = torch.from_numpy(band)[:, None, :, None, :, None]
         i6 = torch.from_numpy(interior)[:, None, :, None, :, None]
-        out = (fine & b6).logical_or_(i6).reshape(*(int(v) for v in full_shape))
+        out = fine.logical_and_(b6).logical_or_(i6).reshape(*(int(v) for v in full_shape))
+        # coarse blocks straddling the end of the scan: drop the slices that hold no tissue at all
+        shape_ax = [1, 1, 1]
+        shape_ax[axial_axis] = -1
+        out.logical_and_(slice_has_tissue.view(shape_ax))
     if padded.any():
         out = out[: shape[0], : shape[1], : shape[2]]
     out = out.permute(*inv)

@@ -7,6 +7,7 @@ int32 (i, j, k in the full grid) and ``feats`` [N, C] float32. Crops are boxes a
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -32,6 +33,10 @@ def _t(x) -> torch.Tensor:
     if isinstance(x, MetaTensor):
         return x.as_tensor()
     if isinstance(x, np.ndarray):
+        if all(st >= 0 for st in x.strides):  # any memory layout (F-order files too), no copy
+            with warnings.catch_warnings():  # read-only memory maps are only read here
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.from_numpy(np.asarray(x))
         return torch.from_numpy(np.ascontiguousarray(x))
     return torch.as_tensor(x)
 
