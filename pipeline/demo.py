@@ -141,9 +141,13 @@ def run_demo(
     def n(stage: int) -> int:
         return int(steps or stage_steps.get(stage, cfg.get("max_steps", 30)))
 
-    run0 = _train(0, config, out, data, n(0), common, log)
-    run1 = _train(1, config, out, data, n(1), common + ["--override", f"pretrained_vae_path={json.dumps(str(_latest(run0)))}"], log)
-    run2 = _train(2, config, out, data, n(2), common + ["--load_dir", str(run1), "--ckpt", "latest"], log)
+    def extra(stage: int) -> list[str]:  # demo.stage_overrides: per-stage config values
+        over = (demo.get("stage_overrides") or {}).get(str(stage), {})
+        return common + [a for k, v in over.items() for a in ("--override", f"{k}={json.dumps(v)}")]
+
+    run0 = _train(0, config, out, data, n(0), extra(0), log)
+    run1 = _train(1, config, out, data, n(1), extra(1) + ["--override", f"pretrained_vae_path={json.dumps(str(_latest(run0)))}"], log)
+    run2 = _train(2, config, out, data, n(2), extra(2) + ["--load_dir", str(run1), "--ckpt", "latest"], log)
 
     # 4. evaluate the stage-2 model on whole scans, export it
     ckpt = _latest(run2, ema=False)

@@ -367,3 +367,28 @@ def test_worker_crash_fails_only_its_case(monkeypatch, tmp_path):
     assert status == {"a": "ok", "b": "ok", "c": "ok", "crash": "failed"}
     err = next(r["row"]["error"] for r in got if r["row"]["case_id"] == "crash")
     assert "worker process died" in err
+
+
+def test_io_utils_atomic(tmp_path):
+    from pipeline import io_utils as io
+
+    target = tmp_path / "a" / "x.json"
+    io.save_json(target, {"v": np.float32(1.5), "arr": np.arange(3)})
+    assert json.loads(target.read_text()) == {"v": 1.5, "arr": [0, 1, 2]}
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert json.loads(target.read_text())["v"] == 1.5  # old content kept
+    assert [p.name for p in target.parent.iterdir()] == ["x.json"]  # temporary removed
+    io.save_csv(tmp_path / "m.csv", [{"case_id": "a", "status": "ok"}, {"case_id": "b", "error": "x"}],
+                ["case_id", "status", "error"])
+    assert (tmp_path / "m.csv").read_text().splitlines() == ["case_id,status,error", "a,ok,", "b,,x"]
+    with io.open_npy_atomic(tmp_path / "big.npy", (4, 5), np.float16) as out:
+        assert not (tmp_path / "big.npy").exists()
+        out[:] = 2
+    assert np.load(tmp_path / "big.npy").sum() == 40
+    io.save_npy(tmp_path / "f.npy", np.arange(24.0).reshape(2, 3, 4), dtype=np.float16)
+    assert np.load(tmp_path / "f.npy").dtype == np.float16
+    (tmp_path / ".f.npy.tmp-1-deadbeef").write_text("stale")
+    assert io.remove_stale_tmp(tmp_path) == 1
