@@ -128,7 +128,7 @@ def run_demo(
     data = out / "processed_dataset"
     log(f"== preprocess {raw_dir} -> {data} at {resolution}^3, window {window}")
     summary = preprocess.run(
-        raw_dir, data, mapping, num_workers=int(demo.get("preprocess_workers", 1)), resolution=resolution,
+        raw_dir, data, mapping, num_workers=int(demo.get("preprocess_workers", 0)), resolution=resolution,
         windows=[window], progress=False, log=log,
     )
     if not summary.get("ok"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,9 @@ class StepLogHandler:
         self.interval = max(1, int(interval))
         self._acc: dict[str, float] = {}
         self._n = 0
+        self._points = 0
+        self._t0 = time.perf_counter()
+        self._step0 = 0
 
     def attach(self, engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
@@ -78,12 +82,16 @@ class StepLogHandler:
             for k in ("loss", "recon", "vq", "commitment", "grad_norm"):
                 self._acc[k] = self._acc.get(k, 0.0) + float(out.get(k, 0.0))
             self._n += 1
+        self._points += int(out.get("num_points", 0))
         step = engine.state.iteration
         if step % self.interval and step != engine.state.epoch_length:
             return
         n = max(1, self._n)
         avg = {k: v / n for k, v in self._acc.items()}
-        self._acc, self._n = {}, 0
+        now = time.perf_counter()
+        seconds = max(now - self._t0, 1e-9)
+        speed = {"steps_per_s": (step - self._step0) / seconds, "voxels_per_s": self._points / seconds}
+        self._acc, self._n, self._points, self._t0, self._step0 = {}, 0, 0, now, step
         if D.is_distributed() and avg:  # mean over ranks (every rank reaches this line)
             keys = sorted(avg)
             t = torch.tensor([avg[k] for k in keys], dtype=torch.float64, device=engine.device)
@@ -100,11 +108,16 @@ class StepLogHandler:
                f"lr={out.get('lr', 0.0):.3g} grad_norm={avg.get('grad_norm', float('nan')):.4g}")
         if usage is not None and engine.quantize:
             msg += f" perplexity={usage['perplexity']:.1f} usage={usage['usage']:.3f}"
+        msg += f" steps/s={speed['steps_per_s']:.2f} voxels/s={speed['voxels_per_s']:.3g}"
+        if torch.cuda.is_available() and engine.device.type == "cuda":
+            msg += f" peak_mem={torch.cuda.max_memory_allocated(engine.device) / 2**30:.2f}GiB"
         logger.info(msg)
         w = tb_writer(engine, self.output_dir)
         for k, v in avg.items():
             w.add_scalar(f"train/{k}", v, step)
         w.add_scalar("train/lr", out.get("lr", 0.0), step)
+        for k, v in speed.items():
+            w.add_scalar(f"speed/{k}", v, step)
         w.add_scalar("train/nonfinite_steps", getattr(engine.state, "nonfinite_steps", 0), step)
         if usage is not None and engine.quantize:
             w.add_scalar("codebook/perplexity", usage["perplexity"], step)
