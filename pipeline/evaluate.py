@@ -4,7 +4,7 @@
 
     python -m pipeline.evaluate (--ckpt RUN_DIR/ckpts/vqvae_ema0.9999_step0200000.pt | --bundle DIR)
                                 --data_dir processed_dataset [--window lung] --out report_dir
-                                [--max_cases N] [--cases ID ...] [--tile 16] [--device cuda] [--no-ssim]
+                                [--max_cases N] [--cases ID ...] [--tile N] [--device cuda] [--no-ssim]
 
 Every complete case of every processed dataset under ``--data_dir`` goes whole (not cropped)
 through the same tiled Encode/Decode as ``pipeline.infer``. The reference is the case's window
@@ -419,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--max_cases", "--max-cases", type=int, default=None, help="at most this many cases")
     p.add_argument("--cases", nargs="+", default=None, help="only these cases (dataset/case_id or case_id)")
-    p.add_argument("--tile", type=int, default=None, help="latent tile edge (default 16; 0: untiled)")
+    p.add_argument("--tile", type=int, default=None, help="latent tile edge (default 32 on CUDA, 16 on CPU; 0: untiled)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
     p.add_argument("--no-ssim", action="store_true", help="skip SSIM (faster)")
     p.add_argument("--no-pictures", action="store_true", help="skip the per-case pictures")

@@ -59,7 +59,11 @@ __all__ = [
 ]
 
 TOKENS_FORMAT = "ctvq-tokens-1"
-DEFAULT_TILE = 16  # latent cells per tile edge (128 voxels)
+DEFAULT_TILE = 16  # latent cells per tile edge (128 voxels) on CPU
+# On a GPU, fp16 autocast with 32-cell tiles measured fastest within 16 GB on an H100 for a 512^3
+# chest/abdomen (encode 0.78 s + decode 0.47 s, 12.2 GiB; 16-cell tiles: 1.96 s + 0.82 s;
+# untiled fails spconv's int32 limit in the last decoder layer).
+DEFAULT_TILE_CUDA = 32
 _CKPT_RE = re.compile(r"^vqvae_(?:(ema[0-9.]+)_)?step(\d+)\.pt$")
 
 
@@ -479,7 +483,9 @@ class Tokenizer:
         window: the window the model was trained on.
         resolution: cube side R (default: the model's latent resolution times 8).
         device: torch device (default: CUDA when present, else CPU).
-        tile: latent tile edge of the tiled Encode/Decode (None: whole volume in one piece).
+        tile: latent tile edge of the tiled Encode/Decode ("auto": 32 on CUDA, 16 on CPU;
+            None: whole volume in one piece).
+        amp: fp16 autocast for Encode/Decode (default: on for CUDA, off on CPU).
         preprocessing: dictionary transform from ``{"image": path}`` to ``{"image": window, "body_mask"}``
             (default: :func:`preprocessing_transforms`).
         source: where the model came from (named in errors).
@@ -492,12 +498,17 @@ class Tokenizer:
         window: Any,
         resolution: int | None = None,
         device: str | torch.device | None = None,
-        tile: int | None = DEFAULT_TILE,
+        tile: int | str | None = "auto",
         preprocessing: Any = None,
         source: str = "model",
         ckpt_path: str | os.PathLike | None = None,
+        amp: bool | None = None,
     ):
         self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        cuda = self.device.type == "cuda"
+        self.amp = cuda if amp is None else bool(amp) and cuda
+        if tile == "auto":
+            tile = DEFAULT_TILE_CUDA if cuda else DEFAULT_TILE
         if ckpt_path is not None:
             load_weights(network, ckpt_path, source)
             source = str(ckpt_path)
@@ -716,7 +727,8 @@ class Tokenizer:
             tc, ti = np.zeros((0, 3), np.int32), np.zeros(0, np.int64)
         else:
             x = make_sparse(feats.to(self.device), idx.to(self.device), [R, R, R], 1)
-            tok = self.network.Encode(x, tile=self.tile)
+            with self._autocast():
+                tok = self.network.Encode(x, tile=self.tile)
             tc = tok.coords[:, 1:].cpu().numpy().astype(np.int32)
             ti = tok.indices.cpu().numpy().astype(np.int64)
             latent = tuple(int(s) for s in tok.latent_shape)
@@ -798,12 +810,16 @@ class Tokenizer:
         coords = torch.as_tensor(tokens.coords, dtype=torch.int32)
         coords = torch.cat([torch.zeros(len(coords), 1, dtype=torch.int32), coords], 1)
         tok = Tokens(coords.to(self.device), torch.as_tensor(tokens.indices, dtype=torch.int64).to(self.device), 1, tuple(tokens.latent_shape))
-        rec = self.network.Decode(tok, tile=self.tile)
+        with self._autocast():
+            rec = self.network.Decode(tok, tile=self.tile)
         ijk = rec.indices[:, 1:].long().cpu().numpy()
         vals = rec.features[:, 0].float().clamp_(0.0, 1.0).cpu().numpy()
         inside = np.all((ijk >= 0) & (ijk < R), axis=1)
         out[ijk[inside, 0], ijk[inside, 1], ijk[inside, 2]] = vals[inside]
         return out
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.float16, enabled=self.amp)
 
     def to_hu(self, window_values: np.ndarray) -> np.ndarray:
         """Window values -> HU: ``level - width / 2 + v * width``."""
@@ -901,7 +917,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         q.add_argument("--ckpt", default=None, help="checkpoint (with RUN_DIR/config.json two levels up) instead of --bundle")
         q.add_argument("--config", default=None, help="run config.json for --ckpt (default: next to the ckpts folder)")
         q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
-        q.add_argument("--tile", type=int, default=None, help=f"latent tile edge for whole scans (default {DEFAULT_TILE}; 0: untiled)")
+        q.add_argument("--tile", type=int, default=None, help=f"latent tile edge for whole scans (default {DEFAULT_TILE_CUDA} on CUDA with fp16, {DEFAULT_TILE} on CPU; 0: untiled)")
 
     e = sub.add_parser("encode", help="scan -> tokens .npz")
     e.add_argument("scan", help="DICOM folder or .zip, NIfTI, NRRD or MHA")

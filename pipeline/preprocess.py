@@ -832,7 +832,9 @@ def _run_pool(tasks: list[dict], num_workers: int, record) -> None:
     pending = list(reversed(tasks))
     attempts: dict[int, int] = {}
     # fork: workers reuse the modules this process already imported (torch, monai, transforms),
-    # which saves seconds per worker; this process runs no torch work before forking.
+    # which saves seconds per worker. The CLI runs no torch work before forking; a library
+    # caller that already ran torch (OpenMP pools do not survive fork) should pass
+    # num_workers=0 (as pipeline.demo does) or run the CLI in a subprocess.
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     while pending:
         with ProcessPoolExecutor(max_workers=num_workers, mp_context=ctx, initializer=_worker_init,
