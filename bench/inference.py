@@ -82,6 +82,24 @@ def _fill(row: dict[str, Any], res: dict[str, Any], voxels: int) -> dict[str, An
     return row
 
 
+def _timed_row(row: dict[str, Any], fn, what: str, vol: C.Crop, device, budget: C.Budget) -> dict[str, Any]:
+    """Prints ``what``, runs ``fn`` guarded against OOM and fills ``row`` with its result."""
+    print(f"[{budget.elapsed():6.1f}s] {what} ...", flush=True)
+    return _fill(row, C.run_guarded(fn, device), vol.voxels)
+
+
+def _decode_row(row: dict[str, Any], encoded: bool, fn, what: str, vol: C.Crop, device,
+                budget: C.Budget) -> dict[str, Any]:
+    """As :func:`_timed_row`, but ``row`` is marked skipped when the encode failed or the time budget is spent."""
+    if not encoded:
+        row["status"] = "skipped: encode failed"
+    elif budget.exhausted():
+        row["status"] = "skipped: time budget"
+    else:
+        row = _timed_row(row, fn, what, vol, device, budget)
+    return row
+
+
 def bench_ours(vol: C.Crop, args, device, amp: bool, cap, budget: C.Budget) -> list[dict[str, Any]]:
     """Tiled Encode then tiled Decode of the whole scan's support."""
     tile = args.tile or (4 if args.small else 16)
@@ -121,19 +139,10 @@ def bench_ours(vol: C.Crop, args, device, amp: bool, cap, budget: C.Budget) -> l
         t = C.measure(call, device, args.warmup, args.repeats, budget.per_config(cap), min_repeats=1)
         return {"timing": t, "out": f"{out['voxels']} voxels (sparse)"}
 
-    print(f"[{budget.elapsed():6.1f}s] ours encode {vol.size}^3 {prec} ...", flush=True)
-    rows.append(_fill(_row("ctvq SparseVQVAE", "encode", how, prec, vol), C.run_guarded(run_encode, device),
-                      vol.voxels))
-    r = _row("ctvq SparseVQVAE", "decode", how, prec, vol)
-    if "tokens" not in state:
-        r["status"] = "skipped: encode failed"
-        rows.append(r)
-    elif budget.exhausted():
-        r["status"] = "skipped: time budget"
-        rows.append(r)
-    else:
-        print(f"[{budget.elapsed():6.1f}s] ours decode {vol.size}^3 {prec} ...", flush=True)
-        rows.append(_fill(r, C.run_guarded(run_decode, device), vol.voxels))
+    rows.append(_timed_row(_row("ctvq SparseVQVAE", "encode", how, prec, vol), run_encode,
+                           f"ours encode {vol.size}^3 {prec}", vol, device, budget))
+    rows.append(_decode_row(_row("ctvq SparseVQVAE", "decode", how, prec, vol), "tokens" in state, run_decode,
+                            f"ours decode {vol.size}^3 {prec}", vol, device, budget))
     state.clear()
     C.free_memory(device)
     return rows
@@ -187,20 +196,12 @@ def bench_maisi(vol: C.Crop, args, device, amp: bool, cap, budget: C.Budget) -> 
         t = C.measure(call, device, args.warmup, args.repeats, budget.per_config(cap), min_repeats=1)
         return {"timing": t, "out": f"dense {vol.size}^3"}
 
-    print(f"[{budget.elapsed():6.1f}s] maisi encode {vol.size}^3 ...", flush=True)
-    rows.append(_fill(_row("MAISI AutoencoderKlMaisi", "encode", f"sliding window {roi}^3, overlap "
-                           f"{args.maisi_overlap}", prec, vol), C.run_guarded(run_encode, device), vol.voxels))
+    rows.append(_timed_row(_row("MAISI AutoencoderKlMaisi", "encode", f"sliding window {roi}^3, overlap "
+                                f"{args.maisi_overlap}", prec, vol), run_encode,
+                           f"maisi encode {vol.size}^3", vol, device, budget))
     r = _row("MAISI AutoencoderKlMaisi", "decode", f"sliding window latent {lroi}^3 ({lroi * 4}^3 voxels), "
              f"overlap {args.maisi_latent_overlap}", prec, vol)
-    if "z" not in state:
-        r["status"] = "skipped: encode failed"
-        rows.append(r)
-    elif budget.exhausted():
-        r["status"] = "skipped: time budget"
-        rows.append(r)
-    else:
-        print(f"[{budget.elapsed():6.1f}s] maisi decode {vol.size}^3 ...", flush=True)
-        rows.append(_fill(r, C.run_guarded(run_decode, device), vol.voxels))
+    rows.append(_decode_row(r, "z" in state, run_decode, f"maisi decode {vol.size}^3", vol, device, budget))
     state.clear()
     C.free_memory(device)
     return rows

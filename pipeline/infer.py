@@ -41,6 +41,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from transforms import WINDOW_PRESETS, WindowSpec
+from transforms import parse_window as _parse_window
+
 __all__ = [
     "TokenizerError",
     "CTTokens",
@@ -74,30 +77,18 @@ class TokenizerError(ValueError):
 # --------------------------------------------------------------------------------------- windows
 
 
-@dataclass(frozen=True)
-class WindowSpec:
-    """CT window: name, width and level in HU (the model's input window)."""
-
-    name: str
-    width: float
-    level: float
-
-    @property
-    def lower(self) -> float:
-        return self.level - self.width / 2.0
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "width": float(self.width), "level": float(self.level)}
-
-    def same_as(self, other: "WindowSpec") -> bool:
-        return abs(self.width - other.width) < 1e-6 and abs(self.level - other.level) < 1e-6
-
-
-_PRESETS = {"lung": (1500.0, -600.0), "bone": (1500.0, 300.0), "soft_tissue": (400.0, 50.0), "brain": (80.0, 35.0)}
+def _window(name: str, width: float, level: float) -> WindowSpec:
+    try:
+        return WindowSpec(name, width, level)
+    except ValueError as e:
+        raise TokenizerError(str(e)) from None
 
 
 def parse_window(spec: Any) -> WindowSpec:
     """A preset name, ``"name:W:L"``, a {"name", "width", "level"} mapping or a WindowSpec-like object.
+
+    Same forms as ``transforms.parse_window`` plus mappings without a name and objects with ``width`` and
+    ``level``; errors raise :class:`TokenizerError`.
 
     Args:
         spec: the window description.
@@ -105,29 +96,20 @@ def parse_window(spec: Any) -> WindowSpec:
     if isinstance(spec, WindowSpec):
         return spec
     if hasattr(spec, "width") and hasattr(spec, "level"):
-        return WindowSpec(str(getattr(spec, "name", "custom")), float(spec.width), float(spec.level))
+        return _window(str(getattr(spec, "name", "custom")), float(spec.width), float(spec.level))
     if isinstance(spec, Mapping):
         if "width" in spec and "level" in spec:
-            return WindowSpec(str(spec.get("name", "custom")), float(spec["width"]), float(spec["level"]))
+            return _window(str(spec.get("name", "custom")), float(spec["width"]), float(spec["level"]))
         if "name" in spec:
             return parse_window(spec["name"])
     if isinstance(spec, str):
         try:
-            from transforms import WINDOW_PRESETS  # type: ignore
-
-            presets = {k: (float(v[0]), float(v[1])) for k, v in WINDOW_PRESETS.items()}
-        except Exception:
-            presets = _PRESETS
-        if spec in presets:
-            w, l = presets[spec]
-            return WindowSpec(spec, w, l)
-        parts = spec.split(":")
-        if len(parts) == 3:
-            try:
-                return WindowSpec(parts[0], float(parts[1]), float(parts[2]))
-            except ValueError:
-                pass
-        raise TokenizerError(f"window {spec!r} is unknown; use one of {sorted(presets)} or 'name:WIDTH:LEVEL'")
+            if spec == spec.strip():  # transforms.parse_window strips blanks; a window here never had them
+                w = _parse_window(spec)
+                return WindowSpec(w.name, float(w.width), float(w.level))
+        except ValueError:
+            pass
+        raise TokenizerError(f"window {spec!r} is unknown; use one of {sorted(WINDOW_PRESETS)} or 'name:WIDTH:LEVEL'")
     raise TokenizerError(f"window {spec!r} is not a window; use a preset name or 'name:WIDTH:LEVEL'")
 
 
@@ -452,7 +434,7 @@ class CTTokens:
         return cls(
             coords=z["coords"].astype(np.int32),
             indices=z["indices"].astype(np.int64),
-            window=WindowSpec(str(z["window_name"]), float(z["window_width"]), float(z["window_level"])),
+            window=_window(str(z["window_name"]), float(z["window_width"]), float(z["window_level"])),
             resolution=int(z["resolution"]),
             latent_shape=tuple(int(v) for v in z["latent_shape"]),
             cube_affine=z["cube_affine"],

@@ -8,32 +8,15 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import TINY, tiny_net
 from pipeline.evaluate import evaluate, find_cases, main
 from pipeline.infer import Tokenizer, TokenizerError
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = {
-    "_target_": "networks.SparseVQVAE",
-    "resolution": 4,
-    "model_channels": 32,
-    "latent_channels": 8,
-    "num_embeddings": 64,
-    "channels": [8, 16, 32, 32],
-    "num_blocks": 1,
-    "num_heads": 2,
-    "window_size": 4,
-}
-
 
 def make_run(folder: Path, window="soft_tissue") -> Path:
-    from networks import SparseVQVAE
-
-    torch.manual_seed(0)
-    net = SparseVQVAE(**{k: v for k, v in TINY.items() if k != "_target_"})
-    with torch.no_grad():
-        torch.nn.init.normal_(net.Decoder.out_layer.weight, std=0.5)
-        net.Decoder.out_layer.bias.fill_(0.5)
+    net = tiny_net(0)
     (folder / "ckpts").mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps({"window_type": window, "network_def": TINY}))
     torch.save(net.state_dict(), folder / "ckpts" / "vqvae_ema0.9999_step0000005.pt")

@@ -11,39 +11,21 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import TINY, tiny_net
 from pipeline.export import MB_METADATA_SCHEMA, export_bundle, main, verify_bundle
 from pipeline.infer import Tokenizer, TokenizerError
 from pipeline.phantom import write_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = {
-    "_target_": "networks.SparseVQVAE",
-    "resolution": 4,
-    "model_channels": 32,
-    "latent_channels": 8,
-    "num_embeddings": 64,
-    "channels": [8, 16, 32, 32],
-    "num_blocks": 1,
-    "num_heads": 2,
-    "window_size": 4,
-}
-
 
 def make_run(folder: Path, window="lung") -> Path:
     """A run folder as pipeline.train writes it, with different plain and EMA weights."""
-    from networks import SparseVQVAE
-
     (folder / "ckpts").mkdir(parents=True, exist_ok=True)
     cfg = {"window_type": window, "lambda_vq": 1.0, "network_def": {**TINY, "lambda_vq": "@lambda_vq"}}
     (folder / "config.json").write_text(json.dumps(cfg))
     for seed, name in ((0, "vqvae_step0000020.pt"), (1, "vqvae_ema0.9999_step0000020.pt"), (2, "vqvae_ema0.9999_step0000010.pt")):
-        torch.manual_seed(seed)
-        net = SparseVQVAE(**{k: v for k, v in TINY.items() if k != "_target_"})
-        with torch.no_grad():
-            torch.nn.init.normal_(net.Decoder.out_layer.weight, std=0.5)
-            net.Decoder.out_layer.bias.fill_(0.5)
-        torch.save(net.state_dict(), folder / "ckpts" / name)
+        torch.save(tiny_net(seed).state_dict(), folder / "ckpts" / name)
     return folder
 
 

@@ -10,35 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import TINY, tiny_net
 from pipeline.infer import CTTokens, Tokenizer, TokenizerError, main, parse_window
 from pipeline.phantom import write_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
-
-TINY = {
-    "_target_": "networks.SparseVQVAE",
-    "resolution": 4,
-    "model_channels": 32,
-    "latent_channels": 8,
-    "num_embeddings": 64,
-    "channels": [8, 16, 32, 32],
-    "num_blocks": 1,
-    "num_heads": 2,
-    "window_size": 4,
-}
-
-
-def tiny_net(seed=0, **over):
-    from networks import SparseVQVAE
-
-    torch.manual_seed(seed)
-    kw = {k: v for k, v in TINY.items() if k != "_target_"}
-    kw.update(over)
-    net = SparseVQVAE(**kw)
-    with torch.no_grad():  # the decoder's last layer starts at zero: give it something to decode
-        torch.nn.init.normal_(net.Decoder.out_layer.weight, std=0.5)
-        net.Decoder.out_layer.bias.fill_(0.5)
-    return net
 
 
 def make_run(folder: Path, window="soft_tissue", seed=0, **over) -> Path:

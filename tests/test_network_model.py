@@ -10,13 +10,7 @@ import networks
 from networks import backend
 from networks.ops import linearize, sparse_lookup
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small sparse GEMMs: one thread is much faster than contended OpenMP on shared CI cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 

@@ -9,13 +9,7 @@ from networks.attention import window_partition, windowed_attention
 from networks.blocks import SparseConv3d
 from networks.ops import SparseNorm, downsample, linearize, sparse_lookup, subdivide
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small sparse GEMMs: one thread is much faster than contended OpenMP on shared CI cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 

@@ -10,12 +10,7 @@ from networks.ops import sparse_lookup
 from networks.pretrained import load_pretrained, spconv_weight_to_torchsparse, torchsparse_kernel_to_spconv
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def torchsparse_offsets():

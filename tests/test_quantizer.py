@@ -6,12 +6,7 @@ import torch
 from networks.quantizer import VectorQuantizer, kmeans, nearest_code
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def clustered(n_clusters=64, dim=8, per=40, seed=0):

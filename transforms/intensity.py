@@ -69,6 +69,11 @@ class WindowSpec:
         return float(self.level) - float(self.width) / 2.0
 
     @property
+    def lower(self) -> float:
+        """Same as :attr:`low`."""
+        return self.low
+
+    @property
     def high(self) -> float:
         """Highest HU of the window (maps to 1)."""
         return float(self.level) + float(self.width) / 2.0
@@ -84,7 +89,11 @@ class WindowSpec:
         return self.stem + ".npy"
 
     def to_dict(self) -> dict:
-        return {"width": float(self.width), "level": float(self.level)}
+        return {"name": self.name, "width": float(self.width), "level": float(self.level)}
+
+    def same_as(self, other: "WindowSpec") -> bool:
+        """Same width and level (within 1e-6 HU), whatever the names."""
+        return abs(self.width - other.width) < 1e-6 and abs(self.level - other.level) < 1e-6
 
 
 def parse_window(window: str | WindowSpec | Sequence | Mapping) -> WindowSpec:
@@ -203,7 +212,7 @@ class Window(Transform):
     def __call__(self, img):
         out = apply_window(img, self.spec.width, self.spec.level)
         if isinstance(out, MetaTensor):
-            out.meta = {**out.meta, "window": {"name": self.spec.name, **self.spec.to_dict()}}
+            out.meta = {**out.meta, "window": self.spec.to_dict()}
         return out
 
 

@@ -1,0 +1,29 @@
+"""Small helpers shared by the test files (imported as ``from helpers import ...``)."""
+import torch
+
+#: A tiny SparseVQVAE network_def (4^3 latent grid) for fast CPU tests.
+TINY = {
+    "_target_": "networks.SparseVQVAE",
+    "resolution": 4,
+    "model_channels": 32,
+    "latent_channels": 8,
+    "num_embeddings": 64,
+    "channels": [8, 16, 32, 32],
+    "num_blocks": 1,
+    "num_heads": 2,
+    "window_size": 4,
+}
+
+
+def tiny_net(seed=0, **over):
+    """The TINY network seeded with ``seed`` (``over`` overrides its arguments), with a non-zero output layer."""
+    from networks import SparseVQVAE
+
+    torch.manual_seed(seed)
+    kw = {k: v for k, v in TINY.items() if k != "_target_"}
+    kw.update(over)
+    net = SparseVQVAE(**kw)
+    with torch.no_grad():  # the decoder's last layer starts at zero: give it something to decode
+        torch.nn.init.normal_(net.Decoder.out_layer.weight, std=0.5)
+        net.Decoder.out_layer.bias.fill_(0.5)
+    return net
