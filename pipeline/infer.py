@@ -314,7 +314,8 @@ def preprocessing_transforms(window: Any, resolution: int = 512):
     return Compose(
         [
             T.LoadCTd(keys="image"),
-            Orientationd(keys="image", axcodes="RAS"),
+            # labels as pipeline.preprocess passes them: the training data's RAS, without MONAI's FutureWarning
+            Orientationd(keys="image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
             T.ResampleToCubed(keys="image", resolution=int(resolution)),
             T.ClipHUd(keys="image"),
             T.BodyMaskd(keys="image", output_keys="body_mask"),
