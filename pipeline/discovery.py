@@ -41,10 +41,12 @@ Case ids
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
 import zipfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -253,9 +255,7 @@ def _assign_ids(cases: list[Case], dataset_name: str) -> None:
         if parts and Path(case.rel_path).parent.name.startswith("images"):
             parts[-1] = _CHANNEL_RE.sub("", parts[-1])
         raw_ids.append(sanitize_id(parts) if parts else sanitize_id([dataset_name]))
-    counts: dict[str, int] = {}
-    for rid in raw_ids:
-        counts[rid] = counts.get(rid, 0) + 1
+    counts = Counter(raw_ids)
     for case, rid in zip(cases, raw_ids):
         case.case_id = rid if counts[rid] == 1 else f"{rid}-{_short_hash(case.rel_path)}"
 
@@ -311,13 +311,13 @@ def _label_stem(path: Path) -> str:
     return stem
 
 
-def _pair_label(label: Path, candidates: list[Case]) -> Case | None:
+def _pair_label(label: Path, candidates: list[Case], header_size=_header_size) -> Case | None:
     cands = [c for c in candidates if c.label is None]
     if not cands:
         return None
-    lsize = _header_size(label)
+    lsize = header_size(label)
     if lsize is not None:
-        sizes = [(_header_size(c.source) if c.kind == "volume" else None) for c in cands]
+        sizes = [(header_size(c.source) if c.kind == "volume" else None) for c in cands]
         same = [c for c, sz in zip(cands, sizes) if sz == lsize]
         cands = same or [c for c, sz in zip(cands, sizes) if sz is None]
     if len(cands) == 1:
@@ -365,13 +365,9 @@ def discover_dataset(
                                error=f"empty folder {folder.path}: no CT volume in it (remove the folder or add the scan)"))
             continue
         # nnU-Net labels folder: its files are labels of the sibling images folder.
-        is_label_dir = fname.startswith("labels") and (folder.path.parent / ("images" + fname[6:])).is_dir()
-        if is_label_dir:
-            stems = {}
-            for f in folder.files:
-                if is_volume_file(f):
-                    stems[_CHANNEL_RE.sub("", split_ext(f.name)[0])] = f
-            nnunet[folder.path.parent / ("images" + fname[6:])] = stems
+        img_dir = folder.path.parent / ("images" + fname[6:])
+        if fname.startswith("labels") and img_dir.is_dir():
+            nnunet[img_dir] = {_CHANNEL_RE.sub("", split_ext(f.name)[0]): f for f in folder.files if is_volume_file(f)}
             continue
         has_dicom = False
         for f in folder.files:
@@ -411,12 +407,13 @@ def discover_dataset(
                     case.label = stems.pop(key)
         ds.unpaired_labels.extend(sorted(stems.values()))
 
-    # Label maps beside images.
+    # Label maps beside images (each image header is read once, however many labels share its folder).
+    header_size = functools.cache(_header_size)
     for label, folder in labels:
         cands = [c for c in images if c.error is None and (
             (c.kind in ("volume", "dicom_zip") and c.source.parent == folder)
             or (c.kind == "dicom_dir" and (c.source == folder or c.source.parent == folder)))]
-        match = _pair_label(label, cands)
+        match = _pair_label(label, cands, header_size)
         if match is None:
             ds.unpaired_labels.append(label)
         else:

@@ -245,7 +245,6 @@ def dataset_config(cfg: PreprocessConfig, ds: Dataset) -> dict:
         cfg: run settings.
         ds: the dataset.
     """
-    files = output_files(cfg.resolution)
     return {
         "name": ds.name,
         "resolution": int(cfg.resolution),
@@ -254,8 +253,7 @@ def dataset_config(cfg: PreprocessConfig, ds: Dataset) -> dict:
         "normalization": "(HU - hu_min) / (hu_max - hu_min), HU clipped to [hu_min, hu_max]",
         "window_formula": "clip((HU - (level - width / 2)) / width, 0, 1)",
         "windows": {w.name: _window_config(w) for w in cfg.windows},
-        "files": {"ct_normalized": files["ct_normalized"], "body_mask": files["body_mask"],
-                  "labels": files["labels"], "case_json": CASE_JSON, "marker": MARKER},
+        "files": output_files(cfg.resolution),
         "dtypes": {"ct_normalized": "float16", "windows": "float16", "body_mask": "bool", "labels": "uint8|int16"},
         "organ_mapping": cfg.organ_mapping,
         "raw_dir": str(ds.root.resolve()),
@@ -508,10 +506,10 @@ def _resample_to_cube(img, resolution: int, hu_min: float):
 
 
 def _body_mask(cube) -> np.ndarray:
-    from transforms import BodyMask
+    from transforms import body_mask
 
-    mask = _to_numpy(BodyMask()(cube))
-    return mask.reshape(mask.shape[-3:]).astype(bool, copy=False)
+    mask = body_mask(cube).numpy()  # bool tensor shaped like the cube (1, R, R, R)
+    return mask.reshape(mask.shape[-3:])
 
 
 def process_case(task: dict) -> dict:
@@ -609,10 +607,11 @@ def process_case(task: dict) -> dict:
         finally:
             writer.close()
         del bufs, mask
+        spacing_text = json.dumps([round(v, 6) for v in spacing_cube])
         row.update({
             "status": "ok",
-            "spacing_512": json.dumps([round(v, 6) for v in spacing_cube]),
-            "spacing_cube": json.dumps([round(v, 6) for v in spacing_cube]),
+            "spacing_512": spacing_text,
+            "spacing_cube": spacing_text,
             "body_voxels": body_voxels,
             "label_ids": json.dumps(label_ids) if label_ids is not None else "",
         })

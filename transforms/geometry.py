@@ -100,6 +100,12 @@ def _memory_order(x: torch.Tensor) -> list[int]:
     return sorted(range(sp, x.ndim), key=lambda d: (-x.stride(d), d))
 
 
+def _in_memory_order(x: torch.Tensor, perm: list[int]) -> torch.Tensor:
+    """``x.permute(*perm)``, made contiguous when it is not already."""
+    xm = x.permute(*perm)
+    return xm if xm.is_contiguous() else xm.contiguous()
+
+
 def _take(x: torch.Tensor, dim: int, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Gather along ``dim`` of a contiguous tensor (gather for the innermost dim, index_select otherwise)."""
     if dim == x.ndim - 1:
@@ -150,9 +156,7 @@ def _resample_separable(x, m, perm, out_shape, linear, pad, out_dtype):
     sp = x.ndim - 3
     lead = list(x.shape[:sp])
     mem = _memory_order(x)  # source dims, outermost first
-    xm = x.permute(*range(sp), *mem)
-    if not xm.is_contiguous():
-        xm = xm.contiguous()
+    xm = _in_memory_order(x, [*range(sp), *mem])
     # target axis feeding each memory position: target a reads source axis perm[a]
     inv = {int(perm[a]): a for a in range(3)}
     tgt_of_pos = [inv[d - sp] for d in mem]

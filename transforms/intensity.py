@@ -136,29 +136,27 @@ def _as_float(img):
     return img
 
 
-def apply_window(img, width: float, level: float):
-    """clip((HU - (L - W/2)) / W, 0, 1) as float32 (tensor or array, metadata kept)."""
+def _scale_shift(img, scale: float, shift: float, clip: bool):
+    """img * scale + shift as float32 (a new tensor or array), clipped to [0, 1] when ``clip``."""
     x = _as_float(img)
-    lo = float(level) - float(width) / 2.0
-    scale, shift = 1.0 / float(width), -lo / float(width)
-    if isinstance(x, np.ndarray):
-        out = x * np.float32(scale)
-        out += np.float32(shift)
-        return np.clip(out, 0.0, 1.0, out=out)
-    return x.mul(scale).add_(shift).clamp_(0.0, 1.0)
-
-
-def normalize_hu(img, hu_min: float = HU_MIN, hu_max: float = HU_MAX, clip: bool = True):
-    """(HU - hu_min) / (hu_max - hu_min), clipped to [0, 1] when ``clip``."""
-    x = _as_float(img)
-    scale = 1.0 / (float(hu_max) - float(hu_min))
-    shift = -float(hu_min) * scale
     if isinstance(x, np.ndarray):
         out = x * np.float32(scale)
         out += np.float32(shift)
         return np.clip(out, 0.0, 1.0, out=out) if clip else out
     out = x.mul(scale).add_(shift)
     return out.clamp_(0.0, 1.0) if clip else out
+
+
+def apply_window(img, width: float, level: float):
+    """clip((HU - (L - W/2)) / W, 0, 1) as float32 (tensor or array, metadata kept)."""
+    lo = float(level) - float(width) / 2.0
+    return _scale_shift(img, 1.0 / float(width), -lo / float(width), clip=True)
+
+
+def normalize_hu(img, hu_min: float = HU_MIN, hu_max: float = HU_MAX, clip: bool = True):
+    """(HU - hu_min) / (hu_max - hu_min), clipped to [0, 1] when ``clip``."""
+    scale = 1.0 / (float(hu_max) - float(hu_min))
+    return _scale_shift(img, scale, -float(hu_min) * scale, clip)
 
 
 def denormalize_hu(x, hu_min: float = HU_MIN, hu_max: float = HU_MAX):

@@ -480,20 +480,18 @@ def load_ct(path: str | os.PathLike, series_uid: str | None = None, check_hu: bo
                 headers = _choose_series(path, groups, None)
                 headers = [h for h in headers if h.iop is not None and hdr.iop is not None
                            and np.allclose(h.iop, hdr.iop, atol=1e-3)] or [hdr]
-                vol, aff, meta = _read_dicom_stack(path, headers)
+                data, aff, meta = _read_dicom_stack(path, headers)
             if kind != "file":
                 groups = _scan_dicom(folder)
                 headers = _choose_series(path, groups, series_uid)
-                vol, aff, meta = _read_dicom_stack(path, headers)
+                data, aff, meta = _read_dicom_stack(path, headers)
                 meta["dicom_series_uid"] = headers[0].series_uid
                 meta["dicom_series_found"] = len(groups)
-        vol = _check_volume(path, vol, check_hu and not label)
     elif kind == "nifti":
         data, aff = _load_nifti(str(path))
-        vol = _check_volume(path, data, check_hu and not label)
     else:
         data, aff = _load_itk(str(path))
-        vol = _check_volume(path, data, check_hu and not label)
+    vol = _check_volume(path, data, check_hu and not label)
     if label:
         ids = np.rint(vol)
         if np.abs(vol - ids).max() > 1e-3 or ids.min() < 0:

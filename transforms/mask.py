@@ -12,17 +12,19 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from scipy import ndimage
 
+from .geometry import _in_memory_order, _memory_order, _np_affine
+
 __all__ = ["BodyMask", "BodyMaskd", "body_mask", "body_bbox"]
 
 
 def _axial_axis(affine) -> int:
-    a = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
+    a = _np_affine(affine)
     cols = a[:3, :3] / np.maximum(np.linalg.norm(a[:3, :3], axis=0, keepdims=True), 1e-12)
     return int(np.argmax(np.abs(cols[2])))
 
 
 def _spacing(affine) -> np.ndarray:
-    a = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
+    a = _np_affine(affine)
     return np.sqrt((a[:3, :3] ** 2).sum(axis=0))
 
 
@@ -90,11 +92,9 @@ def body_mask(img, threshold: float = -500.0, factor: int | Sequence[int] | None
     else:
         f = np.broadcast_to(np.asarray(factor, dtype=int), (3,)).copy()
     # work in memory order (outermost axis first): no transposing copies for F-ordered volumes
-    perm = sorted(range(3), key=lambda d: (-x3.stride(d), d))
+    perm = _memory_order(x3)
     inv = [perm.index(d) for d in range(3)]
-    x3 = x3.permute(*perm)
-    if not x3.is_contiguous():
-        x3 = x3.contiguous()
+    x3 = _in_memory_order(x3, perm)
     f = f[perm]
     axial_axis = perm.index(axial_axis)
     shape = np.asarray(x3.shape)

@@ -16,6 +16,8 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable, Transform
 
+from .geometry import _in_memory_order, _memory_order
+
 __all__ = [
     "support_mask",
     "block_counts",
@@ -51,23 +53,13 @@ def _spatial(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _mem_perm(x: torch.Tensor) -> list[int]:
-    """Axes of a 3D tensor from outermost to innermost in memory."""
-    return sorted(range(3), key=lambda d: (-x.stride(d), d))
-
-
-def _in_memory_order(x: torch.Tensor, perm: list[int]) -> torch.Tensor:
-    xm = x.permute(*perm)
-    return xm if xm.is_contiguous() else xm.contiguous()
-
-
 def _sparse_from_dense(x: torch.Tensor, s: torch.Tensor, extra: Sequence[torch.Tensor] = ()):
     """coords [N, 3] int64 (logical i, j, k) and values of ``x`` (and ``extra``) where ``s``.
 
     Runs in ``x``'s memory order (no transposing copies for F-ordered volumes); points come in
     memory order.
     """
-    perm = _mem_perm(x)
+    perm = _memory_order(x)
     xm = _in_memory_order(x, perm)
     sm = _in_memory_order(s, perm)
     flat = torch.nonzero(sm.reshape(-1)).squeeze(1)
@@ -78,6 +70,14 @@ def _sparse_from_dense(x: torch.Tensor, s: torch.Tensor, extra: Sequence[torch.T
     inv = [perm.index(d) for d in range(3)]
     coords = cm[:, inv]
     return coords, vals
+
+
+def _full_grid_coords(coords: torch.Tensor, offset: Sequence[int] | None) -> torch.Tensor:
+    """int32 coordinates shifted by a crop's ``offset`` (its start in the full grid)."""
+    coords = coords.to(torch.int32)
+    if offset is not None and any(int(o) for o in offset):
+        coords += torch.as_tensor([int(o) for o in offset], dtype=torch.int32)
+    return coords
 
 
 def support_mask(img, mask=None, threshold: float = 0.0) -> torch.Tensor:
@@ -91,7 +91,7 @@ def support_mask(img, mask=None, threshold: float = 0.0) -> torch.Tensor:
 def block_counts(support, block: int = 8) -> torch.Tensor:
     """Number of support voxels in each ``block``^3 cell, shape ceil(shape / block), int64."""
     s = _spatial(_t(support)).bool()
-    perm = _mem_perm(s)
+    perm = _memory_order(s)
     s = _in_memory_order(s, perm)
     shape = np.asarray(s.shape)
     pad = (-shape) % block
@@ -191,11 +191,7 @@ class Sparsify(Transform):
         x = _spatial(_t(img))
         s = support_mask(x, mask, self.threshold)
         coords, (vals,) = _sparse_from_dense(x, s)
-        coords = coords.to(torch.int32)
-        feats = vals.to(torch.float32).reshape(-1, 1)
-        if offset is not None and any(int(o) for o in offset):
-            coords += torch.as_tensor([int(o) for o in offset], dtype=torch.int32)
-        return coords, feats
+        return _full_grid_coords(coords, offset), vals.to(torch.float32).reshape(-1, 1)
 
 
 class Densify(Transform):
@@ -271,11 +267,8 @@ class Sparsifyd(MapTransform):
         if full_shape is None and isinstance(first, MetaTensor):
             full_shape = first.meta.get("full_shape")
         coords, vals = _sparse_from_dense(x, s, [_spatial(_t(d[k])) for k in keys[1:]])
-        coords = coords.to(torch.int32)
-        if offset is not None and any(int(o) for o in offset):
-            coords += torch.as_tensor([int(o) for o in offset], dtype=torch.int32)
-        feats = torch.stack([v.float() for v in vals], dim=1)
-        d[self.coords_key], d[self.feats_key] = coords, feats
+        d[self.coords_key] = _full_grid_coords(coords, offset)
+        d[self.feats_key] = torch.stack([v.float() for v in vals], dim=1)
         d["spatial_shape"] = [int(v) for v in (full_shape if full_shape is not None else x.shape)]
         if self.drop_dense:
             for k in keys + ([self.mask_key] if self.mask_key in d else []):
