@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import os
 import shutil
 import sys
@@ -43,6 +42,8 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from pipeline.io_utils import atomic_path, load_json, save_json
 
 __all__ = [
     "MB_METADATA_SCHEMA",
@@ -212,8 +213,7 @@ def _load_template(name: str) -> dict:
     path = BUNDLE_TEMPLATE_DIR / name
     if not path.is_file():
         raise FileNotFoundError(f"{path}: bundle template missing; restore bundles/ct_vqvae/{name} from the repository")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return load_json(path)
 
 
 def make_metadata(
@@ -357,16 +357,7 @@ def _readme(meta: Mapping, net: Mapping, ckpt: Path, weights: str, eval_summary:
     return "\n".join(lines)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=4)
-        f.write("\n")
-
-
 def _zip_dir(folder: Path, zip_path: Path) -> Path:
-    from pipeline.io_utils import atomic_path
-
     with atomic_path(zip_path) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for p in sorted(folder.rglob("*")):
@@ -428,8 +419,7 @@ def export_bundle(
     if eval_summary is None:
         eval_summary = _find_eval_summary(run_dir)
     if eval_summary is not None and not isinstance(eval_summary, Mapping):
-        with open(eval_summary, encoding="utf-8") as f:
-            eval_summary = json.load(f)
+        eval_summary = load_json(eval_summary)
     data_source = cfg.get("data_source") or (f"processed datasets under {cfg['data_dir']}" if cfg.get("data_dir") else None)
     network_def = resolved_network_def(cfg, run_dir / "config.json")
     if "use_checkpoint" in network_def:
@@ -441,8 +431,8 @@ def export_bundle(
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _write_json(stage / "configs" / "metadata.json", meta)
-        _write_json(stage / "configs" / "inference.json", infer_cfg)
+        save_json(stage / "configs" / "metadata.json", meta, indent=4)
+        save_json(stage / "configs" / "inference.json", infer_cfg, indent=4)
         logging_src = BUNDLE_TEMPLATE_DIR / "logging.conf"
         (stage / "configs" / "logging.conf").write_text(
             logging_src.read_text(encoding="utf-8") if logging_src.is_file() else _LOGGING_CONF, encoding="utf-8"
@@ -492,7 +482,7 @@ def verify_bundle(bundle_dir: str | os.PathLike, schema_file: str | os.PathLike 
     with tempfile.TemporaryDirectory(prefix="ctvq_schema_") as tmp:
         if schema_file is None:
             schema_file = Path(tmp) / "schema.json"
-            _write_json(schema_file, MB_METADATA_SCHEMA)
+            save_json(schema_file, MB_METADATA_SCHEMA, indent=4)
         elif not Path(schema_file).is_file():
             raise FileNotFoundError(f"{schema_file}: schema file not found; download the URL in metadata.json 'schema' first")
         verify_metadata(meta_file=str(bundle_dir / "configs" / "metadata.json"), filepath=str(schema_file))

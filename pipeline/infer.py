@@ -74,6 +74,12 @@ class TokenizerError(ValueError):
     """A model, bundle, checkpoint or token file that cannot be used (message: the file and the fix)."""
 
 
+def _last_line(e: BaseException) -> str:
+    """Last line of an exception's message (ConfigParser errors end with the cause), or its type name."""
+    text = str(e).strip()
+    return text.splitlines()[-1] if text else type(e).__name__
+
+
 # --------------------------------------------------------------------------------------- windows
 
 
@@ -200,8 +206,7 @@ def resolved_network_def(cfg: Mapping, source: Any = "config") -> dict:
     try:
         comp = ConfigParser(dict(cfg)).get_parsed_content("network_def", instantiate=False)
     except Exception as e:
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise TokenizerError(f"{source}: network_def cannot be resolved ({msg}); fix network_def") from None
+        raise TokenizerError(f"{source}: network_def cannot be resolved ({_last_line(e)}); fix network_def") from None
     plain = comp.get_config() if hasattr(comp, "get_config") else comp
     return json.loads(json.dumps(plain, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
@@ -221,8 +226,7 @@ def build_network(cfg: Mapping, source: Any = "config") -> torch.nn.Module:
 
         net = ConfigParser({"network_def": plain}).get_parsed_content("network_def", instantiate=True)
     except Exception as e:  # bad kwargs, missing package
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise TokenizerError(f"{source}: network_def cannot be built ({msg}); fix network_def or install ctvq") from None
+        raise TokenizerError(f"{source}: network_def cannot be built ({_last_line(e)}); fix network_def or install ctvq") from None
     return net
 
 
@@ -581,8 +585,7 @@ class Tokenizer:
             try:
                 pre = parser.get_parsed_content("preprocessing")
             except Exception as e:
-                msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                raise TokenizerError(f"{cfg_file}: 'preprocessing' cannot be built ({msg}); re-export the bundle") from None
+                raise TokenizerError(f"{cfg_file}: 'preprocessing' cannot be built ({_last_line(e)}); re-export the bundle") from None
         return cls(net, window, resolution=resolution, device=device, preprocessing=pre, source=str(root), **kwargs)
 
     # ------------------------------------------------------------------ files

@@ -8,7 +8,6 @@ patient's right on the viewer's left, anterior and superior up.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -162,16 +161,13 @@ def save_three_plane(
         path: output .png path (folders are created).
         input_volume, reconstruction, center, mask, title, error_range, dpi: as ``three_plane_image``.
     """
+    from pipeline.io_utils import atomic_path
+
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig = _figure(input_volume, reconstruction, center, mask, title, error_range, dpi)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:  # creates the folder; removes the temporary file on failure
+        fig = _figure(input_volume, reconstruction, center, mask, title, error_range, dpi)
+        try:
+            fig.savefig(tmp, format="png")
+        finally:
+            plt.close(fig)
     return path
