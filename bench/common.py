@@ -32,6 +32,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from pipeline.io_utils import save_npy, save_text  # noqa: E402
+
 RESULTS_DIR = ROOT / "bench" / "results"
 CACHE_DIR = Path(tempfile.gettempdir()) / "ctvq_bench_cache"  # 512^3 cases are ~0.7 GB: never in the tree
 
@@ -370,14 +372,7 @@ def _jsonable(obj: Any) -> Any:
 
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
     """Write ``payload`` atomically (temporary name, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, default=_jsonable)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    return save_text(path, json.dumps(payload, indent=2, default=_jsonable) + "\n")
 
 
 def write_partial(name: str, args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
@@ -444,12 +439,6 @@ class Scan:
         return int(self.window.shape[0])
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)
-
-
 def write_case(case_dir: Path, hu_or_norm: np.ndarray | None, windows: dict[str, np.ndarray], body: np.ndarray,
                case_info: dict[str, Any], normalized: np.ndarray | None = None) -> Path:
     """Write one case folder in the processed layout (the subset the benchmarks and dataset read).
@@ -463,10 +452,10 @@ def write_case(case_dir: Path, hu_or_norm: np.ndarray | None, windows: dict[str,
     if normalized is None and hu_or_norm is not None:
         normalized = ((np.clip(hu_or_norm, HU_MIN, HU_MAX) - HU_MIN) / (HU_MAX - HU_MIN)).astype(np.float16)
     if normalized is not None:
-        _save_npy(case_dir / "ct_normalized_512.npy", normalized.astype(np.float16, copy=False))
+        save_npy(case_dir / "ct_normalized_512.npy", normalized.astype(np.float16, copy=False))
     for fname, arr in windows.items():
-        _save_npy(case_dir / "windows" / fname, arr.astype(np.float16, copy=False))
-    _save_npy(case_dir / "body_mask_512.npy", body.astype(bool, copy=False))
+        save_npy(case_dir / "windows" / fname, arr.astype(np.float16, copy=False))
+    save_npy(case_dir / "body_mask_512.npy", body.astype(bool, copy=False))
     info = {"case_id": case_dir.name, "resolution": res, **case_info}
     (case_dir / "case.json").write_text(json.dumps(info, indent=2, default=_jsonable))
     dataset_root = case_dir.parent.parent

@@ -67,15 +67,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _ours_step(model, x, opt, scaler, device, amp: bool):
-    from networks import sparse_lookup
+    from pipeline.trainer import SparseReconLoss
+
+    recon_loss = SparseReconLoss("l1")
 
     def step():
         opt.zero_grad(set_to_none=True)
         with C.autocast(device, amp):
             recon, losses = model(x)
-            target = sparse_lookup(x, recon.indices)
         # as the trainer: L1 on the reconstructed cells + lambda_vq * vq + lambda_commitment * commitment
-        loss = F.l1_loss(recon.features.float(), target.float())
+        loss = recon_loss(recon, x)
         loss = loss + model.lambda_vq * losses["vq"].float() + model.lambda_commitment * losses["commitment"].float()
         scaler.scale(loss).backward()
         scaler.step(opt)

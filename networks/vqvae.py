@@ -209,6 +209,27 @@ def _occupied_tiles(cells: torch.Tensor, tile: int) -> torch.Tensor:
     return t * tile
 
 
+def _crop(x: SparseConvTensor, lo, hi) -> SparseConvTensor:
+    """Rows of ``x`` whose (i, j, k) lie in the box ``[lo, hi)``."""
+    keep = crop_indices(x.indices, lo, hi)
+    return make_sparse(x.features[keep], x.indices[keep], x.spatial_shape, x.batch_size)
+
+
+def _run_tiles(x: SparseConvTensor, cells: torch.Tensor, tile: int, halo: int, run, out_shape,
+               channels: int) -> SparseConvTensor:
+    """``run(part, origin)`` on the rows of ``x`` whose ``cells`` [N, 3] lie in each occupied tile
+    plus ``halo``, results concatenated (``run`` crops its output to what the tile owns)."""
+    feats, idx = [], []
+    for origin in _occupied_tiles(cells, tile).tolist():  # loop over tiles, not voxels
+        sel = in_box(cells, [o - halo for o in origin], [o + tile + halo for o in origin])
+        out = run(make_sparse(x.features[sel], x.indices[sel], x.spatial_shape, x.batch_size), origin)
+        feats.append(out.features)
+        idx.append(out.indices)
+    if not feats:
+        return make_sparse(x.features.new_zeros(0, channels), x.indices.new_zeros(0, 4), out_shape, x.batch_size)
+    return make_sparse(torch.cat(feats), torch.cat(idx), out_shape, x.batch_size)
+
+
 def _sort_rows(x: SparseConvTensor) -> SparseConvTensor:
     order = torch.argsort(linearize(x.indices, x.spatial_shape))
     return make_sparse(x.features[order], x.indices[order], x.spatial_shape, x.batch_size)
@@ -366,23 +387,14 @@ class SparseVQVAE(nn.Module):
         return self.Encoder.forward_global(h)
 
     def _encode_local_tiled(self, x: SparseConvTensor, tile: int) -> SparseConvTensor:
-        f, halo = self.factor, self.Encoder.halo
-        cells = x.indices[:, 1:].long() // f
+        f = self.factor
         latent_shape = [-(-int(s) // f) for s in x.spatial_shape]
-        feats, idx = [], []
-        for origin in _occupied_tiles(cells, tile).tolist():  # loop over tiles, not voxels
-            lo = [o - halo for o in origin]
-            hi = [o + tile + halo for o in origin]
-            sel = in_box(cells, lo, hi)
-            sub = make_sparse(x.features[sel], x.indices[sel], x.spatial_shape, x.batch_size)
-            out = self.Encoder.forward_local(sub)
-            core = crop_indices(out.indices, origin, [o + tile for o in origin])
-            feats.append(out.features[core])
-            idx.append(out.indices[core])
-        if not feats:
-            c = self.channels[-1]
-            return make_sparse(x.features.new_zeros(0, c), x.indices.new_zeros(0, 4), latent_shape, x.batch_size)
-        return make_sparse(torch.cat(feats), torch.cat(idx), latent_shape, x.batch_size)
+
+        def run(sub, origin):
+            return _crop(self.Encoder.forward_local(sub), origin, [o + tile for o in origin])
+
+        cells = x.indices[:, 1:].long() // f
+        return _run_tiles(x, cells, tile, self.Encoder.halo, run, latent_shape, self.channels[-1])
 
     @torch.no_grad()
     def Encode(self, x: SparseConvTensor, tile: int | None = None) -> Tokens:
@@ -405,26 +417,18 @@ class SparseVQVAE(nn.Module):
         if not tile:
             return self.Decoder.forward_local(h)
         tile = int(tile)
-        halo, f = self.Decoder.halo, self.Decoder.factor
-        out_shape = [int(s) * f for s in h.spatial_shape]
-        cells = h.indices[:, 1:].long()
-        feats, idx = [], []
         shrink = self.Decoder.remaining_halos()
-        for origin in _occupied_tiles(cells, tile).tolist():  # loop over tiles, not voxels
-            sel = crop_indices(h.indices, [o - halo for o in origin], [o + tile + halo for o in origin])
-            out = make_sparse(h.features[sel], h.indices[sel], h.spatial_shape, h.batch_size)
+
+        def run(out, origin):
             for blk, (scale, margin) in zip(self.Decoder.upsample, shrink):
-                out = blk(out)
                 # keep only what the remaining layers still need: the halo shrinks level by level
-                keep = crop_indices(out.indices, [o * scale - margin for o in origin], [(o + tile) * scale + margin for o in origin])
-                out = make_sparse(out.features[keep], out.indices[keep], out.spatial_shape, out.batch_size)
-            out = self.Decoder.out_layer(out)
-            feats.append(out.features)
-            idx.append(out.indices)
-        if not feats:
-            c = self.Decoder.out_layer.out_features
-            return make_sparse(h.features.new_zeros(0, c), h.indices.new_zeros(0, 4), out_shape, h.batch_size)
-        return make_sparse(torch.cat(feats), torch.cat(idx), out_shape, h.batch_size)
+                lo, hi = [o * scale - margin for o in origin], [(o + tile) * scale + margin for o in origin]
+                out = _crop(blk(out), lo, hi)
+            return self.Decoder.out_layer(out)
+
+        out_shape = [int(s) * self.Decoder.factor for s in h.spatial_shape]
+        return _run_tiles(h, h.indices[:, 1:].long(), tile, self.Decoder.halo, run, out_shape,
+                          self.Decoder.out_layer.out_features)
 
     @torch.no_grad()
     def Decode(self, tokens: Tokens, tile: int | None = None) -> SparseConvTensor:

@@ -191,10 +191,10 @@ class CheckpointHandler:
         step = int(engine.state.iteration)
         if D.is_main():
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            misc = engine.misc_state()
             if (self.ckpt_dir / f"misc_step{step:07d}.pt").is_file() and (self.ckpt_dir / f"vqvae_step{step:07d}.pt").is_file():
                 pass  # already written at this step (end of training on an i_save step)
             else:
+                misc = engine.misc_state()
                 save_torch({k: v.detach().cpu() for k, v in engine.model.state_dict().items()},
                            self.ckpt_dir / f"vqvae_step{step:07d}.pt")
                 if getattr(engine, "ema", None) is not None:

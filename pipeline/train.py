@@ -91,8 +91,8 @@ def _launch_torchrun(args, argv: list[str]) -> int:
            f"--nnodes={args.num_nodes}", f"--node_rank={args.node_rank}", f"--master_addr={args.master_addr}",
            f"--master_port={args.master_port}", "-m", "pipeline.train", *argv]
     env = dict(os.environ)
-    env.setdefault("CTVQ_COMMAND", "./run.sh train " + " ".join(shlex.quote(a) for a in argv))
-    env.setdefault("OMP_NUM_THREADS", env.get("OMP_NUM_THREADS", "1"))
+    env.setdefault("CTVQ_COMMAND", "./run.sh train " + shlex.join(argv))
+    env.setdefault("OMP_NUM_THREADS", "1")
     return subprocess.call(cmd, env=env)
 
 
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     world = args.num_gpus * args.num_nodes
     if world > 1 and "LOCAL_RANK" not in os.environ:
         return _launch_torchrun(args, argv)
-    os.environ.setdefault("CTVQ_COMMAND", "./run.sh train " + " ".join(shlex.quote(a) for a in argv))
+    os.environ.setdefault("CTVQ_COMMAND", "./run.sh train " + shlex.join(argv))
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         overlay = str(BUNDLE_DIR / "multi_gpu.json")
         if overlay not in [str(Path(f).resolve()) for f in files]:

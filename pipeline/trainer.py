@@ -190,10 +190,13 @@ class SparseVQVAETrainer(SupervisedTrainer):
                 terms, _, _ = self.compute_losses(part)
                 weight = part["batch_size"] / bsz
                 loss = terms["loss"] * weight
-                finite = finite and bool(torch.isfinite(loss).item())
+                # one device->host copy per micro-batch (float64 holds every term exactly)
+                ts = [loss, *(terms[k] for k in sums)]
+                vals = torch.stack([t.detach().double().reshape(()) for t in ts]).tolist()
+                finite = finite and math.isfinite(vals[0])
                 self.grad_scaler.scale(loss).backward()
-            for k in sums:
-                sums[k] += float(terms[k].detach()) * weight
+            for k, v in zip(sums, vals[1:]):
+                sums[k] += v * weight
         self.grad_scaler.unscale_(self.optimizer)
         clip = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip) if self.trainable else torch.zeros(())
