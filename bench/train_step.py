@@ -121,17 +121,17 @@ def run_config(key: str, crop: C.Crop, args: argparse.Namespace, device: torch.d
         amp = key == "ours-fp16"
         model = C.build_ours(small, crop.resolution, device).train()
         x = C.sparse_input(crop)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+        opt = C.adamw([p for p in model.parameters() if p.requires_grad], args.lr, device)
         scaler = C.grad_scaler(device, amp)
         step = _ours_step(model, x, opt, scaler, device, amp)
     elif key == "monai-vqvae":
         model = C.build_vqvae(small, device).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+        opt = C.adamw(model.parameters(), args.lr, device)
         step = _vqvae_step(model, crop.dense, opt, C.grad_scaler(device, True), device)
     elif key == "maisi-ae":
         # two stride-2 levels: the deepest level sees crop / 4
         model = C.build_maisi(small, device, args.maisi_num_splits, min_edge=crop.size // 4).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+        opt = C.adamw(model.parameters(), args.lr, device)
         step = _maisi_step(model, crop.dense, opt, C.grad_scaler(device, True), device)
     else:  # pragma: no cover - argparse restricts the choices
         raise ValueError(f"unknown model {key!r}; choose from {MODELS}")

@@ -11,44 +11,69 @@ inference by splitting the windows into a few chunks.
 
 from __future__ import annotations
 
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from .ops import layer_norm
+
 __all__ = [
+    "WindowPartition",
     "window_partition",
     "windowed_attention",
+    "attention_packed",
     "SparseWindowAttention",
     "SparseTransformerBlock",
     "AbsolutePositionEmbedder",
 ]
 
 
-def window_partition(indices: torch.Tensor, window_size: int, shift: int = 0):
+class WindowPartition(NamedTuple):
+    """Tokens grouped by attention window (see :func:`window_partition`)."""
+
+    order: torch.Tensor  # [N] token ids sorted by window
+    dest: torch.Tensor  # [N] row of each token (in token order) in the padded [num_windows * length] batch
+    valid: torch.Tensor  # [num_windows, length] bool: a token (True) or padding
+    counts: torch.Tensor  # [num_windows] tokens per window
+    num_windows: int
+    length: int  # padded window length: the fullest window, rounded up to a multiple of 8
+
+
+def window_partition(indices: torch.Tensor, window_size: int, shift: int = 0,
+                     spatial_shape: Sequence[int] | None = None) -> WindowPartition:
     """Group tokens by window.
 
     Args:
         indices: [N, 4] (batch, i, j, k) absolute coordinates.
         window_size: window edge in cells.
         shift: shift of the window grid in cells (0 or window_size // 2).
+        spatial_shape: the grid's shape; gives the window grid's extent without asking the GPU
+            (one host sync less per partition).
 
-    Returns:
-        order [N] (tokens sorted by window), window_of_sorted [N], slot_of_sorted [N]
-        (position inside the window), num_windows, max_len, counts [num_windows].
+    The padded length is rounded up to a multiple of 8, which keeps GPU SDPA on its fused masked
+    kernels. Two host syncs remain: the number of windows and the fullest window.
     """
     idx = indices.long()
     w = (idx[:, 1:] + shift) // window_size
-    w = w - w.min(0, keepdim=True).values if idx.shape[0] else w
-    ext = (w.max(0).values + 1) if idx.shape[0] else torch.ones(3, dtype=torch.long, device=idx.device)
+    if spatial_shape is not None:
+        ext = [(int(s) - 1 + shift) // window_size + 1 for s in spatial_shape]
+    elif idx.shape[0]:
+        w = w - w.min(0, keepdim=True).values
+        ext = (w.max(0).values + 1).tolist()
+    else:
+        ext = [1, 1, 1]
     key = ((idx[:, 0] * ext[0] + w[:, 0]) * ext[1] + w[:, 1]) * ext[2] + w[:, 2]
     sorted_key, order = torch.sort(key, stable=True)
-    uniq, window_of_sorted, counts = torch.unique_consecutive(sorted_key, return_inverse=True, return_counts=True)
+    _, window_of_sorted, counts = torch.unique_consecutive(sorted_key, return_inverse=True, return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(idx.shape[0], device=idx.device) - starts[window_of_sorted]
-    max_len = int(counts.max()) if counts.numel() else 0
-    return order, window_of_sorted, slot, uniq.numel(), max_len, counts
+    length = -(-int(counts.max()) // 8) * 8 if counts.numel() else 0
+    valid = torch.arange(length, device=idx.device)[None] < counts[:, None]
+    dest = torch.empty_like(order).scatter_(0, order, window_of_sorted * length + slot)
+    return WindowPartition(order, dest, valid, counts, counts.numel(), length)
 
 
 def windowed_attention(
@@ -59,7 +84,7 @@ def windowed_attention(
     window_size: int,
     shift: int = 0,
     max_tokens: int | None = None,
-    partition: tuple | None = None,
+    partition: WindowPartition | None = None,
 ) -> torch.Tensor:
     """Attention of each token to the tokens of its window.
 
@@ -67,35 +92,48 @@ def windowed_attention(
         q, k, v: [N, H, D] per-token heads.
         indices: [N, 4] absolute coordinates (batch, i, j, k).
         window_size, shift: window cube edge and grid shift.
-        max_tokens: optional bound on ``num_windows x max_len`` per SDPA call (inference).
+        max_tokens: optional bound on ``num_windows x length`` per SDPA call (inference).
         partition: precomputed :func:`window_partition` of ``indices`` (shared by the blocks).
 
     Returns:
         [N, H, D] attention output, in token order.
     """
-    n, h, d = q.shape
-    if n == 0:
+    if q.shape[0] == 0:
         return q
-    if partition is None:
-        partition = window_partition(indices, window_size, shift)
-    order, win, slot, nw, lmax, _ = partition
-    lmax = -(-lmax // 8) * 8  # aligned key length: keeps GPU SDPA on its fused masked kernels
-    qkv = torch.stack([q, k, v], 0)[:, order]  # [3, N, H, D]
-    padded = qkv.new_zeros(3, nw, lmax, h, d)
-    padded[:, win, slot] = qkv
-    valid = torch.zeros(nw, lmax, dtype=torch.bool, device=q.device)
-    valid[win, slot] = True
-    mask = valid[:, None, None, :]  # [nW, 1, 1, L]: key padding
-    pq, pk, pv = (t.transpose(1, 2) for t in padded)  # [nW, H, L, D]
-    step = nw if not max_tokens else max(1, max_tokens // max(lmax, 1))
+    qkv = torch.stack([q, k, v], 1)  # [N, 3, H, D]
+    return attention_packed(qkv, indices, window_size, shift, max_tokens, partition)
+
+
+def attention_packed(
+    qkv: torch.Tensor,
+    indices: torch.Tensor,
+    window_size: int,
+    shift: int = 0,
+    max_tokens: int | None = None,
+    partition: WindowPartition | None = None,
+) -> torch.Tensor:
+    """:func:`windowed_attention` on packed heads ``qkv`` [N, 3, H, D] (a fused projection's view).
+
+    Tokens move into the padded batch by one ``index_copy`` and back, already in token order,
+    by one ``index_select`` (their backward passes are a gather and an atomic-free add): four
+    copies fewer than sorting tokens, padding, unpadding and unsorting one by one, which
+    counts in a step whose time goes to launching kernels.
+    """
+    n, _, h, d = qkv.shape
+    if n == 0:
+        return qkv[:, 0]
+    p = partition if partition is not None else window_partition(indices, window_size, shift)
+    nw, length = p.num_windows, p.length
+    flat = qkv.reshape(n, 3 * h * d)
+    padded = flat.new_zeros(nw * length, 3 * h * d).index_copy(0, p.dest, flat)
+    pq, pk, pv = padded.view(nw, length, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)  # each [nW, H, L, D]
+    mask = p.valid[:, None, None, :]  # [nW, 1, 1, L]: key padding
+    step = nw if not max_tokens else max(1, max_tokens // max(length, 1))
     outs = []
     for s in range(0, nw, step):  # a single iteration unless max_tokens bounds the batch
         outs.append(F.scaled_dot_product_attention(pq[s : s + step], pk[s : s + step], pv[s : s + step], attn_mask=mask[s : s + step]))
     out = torch.cat(outs, 0) if len(outs) > 1 else outs[0]
-    out = out.transpose(1, 2)[win, slot]  # [N sorted, H, D]
-    res = torch.empty_like(out)
-    res[order] = out
-    return res
+    return out.transpose(1, 2).reshape(nw * length, h, d).index_select(0, p.dest)
 
 
 class SparseWindowAttention(nn.Module):
@@ -116,9 +154,7 @@ class SparseWindowAttention(nn.Module):
     def forward(self, feats: torch.Tensor, indices: torch.Tensor, partition: tuple | None = None) -> torch.Tensor:
         n = feats.shape[0]
         qkv = self.to_qkv(feats).view(n, 3, self.num_heads, self.channels // self.num_heads)
-        out = windowed_attention(
-            qkv[:, 0], qkv[:, 1], qkv[:, 2], indices, self.window_size, self.shift, self.max_tokens, partition
-        )
+        out = attention_packed(qkv, indices, self.window_size, self.shift, self.max_tokens, partition)
         return self.to_out(out.reshape(n, self.channels))
 
 
@@ -150,12 +186,9 @@ class SparseTransformerBlock(nn.Module):
         self.attn = SparseWindowAttention(channels, num_heads, window_size, shift)
         self.mlp = FeedForward(channels, mlp_ratio)
         self.use_checkpoint = use_checkpoint
-
     def _forward(self, feats: torch.Tensor, indices: torch.Tensor, partition: tuple | None = None) -> torch.Tensor:
-        h = F.layer_norm(feats.float(), feats.shape[-1:], eps=1e-6).to(feats.dtype)
-        feats = feats + self.attn(h, indices, partition)
-        h = F.layer_norm(feats.float(), feats.shape[-1:], eps=1e-6).to(feats.dtype)
-        return feats + self.mlp(h)
+        feats = feats + self.attn(layer_norm(feats, eps=1e-6), indices, partition)
+        return feats + self.mlp(layer_norm(feats, eps=1e-6))
 
     def forward(self, feats: torch.Tensor, indices: torch.Tensor, partition: tuple | None = None) -> torch.Tensor:
         if self.use_checkpoint and torch.is_grad_enabled():

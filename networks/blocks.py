@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .backend import SparseConvTensor, check_int32_limit, conv_algo, level_key, spconv_torch
-from .ops import SparseLinear, SparseNorm, SparseSiLU, child_index, downsample, replace, subdivide
+from .ops import SparseLinear, SparseNorm, SparseSiLU, downsample, per_child, replace, subdivide
 
 __all__ = ["SparseConv3d", "SparseDownBlock3d", "SparseSubdivideBlock3d"]
 
@@ -101,7 +101,7 @@ class SparseDownBlock3d(nn.Module):
         # one pooling pass for both paths: [activated | raw] features share the coordinates
         a = self.act_layers[0](x).features
         if self.child_embedding is not None:
-            a = a + self.child_embedding.to(a.dtype)[child_index(x.indices)]
+            a = a + per_child(self.child_embedding, x.indices, a.dtype)
         a = F.silu(a)
         both = downsample(replace(x, torch.cat([a, x.features], dim=1)))
         h = replace(both, both.features[:, :c])

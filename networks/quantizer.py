@@ -267,7 +267,8 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _train_step(self, z: torch.Tensor, idx: torch.Tensor) -> None:
         k = self.num_embeddings
-        counts = torch.bincount(idx, minlength=k).to(torch.float64)
+        # index_add_ rather than bincount, which reads the largest index on the host first
+        counts = torch.zeros(k, dtype=torch.float64, device=idx.device).index_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
         ema = self.codebook_update == "ema"
         if ema:
             sums = torch.zeros(k, self.embedding_dim, device=z.device).index_add_(0, idx, z)

@@ -30,12 +30,11 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .attention import AbsolutePositionEmbedder, SparseTransformerBlock, window_partition
 from .backend import SparseConvTensor, make_sparse
 from .blocks import SparseConv3d, SparseDownBlock3d, SparseSubdivideBlock3d
-from .ops import SparseLinear, crop_indices, in_box, linearize, replace
+from .ops import SparseLinear, crop_indices, in_box, layer_norm, linearize, replace
 from .quantizer import VectorQuantizer
 
 __all__ = ["Tokens", "SparseEncoder", "SparseDecoder", "SparseVQVAE", "Direct3DS2_VQVAE", "count_parameters"]
@@ -91,14 +90,20 @@ class _LatentTransformer(nn.Module):
             for i in range(num_blocks)
         )
 
-    def transform(self, x: SparseConvTensor) -> SparseConvTensor:
+    def transform(self, x: SparseConvTensor, partitions: dict | None = None) -> SparseConvTensor:
+        """Input linear, position embedding and the blocks.
+
+        ``partitions`` caches the window partitions of ``x.indices`` by (window size, shift); pass
+        the same dict to the encoder and the decoder of one forward pass (same latent cells) to
+        build each partition once.
+        """
         h = self.input_layer(x.features) + self.pos_embedder(x.indices[:, 1:]).to(x.features.dtype)
-        parts = {}
+        parts = {} if partitions is None else partitions
         for blk in self.blocks:
-            s = blk.attn.shift
-            if s not in parts:
-                parts[s] = window_partition(x.indices, self.window_size, s)
-            h = blk(h, x.indices, parts[s])
+            key = (self.window_size, blk.attn.shift)
+            if key not in parts:
+                parts[key] = window_partition(x.indices, self.window_size, blk.attn.shift, x.spatial_shape)
+            h = blk(h, x.indices, parts[key])
         return replace(x, h)
 
 
@@ -141,11 +146,11 @@ class SparseEncoder(_LatentTransformer):
             h = blk(h)
         return h
 
-    def forward_global(self, h: SparseConvTensor) -> SparseConvTensor:
+    def forward_global(self, h: SparseConvTensor, partitions: dict | None = None) -> SparseConvTensor:
         """Transformer part on all latent tokens, then LayerNorm and output linear."""
-        h = self.transform(h)
+        h = self.transform(h, partitions)
         f = h.features
-        f = F.layer_norm(f.float(), f.shape[-1:]).to(f.dtype)
+        f = layer_norm(f)
         return replace(h, self.out_layer(f))
 
     def forward(self, x: SparseConvTensor) -> SparseConvTensor:
@@ -191,16 +196,16 @@ class SparseDecoder(_LatentTransformer):
             out.append((scale, math.ceil(rem * scale)))
         return out
 
-    def forward_global(self, z: SparseConvTensor) -> SparseConvTensor:
-        return self.transform(z)
+    def forward_global(self, z: SparseConvTensor, partitions: dict | None = None) -> SparseConvTensor:
+        return self.transform(z, partitions)
 
     def forward_local(self, h: SparseConvTensor) -> SparseConvTensor:
         for blk in self.upsample:
             h = blk(h)
         return self.out_layer(h)
 
-    def forward(self, z: SparseConvTensor) -> SparseConvTensor:
-        return self.forward_local(self.forward_global(z))
+    def forward(self, z: SparseConvTensor, partitions: dict | None = None) -> SparseConvTensor:
+        return self.forward_local(self.forward_global(z, partitions))
 
 
 def _occupied_tiles(cells: torch.Tensor, tile: int) -> torch.Tensor:
@@ -356,7 +361,8 @@ class SparseVQVAE(nn.Module):
             latent cell, features [M, 1]; losses: ``{"vq", "commitment"}`` 0-dim, unweighted
             (zeros when ``quantize`` is False). The code indices are kept in ``self.last_indices``.
         """
-        h = self.Encoder(x)
+        partitions: dict = {}  # encoder and decoder attend over the same latent cells
+        h = self.Encoder.forward_global(self.Encoder.forward_local(x), partitions)
         if quantize:
             z, idx, losses = self.vq(h.features)
             self.last_indices = idx.detach()
@@ -365,7 +371,7 @@ class SparseVQVAE(nn.Module):
             zero = z.new_zeros((), dtype=torch.float32)
             losses = {"vq": zero, "commitment": zero.clone()}
             self.last_indices = None
-        recon = self.Decoder(replace(h, z))
+        recon = self.Decoder(replace(h, z), partitions)
         return recon, losses
 
     # ------------------------------------------------------------------ inference

@@ -475,6 +475,12 @@ def verify_bundle(bundle_dir: str | os.PathLike, schema_file: str | os.PathLike 
     """
     from monai.bundle import verify_metadata
 
+    try:
+        import jsonschema  # noqa: F401  (monai's verify_metadata needs it and fails obscurely without)
+    except ImportError:
+        from pipeline.infer import TokenizerError
+
+        raise TokenizerError("verifying bundle metadata needs the jsonschema package: pip install jsonschema (it is in requirements.txt)") from None
     bundle_dir = Path(bundle_dir)
     for rel in ("configs/metadata.json", "configs/inference.json", "models/model.pt"):
         if not (bundle_dir / rel).is_file():

@@ -329,17 +329,21 @@ def preprocessing_transforms(window: Any, resolution: int = 512):
     )
 
 
-def sparsify(window: Any, mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def sparsify(window: Any, mask: Any, device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``transforms.Sparsify``: (window (1, R, R, R), body mask) -> coords [N, 3] int32, feats [N, 1] float32.
 
     Args:
         window: window values, (1, R, R, R) or (R, R, R).
         mask: body mask of the same spatial shape (support = mask & window > 0).
+        device: where to find the support (the arrays are moved there in their own dtype; on a
+            GPU this takes a fraction of the CPU's time for a 512^3 volume). Default: CPU.
     """
     from transforms import Sparsify
 
     win = torch.as_tensor(np.asarray(window) if not isinstance(window, torch.Tensor) else window)
     msk = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
+    if device is not None:
+        win, msk = win.to(device), msk.to(device)
     if win.ndim == 3:
         win = win[None]
     if msk.ndim == 3:
@@ -687,7 +691,7 @@ class Tokenizer:
                 ``original_affine``, ``original_shape``, ``source``).
         """
         self._check_resolution(np.shape(window), geometry.get("source") or "input")
-        coords, feats = sparsify(window, body_mask)
+        coords, feats = sparsify(window, body_mask, self.device)
         return self.encode_sparse(coords, feats, **geometry)
 
     @torch.no_grad()
@@ -788,21 +792,23 @@ class Tokenizer:
             tokens = CTTokens.load(tokens)
         self._check_tokens(tokens)
         R = self.resolution
-        out = np.zeros((R, R, R), np.float32)
         if len(tokens) == 0:
-            return out
+            return np.zeros((R, R, R), np.float32)
         from networks import Tokens
+        from networks.ops import in_box, linearize
 
         coords = torch.as_tensor(tokens.coords, dtype=torch.int32)
         coords = torch.cat([torch.zeros(len(coords), 1, dtype=torch.int32), coords], 1)
         tok = Tokens(coords.to(self.device), torch.as_tensor(tokens.indices, dtype=torch.int64).to(self.device), 1, tuple(tokens.latent_shape))
         with self._autocast():
             rec = self.network.Decode(tok, tile=self.tile)
-        ijk = rec.indices[:, 1:].long().cpu().numpy()
-        vals = rec.features[:, 0].float().clamp_(0.0, 1.0).cpu().numpy()
-        inside = np.all((ijk >= 0) & (ijk < R), axis=1)
-        out[ijk[inside, 0], ijk[inside, 1], ijk[inside, 2]] = vals[inside]
-        return out
+        # scattered into the cube where the reconstruction is (the GPU), one copy to the host;
+        # voxels outside the cube go to one spare element at the end
+        inside = in_box(rec.indices[:, 1:], (0, 0, 0), (R, R, R))
+        flat = torch.where(inside, linearize(rec.indices, (R, R, R)), R**3)
+        cube = torch.zeros(R**3 + 1, dtype=torch.float32, device=rec.features.device)
+        cube.scatter_(0, flat, rec.features[:, 0].float().clamp_(0.0, 1.0))
+        return cube[:-1].view(R, R, R).cpu().numpy()
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.float16, enabled=self.amp)

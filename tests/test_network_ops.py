@@ -114,8 +114,12 @@ def test_windowed_attention_matches_dense_per_window(shift):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     # chunked variant (bounded padded tokens) gives the same
     torch.testing.assert_close(windowed_attention(q, k, v, x.indices, ws, shift, max_tokens=64), out, atol=1e-6, rtol=1e-5)
-    order, win, slot, nw, lmax, counts = window_partition(x.indices, ws, shift)
-    assert int(counts.sum()) == n and lmax <= ws**3
+    part = window_partition(x.indices, ws, shift)
+    assert int(part.counts.sum()) == n and int(part.counts.max()) <= ws**3 and part.length % 8 == 0
+    assert int(part.valid.sum()) == n and sorted(part.order.tolist()) == list(range(n))
+    # the grid's shape gives the same windows without reading the coordinates' extent
+    same = window_partition(x.indices, ws, shift, x.spatial_shape)
+    assert torch.equal(same.order, part.order) and torch.equal(same.counts, part.counts)
 
 
 def test_windows_use_absolute_coordinates():

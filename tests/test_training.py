@@ -164,6 +164,37 @@ def test_stage1_freezing(chain):
     assert " False" not in s2_summary.split("Parameters:")[1].split("Total")[0]
 
 
+def test_ema_follows_kmeans_codebook(chain):
+    """The EMA checkpoint holds the k-means codebook of stage 1, not the random one it replaced."""
+    init = torch.load(chain["s0"] / "ckpts" / "vqvae_step0000003.pt", weights_only=True)["vq.embeddings.weight"]
+    plain = torch.load(chain["s1"] / "ckpts" / "vqvae_step0000003.pt", weights_only=True)["vq.embeddings.weight"]
+    ema = torch.load(chain["s1"] / "ckpts" / "vqvae_ema0.9999_step0000003.pt", weights_only=True)["vq.embeddings.weight"]
+    assert (ema - plain).norm() < 0.2 * (init - plain).norm()
+
+
+def test_ema_decay_warms_up():
+    from pipeline.handlers import EMAHandler
+
+    ema = EMAHandler(0.9999)
+    assert ema.decay(1) == pytest.approx(2 / 11) and ema.decay(100) == pytest.approx(101 / 110)
+    assert ema.decay(10**7) == 0.9999 and EMAHandler(0.9999, warmup=False).decay(1) == 0.9999
+
+    class _State:
+        iteration, output = 1, {}
+
+    class _Engine:
+        state = _State()
+
+    net = torch.nn.Linear(2, 2)
+    ema.model = net
+    ema.reset()
+    before = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema(_Engine())
+    torch.testing.assert_close(ema.shadow["weight"], before + (1 - 2 / 11))
+
+
 def _inproc(stage: str, **overrides):
     from monai.bundle import run
 
