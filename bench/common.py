@@ -690,10 +690,11 @@ def ours_kwargs(small: bool, resolution: int) -> dict[str, Any]:
             "channels": (8, 8, 16, 32), "num_blocks": 1, "num_heads": 2, "window_size": 4}
 
 
-def build_ours(small: bool, resolution: int, device: torch.device) -> torch.nn.Module:
+def build_ours(small: bool, resolution: int, device: torch.device, use_checkpoint: bool = False) -> torch.nn.Module:
+    """The sparse model; ``use_checkpoint`` recomputes its blocks in backward (the config key of that name)."""
     from networks import SparseVQVAE
 
-    return SparseVQVAE(**ours_kwargs(small, resolution)).to(device)
+    return SparseVQVAE(**ours_kwargs(small, resolution), use_checkpoint=use_checkpoint).to(device)
 
 
 def sparse_input(crop: Crop, batch_size: int = 1):

@@ -84,7 +84,7 @@ def test_phantom_case_layout(cache):
     assert 0 < crop.occupancy <= 1 and np.isclose(crop.occupancy, crop.coords.shape[0] / 16**3)
 
 
-@pytest.mark.parametrize("script", ["train_step", "inference", "dataloader"])
+@pytest.mark.parametrize("script", ["train_step", "inference", "dataloader", "sparse_ops", "profile_step"])
 def test_help(script, capsys):
     mod = __import__(f"bench.{script}", fromlist=["parse_args"])
     with pytest.raises(SystemExit) as e:
@@ -101,7 +101,7 @@ def test_train_step_smoke(cache, tmp_path):
     payload = train_step.main(["--small", "--device", "cpu", "--crops", "8", "--warmup", "0", "--repeats", "1",
                                "--cache", str(cache), "--resolution", "32", "--budget", "600", "--out", str(out)])
     data = json.loads(out.read_text())
-    assert data["benchmark"] == "train_step" and len(data["rows"]) == 4
+    assert data["benchmark"] == "train_step" and len(data["rows"]) == len(train_step.MODELS)
     assert {r["key"] for r in data["rows"]} == set(train_step.MODELS)
     _ok_or_skipped(data["rows"])
     for r in data["rows"]:
@@ -137,3 +137,27 @@ def test_dataloader_smoke(cache, tmp_path):
     for r in data["rows"]:
         assert r["crops"] >= 1 and r["mean_points"] <= 1000
         assert r["ratio_value"] == pytest.approx(r["crops_per_s_value"] / 2)
+
+
+def test_sparse_ops_smoke(tmp_path):
+    from bench import sparse_ops
+
+    out = tmp_path / "sparse_ops.json"
+    sparse_ops.main(["--small", "--device", "cpu", "--repeats", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    _ok_or_skipped(rows)
+    convs = [r for r in rows if r["op"].startswith("subm3")]
+    assert len(convs) == len(sparse_ops.SMALL_CONVS) and all(r["fwd_bwd_s"] >= r["fwd_s"] > 0 for r in convs)
+    assert {"downsample 32 ch", "layer norm 32 ch", "subdivide 32 ch"} <= {r["op"] for r in rows}
+
+
+def test_profile_step_smoke(cache, tmp_path):
+    from bench import profile_step
+
+    out = tmp_path / "profile_step.json"
+    profile_step.main(["--small", "--device", "cpu", "--steps", "1", "--cache", str(cache), "--resolution", "32",
+                       "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    regions = {r["region"] for r in row["regions"]}
+    assert {"Encoder.downsample.0", "vq", "Decoder.upsample.2"} <= regions and row["wall_ms"] > 0
+    assert row["ops_by_cpu"] and row["ops_by_cpu"][0]["self_cpu_ms"] > 0

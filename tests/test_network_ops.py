@@ -166,3 +166,27 @@ def test_int32_guard_names_layer_and_setting():
     with pytest.raises(backend.SparseInt32LimitError, match="1050000 voxels x 512 channels"):
         backend.check_int32_limit(1_050_000, 512, torch.float32, "Encoder.downsample.2")
     backend.check_int32_limit(1_000_000, 512, torch.float32, "ok")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (the half-precision kernel path)"))])
+def test_layer_norm_keeps_dtype_and_matches_fp32(device):
+    """ops.layer_norm: output in the input's dtype (also under autocast), values as an fp32 LayerNorm."""
+    from networks.ops import layer_norm
+
+    torch.manual_seed(0)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    x = (torch.randn(1000, 32, device=device) * 3 + 1).to(dtype)
+    w, b = torch.rand(32, device=device) + 0.5, torch.randn(32, device=device)
+    ref = F.layer_norm(x.double(), (32,), w.double(), b.double(), 1e-5)
+    with torch.autocast(device, enabled=device == "cuda"):
+        out = layer_norm(x, w, b)
+    assert out.dtype == dtype
+    tol = 2e-3 if dtype == torch.float16 else 1e-5
+    torch.testing.assert_close(out.double(), ref, atol=tol * 4, rtol=tol)
+    # the norm's own 'layer' mode is this function
+    norm = SparseNorm(32).to(device)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+        norm.bias.copy_(b)
+    torch.testing.assert_close(norm.normalize(x), layer_norm(x, w, b))
