@@ -11,6 +11,7 @@
 #   OVERLAY []                           extra config file for every stage (e.g. bundles/ct_vqvae/demo.json
 #                                        for the tiny model of a CPU smoke run)
 #   WORKERS [8]                          preprocessing workers and DataLoader workers
+#   VERIFY [1]                           0: export without checking the metadata (needs jsonschema)
 #   PYTHON [python3]                     interpreter with ctvq's dependencies (run.sh's venv, or
 #                                        PYTHONPATH as in bench/README.md on a GPU machine)
 # Short runs measure that everything runs on real 512^3 scans and how fast; they are not a
@@ -47,7 +48,8 @@ train 1 "$S1" --override "pretrained_vae_path=\"$WORK/runs/stage0/ckpts/vqvae_st
 train 2 "$S2" --load_dir "$WORK/runs/stage1" --ckpt latest
 
 stamp "export"
-$PY -m pipeline.export --run "$WORK/runs/stage2" --out "$WORK/dist/ct_vqvae" --verify
+verify=(); [ "${VERIFY:-1}" = 1 ] && verify=(--verify)
+$PY -m pipeline.export --run "$WORK/runs/stage2" --out "$WORK/dist/ct_vqvae" "${verify[@]}"
 stamp "evaluate the bundle on whole scans"
 $PY -m pipeline.evaluate --bundle "$WORK/dist/ct_vqvae" --data_dir "$WORK/processed" --out "$WORK/reports/stage2"
 scan=$(find "$RAW" -name '*.nii.gz' ! -name '*seg*' | sort | head -n 1)
