@@ -711,7 +711,7 @@ class Tokenizer:
         factor = int(getattr(self.network, "factor", 8))
         if len(coords) and (int(coords.max()) >= R or int(coords.min()) < 0):
             raise TokenizerError(f"{geometry.get('source') or 'input'}: voxel coordinates outside the {R}^3 cube; preprocess at --resolution {R}")
-        idx = torch.cat([torch.zeros(len(coords), 1, dtype=torch.int32), coords], 1)
+        idx = torch.cat([torch.zeros(len(coords), 1, dtype=torch.int32, device=coords.device), coords], 1)
         if len(coords) == 0:
             latent = (R // factor,) * 3
             tc, ti = np.zeros((0, 3), np.int32), np.zeros(0, np.int64)

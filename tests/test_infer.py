@@ -56,6 +56,20 @@ def test_tiled_equals_untiled():
     assert not ra[~np.kron(cells, np.ones((8, 8, 8), bool)).astype(bool)].any()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: arrays are sparsified on the model's device")
+def test_gpu_tokens_equal_cpu_tokens():
+    """encode_arrays/decode on CUDA (support found on the GPU, fp32) give the CPU's tokens and volume."""
+    net = tiny_net()
+    rng = np.random.default_rng(1)
+    w = np.zeros((32, 32, 32), np.float32)
+    w[4:28, 6:26, 3:29] = rng.random((24, 20, 26))
+    cpu = Tokenizer(net, "soft_tissue", device="cpu", tile=2)
+    gpu = Tokenizer(tiny_net(), "soft_tissue", device="cuda", tile=2, amp=False)
+    a, b = cpu.encode_arrays(w, w > 0), gpu.encode_arrays(w, w > 0)
+    assert np.array_equal(a.coords, b.coords) and (a.indices == b.indices).mean() > 0.99
+    np.testing.assert_allclose(gpu.decode(a), cpu.decode(a), atol=1e-4)
+
+
 def test_encode_scan_roundtrip(run_dir, phantom, tmp_path):
     tok = Tokenizer.from_checkpoint(run_dir / "ckpts" / "vqvae_ema0.9999_step0000010.pt", device="cpu")
     assert tok.window == parse_window("soft_tissue") and tok.resolution == 32
