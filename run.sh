@@ -21,7 +21,8 @@ Usage: ./run.sh <command> [args...]
   encode SCAN OUT.npz --bundle DIR
   decode IN.npz OUT.nii.gz --bundle DIR [--original-grid]
   export --run RUN_DIR [--ckpt CKPT] --out dist/ct_vqvae
-  bench <preprocess|train_step|inference|dataloader> [args]
+  bench <train_step|inference|dataloader|preprocess|profile_step|sparse_ops> [args]
+                            benchmarks (bench/README.md; bench/real_scans.sh runs the model on real scans)
 
 Every command takes --help.
 USAGE

@@ -17,6 +17,7 @@
 # Short runs measure that everything runs on real 512^3 scans and how fast; they are not a
 # converged tokenizer, so the quality figures of the report are those of a few hundred steps.
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
 RAW=${1:?usage: bench/real_scans.sh RAW_DIR WORK_DIR [ORGAN_MAPPING_JSON]}
 WORK=${2:?usage: bench/real_scans.sh RAW_DIR WORK_DIR [ORGAN_MAPPING_JSON]}
 ORGANS=${3:-}
