@@ -103,7 +103,9 @@ def _decode_row(row: dict[str, Any], encoded: bool, fn, what: str, vol: C.Crop, 
 
 def bench_ours(vol: C.Crop, args, device, amp: bool, cap, budget: C.Budget) -> list[dict[str, Any]]:
     """Tiled Encode then tiled Decode of the whole scan's support."""
-    tile = args.tile or (4 if args.small else 32 if device.type == "cuda" else 16)
+    from pipeline.infer import DEFAULT_TILE, DEFAULT_TILE_CUDA
+
+    tile = args.tile or (4 if args.small else DEFAULT_TILE_CUDA if device.type == "cuda" else DEFAULT_TILE)
     prec = "fp16 amp" if amp and device.type == "cuda" else "fp32"
     how = f"tiles of {tile}^3 latent ({tile * 8}^3 voxels)"
     rows = []

@@ -81,19 +81,14 @@ def count_syncs(step) -> list[tuple[str, int]]:
         where = f"{Path(frames[-1].filename).relative_to(PROJECT)}:{frames[-1].lineno}" if frames else "(library)"
         seen[f"{where}  [{str(message).split('.')[0][:60]}]"] += 1
 
-    old = warnings.showwarning
-    warnings.showwarning = show
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = show
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                step()
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
-    finally:
-        warnings.showwarning = old
+    with warnings.catch_warnings():  # restores showwarning and the filters on exit
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
     return seen.most_common()
 
 
@@ -114,12 +109,9 @@ def op_rows(prof, steps: int, sort_key: str, limit: int) -> list[dict[str, Any]]
 
 
 def fmt_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
-    def cell(v):
-        return f"{v:.2f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
+    """:func:`bench.common.markdown_table` with floats to two decimals; headers are the keys."""
+    shown = [{k: f"{v:.2f}" if isinstance(v, float) else v for k, v in r.items()} for r in rows]
+    return C.markdown_table(shown, [(c, c) for c in cols])
 
 
 def profile_crop(scan, size: int, args, device) -> dict[str, Any]:
