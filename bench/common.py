@@ -307,6 +307,16 @@ def autocast(device: torch.device, enabled: bool):
         yield
 
 
+def conv_policy(variant: str):
+    """ctvq's convs as shipped (``auto``), through spconv only (``spconv``) or dense wherever
+    the level fills a quarter of its bounding box, training included (``dense``)."""
+    from networks.dense import DEFAULT_MIN_OCCUPANCY, dense_conv_policy
+
+    if variant == "auto":
+        return contextlib.nullcontext()
+    return dense_conv_policy({"spconv": float("inf"), "dense": DEFAULT_MIN_OCCUPANCY}[variant])
+
+
 def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
     return torch.amp.GradScaler("cuda", enabled=enabled and device.type == "cuda")
 

@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="which models to run")
     p.add_argument("--ours-precision", nargs="+", choices=("fp32", "fp16"), default=["fp16", "fp32"],
                    help="ctvq precisions: fp16 autocast (as pipeline.infer ships on CUDA) and/or fp32 (default: both)")
+    p.add_argument("--ours-convs", nargs="+", choices=("auto", "spconv"), default=["auto"],
+                   help="ctvq convs as shipped (auto: dense where a level fills its box, see networks.dense) "
+                        "and/or through spconv only (default: auto)")
     p.add_argument("--maisi-precision", choices=("fp16", "fp32"), default="fp16",
                    help="MAISI precision (default fp16 autocast, as MAISI runs its autoencoder)")
     p.add_argument("--tile", type=int, default=None,
@@ -101,13 +104,18 @@ def _decode_row(row: dict[str, Any], encoded: bool, fn, what: str, vol: C.Crop, 
     return row
 
 
-def bench_ours(vol: C.Crop, args, device, amp: bool, cap, budget: C.Budget) -> list[dict[str, Any]]:
-    """Tiled Encode then tiled Decode of the whole scan's support."""
+def bench_ours(vol: C.Crop, args, device, amp: bool, cap, budget: C.Budget, convs: str = "auto") -> list[dict[str, Any]]:
+    """Tiled Encode then tiled Decode of the whole scan's support (``convs``: :func:`bench.common.conv_policy`)."""
+    with C.conv_policy(convs):
+        return _bench_ours(vol, args, device, amp, cap, budget, "" if convs == "auto" else f", {convs} convs")
+
+
+def _bench_ours(vol: C.Crop, args, device, amp: bool, cap, budget: C.Budget, variant: str) -> list[dict[str, Any]]:
     from pipeline.infer import DEFAULT_TILE, DEFAULT_TILE_CUDA
 
     tile = args.tile or (4 if args.small else DEFAULT_TILE_CUDA if device.type == "cuda" else DEFAULT_TILE)
     prec = "fp16 amp" if amp and device.type == "cuda" else "fp32"
-    how = f"tiles of {tile}^3 latent ({tile * 8}^3 voxels)"
+    how = f"tiles of {tile}^3 latent ({tile * 8}^3 voxels){variant}"
     rows = []
     state: dict[str, Any] = {}
 
@@ -239,8 +247,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         elif key == "ours" and not ok_ours:
             rows.append({"model": "ctvq SparseVQVAE", "status": f"skipped: networks not importable ({why[:80]})"})
         elif key == "ours":
-            with C.only_on_device(vol, ("coords", "feats"), device):
-                rows += bench_ours(vol, args, device, amp, cap, budget)
+            for convs in args.ours_convs:
+                with C.only_on_device(vol, ("coords", "feats"), device):
+                    rows += bench_ours(vol, args, device, amp, cap, budget, convs)
         else:
             with C.only_on_device(vol, ("dense",), device):
                 rows += bench_maisi(vol, args, device, amp, cap, budget)

@@ -25,9 +25,10 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench import common as C  # noqa: E402
 
-MODELS = ("ours-fp16", "ours-fp16-ckpt", "ours-fp32", "monai-vqvae", "maisi-ae")
+MODELS = ("ours-fp16", "ours-fp16-dense", "ours-fp16-ckpt", "ours-fp32", "monai-vqvae", "maisi-ae")
 MODEL_LABELS = {
     "ours-fp16": ("ctvq SparseVQVAE", "fp16 amp"),
+    "ours-fp16-dense": ("ctvq SparseVQVAE, dense convs", "fp16 amp"),
     "ours-fp16-ckpt": ("ctvq SparseVQVAE, use_checkpoint", "fp16 amp"),
     "ours-fp32": ("ctvq SparseVQVAE", "fp32"),
     "monai-vqvae": ("MONAI VQVAE (8x, 8192x32)", "fp16 amp"),
@@ -138,7 +139,8 @@ def run_config(key: str, crop: C.Crop, args: argparse.Namespace, device: torch.d
         raise ValueError(f"unknown model {key!r}; choose from {MODELS}")
     params = C.count_params(model)
     extra = {"maisi_num_splits": model.bench_num_splits} if hasattr(model, "bench_num_splits") else {}
-    t = C.measure(step, device, warmup=args.warmup, repeats=args.repeats, max_seconds=cap)
+    with C.conv_policy("dense" if key.endswith("-dense") else "auto"):
+        t = C.measure(step, device, warmup=args.warmup, repeats=args.repeats, max_seconds=cap)
     return {"params": params, "timing": t, "median_s": t.median_s, "peak_bytes": t.peak_bytes,
             "voxels_per_s": crop.voxels / t.median_s, **extra}
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .backend import SparseConvTensor, check_int32_limit, conv_algo, level_key, spconv_torch
+from .dense import conv3d_dense, grid_for
 from .ops import SparseLinear, SparseNorm, SparseSiLU, downsample, per_child, replace, subdivide
 
 __all__ = ["SparseConv3d", "SparseDownBlock3d", "SparseSubdivideBlock3d"]
@@ -21,6 +22,9 @@ class SparseConv3d(nn.Module):
     level reuses one rulebook. The algorithm follows the features' device
     (:func:`networks.backend.conv_algo`). Before running, the int32 guard checks
     ``N x max(Cin, Cout)``; ``name`` (set by the model) is quoted in its error.
+
+    Where the level's voxels fill most of their bounding box the same conv runs as a dense
+    ``conv3d`` over that box (:mod:`networks.dense`; same result, same weight).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True):
@@ -32,6 +36,13 @@ class SparseConv3d(nn.Module):
 
     def forward(self, x: SparseConvTensor) -> SparseConvTensor:
         feats = x.features
+        grid = grid_for(x, max(self.in_channels, self.out_channels))
+        if grid is not None:
+            w, b = self.conv.weight, self.conv.bias
+            if feats.is_cuda:
+                return replace(x, conv3d_dense(feats, grid, w, b))
+            with torch.autocast(feats.device.type, enabled=False):
+                return replace(x, conv3d_dense(feats.to(w.dtype), grid, w, b))
         check_int32_limit(feats.shape[0], max(self.in_channels, self.out_channels), feats.dtype, self.name)
         self.conv.algo = conv_algo(feats.device)
         self.conv.indice_key = level_key(x.spatial_shape)

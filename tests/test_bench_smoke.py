@@ -115,13 +115,17 @@ def test_inference_smoke(cache, tmp_path):
 
     out = tmp_path / "inference.json"
     inference.main(["--small", "--device", "cpu", "--warmup", "0", "--repeats", "1", "--budget", "600", "--cache", str(cache),
-                    "--resolution", "32", "--out", str(out)])
+                    "--resolution", "32", "--ours-convs", "auto", "spconv", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     _ok_or_skipped(rows)
     ops = {(r["model"].split()[0], r.get("op")) for r in rows if r["status"] == "ok"}
     assert {("MAISI", "encode"), ("MAISI", "decode")} <= ops
     if C.networks_available()[0]:
         assert {("ctvq", "encode"), ("ctvq", "decode")} <= ops
+        ours = [r for r in rows if r["model"].startswith("ctvq") and r["status"] == "ok"]
+        assert len(ours) == 4 and sum(r["how"].endswith(", spconv convs") for r in ours) == 2
+        # same weights and scan: both conv paths give the same tokens
+        assert len({r["tokens"] for r in ours if r["op"] == "encode"}) == 1
 
 
 def test_dataloader_smoke(cache, tmp_path):
@@ -143,11 +147,16 @@ def test_sparse_ops_smoke(tmp_path):
     from bench import sparse_ops
 
     out = tmp_path / "sparse_ops.json"
-    sparse_ops.main(["--small", "--device", "cpu", "--repeats", "1", "--out", str(out)])
+    sparse_ops.main(["--small", "--device", "cpu", "--repeats", "1", "--occupancies", "1", "0.5", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     _ok_or_skipped(rows)
     convs = [r for r in rows if r["op"].startswith("subm3")]
-    assert len(convs) == len(sparse_ops.SMALL_CONVS) and all(r["fwd_bwd_s"] >= r["fwd_s"] > 0 for r in convs)
+    # each conv through spconv (Native on CPU) and dense, at both occupancies
+    assert len(convs) == 2 * 2 * len(sparse_ops.SMALL_CONVS)
+    assert {r["algo"] for r in convs} == {"native", "dense"}
+    assert all(min(r["fwd_s"], r["fwd_new_s"], r["fwd_bwd_s"]) > 0 for r in convs)
+    full = {r["op"]: r["voxels"] for r in convs if r["occupancy"] == "100%"}
+    assert all(r["voxels"] < full[r["op"]] for r in convs if r["occupancy"] != "100%")
     assert {"downsample 32 ch", "layer norm 32 ch", "subdivide 32 ch"} <= {r["op"] for r in rows}
 
 

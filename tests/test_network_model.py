@@ -8,6 +8,7 @@ import torch
 
 import networks
 from networks import backend
+from networks.dense import dense_conv_policy
 from networks.ops import linearize, sparse_lookup
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -193,9 +194,29 @@ def test_checkpointing_same_gradients(ct32):
 
 def test_int32_guard_in_model(ct32):
     model = small_model().eval()
-    with backend.int32_limit(4096):
+    with backend.int32_limit(4096), dense_conv_policy(float("inf")):  # the guard guards spconv
         with pytest.raises(backend.SparseInt32LimitError, match=r"^Encoder\.downsample\.0\.out_layers\.0: .*max_points"):
             model.Encode(ct32)
+
+
+def test_dense_convs_give_the_spconv_model_on_real_ct(ct32):
+    """A training forward and backward on a real crop: same reconstruction, losses and gradients
+    whether the convs run dense (well-filled levels) or through spconv."""
+    model = small_model().train()
+    outs = []
+    for policy in (float("inf"), 0.0):
+        model.zero_grad()
+        with dense_conv_policy(policy):
+            recon, losses = model(ct32)
+        (recon.features.square().mean() + losses["commitment"]).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        outs.append((recon.features.detach(), losses["commitment"].detach(), grads))
+    (r0, c0, g0), (r1, c1, g1) = outs
+    torch.testing.assert_close(r0, r1, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(c0, c1, atol=1e-5, rtol=1e-4)
+    assert g0.keys() == g1.keys() and any("out_layers.0.conv.weight" in n for n in g0)
+    for n in g0:
+        torch.testing.assert_close(g0[n], g1[n], atol=1e-4, rtol=1e-3, msg=n)
 
 
 @pytest.mark.slow

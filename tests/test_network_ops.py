@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from networks import backend
 from networks.attention import window_partition, windowed_attention
 from networks.blocks import SparseConv3d
+from networks.dense import DenseGrid, dense_conv_policy, dense_min_occupancy, grid_for
 from networks.ops import SparseNorm, downsample, linearize, sparse_lookup, subdivide
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -35,13 +36,19 @@ def test_backend_algo_and_env(monkeypatch):
         backend.conv_algo("cpu")
 
 
-def test_submanifold_conv_matches_dense_conv3d():
+SPCONV_ONLY, DENSE_ALWAYS = float("inf"), 0.0
+
+
+@pytest.mark.parametrize("policy", [SPCONV_ONLY, DENSE_ALWAYS], ids=["spconv", "dense"])
+def test_submanifold_conv_matches_dense_conv3d(policy):
     torch.manual_seed(0)
     x = random_sparse(channels=4)
     conv = SparseConv3d(4, 5)
     with torch.no_grad():
         conv.conv.bias.normal_()
-    y = conv(x)
+    with dense_conv_policy(policy):
+        y = conv(x)
+    assert (grid_for(x, 5) is None) == (policy == SPCONV_ONLY)  # the path the conv took
     assert torch.equal(y.indices, x.indices)  # submanifold: same sites
     w = conv.conv.weight.permute(0, 4, 1, 2, 3)  # KRSC -> [Cout, Cin, 3, 3, 3]
     ref = F.conv3d(to_dense(x), w, conv.conv.bias, padding=1)
@@ -159,7 +166,8 @@ def test_int32_guard_names_layer_and_setting():
     conv = SparseConv3d(4, 16)
     conv.name = "Decoder.upsample.2.out_layers.0"
     n = x.indices.shape[0]
-    with backend.int32_limit(n * 16 * 4):  # exactly the fp32 buffer: must refuse
+    # the guard is spconv's: the dense path indexes with int64 (its own limit is tested below)
+    with backend.int32_limit(n * 16 * 4), dense_conv_policy(SPCONV_ONLY):  # exactly the fp32 buffer: must refuse
         with pytest.raises(backend.SparseInt32LimitError, match=r"Decoder\.upsample\.2.*max_points.*tile"):
             conv(x)
     conv(x)  # default 2 GiB limit: fine
@@ -190,3 +198,49 @@ def test_layer_norm_keeps_dtype_and_matches_fp32(device):
         norm.weight.copy_(w)
         norm.bias.copy_(b)
     torch.testing.assert_close(norm.normalize(x), layer_norm(x, w, b))
+
+
+def test_dense_and_spconv_paths_agree_forward_and_backward():
+    """Same outputs and gradients (features, weight, bias) whichever path a conv takes."""
+    torch.manual_seed(0)
+    x = random_sparse(shape=(12, 9, 14), channels=6, p=0.5, seed=3)
+    conv = SparseConv3d(6, 7)
+    with torch.no_grad():
+        conv.conv.bias.normal_()
+    upstream = torch.randn(x.indices.shape[0], 7)
+    results = []
+    for policy in (SPCONV_ONLY, DENSE_ALWAYS):
+        feats = x.features.clone().requires_grad_(True)
+        conv.zero_grad()
+        with dense_conv_policy(policy):
+            y = conv(backend.make_sparse(feats, x.indices, x.spatial_shape, x.batch_size))
+        (y.features * upstream).sum().backward()
+        results.append((y.features.detach(), feats.grad, conv.conv.weight.grad.clone(), conv.conv.bias.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_dense_decision_by_occupancy_and_grid_size(monkeypatch):
+    full = random_sparse(shape=(6, 6, 6), batch=1, p=1.1)  # every voxel: occupancy 1
+    assert grid_for(backend.make_sparse(full.features, full.indices, (6, 6, 6), 1), 4) is None  # training: spconv
+    with torch.no_grad():
+        g = grid_for(full, 4)
+    assert isinstance(g, DenseGrid) and g.shape == (1, 6, 6, 6)
+    assert torch.equal(torch.sort(g.rows).values, torch.arange(216))
+    assert grid_for(full, 4) is g  # decided once per level, cached beside the rulebooks
+    # two voxels at opposite corners of a 40^3 box: far below the default occupancy
+    far = backend.make_sparse(torch.ones(2, 4), torch.tensor([[0, 0, 0, 0], [0, 39, 39, 39]]), (40, 40, 40), 1)
+    with torch.no_grad():
+        assert grid_for(far, 4) is None
+    # forced dense, a grid of 2^31 elements or more falls back to spconv (int32 sizes in cuDNN)
+    huge = backend.make_sparse(torch.ones(2, 4), torch.tensor([[0, 0, 0, 0], [0, 1023, 1023, 1023]]), (1024,) * 3, 1)
+    with dense_conv_policy(DENSE_ALWAYS):
+        assert grid_for(huge, 4) is None
+    # by default inference only; the environment sets one threshold for training and inference
+    for env, want_inference, want_training in (("", 0.25, float("inf")), ("never", float("inf"), float("inf")),
+                                               ("always", 0.0, 0.0), ("0.6", 0.6, 0.6)):
+        monkeypatch.setenv("CTVQ_DENSE_CONV", env)
+        assert (dense_min_occupancy(False), dense_min_occupancy(True)) == (want_inference, want_training)
+    monkeypatch.setenv("CTVQ_DENSE_CONV", "sometimes")
+    with pytest.raises(ValueError, match="CTVQ_DENSE_CONV='sometimes'.*always.*never"):
+        dense_min_occupancy()
