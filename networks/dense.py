@@ -127,6 +127,13 @@ def conv3d_dense(feats: torch.Tensor, grid: DenseGrid, weight: torch.Tensor, bia
     dense = feats.new_zeros(grid.numel, cin).index_copy(0, grid.rows, feats)
     dense = dense.view(b, d, h, w, cin).permute(0, 4, 1, 2, 3)
     wt = weight.permute(0, 4, 1, 2, 3).to(feats.dtype)
-    out = F.conv3d(dense, wt, None if bias is None else bias.to(feats.dtype), padding=weight.shape[1] // 2)
+    b_ = None if bias is None else bias.to(feats.dtype)
+    cudnn = torch.backends.cudnn
+    if feats.is_cuda and feats.dtype == torch.float32 and cudnn.allow_tf32:
+        # fp32 stays fp32 as in spconv (cuDNN takes TF32 by default); the other flags as they are
+        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False):
+            out = F.conv3d(dense, wt, b_, padding=weight.shape[1] // 2)
+    else:
+        out = F.conv3d(dense, wt, b_, padding=weight.shape[1] // 2)
     cout = out.shape[1]
     return out.permute(0, 2, 3, 4, 1).reshape(grid.numel, cout).index_select(0, grid.rows)
