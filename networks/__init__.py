@@ -1,4 +1,5 @@
-"""Sparse VQ-VAE networks on spconv: backend, sparse ops, attention, quantizer, model, pretrained weights.
+"""Sparse VQ-VAE networks on spconv: backend, dense execution of well-filled convs, sparse ops,
+attention, quantizer, model, pretrained weights.
 
 Names are imported lazily (PEP 562), so ``networks.quantizer`` can be used without loading
 spconv; anything that touches sparse tensors imports :mod:`networks.backend` first, which
@@ -16,6 +17,7 @@ _EXPORTS = {
     "conv_algo": "backend",
     "int32_limit": "backend",
     "make_sparse": "backend",
+    "dense_conv_policy": "dense",
     "downsample": "ops",
     "subdivide": "ops",
     "sparse_lookup": "ops",
