@@ -10,8 +10,8 @@ per forward pass: dense when the active voxels fill at least :func:`dense_min_oc
 their per-sample bounding box, and the grid fits in int32 indexing.
 
 By default only inference (gradients off) runs dense: there a whole-scan decode got 12 %
-faster and 18 % lighter on an H200, while a training step at a 256^3 crop got 14 % faster
-but needed 48 % more memory (cuDNN's 3-D weight-gradient workspace and the saved grids), and
+faster and 18 % lighter on an H200, while a training step at a 256^3 crop got 1.2x faster
+but needed 48 % more memory (cuDNN's workspaces and the backward pass's transient grids), and
 memory is what bounds the training crop. ``CTVQ_DENSE_CONV`` turns it on for training too.
 
 The grid is channels-last (``[B, D, H, W, C]`` viewed as ``[B, C, D, H, W]``), the layout of
