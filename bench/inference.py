@@ -104,13 +104,8 @@ def _decode_row(row: dict[str, Any], encoded: bool, fn, what: str, vol: C.Crop, 
     return row
 
 
-def bench_ours(vol: C.Crop, args, device, amp: bool, cap, budget: C.Budget, convs: str = "auto") -> list[dict[str, Any]]:
-    """Tiled Encode then tiled Decode of the whole scan's support (``convs``: :func:`bench.common.conv_policy`)."""
-    with C.conv_policy(convs):
-        return _bench_ours(vol, args, device, amp, cap, budget, "" if convs == "auto" else f", {convs} convs")
-
-
-def _bench_ours(vol: C.Crop, args, device, amp: bool, cap, budget: C.Budget, variant: str) -> list[dict[str, Any]]:
+def bench_ours(vol: C.Crop, args, device, amp: bool, cap, budget: C.Budget, variant: str = "") -> list[dict[str, Any]]:
+    """Tiled Encode then tiled Decode of the whole scan's support (``variant``: appended to the tiling column)."""
     from pipeline.infer import DEFAULT_TILE, DEFAULT_TILE_CUDA
 
     tile = args.tile or (4 if args.small else DEFAULT_TILE_CUDA if device.type == "cuda" else DEFAULT_TILE)
@@ -248,8 +243,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows.append({"model": "ctvq SparseVQVAE", "status": f"skipped: networks not importable ({why[:80]})"})
         elif key == "ours":
             for convs in args.ours_convs:
-                with C.only_on_device(vol, ("coords", "feats"), device):
-                    rows += bench_ours(vol, args, device, amp, cap, budget, convs)
+                with C.only_on_device(vol, ("coords", "feats"), device), C.conv_policy(convs):
+                    rows += bench_ours(vol, args, device, amp, cap, budget, "" if convs == "auto" else f", {convs} convs")
         else:
             with C.only_on_device(vol, ("dense",), device):
                 rows += bench_maisi(vol, args, device, amp, cap, budget)

@@ -23,8 +23,9 @@ class SparseConv3d(nn.Module):
     (:func:`networks.backend.conv_algo`). Before running, the int32 guard checks
     ``N x max(Cin, Cout)``; ``name`` (set by the model) is quoted in its error.
 
-    Where the level's voxels fill most of their bounding box the same conv runs as a dense
-    ``conv3d`` over that box (:mod:`networks.dense`; same result, same weight).
+    Where the level's voxels fill enough of their bounding box (by default in inference only)
+    the same conv runs as a dense ``conv3d`` over that box (:mod:`networks.dense`; same
+    result, same weight).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True):
@@ -36,14 +37,15 @@ class SparseConv3d(nn.Module):
 
     def forward(self, x: SparseConvTensor) -> SparseConvTensor:
         feats = x.features
-        grid = grid_for(x, max(self.in_channels, self.out_channels))
+        widest = max(self.in_channels, self.out_channels)
+        grid = grid_for(x, widest)
         if grid is not None:
             w, b = self.conv.weight, self.conv.bias
             if feats.is_cuda:
                 return replace(x, conv3d_dense(feats, grid, w, b))
             with torch.autocast(feats.device.type, enabled=False):
                 return replace(x, conv3d_dense(feats.to(w.dtype), grid, w, b))
-        check_int32_limit(feats.shape[0], max(self.in_channels, self.out_channels), feats.dtype, self.name)
+        check_int32_limit(feats.shape[0], widest, feats.dtype, self.name)
         self.conv.algo = conv_algo(feats.device)
         self.conv.indice_key = level_key(x.spatial_shape)
         if feats.dtype != self.conv.weight.dtype and not (feats.is_cuda and torch.is_autocast_enabled("cuda")):

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .backend import SparseConvTensor, level_key
 
-__all__ = ["DenseGrid", "grid_for", "conv3d_dense", "dense_min_occupancy", "dense_conv_policy"]
+__all__ = ["DenseGrid", "MAX_GRID_ELEMENTS", "grid_for", "conv3d_dense", "dense_min_occupancy", "dense_conv_policy"]
 
 #: default occupancy of the bounding box from which convs run dense (gradients off)
 DEFAULT_MIN_OCCUPANCY = 0.25
@@ -89,31 +89,39 @@ class DenseGrid:
         return b * d * h * w
 
 
-def grid_for(x: SparseConvTensor, channels: int) -> DenseGrid | None:
-    """The dense grid of ``x``'s level, or ``None`` when its convs should stay sparse.
+#: grids of this many elements or more stay sparse (cuDNN sizes its tensors with int32)
+MAX_GRID_ELEMENTS = 2**31
 
-    The decision is cached in ``x.indice_dict`` beside spconv's rulebooks, so the tensors of
-    one level (which share that dict) decide once; it costs one host sync per level.
+
+def grid_for(x: SparseConvTensor, channels: int) -> DenseGrid | None:
+    """The dense grid of ``x``'s level, or ``None`` when a conv of ``channels`` should stay sparse.
+
+    The occupancy decision is cached in ``x.indice_dict`` beside spconv's rulebooks, so the
+    tensors of one level (which share that dict) decide once; it costs one host sync per level.
     """
     key = "dense_" + level_key(x.spatial_shape)
-    if key in x.indice_dict:
-        cached = x.indice_dict[key]
-        return cached if cached is None or cached.numel * channels < 2**31 else None
-    grid = None
+    if key not in x.indice_dict:
+        x.indice_dict[key] = _grid_if_filled(x)
+    grid = x.indice_dict[key]
+    return grid if grid is not None and grid.numel * channels < MAX_GRID_ELEMENTS else None
+
+
+def _grid_if_filled(x: SparseConvTensor) -> DenseGrid | None:
+    """The grid of ``x``'s bounding box when the active voxels fill enough of it."""
     n = x.indices.shape[0]
     threshold = dense_min_occupancy(torch.is_grad_enabled())
-    if n and threshold != float("inf"):
-        idx = x.indices
-        lo_hi = torch.cat([idx[:, 1:].amin(0), idx[:, 1:].amax(0)]).tolist()
-        lo, hi = lo_hi[:3], lo_hi[3:]
-        d, h, w = (hi[a] - lo[a] + 1 for a in range(3))
-        b = int(x.batch_size)
-        if n >= threshold * b * d * h * w and b * d * h * w * channels < 2**31:
-            i = idx.long()
-            rows = ((i[:, 0] * d + (i[:, 1] - lo[0])) * h + (i[:, 2] - lo[1])) * w + (i[:, 3] - lo[2])
-            grid = DenseGrid(rows, (b, d, h, w))
-    x.indice_dict[key] = grid
-    return grid
+    if not n or threshold == float("inf"):
+        return None
+    idx = x.indices
+    lo_hi = torch.cat([idx[:, 1:].amin(0), idx[:, 1:].amax(0)]).tolist()
+    lo, hi = lo_hi[:3], lo_hi[3:]
+    d, h, w = (hi[a] - lo[a] + 1 for a in range(3))
+    b = int(x.batch_size)
+    if n < threshold * b * d * h * w:
+        return None
+    i = idx.long()
+    rows = ((i[:, 0] * d + (i[:, 1] - lo[0])) * h + (i[:, 2] - lo[1])) * w + (i[:, 3] - lo[2])
+    return DenseGrid(rows, (b, d, h, w))
 
 
 def conv3d_dense(feats: torch.Tensor, grid: DenseGrid, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -129,11 +137,11 @@ def conv3d_dense(feats: torch.Tensor, grid: DenseGrid, weight: torch.Tensor, bia
     wt = weight.permute(0, 4, 1, 2, 3).to(feats.dtype)
     b_ = None if bias is None else bias.to(feats.dtype)
     cudnn = torch.backends.cudnn
+    flags = contextlib.nullcontext()
     if feats.is_cuda and feats.dtype == torch.float32 and cudnn.allow_tf32:
         # fp32 stays fp32 as in spconv (cuDNN takes TF32 by default); the other flags as they are
-        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False):
-            out = F.conv3d(dense, wt, b_, padding=weight.shape[1] // 2)
-    else:
+        flags = cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False)
+    with flags:
         out = F.conv3d(dense, wt, b_, padding=weight.shape[1] // 2)
     cout = out.shape[1]
     return out.permute(0, 2, 3, 4, 1).reshape(grid.numel, cout).index_select(0, grid.rows)
