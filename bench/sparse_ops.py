@@ -1,4 +1,4 @@
-"""Per-op costs of the sparse model's building blocks on a fully occupied crop, side by side.
+"""Per-op costs of the sparse model's building blocks on a crop, side by side.
 
 For each submanifold conv of the default model (its level, input and output channels) this
 times forward and forward + backward under each spconv algorithm and as a dense conv3d over
@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r["fwd"] = C.fmt_seconds(r.get("fwd_s")) if r.get("fwd_s") else "-"
         for k in ("fwd_new", "fwd_bwd"):
             r[k] = C.fmt_seconds(r.get(k + "_s")) if r.get(k + "_s") else "-"
-    notes = [f"fully occupied {edge}^3 crop; features {dtype}; median of {args.repeats} calls; "
+    occ = ", ".join(f"{o:.0%}" for o in args.occupancies)
+    notes = [f"{edge}^3 crop, convs at occupancy {occ} (other ops fully occupied); features {dtype}; median of {args.repeats} calls; "
              "backward of sum(features) (conv: input and weight gradients)"]
     return C.finish("sparse_ops", args, device, rows, C.markdown_table(rows, COLUMNS), notes)
 
