@@ -697,7 +697,7 @@ def ours_kwargs(small: bool, resolution: int) -> dict[str, Any]:
     if not small:
         return {"resolution": resolution // 8}
     return {"resolution": resolution // 8, "model_channels": 32, "latent_channels": 8, "num_embeddings": 64,
-            "channels": (8, 8, 16, 32), "num_blocks": 1, "num_heads": 2, "window_size": 4}
+            "channels": (8, 16, 32), "num_blocks": 1, "num_heads": 2, "window_size": 4}
 
 
 def build_ours(small: bool, resolution: int, device: torch.device, use_checkpoint: bool = False) -> torch.nn.Module:
