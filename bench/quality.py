@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval", required=True, type=Path, help="processed evaluation folder (whole scans, never trained on)")
     p.add_argument("--minutes", required=True, type=float, help="training time of each model")
     p.add_argument("--small", action="store_true", help="tiny models (CPU smoke run)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--window", default="lung", help="window both models learn (default lung)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quality.json", help="JSON result")
     p.add_argument("--work", type=Path, help="run folders and weights (default: beside --out)")
@@ -157,6 +157,7 @@ def train_vqvae(args, resolution: int, device: torch.device) -> dict:
     if (work / "train.json").is_file() and weights.is_file():
         return {**json.loads((work / "train.json").read_text()), "weights": weights}
     C.seed_all(args.seed)
+    torch.backends.cudnn.benchmark = True  # one crop shape throughout
     model = C.build_vqvae(args.small, device)
     crops = DenseCrops(args.train, args.window, args.crop, resolution, args.seed)
     loader = torch.utils.data.DataLoader(crops, batch_size=2, num_workers=args.workers,
@@ -182,6 +183,7 @@ def train_vqvae(args, resolution: int, device: torch.device) -> dict:
         if now - started >= budget:
             break
     C.sync(device)
+    torch.backends.cudnn.benchmark = False
     result = {"train_steps": steps, "train_seconds": time.perf_counter() - started}
     work.mkdir(parents=True, exist_ok=True)
     from pipeline.handlers import save_torch
@@ -269,6 +271,8 @@ def evaluate_models(args, ctvq: dict | None, vqvae: dict | None, device: torch.d
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = C.resolve_device(args.device)
+    # fixed-shape dense models tune cuDNN per shape (VQVAE turns it on); ctvq's shapes change every step
+    torch.backends.cudnn.benchmark = False
     resolution = resolution_of(args.train)
     if resolution_of(args.eval) != resolution:
         raise SystemExit(f"quality: --train and --eval were preprocessed at different resolutions; use one --resolution")
