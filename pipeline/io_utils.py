@@ -41,6 +41,9 @@ __all__ = [
     "open_npy_atomic",
     "remove_stale_tmp",
     "rmtree_quiet",
+    "CheckpointError",
+    "load_torch",
+    "FolderLock",
 ]
 
 TMP_TAG = ".tmp-"
@@ -319,3 +322,78 @@ def rmtree_quiet(path: str | os.PathLike) -> None:
         path: folder to remove.
     """
     shutil.rmtree(path, ignore_errors=True)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used (message: the file and the fix)."""
+
+
+def load_torch(path: str | os.PathLike, fix: str = "resume from an earlier step (--ckpt N) or re-copy the run folder") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, errors as one :class:`CheckpointError` line.
+
+    Only tensors, numbers, strings, lists, tuples and dicts load: a file that needs anything else
+    (e.g. a crafted pickle that would run code) is refused, never executed.
+
+    Args:
+        path: checkpoint file.
+        fix: what the user should do when the file cannot be read (ends the message).
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{path}: empty checkpoint file (0 bytes, an interrupted copy?); {fix}")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint not found; {fix}") from None
+    except PermissionError:
+        raise CheckpointError(f"{path}: no permission to read the checkpoint; fix its permissions (chmod u+r)") from None
+    except pickle.UnpicklingError as e:
+        what = " ".join(str(e).split("\n")[0].split())[:160]
+        raise CheckpointError(f"{path}: refused: the checkpoint holds more than tensors and numbers ({what}); "
+                              f"only load files you trust, {fix}") from None
+    except Exception as e:  # truncated zip, bad magic number, short read
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: {type(e).__name__}); {fix}") from None
+
+
+class FolderLock:
+    """Exclusive advisory lock on a folder (``flock`` on ``folder/name``), released by the OS when the
+    process ends. Taking a lock this process already holds on the same folder is a no-op.
+
+    Args:
+        folder: the folder to lock (created).
+        name: lock file name inside it.
+        busy: message when another process holds the lock.
+    """
+
+    _held: dict[str, int] = {}
+
+    def __init__(self, folder: str | os.PathLike, name: str, busy: str):
+        self.path = Path(folder) / name
+        self.busy = busy
+
+    def acquire(self) -> "FolderLock":
+        import fcntl
+
+        key = str(self.path.resolve())
+        if key in FolderLock._held:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FileExistsError(self.busy) from None
+        FolderLock._held[key] = fd
+        return self
+
+    def release(self) -> None:
+        fd = FolderLock._held.pop(str(self.path.resolve()), None)
+        if fd is not None:
+            os.close(fd)

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         root = e
         while root.__cause__ is not None:
             root = root.__cause__
-        if isinstance(root, (FileExistsError, FileNotFoundError, ValueError, KeyError)) and root is not e:
+        if isinstance(root, (FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError, KeyError)) and root is not e:
             print(f"train: {type(root).__name__}: {root}", file=sys.stderr)
             return 2
         raise
