@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["build_parser", "parse_overrides", "main"]
+__all__ = ["build_parser", "parse_overrides", "check_overrides", "main"]
 
 BUNDLE_DIR = Path(__file__).resolve().parents[1] / "bundles" / "ct_vqvae"
 
@@ -60,10 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _value(text: str):
+def _value(text: str, key: str = "value"):
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as e:
+        if text.strip()[:1] in ("[", "{", '"'):  # meant as JSON: a plain string never starts like this
+            raise SystemExit(f"--override {key}={text}: not valid JSON ({e.msg} at column {e.colno}); "
+                             "write lists as [1,2], objects as {\"k\":1}, strings as '\"text\"'") from None
         return text
 
 
@@ -74,8 +77,42 @@ def parse_overrides(items: list[str]) -> dict:
         if "=" not in item:
             raise SystemExit(f"--override '{item}' is not KEY=VALUE; e.g. --override learning_rate=5e-4")
         k, v = item.split("=", 1)
-        out[k.strip()] = _value(v)
+        out[k.strip()] = _value(v, k.strip())
     return out
+
+
+def _key_paths(node, prefix: str = "") -> list[str]:
+    out = []
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+    for k, v in items:
+        path = f"{prefix}{k}"
+        out.append(path)
+        out += _key_paths(v, path + "#")
+    return out
+
+
+def check_overrides(files: list[str], overrides: dict) -> None:
+    """Every override key must exist in the merged config; a typo names the closest key.
+
+    Args:
+        files: the config files (later files win).
+        overrides: ``{"a#b": value}`` from :func:`parse_overrides`.
+    """
+    import difflib
+
+    from monai.bundle import ConfigParser
+
+    try:
+        config = ConfigParser.load_config_files(files)
+    except Exception as e:
+        raise SystemExit(f"config {files}: cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:160]}); fix the file") from None
+    known = _key_paths(config)
+    for key in overrides:
+        if key.replace("::", "#") in known:
+            continue
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "see the keys of the --config file"
+        raise SystemExit(f"--override {key}: no such key in {', '.join(files)}; {hint}")
 
 
 def _configs(values: list[str]) -> list[str]:
@@ -109,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         if overlay not in [str(Path(f).resolve()) for f in files]:
             files.append(overlay)
     overrides = parse_overrides(args.override)
+    check_overrides(files, overrides)
     for key in ("output_dir", "data_dir", "load_dir", "ckpt"):
         val = getattr(args, key)
         if val is not None:

@@ -182,3 +182,59 @@ def test_second_training_into_a_busy_folder_is_refused(data, tmp_path):
         holder.wait()
     _trainer(data, out, 2).run()  # free again once the other run ended
     assert (out / "ckpts" / "misc_step0000002.pt").is_file()
+
+
+def test_override_typo_and_bad_json_are_refused(tmp_path):
+    from pipeline.train import main
+
+    base = ["--config", str(ROOT / "bundles" / "ct_vqvae" / "stage0.json"), "--output_dir", str(tmp_path / "run"),
+            "--data_dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match="learnign_rate: no such key .*did you mean learning_rate"):
+        main(base + ["--override", "learnign_rate=0.1"])
+    with pytest.raises(SystemExit, match="did you mean dataset#args#max_points"):
+        main(base + ["--override", "dataset#args#max_pionts=5"])
+    with pytest.raises(SystemExit, match="not valid JSON"):
+        main(base + ["--override", 'dataset#args={"max_points": }'])
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------ export
+
+
+def test_export_never_deletes_what_it_did_not_write(tmp_path):
+    from test_export import make_run
+
+    from pipeline.export import export_bundle
+    from pipeline.infer import TokenizerError
+
+    run = make_run(tmp_path / "run")
+    kept = sorted(p.relative_to(run) for p in run.rglob("*"))
+    for out in (run, run.parent):  # the run folder itself, or a folder holding it
+        with pytest.raises(TokenizerError, match="run folder"):
+            export_bundle(run, out, make_zip=False, overwrite=True)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == kept
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(TokenizerError, match="not empty; pass --overwrite"):
+        export_bundle(run, mine, make_zip=False)
+    with pytest.raises(TokenizerError, match="not written by export"):
+        export_bundle(run, mine, make_zip=False, overwrite=True)
+    assert (mine / "notes.txt").read_text() == "mine"
+    b = export_bundle(run, tmp_path / "b")
+    with pytest.raises(TokenizerError, match="not empty"):
+        export_bundle(run, b)
+    (b / "docs" / "extra.md").write_text("added by hand")
+    with pytest.raises(TokenizerError, match="docs/extra.md"):
+        export_bundle(run, b, overwrite=True)
+    (b / "docs" / "extra.md").unlink()
+    assert export_bundle(run, b, overwrite=True) == b and (b / "models" / "model.pt").is_file()
+
+
+def test_export_cli_refuses_non_empty_out(tmp_path):
+    from test_export import make_run
+
+    run = make_run(tmp_path / "run")
+    proc = cli("pipeline.export", "--run", str(run), "--out", str(run))
+    one_line_error(proc, str(run))
+    assert (run / "ckpts" / "vqvae_step0000020.pt").is_file() and (run / "config.json").is_file()
