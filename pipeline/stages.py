@@ -536,17 +536,16 @@ def build_from_run(run_dir: str | os.PathLike, ckpt: str | int = "latest", ema: 
     Returns:
         (model in eval mode, resolved config dict).
     """
-    from monai.bundle import ConfigParser
+    from pipeline.infer import build_network, load_run_config
 
     run_dir = Path(run_dir)
-    cfg = json.loads((run_dir / "config.json").read_text())
-    model = ConfigParser(cfg).get_parsed_content("network_def")
+    cfg = load_run_config(run_dir)
+    model = build_network(cfg, run_dir / "config.json")
     try:
         path, _ = find_checkpoint(run_dir, ckpt, ema=ema)
     except FileNotFoundError:
         if not ema:
             raise
         path, _ = find_checkpoint(run_dir, ckpt, ema=False)
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(sd)
+    model.load_state_dict(load_torch(path, "pass another --ckpt or re-copy the run folder"))
     return model.to(device).eval(), cfg

@@ -238,3 +238,84 @@ def test_export_cli_refuses_non_empty_out(tmp_path):
     proc = cli("pipeline.export", "--run", str(run), "--out", str(run))
     one_line_error(proc, str(run))
     assert (run / "ckpts" / "vqvae_step0000020.pt").is_file() and (run / "config.json").is_file()
+
+
+# ------------------------------------------------------------------------------ bundles and tokens
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    from test_export import make_run
+
+    from pipeline.export import export_bundle
+
+    tmp = tmp_path_factory.mktemp("bundle")
+    return export_bundle(make_run(tmp / "run"), tmp / "ct_vqvae", make_zip=False)
+
+
+def _crafted_bundle(bundle: Path, tmp: Path, edit) -> Path:
+    import shutil
+
+    b = tmp / "crafted"
+    shutil.copytree(bundle, b)
+    cfg = json.loads((b / "configs" / "inference.json").read_text())
+    edit(cfg)
+    (b / "configs" / "inference.json").write_text(json.dumps(cfg))
+    return b
+
+
+def test_bundle_expressions_are_not_run(bundle, tmp_path):
+    from pipeline.infer import Tokenizer, TokenizerError
+
+    marker = tmp_path / "pwned"
+    cmd = f"$__import__('os').system('touch {marker}') or 2"
+
+    def in_network(cfg):
+        cfg["network_def"]["num_heads"] = cmd
+
+    def target(cfg):
+        cfg["network_def"]["_target_"] = "os.system"
+        cfg["network_def"]["command"] = f"touch {marker}"
+
+    def in_preprocessing(cfg):
+        cfg["preprocessing"]["transforms"].insert(0, {"_target_": "os.system", "command": f"touch {marker}"})
+
+    def in_window(cfg):
+        cfg["resolution"] = cmd
+
+    for edit, words in ((in_network, "network_def#num_heads"), (target, "os.system"), (in_window, "resolution")):
+        b = _crafted_bundle(bundle, tmp_path / edit.__name__, edit)
+        with pytest.raises(TokenizerError, match=words) as err:
+            Tokenizer.from_bundle(b, device="cpu")
+        assert "--trust-bundle" in str(err.value) and not marker.exists()
+    b = _crafted_bundle(bundle, tmp_path / "pre", in_preprocessing)
+    tok = Tokenizer.from_bundle(b, device="cpu")  # the standard transforms, the bundle's are not built
+    assert not marker.exists() and tok.preprocessing is not None and not marker.exists()
+    # a crafted model.pt in a bundle is refused too
+    torch.save({"w": Payload(marker)}, b / "models" / "model.pt")
+    with pytest.raises(TokenizerError, match="model.pt"):
+        Tokenizer.from_bundle(b, device="cpu")
+    assert not marker.exists()
+    # trusting a bundle you wrote runs it (the MONAI behaviour), on request only
+    b = _crafted_bundle(bundle, tmp_path / "trusted", in_network)
+    Tokenizer.from_bundle(b, device="cpu", trust=True)
+    assert marker.exists()
+
+
+def test_decode_refuses_tokens_outside_the_latent_grid(bundle, tmp_path):
+    import numpy as np
+
+    from pipeline.infer import CTTokens, Tokenizer, TokenizerError
+
+    tok = Tokenizer.from_bundle(bundle, device="cpu")
+    latent = (tok.resolution // 8,) * 3
+    good = CTTokens(coords=np.array([[0, 1, 2], [3, 3, 3]], np.int32), indices=np.array([1, 2]), window=tok.window,
+                    resolution=tok.resolution, latent_shape=latent, cube_affine=np.eye(4), codebook=tok.codebook)
+    assert tok.decode(good).any()
+    bad = CTTokens(**{**good.__dict__, "coords": np.array([[0, 1, 2], [latent[0] + 5, 0, 0]], np.int32)})
+    path = bad.save(tmp_path / "bad.npz")
+    with pytest.raises(TokenizerError, match="1 of 2 tokens lie outside"):
+        tok.decode(bad)
+    proc = cli("pipeline.infer", "decode", str(path), str(tmp_path / "out.nii.gz"), "--bundle", str(bundle), "--device", "cpu")
+    one_line_error(proc, "outside", "encode the scan again")
+    assert not (tmp_path / "out.nii.gz").exists()
