@@ -859,6 +859,8 @@ class Tokenizer:
             original_shape=meta.get("original_shape"),
             source=str(meta.get("filename_or_obj", scan if isinstance(scan, (str, os.PathLike)) else "")),
         )
+        for w in meta.get("load_warnings", []):
+            logger.warning(f"{geometry['source']}: {w}")
         self._check_resolution(np.shape(img), geometry["source"] or "input")
         if "coords" in d and "feats" in d:
             return self.encode_sparse(d["coords"], d["feats"], **geometry)

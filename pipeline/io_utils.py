@@ -42,6 +42,8 @@ __all__ = [
     "remove_stale_tmp",
     "rmtree_quiet",
     "CheckpointError",
+    "DataFileError",
+    "load_npy",
     "load_torch",
     "FolderLock",
 ]
@@ -322,6 +324,27 @@ def rmtree_quiet(path: str | os.PathLike) -> None:
         path: folder to remove.
     """
     shutil.rmtree(path, ignore_errors=True)
+
+
+class DataFileError(ValueError):
+    """A processed data file that cannot be read (message: the file and the fix)."""
+
+
+def load_npy(path: str | os.PathLike, mmap_mode: str | None = None) -> np.ndarray:
+    """``np.load`` of a processed ``.npy`` (no pickles), errors as one :class:`DataFileError` line.
+
+    Args:
+        path: the file.
+        mmap_mode: ``"r"`` to memory-map it.
+    """
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except PermissionError:
+        raise DataFileError(f"{path}: no permission to read it; fix its permissions (chmod a+r)") from None
+    except (ValueError, OSError, EOFError) as e:  # truncated ("mmap length is greater than file size"), bad header
+        what = " ".join(str(e).split())[:100] or type(e).__name__
+        raise DataFileError(f"{path}: damaged array ({what}); rerun ./run.sh preprocess on its dataset "
+                            "(it redoes the case) or delete the case folder") from None
 
 
 class CheckpointError(ValueError):

@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         while root.__cause__ is not None:
             root = root.__cause__
         if isinstance(root, (FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError, KeyError)) and root is not e:
-            print(f"train: {type(root).__name__}: {root}", file=sys.stderr)
+            lines = [ln for ln in str(root).splitlines() if ln.strip()] or [""]
+            print(f"train: {type(root).__name__}: {lines[-1]}", file=sys.stderr)  # a worker's error ends with its own
             return 2
         raise
     return 0
