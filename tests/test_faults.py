@@ -319,3 +319,208 @@ def test_decode_refuses_tokens_outside_the_latent_grid(bundle, tmp_path):
     proc = cli("pipeline.infer", "decode", str(path), str(tmp_path / "out.nii.gz"), "--bundle", str(bundle), "--device", "cpu")
     one_line_error(proc, "outside", "encode the scan again")
     assert not (tmp_path / "out.nii.gz").exists()
+
+
+# ------------------------------------------------------------------------------ raw inputs
+
+
+def _nifti(path: Path, shape=(24, 24, 16), affine=None, hu=True, dtype="int16") -> Path:
+    import nibabel as nib
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.zeros(shape, dtype)
+    arr[4:-4, 4:-4, 2:-2] = 40 if hu else 1
+    if hu:
+        arr[arr == 0] = -1000
+    nib.save(nib.Nifti1Image(arr, np.diag([2.0, 2.0, 2.0, 1.0]) if affine is None else affine), str(path))
+    return path
+
+
+def _preprocess(raw: Path, out: Path) -> dict[str, dict]:
+    """Runs pipeline.preprocess at 16^3 in this process; returns {dataset/case_id: metadata row}."""
+    import csv
+
+    from pipeline.preprocess import run
+
+    run(raw, out, num_workers=0, resolution=16, windows=["lung"], progress=False, log=lambda *a, **k: None)
+    rows = {}
+    for f in out.glob("*/metadata.csv"):
+        with open(f, newline="") as fh:
+            rows.update({f"{f.parent.name}/{r['case_id']}": r for r in csv.DictReader(fh)})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def phantom(ct_data_dir, tmp_path_factory):
+    """Slices of the shared Philips head phantom series (5 mm apart), sorted along the normal."""
+    import zipfile
+
+    from transforms import find_dicom_series
+
+    out = tmp_path_factory.mktemp("phantom")
+    zipfile.ZipFile(ct_data_dir / "head_dicom_zip/philips_head_phantom_5mm.zip").extractall(out)
+    return [Path(f) for f in next(iter(find_dicom_series(out).values()))]
+
+
+def _series(files, folder: Path, uid: str, keep=None, crop: int | None = None) -> Path:
+    """Copies the slices ``keep`` (indices) of ``files`` into ``folder`` as series ``uid`` (slice ``crop``
+    cut to 256 x 256: one slice of another size)."""
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in keep if keep is not None else range(len(files)):
+        r = sitk.ImageFileReader()
+        r.SetFileName(str(files[i]))
+        img = r.Execute()
+        tags = {k: r.GetMetaData(k) for k in r.GetMetaDataKeys()}
+        if i == crop:
+            img = img[:256, :256]
+        for k, v in tags.items():
+            if k.startswith(("0008", "0010", "0018", "0020", "0028|0030", "0028|105")):
+                img.SetMetaData(k, v)
+        img.SetMetaData("0020|000e", uid)
+        w = sitk.ImageFileWriter()
+        w.KeepOriginalImageUIDOn()
+        w.SetImageIO("GDCMImageIO")
+        w.SetFileName(str(folder / f"IM{i:04d}"))
+        w.Execute(img)
+    return folder
+
+
+def test_dicom_folder_with_two_series_gives_two_cases(phantom, tmp_path):
+    from pipeline.discovery import discover
+
+    folder = tmp_path / "raw" / "d" / "study"
+    _series(phantom, folder, "1.2.826.0.1.111", keep=range(0, 8))
+    _series(phantom, folder, "1.2.826.0.1.222", keep=range(10, 18))
+    (ds,) = discover(tmp_path / "raw")
+    assert sorted(c.series_uid for c in ds.cases) == ["1.2.826.0.1.111", "1.2.826.0.1.222"]
+    assert len({c.case_id for c in ds.cases}) == 2
+    rows = _preprocess(tmp_path / "raw", tmp_path / "out")
+    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows.values()), rows
+    assert sorted(json.loads(r["original_shape"])[2] for r in rows.values()) == [8, 8]
+
+
+def test_odd_or_missing_slices_are_visible_and_wide_gaps_refused(phantom, tmp_path):
+    from transforms import CTLoadError, load_ct
+
+    odd = _series(phantom, tmp_path / "raw" / "d" / "odd", "1.2.3.1", keep=range(8), crop=4)
+    gap = _series(phantom, tmp_path / "raw" / "d" / "gap", "1.2.3.2", keep=[0, 1, 2, 3, 5, 6, 7])
+    warn = load_ct(odd).meta["load_warnings"]
+    assert any("1 slice(s) of series 1.2.3.1 have another size" in w for w in warn), warn
+    assert any("about 1 slice(s) missing" in w for w in load_ct(gap).meta["load_warnings"])
+    wide = _series(phantom, tmp_path / "wide", "1.2.3.3", keep=[0, 1, 2, 3, 7, 8, 9])
+    with pytest.raises(CTLoadError, match="gap of 20.0 mm .*about 3 slices missing"):
+        load_ct(wide)
+    rows = _preprocess(tmp_path / "raw", tmp_path / "out")
+    assert {k: r["status"] for k, r in rows.items()} == {"d/odd": "ok", "d/gap": "ok"}
+    assert "another size" in rows["d/odd"]["warning"] and "missing" in rows["d/gap"]["warning"]
+
+
+def test_label_map_without_overlap_is_refused(tmp_path):
+    import numpy as np
+
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    far, half = aff.copy(), aff.copy()
+    far[0, 3] = 10000.0  # 10 m away
+    half[0, 3] = 24.0  # shifted by half the image's width
+    _nifti(tmp_path / "raw" / "a" / "ct.nii.gz")
+    _nifti(tmp_path / "raw" / "a" / "ct_seg.nii.gz", affine=far, hu=False, dtype="uint8")
+    _nifti(tmp_path / "raw" / "b" / "ct.nii.gz")
+    _nifti(tmp_path / "raw" / "b" / "ct_seg.nii.gz", affine=half, hu=False, dtype="uint8")
+    rows = _preprocess(tmp_path / "raw", tmp_path / "out")
+    assert rows["a/ct"]["status"] == "failed" and "does not overlap its image" in rows["a/ct"]["error"]
+    assert rows["b/ct"]["status"] == "ok" and float(rows["b/ct"]["label_coverage"]) == pytest.approx(0.5, abs=0.05)
+
+
+def test_every_file_is_a_case_a_label_or_listed(tmp_path):
+    import zipfile
+
+    from pipeline.discovery import discover
+
+    d = tmp_path / "raw" / "d"
+    d.mkdir(parents=True)
+    with zipfile.ZipFile(d / "notes.zip", "w") as zf:
+        zf.writestr("readme.txt", "no DICOM here")
+    vol = _nifti(tmp_path / "src.nii.gz")
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.ReadImage(str(vol)), str(d / "scan.nhdr"))  # detached NRRD: scan.nhdr + scan.raw(.gz)
+    (d / "info.json").write_text("{}")
+    (ds,) = discover(tmp_path / "raw")
+    assert [c.source.name for c in ds.cases] == ["scan.nhdr"]
+    files = {p for p in d.iterdir() if p.is_file()}
+    listed = {Path(n.split(": ", 1)[0]) for n in ds.ignored}
+    assert files == {c.source for c in ds.cases} | listed, ds.ignored
+    assert any("notes.zip: a zip without DICOM" in n for n in ds.ignored)
+    rows = _preprocess(tmp_path / "raw", tmp_path / "out")
+    assert rows["d/scan"]["status"] == "ok"
+    cfg = json.loads((tmp_path / "out" / "d" / "dataset_config.json").read_text())
+    assert any("notes.zip" in n for n in cfg["ignored"])
+
+
+def test_symlink_loops_are_followed_once(tmp_path):
+    from pipeline.discovery import discover
+
+    d = tmp_path / "raw" / "d"
+    _nifti(d / "sub" / "ct.nii.gz")
+    os.symlink(d, d / "sub" / "back")  # a loop through the parent
+    os.symlink(d / "self", d / "self")  # ELOOP on stat
+    for depth in (None, 4):
+        (ds,) = discover(tmp_path / "raw", max_depth=depth)
+        assert [c.case_id for c in ds.cases] == ["sub__ct"]
+        assert any("already searched" in n for n in ds.ignored) and any("self: cannot be read" in n for n in ds.ignored)
+
+
+def test_huge_header_and_unreadable_files_are_one_line(bundle, tmp_path, monkeypatch):
+    import numpy as np
+
+    from transforms import CTLoadError, load_ct
+
+    path = _nifti(tmp_path / "raw" / "d" / "huge.nii")
+    raw = bytearray(path.read_bytes())
+    raw[42:48] = np.array([30000, 30000, 30000], "<i2").tobytes()  # dim[1..3] of the NIfTI-1 header
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CTLoadError, match="header claims a 30000 x 30000 x 30000 image"):
+        load_ct(path)
+    rows = _preprocess(tmp_path / "raw", tmp_path / "out")
+    assert "header claims" in rows["d/huge"]["error"] and "IndexError" not in rows["d/huge"]["error"]
+    proc = cli("pipeline.infer", "encode", str(path), str(tmp_path / "t.npz"), "--bundle", str(bundle), "--device", "cpu")
+    one_line_error(proc, "huge.nii", "header claims")
+    ok = _nifti(tmp_path / "ok.nii.gz")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == ok else real_access(p, mode))
+    with pytest.raises(CTLoadError, match="no permission to read it; fix its permissions"):
+        load_ct(ok)
+
+
+def test_non_hu_volume_message_names_no_missing_option(tmp_path):
+    from transforms import CTLoadError, load_ct
+
+    with pytest.raises(CTLoadError) as err:
+        load_ct(_nifti(tmp_path / "mask.nii.gz", hu=False, dtype="uint8"))
+    assert "Hounsfield" in str(err.value) and "check_hu" not in str(err.value)
+
+
+def test_preprocess_out_dir_that_is_a_file(tmp_path):
+    _nifti(tmp_path / "raw" / "d" / "ct.nii.gz")
+    (tmp_path / "out").write_text("a file")
+    proc = cli("pipeline.preprocess", str(tmp_path / "raw"), str(tmp_path / "out"), "--no-progress")
+    one_line_error(proc, "OUT_DIR", "is a file")
+    assert (tmp_path / "out").read_text() == "a file"
+
+
+def test_truncated_processed_array_is_skipped_with_its_name(tmp_path):
+    from test_dataset import write_processed_dataset
+
+    from pipeline.dataset import CTWindowSparseDataset
+
+    write_processed_dataset(tmp_path, "synth", num_cases=3, resolution=32, failed=0)
+    win = next((tmp_path / "synth" / "processed" / "case_001").rglob("lung*.npy"))
+    win.write_bytes(win.read_bytes()[:1000])
+    ds = CTWindowSparseDataset(tmp_path, "lung", split="all", max_points=1500, min_points=10)
+    assert len(ds.cases) == 2 and [f["case"] for f in ds.failed] == ["synth/case_001"]
+    assert str(win) in ds.failed[0]["error"] and "rerun ./run.sh preprocess" in ds.failed[0]["error"]
+    proc = cli("pipeline.check_data", str(tmp_path), "--window", "lung", "--min_points", "10")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and str(win) in proc.stdout, proc.stdout + proc.stderr
