@@ -348,10 +348,12 @@ def load_weights(net: torch.nn.Module, ckpt: str | os.PathLike, config_path: Any
     path = Path(ckpt)
     if not path.is_file():
         raise TokenizerError(f"{path}: checkpoint not found; pass an existing vqvae_*step*.pt file")
+    from pipeline.io_utils import CheckpointError, load_torch
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise TokenizerError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}); re-copy or re-export it") from None
+        obj = load_torch(path, "re-copy or re-export it")
+    except CheckpointError as e:
+        raise TokenizerError(str(e)) from None
     sd = _extract_state_dict(obj, path)
     own = net.state_dict()
     params = {n for n, _ in net.named_parameters()}

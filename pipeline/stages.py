@@ -386,7 +386,11 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, strict: bool =
     except ImportError:
         load_pretrained = None
     if load_pretrained is not None and not strict:
-        report = load_pretrained(model, str(path))
+        try:
+            report = load_pretrained(model, str(path))
+        except Exception:
+            load_torch(path, "pass a complete checkpoint (pretrained_vae_path / --load_dir)")  # names a damaged file
+            raise
         if isinstance(report, dict):
             return {"missing": list(report.get("missing", report.get("missing_keys", []))),
                     "unexpected": list(report.get("unexpected", report.get("unexpected_keys", []))),
@@ -394,7 +398,7 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, strict: bool =
         miss = getattr(report, "missing_keys", []) or getattr(report, "missing", [])
         unexp = getattr(report, "unexpected_keys", []) or getattr(report, "unexpected", [])
         return {"missing": list(miss), "unexpected": list(unexp)}
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = load_torch(path, "pass a complete checkpoint (pretrained_vae_path / --load_dir)")
     for key in ("vae", "model", "state_dict"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

@@ -166,6 +166,20 @@ def test_checkpoint_of_another_model_size(data, run_dir, tmp_path):
     assert (run / "config.json").read_text() == before
 
 
+def test_train_cli_errors_are_one_line(data, run_dir, tmp_path):
+    run = _copy_run(run_dir, tmp_path / "run")
+    misc = run / "ckpts" / "misc_step0000002.pt"
+    misc.write_bytes(misc.read_bytes()[:300])
+    before = (run / "config.json").read_text()
+    base = ["pipeline.train", "--config", str(ROOT / "bundles" / "ct_vqvae" / "stage0.json"),
+            "--data_dir", str(Path(data.datasets[0]).parent), "--override", "num_workers=0"]
+    one_line_error(cli(*base, "--output_dir", str(run), "--load_dir", str(run), "--ckpt", "latest"),
+                   "misc_step0000002.pt", "truncated or corrupt")
+    assert (run / "config.json").read_text() == before
+    (tmp_path / "file").write_text("x")
+    one_line_error(cli(*base, "--output_dir", str(tmp_path / "file")), "is a file")
+
+
 def test_second_training_into_a_busy_folder_is_refused(data, tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen(
