@@ -412,8 +412,17 @@ def test_dicom_folder_with_two_series_gives_two_cases(phantom, tmp_path):
     assert sorted(c.series_uid for c in ds.cases) == ["1.2.826.0.1.111", "1.2.826.0.1.222"]
     assert len({c.case_id for c in ds.cases}) == 2
     rows = _preprocess(tmp_path / "raw", tmp_path / "out")
-    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows.values()), rows
+    assert len(rows) == 2 and all(r["status"] == "ok" and not r["warning"] for r in rows.values()), rows
     assert sorted(json.loads(r["original_shape"])[2] for r in rows.values()) == [8, 8]
+    # the same two series in one zip: one case, and the series not loaded is named
+    import zipfile
+
+    from transforms import load_ct
+
+    with zipfile.ZipFile(tmp_path / "two.zip", "w") as zf:
+        for f in folder.iterdir():
+            zf.write(f, f.name)
+    assert any("1 other CT series in it were not loaded" in w for w in load_ct(tmp_path / "two.zip").meta["load_warnings"])
 
 
 def test_odd_or_missing_slices_are_visible_and_wide_gaps_refused(phantom, tmp_path):

@@ -661,6 +661,11 @@ def load_ct(path: str | os.PathLike, series_uid: str | None = None, check_hu: bo
                 data, aff, meta = _read_dicom_stack(path, headers)
                 meta["dicom_series_uid"] = headers[0].series_uid
                 meta["dicom_series_found"] = len(groups)
+            others = {h.series_uid for hs in groups.values() for h in hs if h.modality == "CT" and not _is_localizer(h)}
+            others.discard(headers[0].series_uid)
+            if others and series_uid is None:
+                meta["load_warnings"].append(f"{len(others)} other CT series in it were not loaded (the one with most "
+                                             "slices was); put each series in its own folder to use them all")
             if left:
                 meta["load_warnings"].append(
                     f"{left} slice(s) of series {headers[0].series_uid or '(no UID)'} have another size, spacing or "
