@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 
-TINY = dict(resolution=4, model_channels=16, latent_channels=8, channels=(8, 8, 16, 16), num_embeddings=16,
+TINY = dict(resolution=4, model_channels=16, latent_channels=8, channels=(8, 16, 16), num_embeddings=16,
             num_blocks=1, num_heads=2, window_size=4)
 CONFIG = {"training_stage": 0, "network_def": {"_target_": "networks.SparseVQVAE", **TINY}}
 
