@@ -9,9 +9,10 @@ Datasets
 
 Cases (searched recursively inside a dataset, down to ``max_depth`` folder levels below
 ``RAW_DIR``; the dataset folder is level 1)
-    * a volume file: ``.nii``, ``.nii.gz``, ``.nrrd``, ``.mha``, ``.mhd``;
+    * a volume file: ``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``;
     * a DICOM folder: a folder holding at least one DICOM file, recognised by its header
-      (``DICM`` magic or a DICOM group-0008 start), whatever the file names;
+      (``DICM`` magic or a DICOM group-0008 start), whatever the file names; a folder holding
+      several CT volume series gives one case per SeriesInstanceUID;
     * a ``.zip`` holding DICOM files;
     * an empty folder (no files, no sub-folders) is reported as a failed case, so that a
       missing download shows up in ``metadata.csv``.
@@ -31,12 +32,19 @@ Label maps (never cases themselves)
       ``_ct``/``_img``/``_image`` suffix of the image) wins; otherwise the label stays
       unpaired and is listed in :attr:`Dataset.unpaired_labels`.
 
+Everything else
+    Each file or folder that is neither a case nor a label map is listed in
+    :attr:`Dataset.ignored` with the reason (a zip without DICOM, a file that is not CT, a non-CT
+    DICOM series, a folder deeper than ``max_depth``, a symlink loop or a link to a folder already
+    searched: each real folder is searched once). Files beside DICOM slices belong to their folder.
+
 Case ids
     The path relative to the dataset folder without the file extension, folders joined by
     ``__`` and characters outside ``[A-Za-z0-9._-]`` replaced by ``_`` (a leading
     ``imagesTr/`` folder and a ``_0000`` channel suffix are dropped). Ids that would
     collide get ``-<8 hex of sha1(relative path)>`` appended. A DICOM folder or zip at the
-    dataset root uses the dataset name.
+    dataset root uses the dataset name. Cases of one multi-series DICOM folder hash the path and the
+    SeriesInstanceUID.
 """
 
 from __future__ import annotations
@@ -339,10 +347,9 @@ def _dicom_cases(name: str, folder: Path, rel_path: str, ignored: list[str]) -> 
     from transforms.io import dicom_volume_series
 
     uids, notes = dicom_volume_series(folder)
-    if len(uids) <= 1:
-        ignored.extend(f"{folder}: {n}" for n in notes)
-        return [Case(name, "", folder, "dicom_dir", rel_path)]
     ignored.extend(f"{folder}: {n}" for n in notes)
+    if len(uids) <= 1:
+        return [Case(name, "", folder, "dicom_dir", rel_path)]
     return [Case(name, "", folder, "dicom_dir", rel_path, series_uid=uid) for uid in uids]
 
 
@@ -402,7 +409,6 @@ def discover_dataset(
     images: list[Case] = []
     labels: list[tuple[Path, Path]] = []  # (label file, folder)
     nnunet: dict[Path, dict[str, Path]] = {}  # images folder -> {stem: label}
-    dicom_dirs: dict[Path, Case] = {}
 
     def rel(p: Path) -> str:
         r = p.relative_to(root).as_posix()
@@ -449,9 +455,7 @@ def discover_dataset(
             else:
                 others.append(f)
         if has_dicom:
-            for case in _dicom_cases(name, folder.path, rel(folder.path), ds.ignored):
-                images.append(case)
-                dicom_dirs[folder.path] = case
+            images.extend(_dicom_cases(name, folder.path, rel(folder.path), ds.ignored))
         else:
             ds.ignored.extend(f"{f}: {_why_not_ct(f)}" for f in others)
 

@@ -198,8 +198,10 @@ def test_second_training_into_a_busy_folder_is_refused(data, tmp_path):
     assert (out / "ckpts" / "misc_step0000002.pt").is_file()
 
 
-def test_override_typo_and_bad_json_are_refused(tmp_path):
+def test_override_typo_and_bad_json_are_refused(tmp_path, monkeypatch):
     from pipeline.train import main
+
+    monkeypatch.setenv("CTVQ_COMMAND", "test")  # main() sets it for the run: undone after the test
 
     base = ["--config", str(ROOT / "bundles" / "ct_vqvae" / "stage0.json"), "--output_dir", str(tmp_path / "run"),
             "--data_dir", str(tmp_path)]
