@@ -92,7 +92,8 @@ def _key_paths(node, prefix: str = "") -> list[str]:
 
 
 def check_overrides(files: list[str], overrides: dict) -> None:
-    """Every override key must exist in the merged config; a typo names the closest key.
+    """Every override key must exist in the merged config (or be an argument of the ``_target_`` it is
+    nested in); a typo names the closest key.
 
     Args:
         files: the config files (later files win).
@@ -108,11 +109,35 @@ def check_overrides(files: list[str], overrides: dict) -> None:
         raise SystemExit(f"config {files}: cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:160]}); fix the file") from None
     known = _key_paths(config)
     for key in overrides:
-        if key.replace("::", "#") in known:
+        path = key.replace("::", "#")
+        if path in known:
             continue
-        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        parent, _, name = path.rpartition("#")
+        accepted = _target_args(config, parent) if parent in known else []
+        if name in accepted:  # an argument of a _target_ the config leaves at its default
+            continue
+        close = difflib.get_close_matches(key, known + [f"{parent}#{a}" for a in accepted], n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}?" if close else "see the keys of the --config file"
         raise SystemExit(f"--override {key}: no such key in {', '.join(files)}; {hint}")
+
+
+def _target_args(config: dict, path: str) -> list[str]:
+    """Keyword arguments of the ``_target_`` at ``path`` of the config (none when it has no ``_target_``)."""
+    import importlib
+    import inspect
+
+    node = config
+    for part in path.split("#"):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    target = node.get("_target_") if isinstance(node, dict) else None
+    if not isinstance(target, str) or "." not in target:
+        return []
+    module, _, name = target.rpartition(".")
+    try:
+        params = inspect.signature(getattr(importlib.import_module(module), name)).parameters.values()
+    except Exception:  # not importable here: only the keys the config spells out
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def _configs(values: list[str]) -> list[str]:

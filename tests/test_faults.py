@@ -209,6 +209,8 @@ def test_override_typo_and_bad_json_are_refused(tmp_path, monkeypatch):
         main(base + ["--override", "learnign_rate=0.1"])
     with pytest.raises(SystemExit, match="did you mean dataset#args#max_points"):
         main(base + ["--override", "dataset#args#max_pionts=5"])
+    with pytest.raises(SystemExit, match="did you mean network_def#vq_reservoir_size"):
+        main(base + ["--override", "network_def#vq_reservoir_sise=64"])  # an argument the config leaves at its default
     with pytest.raises(SystemExit, match="not valid JSON"):
         main(base + ["--override", 'dataset#args={"max_points": }'])
     assert not (tmp_path / "run").exists()
