@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from pipeline.io_utils import DataFileError, load_npy
+
 __all__ = [
     "WINDOW_FILES",
     "find_datasets",
@@ -274,7 +276,12 @@ class CTWindowSparseDataset(Dataset):
         for c in cases:
             if c["key"] not in wanted:
                 continue
-            counts = self._block_counts(c)
+            try:
+                counts = self._block_counts(c)
+            except DataFileError as e:  # a damaged case is left out, with its file named
+                logger.warning(f"skipping {c['key']}: {e}")
+                self.failed.append({"case": c["key"], "error": str(e)})
+                continue
             c["num_points"] = int(counts.sum(dtype=np.int64))
             if c["num_points"] < self.min_points:
                 self.skipped.append({"case": c["key"], "num_points": c["num_points"]})
@@ -299,7 +306,7 @@ class CTWindowSparseDataset(Dataset):
     def _mask(self, c: dict) -> np.ndarray | None:
         path = Path(c["dir"]) / "body_mask_512.npy"
         if path.is_file():
-            return np.load(path, mmap_mode="r")
+            return load_npy(path, mmap_mode="r")
         cached = Path(c["dir"]) / ".cache" / "body_mask_512.npy"
         if self.cache != "memory" and cached.is_file():
             return np.load(cached, mmap_mode="r")
@@ -321,7 +328,7 @@ class CTWindowSparseDataset(Dataset):
         return masks[c["key"]]
 
     def _window(self, c: dict) -> np.ndarray:
-        return np.load(c["window_file"], mmap_mode="r")
+        return load_npy(c["window_file"], mmap_mode="r")
 
     def _block_counts(self, c: dict) -> np.ndarray:
         """Support voxels per block of one case: from the disk cache, else computed once (and cached)."""
