@@ -98,7 +98,6 @@ MB_METADATA_SCHEMA: dict[str, Any] = {
         "monai_version",
         "pytorch_version",
         "numpy_version",
-        "optional_packages_version",
         "required_packages_version",
         "task",
         "description",
@@ -243,11 +242,9 @@ def make_metadata(
     meta["monai_version"] = vers["monai"]
     meta["pytorch_version"] = vers["torch"]
     meta["numpy_version"] = vers["numpy"]
-    # MONAI >= 1.4 reads "required_packages_version" (and renames the older "optional_packages_version"
-    # to it); the bundle specification lists the older key as mandatory: write both, with the same content.
-    req = {k: vers[k] for k in ("ctvq", "spconv", "nibabel", "SimpleITK", "scipy") if k in vers}
-    meta["required_packages_version"] = dict(req)
-    meta["optional_packages_version"] = dict(req)
+    # MONAI >= 1.4 reads "required_packages_version"; the older "optional_packages_version" is deprecated
+    meta.pop("optional_packages_version", None)
+    meta["required_packages_version"] = {k: vers[k] for k in ("ctvq", "spconv", "nibabel", "SimpleITK", "scipy") if k in vers}
     if version:
         meta["version"] = version
         meta.setdefault("changelog", {}).setdefault(version, "exported from a training run")

@@ -28,6 +28,7 @@ __all__ = [
     "SampleHandler",
     "ValidationHandler",
     "save_torch",
+    "KMeansProgressHandler",
     "densify_crop",
 ]
 
@@ -135,6 +136,59 @@ class StepLogHandler:
             w.add_scalar("codebook/perplexity", usage["perplexity"], step)
             w.add_scalar("codebook/usage", usage["usage"], step)
             w.add_scalar("codebook/codes_used", usage["codes_used"], step)
+
+
+class KMeansProgressHandler:
+    """Progress of the codebook's k-means initialisation (stage 1): how full the quantizer's reservoir
+    of encoder outputs is, a line before the step that runs k-means (it can take minutes) and its time.
+    The trainer attaches it when the codebook waits for k-means."""
+
+    def __init__(self, every_fraction: float = 0.25) -> None:
+        self.every = float(every_fraction)
+        self._shown = -1.0
+        self._before = 0
+        self._growth = 0
+        self._t0: float | None = None
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.ITERATION_STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._completed)
+
+    @staticmethod
+    def _vq(engine):
+        return getattr(engine.model, "vq", None)
+
+    def _started(self, engine) -> None:
+        vq = self._vq(engine)
+        if vq is None or vq._py_initialized or self._t0 is not None:
+            return
+        self._before = int(vq.reservoir.shape[0])
+        if self._growth and self._before + self._growth >= vq.kmeans_init_points:
+            self._t0 = time.perf_counter()
+            if D.is_main():
+                logger.info(f"Step {engine.state.iteration + 1}: k-means initialisation of the codebook: "
+                            f"{vq.num_embeddings:,} codes from {vq.kmeans_init_points:,} encoder outputs, "
+                            f"{vq.kmeans_iters} iterations (this step takes longer)...")
+
+    def _completed(self, engine) -> None:
+        vq = self._vq(engine)
+        if vq is None:
+            return
+        if vq._py_initialized:
+            if 0 <= self._shown < 2 and D.is_main():  # seen collecting: a resumed run stays quiet
+                took = f" in {time.perf_counter() - self._t0:.1f} s" if self._t0 is not None else ""
+                logger.info(f"Step {engine.state.iteration}: codebook initialised by k-means{took}")
+            self._shown = 2
+            return
+        n = int(vq.reservoir.shape[0])
+        self._growth = max(self._growth, n - self._before)
+        frac = n / max(1, vq.kmeans_init_points)
+        if frac - self._shown >= self.every or self._shown < 0:
+            self._shown = frac
+            left = -(-(vq.kmeans_init_points - n) // max(1, self._growth))
+            if D.is_main():
+                logger.info(f"Step {engine.state.iteration}: collecting encoder outputs for the k-means codebook: "
+                            f"{n:,} of {vq.kmeans_init_points:,} (about {left} more steps)")
 
 
 class EMAHandler:

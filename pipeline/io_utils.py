@@ -407,16 +407,26 @@ class FolderLock:
         if key in FolderLock._held:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise FileExistsError(self.busy) from None
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise FileExistsError(self.busy) from None
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # the holder released (and removed) the file meanwhile: lock the new one
         FolderLock._held[key] = fd
         return self
 
     def release(self) -> None:
+        """Removes the lock file (while still holding it) and unlocks."""
         fd = FolderLock._held.pop(str(self.path.resolve()), None)
         if fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
             os.close(fd)

@@ -45,6 +45,7 @@ import torch
 from pipeline import discovery
 from pipeline.discovery import Case, Dataset
 from pipeline.io_utils import (
+    FolderLock,
     load_json,
     remove_stale_tmp,
     rmtree_quiet,
@@ -692,26 +693,18 @@ def _worker_init(threads: int, parent_pid: int) -> None:
 
 
 class _Lock:
-    """Exclusive lock on OUT_DIR (released by the OS when the process dies)."""
+    """Exclusive lock on OUT_DIR (released by the OS when the process dies; the file is removed on exit)."""
 
     def __init__(self, out_dir: Path):
-        self.path = out_dir / ".preprocess.lock"
-        self.fd = None
+        self.lock = FolderLock(out_dir, ".preprocess.lock", f"another preprocess run is writing into {out_dir}; "
+                               "wait for it to finish or use another OUT_DIR")
 
     def __enter__(self):
-        import fcntl
-
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise RuntimeError(f"another preprocess run is writing into {self.path.parent}; wait for it "
-                               "to finish or use another OUT_DIR") from None
+        self.lock.acquire()
         return self
 
     def __exit__(self, *exc):
-        os.close(self.fd)
+        self.lock.release()
         return False
 
 
@@ -1004,7 +997,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("preprocess: interrupted; rerun the same command to finish (complete cases are kept)", file=sys.stderr)
         return 130
-    except (RuntimeError, ValueError, FileNotFoundError) as e:
+    except (RuntimeError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"preprocess: error: {e}", file=sys.stderr)
         return 2
     for name in s["failed_cases"][:20]:

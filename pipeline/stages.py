@@ -11,12 +11,14 @@ file ``vqvae_model_summary.txt`` is written right after it.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
 import os
 import re
 import shlex
+import shutil
 import sys
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -32,10 +34,14 @@ __all__ = [
     "STAGE_TITLES",
     "RunFolder",
     "prepare_run_folder",
+    "one_line_errors",
+    "user_error_line",
+    "discard_new_runs",
     "find_checkpoint",
     "list_checkpoints",
     "read_resume_state",
     "load_weights",
+    "check_fit",
     "freeze_for_stage",
     "prepare_network",
     "stage_banner",
@@ -130,6 +136,7 @@ class RunFolder:
     resume_state: dict | None = field(default=None, repr=False)
     pending: dict = field(default_factory=dict, repr=False)
     lock: FolderLock | None = field(default=None, repr=False)
+    created: Path | None = field(default=None, repr=False)
 
     @property
     def resuming(self) -> bool:
@@ -140,6 +147,26 @@ class RunFolder:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+    def discard(self) -> bool:
+        """Removes the run folder (and the parents made for it) when this run created it and it holds no
+        checkpoint: what a run that failed while setting up leaves. Returns whether it did."""
+        out = self.output_dir
+        if self.created is None or not out.is_dir() or list_checkpoints(out):
+            return False
+        self.release()
+        root = logging.getLogger()
+        for h in list(root.handlers):
+            if getattr(h, "_ctvq_run_log", False) and Path(h.baseFilename).parent == out.resolve():
+                root.removeHandler(h)
+                h.close()
+        shutil.rmtree(out, ignore_errors=True)
+        for parent in out.parents:
+            if parent == self.created.parent:
+                break
+            with contextlib.suppress(OSError):
+                parent.rmdir()  # only when empty
+        return True
 
     def commit(self) -> None:
         """Writes the files held back until the resume succeeded (``config.json``, ``command.txt``)."""
@@ -213,7 +240,7 @@ def prepare_run_folder(
         log_file: also log to ``output_dir/log.txt`` (rank 0).
     """
     out = Path(output_dir)
-    run = RunFolder(output_dir=out)
+    run = RunFolder(output_dir=out, created=_first_missing(out))
     if load_dir not in (None, "", "None"):
         src = Path(load_dir)
         ckpt = "latest" if ckpt in (None, "", "None") else ckpt
@@ -230,6 +257,8 @@ def prepare_run_folder(
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output_dir '{out}' is a file; pick a folder for the run (--output_dir)")
     if D.is_main():
+        _NEW_RUNS.append(run)
+    if D.is_main():
         run.lock = FolderLock(out, ".train.lock", f"another training run is writing into '{out}'; wait for it to "
                                                   "finish or pick another --output_dir").acquire()
     try:
@@ -245,6 +274,68 @@ def prepare_run_folder(
         _, init_step = find_checkpoint(run.init_ckpt)
         logger.info(f"Loading checkpoint from step {init_step}... (weights of {run.init_ckpt}, training restarts at step 0)")
     return run
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The highest folder of ``path`` (itself included) that does not exist yet, or None."""
+    missing = None
+    for p in [path, *path.parents]:
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
+# --------------------------------------------------------------------------- user errors
+#: run folders made by this process; a user mistake during set-up removes them again
+_NEW_RUNS: list[RunFolder] = []
+#: what a user's mistake raises (a missing or wrong file or folder, a setting that does not fit)
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, FileExistsError, PermissionError, ValueError, KeyError)
+
+
+def user_error_line(exc: BaseException) -> str | None:
+    """The one line naming a user's mistake at the root of ``exc`` (MONAI wraps the errors of config
+    components in its own), or None for anything else (a bug, which keeps its traceback)."""
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    if not isinstance(root, USER_ERRORS):
+        return None
+    text = root.args[0] if isinstance(root, KeyError) and root.args else root
+    lines = [ln for ln in str(text).splitlines() if ln.strip()] or [type(root).__name__]
+    return lines[-1]
+
+
+def setup_done() -> None:
+    """Training has started: from now on a failed run keeps its folder (log, samples)."""
+    _NEW_RUNS.clear()
+
+
+def discard_new_runs() -> None:
+    """Removes the run folders this process created that hold no checkpoint (a failed set-up)."""
+    while _NEW_RUNS:
+        _NEW_RUNS.pop().discard()
+
+
+def one_line_errors() -> None:
+    """Bundle ``initialize`` hook: a user's mistake ends ``python -m monai.bundle run`` with one line
+    (``error: ...``, the last line of the output, no traceback) and removes the run folder made for it.
+    Other errors keep their traceback; ``CTVQ_DEBUG=1`` keeps it for all."""
+    previous = sys.excepthook
+    if getattr(previous, "_ctvq", False):
+        return
+
+    def hook(kind, exc, tb):
+        line = None if os.environ.get("CTVQ_DEBUG") else user_error_line(exc)
+        if line is None:
+            return previous(kind, exc, tb)
+        discard_new_runs()
+        logging.shutdown()
+        sys.stdout.flush()
+        print(f"error: {line}", file=sys.stderr)
+
+    hook._ctvq = True
+    sys.excepthook = hook
 
 
 def _prepare_files(run: RunFolder, config: dict | None, log_file: bool) -> None:
@@ -406,6 +497,59 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, strict: bool =
     return {"missing": list(res.missing_keys), "unexpected": list(res.unexpected_keys)}
 
 
+def check_fit(report: dict, path: str | os.PathLike, training_stage: int, option: str = "pretrained_vae_path") -> None:
+    """Refuses a checkpoint of our own format that does not fit the configured model.
+
+    Direct3D-S2 weights are converted and may leave layers new (``reinitialized``); a ctvq
+    checkpoint must fit except for quantizer state (stage 1 re-initialises the codebook).
+
+    Args:
+        report: what :func:`load_weights` returned.
+        path: the checkpoint.
+        training_stage: 0, 1 or 2 (stage 2 also needs the codebook).
+        option: the setting that named the checkpoint (for the message).
+
+    Raises:
+        CheckpointError: one line naming the checkpoint, the sizes that differ and the fix.
+    """
+    if report.get("format", "ctvq") != "ctvq":
+        return
+
+    def counts(key: str) -> bool:
+        return not key.startswith("vq.") or (int(training_stage) != 1 and key.startswith("vq.embeddings"))
+
+    missing = [k for k in report.get("missing", []) if counts(k)]
+    shaped = [k for k in report.get("skipped", []) if counts(k)]
+    extra = [k for k in report.get("unexpected", []) if counts(k)]
+    if not (missing or shaped or extra):
+        return
+    sizes = _network_def_diff(Path(path))
+    what = (f"{sizes}; " if sizes else "") + ", ".join(
+        f"{len(v)} tensors {w}" for v, w in ((missing, "missing"), (shaped, "of another shape"), (extra, "unexpected")) if v)
+    example = f", e.g. {shaped[0]} vs this model" if shaped else f", e.g. {(missing or extra)[0]}"
+    raise CheckpointError(
+        f"{option} {path}: checkpoint of another model ({what}{'' if sizes else example}); train with the "
+        "network_def it was trained with (the same --config_file overlay and network_def overrides as its run, "
+        "see its command.txt), or pass a checkpoint of this model")
+
+
+_SIZE_KEYS = ("layout", "resolution", "model_channels", "latent_channels", "num_embeddings", "channels",
+              "num_res_blocks", "num_blocks", "num_heads", "window_size")
+
+
+def _network_def_diff(ckpt: Path) -> str:
+    """``model_channels 64 in the checkpoint's run vs 512 here, ...`` from the run's config.json, or ""."""
+    cfg = ckpt.parent.parent / "config.json"
+    try:
+        theirs = json.loads(cfg.read_text()).get("network_def") or {}
+        ours = (resolved_config() or {}).get("network_def") or {}
+    except (OSError, ValueError, AttributeError):
+        return ""
+    diff = [f"{k} {json.dumps(theirs[k])} vs {json.dumps(ours[k])}" for k in _SIZE_KEYS
+            if k in theirs and k in ours and theirs[k] != ours[k]]
+    return ("network_def " + ", ".join(diff) + " here") if diff else ""
+
+
 def freeze_for_stage(model: torch.nn.Module, training_stage: int, keep_trainable: list[str] | tuple = ()) -> None:
     """Sets ``requires_grad`` per stage.
 
@@ -472,6 +616,7 @@ def prepare_network(
             )
         if src is not None:
             report = load_weights(network, src)
+            check_fit(report, src, stage, "--load_dir" if init_ckpt is not None else "pretrained_vae_path")
             new = list(report.get("missing", [])) + [str(k).split(" ")[0] for k in report.get("reinitialized", [])]
             keep = [k for k in new if not k.startswith("vq.")]
             vq = getattr(network, "vq", None)
@@ -479,8 +624,9 @@ def prepare_network(
                 vq.initialized.fill_(False)  # codebook of a stage-0 / foreign checkpoint: k-means it again
                 vq._py_initialized = False
             logger.info(f"Loaded weights from {src} (missing {len(report.get('missing', []))}, unexpected {len(report.get('unexpected', []))})")
-            if stage == 1 and keep:
-                logger.info(f"stage 1: {len(keep)} parameter tensor(s) absent from the checkpoint stay trainable")
+            if keep:
+                logger.info(f"{len(keep)} parameter tensor(s) absent from the checkpoint were initialised anew "
+                            f"and are trained, e.g. {keep[0]}")
     freeze_for_stage(network, stage, keep)
     if device is not None:
         network = network.to(device)
@@ -500,12 +646,18 @@ def _counts(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def stage_banner(model: torch.nn.Module, training_stage: int) -> str:
-    """The stage banner of the log (``[Stage N] ...``, total and trainable parameters)."""
+    """The stage banner of the log (``[Stage N] ...``, total and trainable parameters, trainable per part)."""
     total, train = _counts(model)
+    parts: dict[str, list[int]] = {}
+    for name, p in model.named_parameters():
+        part = parts.setdefault(name.split(".", 1)[0], [0, 0])
+        part[0] += p.numel() if p.requires_grad else 0
+        part[1] += p.numel()
     bar = "=" * 80
     return "\n".join(
         ["", bar, f"[Stage {int(training_stage)}] {STAGE_TITLES.get(int(training_stage), '')}", bar,
-         f"Total parameters: {total:,}", f"Trainable parameters: {train:,}", bar, ""]
+         f"Total parameters: {total:,}", f"Trainable parameters: {train:,}",
+         "Trainable per part: " + ", ".join(f"{k} {t:,} of {n:,}" for k, (t, n) in parts.items()), bar, ""]
     )
 
 

@@ -23,6 +23,7 @@ import os
 import shlex
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 __all__ = ["build_parser", "parse_overrides", "check_overrides", "main"]
@@ -180,17 +181,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from monai.bundle import run
 
+    from pipeline.stages import discard_new_runs, user_error_line
+
     try:
-        run("training", config_file=files, logging_file=logging_file, meta_file=_meta(files), **overrides)
-    except Exception as e:  # the bundle runner wraps errors: show the root cause in one line
-        root = e
-        while root.__cause__ is not None:
-            root = root.__cause__
-        if isinstance(root, (FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError, KeyError)) and root is not e:
-            lines = [ln for ln in str(root).splitlines() if ln.strip()] or [""]
-            print(f"train: {type(root).__name__}: {lines[-1]}", file=sys.stderr)  # a worker's error ends with its own
-            return 2
-        raise
+        with warnings.catch_warnings():
+            if all(Path(f).resolve().parent == BUNDLE_DIR for f in files):  # our own configs: trusted
+                warnings.filterwarnings("ignore", message="parsing config_file", category=UserWarning)
+            run("training", config_file=files, logging_file=logging_file, meta_file=_meta(files), **overrides)
+    except Exception as e:  # the bundle runner wraps errors: show the user's mistake in one line
+        line = None if os.environ.get("CTVQ_DEBUG") else user_error_line(e)
+        if line is None:
+            raise
+        discard_new_runs()
+        print(f"error: {line}", file=sys.stderr)  # a worker's error ends with its own
+        return 2
     return 0
 
 

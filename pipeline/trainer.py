@@ -175,6 +175,10 @@ class SparseVQVAETrainer(SupervisedTrainer):
         self.started_at: float | None = None
         if train_handlers:
             self._register_handlers(list(train_handlers))
+        if self.quantize and not getattr(getattr(self.model, "vq", None), "_py_initialized", True):
+            from pipeline.handlers import KMeansProgressHandler
+
+            KMeansProgressHandler().attach(self)
 
     # -- one step ----------------------------------------------------------------------------
     def _autocast(self):
@@ -334,6 +338,9 @@ class SparseVQVAETrainer(SupervisedTrainer):
         return self.state.iteration
 
     def run(self) -> None:  # noqa: D102
+        from pipeline.stages import setup_done
+
+        setup_done()
         try:
             if self.state.iteration >= (self.state.epoch_length or 0) and self.state.iteration > 0:
                 return

@@ -146,6 +146,48 @@ def test_stage_chain_files(chain):
     assert "[Stage 2]" in log2 and "Loading checkpoint from step 3" in log2
 
 
+def _one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:
+    """A user's mistake: non-zero exit, its line last, no traceback."""
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr and "Failed to instantiate" not in proc.stderr, proc.stderr[-3000:]
+    assert last.startswith("error: ") and all(w in last for w in words), last
+    return last
+
+
+def test_stage1_refuses_checkpoint_of_another_size(chain, data_dir, tmp_path):
+    """A checkpoint of another model size stops stage 1 at once in one line naming the sizes, before
+    k-means, and the run folder made for it is removed."""
+    out = tmp_path / "new" / "s1"
+    proc = bundle_run("stage1.json", data_dir=str(data_dir), output_dir=str(out), max_steps=3,
+                      pretrained_vae_path=str(chain["s0"] / "ckpts" / "vqvae_step0000003.pt"),
+                      **{"network_def#model_channels": 32, "network_def#latent_channels": 4})
+    last = _one_line_error(proc, "pretrained_vae_path", "another model", "model_channels 16 vs 32",
+                           "latent_channels 8 vs 4")
+    assert "k-means" not in proc.stdout + proc.stderr and "[Stage 1]" not in proc.stdout, last
+    assert not (tmp_path / "new").exists()
+
+
+def test_bundle_run_user_error_is_one_line(tmp_path):
+    """A data_dir that does not exist, through python -m monai.bundle run: one line, no run folder."""
+    out = tmp_path / "outputs" / "s0"
+    proc = bundle_run("stage0.json", data_dir=str(tmp_path / "processed_dataset"), output_dir=str(out), max_steps=1)
+    _one_line_error(proc, "processed_dataset", "is not a folder", "./run.sh preprocess")
+    assert not (tmp_path / "outputs").exists()
+    assert "parsing config_file" in proc.stderr  # MONAI's own warning of monai.bundle run stays
+
+
+def test_train_cli_user_error_is_one_line(data_dir, tmp_path):
+    """The same through ./run.sh train, with our own configs trusted (no MONAI warning)."""
+    out = tmp_path / "runs" / "s2"
+    cmd = [sys.executable, "-m", "pipeline.train", "--config", str(BUNDLE / "stage2.json"), "--output_dir", str(out),
+           "--data_dir", str(data_dir)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    _one_line_error(proc, "stage 2 starts from a stage 1 run", "--load_dir")
+    assert proc.returncode == 2 and not (tmp_path / "runs").exists()
+    assert "Warning" not in proc.stderr, proc.stderr
+
+
 def test_stage1_freezing(chain):
     summary = (chain["s1"] / "vqvae_model_summary.txt").read_text().splitlines()
     assert any(l.startswith("Name") and "Shape" in l and "Grad" in l for l in summary)

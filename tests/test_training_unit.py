@@ -106,7 +106,42 @@ def test_freezing_and_summary():
     assert "vq.embeddings.weight" in text and "Trainable parameters:" in text
     banner = stage_banner(model, 1)
     assert "[Stage 1]" in banner and f"Trainable parameters: {model.vq.embeddings.weight.numel():,}" in banner
+    enc = sum(p.numel() for n, p in model.named_parameters() if n.startswith("Encoder."))
+    assert f"Trainable per part: Encoder 0 of {enc:,}, Decoder 0 of " in banner
     freeze_for_stage(model, 0)
     assert not model.vq.embeddings.weight.requires_grad
     freeze_for_stage(model, 2)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_stage1_refuses_checkpoint_of_another_size(tmp_path):
+    """Before any k-means or training: one line naming the checkpoint and the tensors that differ."""
+    from networks import SparseVQVAE
+    from pipeline.io_utils import CheckpointError
+    from pipeline.stages import prepare_network
+
+    path = tmp_path / "ckpts" / "vqvae_step0000001.pt"
+    path.parent.mkdir()
+    torch.save(SparseVQVAE(**{**TINY, "model_channels": 32}).state_dict(), path)
+    with pytest.raises(CheckpointError, match="pretrained_vae_path .*another model .*tensors of another shape") as err:
+        prepare_network(_model(), 1, pretrained_vae_path=str(path))
+    assert "\n" not in str(err.value)
+    # a checkpoint of the same model loads, and only the codebook trains
+    torch.save(_model().state_dict(), path)
+    net = prepare_network(_model(), 1, pretrained_vae_path=str(path))
+    assert [n for n, p in net.named_parameters() if p.requires_grad] == ["vq.embeddings.weight"]
+
+
+def test_kmeans_progress_is_logged(data, caplog):
+    """Stage 1's k-means waits for a full reservoir: its filling and the k-means step are logged."""
+    from networks import SparseVQVAE
+
+    torch.manual_seed(0)
+    model = SparseVQVAE(**{**TINY, "vq_kmeans_init": True, "vq_kmeans_init_points": 6, "vq_reservoir_size": 64})
+    freeze_for_stage(model, 1)
+    with caplog.at_level("INFO"):
+        _trainer(model, data, steps=6).run()
+    text = caplog.text
+    assert "collecting encoder outputs for the k-means codebook" in text and "of 6 (about" in text
+    assert "k-means initialisation of the codebook: 16 codes from 6 encoder outputs" in text
+    assert "codebook initialised by k-means in" in text
