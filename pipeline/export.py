@@ -308,20 +308,28 @@ def _readme(meta: Mapping, net: Mapping, ckpt: Path, weights: str, eval_summary:
         "",
         "## Use",
         "",
-        "Needs the `ctvq` package (its `transforms`, `networks` and `pipeline`) and spconv installed.",
+        "Needs the `ctvq` package (its `transforms`, `networks` and `pipeline`) and spconv installed. From the",
+        "folder that holds `ct_vqvae/`:",
         "",
         "```bash",
-        "./run.sh encode scan.nii.gz tokens.npz --bundle ct_vqvae",
-        "./run.sh decode tokens.npz recon.nii.gz --bundle ct_vqvae --original-grid",
+        "# scan -> tokens/scan_tokens.npz (DICOM folder or zip, NIfTI, NRRD, MHA)",
         "python -m monai.bundle run --config_file ct_vqvae/configs/inference.json \\",
-        "    --bundle_root ct_vqvae --input_files \"['scan.nii.gz']\" --output_dir tokens/",
+        "    --bundle_root ct_vqvae --input_files \"['scan.nii.gz']\" --output_dir tokens",
+        "# tokens -> recon/scan_recon.nii.gz in HU, on the scan's own grid",
+        "python -m monai.bundle run --config_file ct_vqvae/configs/inference.json \\",
+        "    --bundle_root ct_vqvae --mode decode --input_files \"['tokens/scan_tokens.npz']\" --output_dir recon \\",
+        "    --original_grid True",
         "```",
         "",
         "```python",
+        "import monai.bundle",
+        "model = monai.bundle.load('ct_vqvae', bundle_dir='.', workflow_type='inference')  # the network with its weights",
+        "",
         "from pipeline.infer import Tokenizer",
         "tok = Tokenizer.from_bundle('ct_vqvae')",
         "tokens = tok.encode('scan.nii.gz')   # latent coords, code indices, window, geometry",
         "volume = tok.decode(tokens)           # window values on the cube grid",
+        "hu, affine = tok.decode_hu(tokens, original_grid=True)",
         "```",
         "",
         "## Metrics",
@@ -335,7 +343,7 @@ def _readme(meta: Mapping, net: Mapping, ckpt: Path, weights: str, eval_summary:
                 lines.append(f"| {key} | {val:.4g} |")
         n = eval_summary.get("num_cases")
         if n is not None:
-            lines += ["", f"On {n} whole scans ({eval_summary.get('data_dir', 'evaluation set')})."]
+            lines += ["", f"On {n} whole scans ({_short(eval_summary.get('data_dir')) or 'evaluation set'})."]
     else:
         lines.append("No evaluation summary was given at export (`--eval REPORT_DIR/summary.json`).")
     lines += [
@@ -354,6 +362,22 @@ def _readme(meta: Mapping, net: Mapping, ckpt: Path, weights: str, eval_summary:
         "",
     ]
     return "\n".join(lines)
+
+
+def _short(paths: Any) -> str:
+    """Folder names without the machine's absolute paths: ``/data/a,/data/b`` -> ``a, b``."""
+    if not paths:
+        return ""
+    items = paths if isinstance(paths, (list, tuple)) else str(paths).split(",")
+    return ", ".join(Path(str(p).strip()).name for p in items if str(p).strip())
+
+
+def _make_readable(folder: Path) -> None:
+    """Modes of a new folder tree as the umask gives (0755 / 0644 with 022), not ``mkdtemp``'s 0700."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [folder, *folder.rglob("*")]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _zip_dir(folder: Path, zip_path: Path) -> Path:
@@ -451,7 +475,7 @@ def export_bundle(
         eval_summary = _find_eval_summary(run_dir)
     if eval_summary is not None and not isinstance(eval_summary, Mapping):
         eval_summary = load_json(eval_summary)
-    data_source = cfg.get("data_source") or (f"processed datasets under {cfg['data_dir']}" if cfg.get("data_dir") else None)
+    data_source = cfg.get("data_source") or (f"processed datasets {_short(cfg['data_dir'])}" if cfg.get("data_dir") else None)
     network_def = resolved_network_def(cfg, run_dir / "config.json")
     if "use_checkpoint" in network_def:
         network_def["use_checkpoint"] = False  # activation checkpointing is a training setting
@@ -479,6 +503,7 @@ def export_bundle(
         (stage / "docs" / "license.txt").write_text(lic, encoding="utf-8")
         (stage / "LICENSE").write_text(lic, encoding="utf-8")
         save_json(stage / MANIFEST, sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file()))
+        _make_readable(stage)
         # swap into place
         old = None
         if out.exists():

@@ -725,6 +725,8 @@ class Tokenizer:
                 if name.endswith(ext):
                     name = name[: -len(ext)]
                     break
+            if mode == "decode" and name.endswith("_tokens"):
+                name = name[: -len("_tokens")]  # tokens/scan_tokens.npz -> scan_recon.nii.gz
             if mode == "encode":
                 written.append(self.encode(f).save(out_dir / f"{name}_tokens.npz"))
             else:

@@ -67,6 +67,33 @@ def test_layout_and_metadata(exported):
         assert "ct_vqvae/configs/metadata.json" in zf.namelist() and "ct_vqvae/models/model.pt" in zf.namelist()
 
 
+def test_readable_and_portable(tmp_path):
+    """Others on a shared server can read the bundle (0755 / 0644 under umask 022); its README names no
+    path of this machine and shows commands that work beside a copied bundle; no deprecated metadata key."""
+    run = make_run(tmp_path / "work" / "run")
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["data_dir"] = str(tmp_path / "work" / "processed_dataset")
+    (run / "config.json").write_text(json.dumps(cfg))
+    old = os.umask(0o022)
+    try:
+        b = export_bundle(run, tmp_path / "dist" / "ct_vqvae",
+                          eval_summary={"num_cases": 1, "data_dir": cfg["data_dir"], "overall": {"psnr_body": 30.0}})
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(b).as_posix() or ".": p.stat().st_mode & 0o777 for p in [b, *b.rglob("*")]}
+    assert modes["."] == 0o755 and modes["models"] == 0o755 and modes["models/model.pt"] == 0o644, modes
+    assert set(modes.values()) == {0o755, 0o644}, modes
+    assert (b.with_name("ct_vqvae.zip").stat().st_mode & 0o777) == 0o644
+    readme = (b / "docs" / "README.md").read_text()
+    meta_text = (b / "configs" / "metadata.json").read_text()
+    for text in (readme, meta_text):
+        assert str(tmp_path) not in text and "/tmp" not in text
+    assert "processed_dataset" in readme
+    assert "./run.sh" not in readme and readme.count("python -m monai.bundle run") == 2 and "--mode decode" in readme
+    assert "monai.bundle.load('ct_vqvae', bundle_dir='.', workflow_type='inference')" in readme
+    assert "optional_packages_version" not in meta_text
+
+
 def test_verify_metadata(exported, tmp_path):
     pytest.importorskip("jsonschema", reason="monai.bundle.verify_metadata needs jsonschema (in requirements.txt)")
     _, b = exported
@@ -95,7 +122,12 @@ def test_same_tokens_when_copied_alone(exported, tmp_path):
     # monai.bundle.load builds network_def from configs/inference.json and loads models/model.pt
     import monai.bundle
 
-    net = monai.bundle.load(name="ct_vqvae", bundle_dir=str(alone.parent), workflow_type="inference", device="cpu")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        net = monai.bundle.load(name="ct_vqvae", bundle_dir=str(alone.parent), workflow_type="inference", device="cpu")
+    assert isinstance(net, torch.nn.Module) and not any("deprecated" in str(w.message) for w in caught)
     sd = torch.load(alone / "models" / "model.pt", weights_only=True)
     assert all(torch.equal(net.state_dict()[k], v) for k, v in sd.items())
     # ConfigWorkflow, as `python -m monai.bundle run` does
