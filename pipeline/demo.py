@@ -42,7 +42,7 @@ def _latest(run_dir: Path, ema: bool = False) -> Path:
     return find_checkpoint(run_dir, None, "ema" if ema else "model")
 
 
-def _train(stage: int, config: Path, out: Path, data: Path, steps: int, extra: Sequence[str], log) -> Path:
+def _train(stage: int, config: Path, out: Path, data: Path, steps: int, extra: Sequence[str], log, threads: int = 1) -> Path:
     run_dir = out / "runs" / f"stage{stage}"
     every = max(1, steps)
     cmd = [
@@ -57,6 +57,7 @@ def _train(stage: int, config: Path, out: Path, data: Path, steps: int, extra: S
     ]
     log(f"\n== stage {stage}: {' '.join(shlex.quote(c) for c in cmd[1:])}")
     env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(threads)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=str(ROOT), env=env)
@@ -107,6 +108,12 @@ def run_demo(
         raise SystemExit(f"demo: --resolution {resolution} must be a multiple of 8")
     window = window or demo.get("window") or cfg.get("window_type", "soft_tissue")
     stage_steps = {int(k): int(v) for k, v in (demo.get("steps") or {}).items()}
+    # the demo's model is tiny: one thread per process; several OpenMP threads on cores that other
+    # jobs also use wait for each other and run 10-40x slower
+    threads = int(demo.get("threads", 1))
+    import torch
+
+    torch.set_num_threads(threads)
 
     # 1. raw data
     mapping = None
@@ -131,6 +138,7 @@ def run_demo(
         raw_dir, data, mapping, num_workers=int(demo.get("preprocess_workers", 0)), resolution=resolution,
         windows=[window], progress=False, log=log,
     )
+    log(preprocess.summary_line(summary, data))
     if not summary.get("ok"):
         raise SystemExit(f"demo: no case could be preprocessed from {raw_dir}; see {data}/*/metadata.csv")
 
@@ -145,9 +153,10 @@ def run_demo(
         over = (demo.get("stage_overrides") or {}).get(str(stage), {})
         return common + [a for k, v in over.items() for a in ("--override", f"{k}={json.dumps(v)}")]
 
-    run0 = _train(0, config, out, data, n(0), extra(0), log)
-    run1 = _train(1, config, out, data, n(1), extra(1) + ["--override", f"pretrained_vae_path={json.dumps(str(_latest(run0)))}"], log)
-    run2 = _train(2, config, out, data, n(2), extra(2) + ["--load_dir", str(run1), "--ckpt", "latest"], log)
+    run0 = _train(0, config, out, data, n(0), extra(0), log, threads)
+    run1 = _train(1, config, out, data, n(1), extra(1) + ["--override", f"pretrained_vae_path={json.dumps(str(_latest(run0)))}"],
+                  log, threads)
+    run2 = _train(2, config, out, data, n(2), extra(2) + ["--load_dir", str(run1), "--ckpt", "latest"], log, threads)
 
     # 4. evaluate the stage-2 model on whole scans, export it
     ckpt = _latest(run2, ema=False)

@@ -21,6 +21,7 @@ __all__ = [
     "wrap",
     "unwrap",
     "barrier",
+    "default_num_workers",
 ]
 
 
@@ -109,3 +110,14 @@ def unwrap(network: torch.nn.Module) -> torch.nn.Module:
     ):
         network = network.module
     return network
+
+
+def default_num_workers(cap: int = 4) -> int:
+    """DataLoader workers per process: the CPUs this process may use, shared by the processes of the node,
+    at most ``cap`` (2 on a 2-core machine, where 4 would make the DataLoader warn)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(0, min(int(cap), cpus // max(1, local)))

@@ -348,7 +348,10 @@ class SampleHandler:
         inp = densify_crop(x.indices, x.features, box)
         rec = densify_crop(recon.indices, recon.features, box)
         mask = inp > 0
-        title = f"step {step} {one['case_id'][0]}"
+        lo, hi = [int(v) for v in box[:3]], [int(v) for v in box[3:]]
+        where = ", ".join(f"{a} {l}:{h}" for a, l, h in zip("ijk", lo, hi))
+        size = "x".join(str(int(v)) for v in one["spatial_shape"])
+        title = f"step {step} {one['case_id'][0]}: crop {where} of the {size} scan (RAS voxels)"
         img = three_plane_image(inp, rec, mask=mask, title=title)
         tb_writer(engine, self.output_dir).add_image("samples/three_plane", img, step, dataformats="HWC")
         save_three_plane(self.output_dir / "samples" / f"step{step:07d}.png", inp, rec, mask=mask, title=title)

@@ -1002,9 +1002,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for name in s["failed_cases"][:20]:
         print(f"preprocess: failed: {name} (see metadata.csv)", file=sys.stderr)
-    print(f"preprocess: {s['total']} cases in {s['datasets']} datasets: {s['ok']} ok, {s['failed']} failed, "
-          f"{s['skipped']} skipped in {s['seconds']:.1f} s -> {args.out_dir}")
+    print(summary_line(s, args.out_dir))
     return 1 if s["failed"] else 0
+
+
+def summary_line(s: dict, out_dir: str | os.PathLike) -> str:
+    """The last line of a preprocessing run: cases ok / failed / skipped, time and where they went."""
+    return (f"preprocess: {s['total']} cases in {s['datasets']} datasets: {s['ok']} ok, {s['failed']} failed, "
+            f"{s['skipped']} skipped in {s['seconds']:.1f} s -> {out_dir}")
 
 
 if __name__ == "__main__":

@@ -26,8 +26,11 @@ import torch.nn.functional as F
 from monai.engines import SupervisedTrainer
 
 from pipeline import distributed as D
+from pipeline import quiet_fx_notice
 from pipeline.dataset import batch_split, to_sparse_tensor
 from pipeline.io_utils import CheckpointError
+
+quiet_fx_notice()
 
 __all__ = ["SparseReconLoss", "SparseVQVAETrainer", "rng_state", "set_rng_state"]
 

@@ -145,3 +145,17 @@ def test_kmeans_progress_is_logged(data, caplog):
     assert "collecting encoder outputs for the k-means codebook" in text and "of 6 (about" in text
     assert "k-means initialisation of the codebook: 16 codes from 6 encoder outputs" in text
     assert "codebook initialised by k-means in" in text
+
+
+def test_sample_picture_says_where_the_crop_is(data, tmp_path, monkeypatch):
+    import pipeline.visualize as vis
+    from pipeline.handlers import SampleHandler
+
+    titles = []
+    monkeypatch.setattr(vis, "save_three_plane", lambda path, *a, title=None, **k: titles.append(title))
+    tr = _trainer(_model(), data, steps=1)
+    SampleHandler(tmp_path, interval=1).attach(tr)
+    tr.run()
+    box = [int(v) for v in tr.state.batch["box"][0]]
+    assert titles == [f"step 1 {tr.state.batch['case_id'][0]}: crop i {box[0]}:{box[3]}, j {box[1]}:{box[4]}, "
+                      f"k {box[2]}:{box[5]} of the 32x32x32 scan (RAS voxels)"]
