@@ -344,6 +344,11 @@ class SparseVQVAETrainer(SupervisedTrainer):
         from pipeline.stages import setup_done
 
         setup_done()
+        cases = getattr(getattr(self.data_loader, "dataset", None), "cases", None)
+        if self.run_folder is not None and cases is not None and D.is_main():  # what evaluate marks as seen in training
+            from pipeline.io_utils import save_json
+
+            save_json(Path(self.run_folder.output_dir) / "cases.json", {"train": sorted(c["key"] for c in cases)})
         try:
             if self.state.iteration >= (self.state.epoch_length or 0) and self.state.iteration > 0:
                 return

@@ -106,3 +106,68 @@ def test_errors(processed, tmp_path, capsys):
                                "--out", str(tmp_path / "o")])
     with pytest.raises(TokenizerError, match="resolution"):
         find_cases(processed, "soft_tissue", resolution=64)
+
+
+def _report_summary(tmp_path):
+    """The summary of a real evaluation, written under tmp_path/work/eval, from a run that trained on phantom_000."""
+    return {
+        "model": str(tmp_path / "work" / "runs" / "s2" / "ckpts" / "vqvae_step0000400.pt"),
+        "data_dir": str(tmp_path / "work" / "processed_dataset"),
+        "window": {"name": "soft_tissue", "width": 400.0, "level": 50.0}, "resolution": 64, "num_cases": 2,
+        "num_embeddings": 8, "device": "cpu", "tile": 4,
+        "overall": {"psnr_body": 17.0, "ssim_body": 0.62, "mae_hu_body": 31.6, "encode_peak_mb": 655.4,
+                    "codebook_usage": 0.75, "codes_used": 6},
+        "organ_mae_hu": {"liver": 23.7, "spine": 213.2},
+        "code_counts": [5, 0, 3, 9, 1, 1, 2, 0],
+        "training_cases": ["phantom/phantom_000"],
+        "cases": [{"case": f"phantom/phantom_00{i}", "dataset": "phantom", "case_id": f"phantom_00{i}",
+                   "psnr_body": 17.0 + i, "mae_hu_body": 30.0, "encode_peak_mb": 640.7, "tokens": 174,
+                   "picture": f"cases/phantom__phantom_00{i}.png"} for i in range(2)],
+    }
+
+
+def test_report_reads_without_keys_or_machine_paths(tmp_path):
+    from pipeline.evaluate import write_report
+
+    out = tmp_path / "work" / "eval"
+    out.mkdir(parents=True)
+    html = write_report(out, _report_summary(tmp_path)).read_text()
+    assert "PSNR inside the body (dB)" in html and "Peak memory while encoding (MB)" in html
+    assert "Share of the codebook used (%)</td><td>75<" in html and "Codes used (of 8)" in html
+    assert ">psnr_body<" not in html and ">encode_peak_mb<" not in html
+    assert str(tmp_path) not in html and "../runs/s2/ckpts/vqvae_step0000400.pt" in html
+    assert "<tr class=train><td title='phantom/phantom_000'>phantom_000</td><td>T</td>" in html
+    assert "<tr><td title='phantom/phantom_001'>phantom_001</td><td></td>" in html
+    assert "1 of 2 cases were used in training" in html
+    assert "<a href='cases/phantom__phantom_000.png'><img" in html
+    for plot in ("organ_mae.png", "codebook_usage.png"):
+        assert f"src='{plot}'" in html and (out / plot).stat().st_size > 1000
+
+
+def test_report_fits_a_1280px_browser(tmp_path):
+    """Rendered in headless Chromium at 1280 px: nothing runs off the page, and it draws."""
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
+    from pipeline.evaluate import write_report
+    from pipeline.visualize import save_three_plane
+
+    out = tmp_path / "work" / "eval"
+    summary = _report_summary(tmp_path)
+    vol = np.random.default_rng(0).random((32, 32, 32)).astype(np.float32)
+    for r in summary["cases"]:
+        save_three_plane(out / r["picture"], vol, vol * 0.9, title=r["case"])
+    page = write_report(out, summary)
+    probe = out / "probe.html"
+    probe.write_text(page.read_text().replace(
+        "</body>", "<script>window.onload=()=>document.body.setAttribute('data-overflow',"
+                   "document.documentElement.scrollWidth>window.innerWidth)</script></body>"))
+    args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,1000"]
+    dom = subprocess.run(args + ["--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert 'data-overflow="false"' in dom, dom[:500]
+    shot = tmp_path / "report.png"
+    subprocess.run(args + [f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
+    assert shot.stat().st_size > 10000
