@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import quiet_fx_notice
 from transforms import WINDOW_PRESETS, WindowSpec
 from transforms import parse_window as _parse_window
 
@@ -72,6 +73,9 @@ DEFAULT_TILE = 16  # latent cells per tile edge (128 voxels) on CPU
 # untiled fails spconv's int32 limit in the last decoder layer).
 DEFAULT_TILE_CUDA = 32
 _CKPT_RE = re.compile(r"^vqvae_(?:(ema[0-9.]+)_)?step(\d+)\.pt$")
+
+
+quiet_fx_notice()
 
 
 class TokenizerError(ValueError):

@@ -18,11 +18,29 @@ def test_demo_config_is_an_overlay():
 
 
 @pytest.mark.slow
-def test_demo_end_to_end(tmp_path, capsys):
+def test_demo_end_to_end(tmp_path, capfd, monkeypatch):
+    import subprocess
+
+    import pipeline.demo as demo
+
+    envs, real_run = [], subprocess.run
+
+    def run(cmd, **kw):
+        envs.append(kw.get("env") or {})
+        return real_run(cmd, **kw)
+
+    monkeypatch.setattr(demo.subprocess, "run", run)
     out = tmp_path / "demo"
     assert main(["--out", str(out), "--resolution", "32", "--steps", "2", "--seeds", "0", "1",
                  "--phantom-shape", "40", "40", "30"]) == 0
-    text = capsys.readouterr().out
+    text, err = capfd.readouterr()
+    # each training process runs on one thread: OpenMP threads on shared cores wait for each other
+    assert [e.get("OMP_NUM_THREADS") for e in envs] == ["1", "1", "1"]
+    assert "preprocess: 2 cases in 1 datasets: 2 ok, 0 failed, 0 skipped" in text
+    # a clean run prints no warning that is ours to fix
+    for noise in ("Warning", "is_fx_tracing", "optional_packages_version", "parsing config_file", "Traceback"):
+        assert noise not in text + err, (noise, (text + err)[-3000:])
+    assert (out / "bundle" / "ct_vqvae").stat().st_mode & 0o755 == 0o755
     for stage in (0, 1, 2):
         run = out / "runs" / f"stage{stage}"
         assert list((run / "ckpts").glob("vqvae_step*.pt")), stage
@@ -35,3 +53,13 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert (out / "bundle" / "ct_vqvae" / "models" / "model.pt").is_file()
     cfg = json.loads((out / "runs" / "stage1" / "config.json").read_text())
     assert cfg["training_stage"] == 1 and cfg["window_type"] == "soft_tissue"
+
+
+def test_demo_output_is_ignored_by_git():
+    import shutil
+    import subprocess
+
+    root = Path(DEMO_CONFIG).parents[2]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    assert subprocess.run(["git", "check-ignore", "-q", "demo_output/"], cwd=root).returncode == 0

@@ -33,6 +33,7 @@ def processed(tmp_path_factory):
     summary = preprocess.run(tmp / "raw", tmp / "processed", tmp / "raw" / "organ_mapping.json", num_workers=0,
                              resolution=32, windows=["soft_tissue"], progress=False, log=lambda *a, **k: None)
     assert summary["ok"] == 2
+    assert not (tmp / "processed" / ".preprocess.lock").exists()  # no zero-byte lock file stays
     return tmp / "processed"
 
 

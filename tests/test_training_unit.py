@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -159,3 +160,29 @@ def test_sample_picture_says_where_the_crop_is(data, tmp_path, monkeypatch):
     box = [int(v) for v in tr.state.batch["box"][0]]
     assert titles == [f"step 1 {tr.state.batch['case_id'][0]}: crop i {box[0]}:{box[3]}, j {box[1]}:{box[4]}, "
                       f"k {box[2]}:{box[5]} of the 32x32x32 scan (RAS voxels)"]
+
+
+def test_num_workers_default_to_the_cpus_there_are(monkeypatch):
+    """On a 2-core machine the stage configs ask for 2 DataLoader workers, not 4 (which makes it warn)."""
+    import os
+
+    from monai.bundle import ConfigParser
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    root = Path(__file__).resolve().parents[1] / "bundles" / "ct_vqvae"
+    for stage in ("stage0.json", "stage1.json", "stage2.json"):
+        parser = ConfigParser()
+        parser.read_config(str(root / stage))
+        assert parser.get_parsed_content("num_workers") == 2, stage
+
+
+def test_lock_files_do_not_stay(tmp_path):
+    """A run folder's lock file is removed when the run ends (no zero-byte file left behind)."""
+    from pipeline.io_utils import FolderLock
+
+    lock = FolderLock(tmp_path, ".train.lock", "busy").acquire()
+    assert (tmp_path / ".train.lock").is_file()
+    lock.release()
+    assert not (tmp_path / ".train.lock").exists()
+    FolderLock(tmp_path, ".train.lock", "busy").acquire().release()  # and it can be taken again
+    assert list(tmp_path.iterdir()) == []
