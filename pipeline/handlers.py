@@ -166,7 +166,7 @@ class KMeansProgressHandler:
         if self._growth and self._before + self._growth >= vq.kmeans_init_points:
             self._t0 = time.perf_counter()
             if D.is_main():
-                logger.info(f"Step {engine.state.iteration + 1}: k-means initialisation of the codebook: "
+                logger.info(f"Step {engine.state.iteration}: k-means initialisation of the codebook: "
                             f"{vq.num_embeddings:,} codes from {vq.kmeans_init_points:,} encoder outputs, "
                             f"{vq.kmeans_iters} iterations (this step takes longer)...")
 
