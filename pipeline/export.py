@@ -337,10 +337,13 @@ def _readme(meta: Mapping, net: Mapping, ckpt: Path, weights: str, eval_summary:
     ]
     if eval_summary:
         overall = eval_summary.get("overall", eval_summary)
-        lines += ["| metric | value |", "|---|---|"]
+        from pipeline.evaluate import LABELS
+
+        lines += ["| measure | value |", "|---|---|"]
         for key, val in overall.items():
             if isinstance(val, (int, float)):
-                lines.append(f"| {key} | {val:.4g} |")
+                label, _, scale = LABELS.get(key, (key, key, 1))
+                lines.append(f"| {label} | {val * scale:.4g} |")
         n = eval_summary.get("num_cases")
         if n is not None:
             lines += ["", f"On {n} whole scans ({_short(eval_summary.get('data_dir')) or 'evaluation set'})."]
@@ -475,7 +478,7 @@ def export_bundle(
         eval_summary = _find_eval_summary(run_dir)
     if eval_summary is not None and not isinstance(eval_summary, Mapping):
         eval_summary = load_json(eval_summary)
-    data_source = cfg.get("data_source") or (f"processed datasets {_short(cfg['data_dir'])}" if cfg.get("data_dir") else None)
+    data_source = cfg.get("data_source") or (f"the processed datasets in {_short(cfg['data_dir'])}" if cfg.get("data_dir") else None)
     network_def = resolved_network_def(cfg, run_dir / "config.json")
     if "use_checkpoint" in network_def:
         network_def["use_checkpoint"] = False  # activation checkpointing is a training setting
@@ -548,7 +551,11 @@ def verify_bundle(bundle_dir: str | os.PathLike, schema_file: str | os.PathLike 
             save_json(schema_file, MB_METADATA_SCHEMA, indent=4)
         elif not Path(schema_file).is_file():
             raise FileNotFoundError(f"{schema_file}: schema file not found; download the URL in metadata.json 'schema' first")
-        verify_metadata(meta_file=str(bundle_dir / "configs" / "metadata.json"), filepath=str(schema_file))
+        import hashlib
+
+        digest = hashlib.md5(Path(schema_file).read_bytes()).hexdigest()  # a local file, used as it is
+        verify_metadata(meta_file=str(bundle_dir / "configs" / "metadata.json"), filepath=str(schema_file),
+                        hash_val=digest, hash_type="md5")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -238,8 +238,11 @@ def test_ema_decay_warms_up():
 
 
 def _inproc(stage: str, **overrides):
+    import warnings
+
     from monai.bundle import run
 
+    warnings.filterwarnings("ignore", message="parsing config_file", category=UserWarning)  # our own configs
     run("training", config_file=str(BUNDLE / stage), logging_file=str(BUNDLE / "logging.conf"), **{**TINY, **overrides})
 
 
