@@ -24,7 +24,7 @@ LUNG = "windows/lung_w1500_l-600.npy"
 
 def write_processed_dataset(root: Path, name: str = "synth", num_cases: int = 3, resolution: int = 32,
                             failed: int = 1, body_mask: bool = True, seed: int = 0, empty: int = 0) -> Path:
-    """Writes a processed dataset in the layout of pipeline.preprocess (tiny ellipsoid 'bodies')."""
+    """Writes a processed dataset in the older guide's layout, without .complete markers (tiny ellipsoid 'bodies')."""
     rng = np.random.default_rng(seed)
     ds = Path(root) / name
     rows = []
@@ -54,7 +54,6 @@ def write_processed_dataset(root: Path, name: str = "synth", num_cases: int = 3,
         if body_mask:
             np.save(cdir / "body_mask_512.npy", body)
         (cdir / "case.json").write_text(json.dumps({"case_id": cid, "affine_512": np.eye(4).tolist()}))
-        (cdir / ".complete").write_text("")
         rows.append({"case_id": cid, "source_path": f"raw/{cid}", "label_path": "", "status": "ok", "error": "",
                      "body_voxels": int(body.sum())})
     with open(ds / "metadata.csv", "w", newline="") as f:
