@@ -13,7 +13,7 @@ asked for (``pipeline.processed`` owns both)::
         case.json                 geometry, body bbox, crop, timings, the metadata row
         .complete                 written last; a rerun skips a case only when it is valid
 
-``--shard K/N`` processes the cases whose :func:`shard_of` is K, so N commands (a SLURM array,
+``--shard K/N`` processes every N-th case (:func:`shard_of`), so N commands (a SLURM array,
 an indexed job, ssh loops) share one OUT_DIR: each holds its own lock file, and
 ``metadata.csv`` is rewritten under ``<dataset>/.metadata.lock`` with the rows of every shard.
 
@@ -712,11 +712,10 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return k, n
 
 
-def shard_of(dataset: str, case_id: str, num_shards: int) -> int:
-    """The shard (1..N) that processes a case: a hash of ``dataset/case_id``, so a case keeps
-    its shard whatever else is found or added."""
-    digest = hashlib.sha1(f"{dataset}/{case_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % num_shards + 1
+def shard_of(keys: Sequence[tuple[str, str]], num_shards: int) -> dict[tuple[str, str], int]:
+    """The shard (1..N) of every (dataset, case id): round robin over them sorted, so shards
+    get equal shares; every shard must see the same RAW_DIR."""
+    return {key: n % num_shards + 1 for n, key in enumerate(sorted(keys))}
 
 
 class _Metadata:
@@ -866,11 +865,12 @@ def run(
     if not datasets:
         log(f"preprocess: no CT cases found under {raw_dir} (volumes .nii/.nii.gz/.nrrd/.mha/.mhd, DICOM folders, DICOM .zip)")
     plan = []  # (dataset, case, case_dir, key, action)
+    shards = shard_of([(ds.name, c.case_id) for ds in datasets for c in ds.cases], n)
     for ds in datasets:
         for case in ds.cases:
             case_dir = out_dir / ds.name / "processed" / case.case_id
             key = case_key(cfg, case)
-            if shard_of(ds.name, case.case_id, n) != k:
+            if shards[(ds.name, case.case_id)] != k:
                 action = "other_shard"
             elif not overwrite and marker_is_valid(case_dir, key):
                 action = "skip"
@@ -1057,7 +1057,7 @@ rerun / resume:
   redoes the rest (a changed source or setting makes the marker invalid). Safe to kill.
 
 several machines (--shard K/N):
-  Each of N commands processes the cases whose hash of dataset/case id falls in its shard, into
+  Each of N commands processes every N-th case (all cases sorted by dataset/case id), into
   the same OUT_DIR (a shared file system with flock: NFSv4, Lustre mounted with -o flock, local
   disks). metadata.csv is rewritten under a lock with every shard's rows; rerun a shard to resume it.
   SLURM:  sbatch --array=1-16 --wrap './run.sh preprocess raw_ct/ processed_dataset/ - 4 --shard $SLURM_ARRAY_TASK_ID/16'
@@ -1096,7 +1096,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "windows computed when read; guide: the older guide's float16 ct_normalized_512.npy and "
                    "windows/*.npy of the whole cube (about 10-20x the bytes)")
     p.add_argument("--shard", metavar="K/N", default=None,
-                   help="process only shard K of N (a fixed hash of dataset/case id): one command per node "
+                   help="process only shard K of N (every N-th case, sorted by dataset/case id): one command per node "
                    "into one shared OUT_DIR, e.g. a SLURM array --shard $SLURM_ARRAY_TASK_ID/N with --array=1-N")
     p.add_argument("--dry-run", action="store_true",
                    help="list what would be processed, skipped (complete) and refused; write nothing")

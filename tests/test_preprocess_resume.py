@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.preprocess import marker_is_valid
+from pipeline.processed import ProcessedCase, marker_is_valid
 
 ROOT = Path(__file__).resolve().parents[1]
 R = 128
@@ -71,15 +71,15 @@ def test_kill_mid_case_then_resume(ct_data_dir, tmp_path):
         marker = json.loads((d / ".complete").read_text())
         on_disk = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != ".complete")
         assert on_disk == sorted(marker["files"]), d  # no leftovers, no temporary files
-        ct = np.load(d / "ct_normalized_512.npy", mmap_mode="r")
-        assert ct.shape == (R, R, R) and ct.dtype == np.float16
+        case = ProcessedCase(d)
+        assert case.layout == "compact" and case.hu().shape == (R, R, R) and case.hu().dtype == np.int16
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
     with open(out / "ds" / "metadata.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     ids = [r["case_id"] for r in rows]
     assert len(ids) == len(set(ids)) == 3
     assert all(r["status"] == "ok" for r in rows)
-    assert (out / "ds" / "processed" / "example_ct_sm" / "labels_512.npy").is_file()
+    assert ProcessedCase(out / "ds" / "processed" / "example_ct_sm").labels().any()
 
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "3 skipped" in again.stdout, again.stdout
