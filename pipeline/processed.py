@@ -16,8 +16,9 @@ body and label 0 beyond its crop. Windows of a compact case are computed when re
 mask & window > 0) are equal and their window values differ only by the guide's float16.
 
 A case is usable when its ``metadata.csv`` row says ``ok``, its ``.complete`` marker is valid
-(every file it lists is there with its size; a guide case without a marker, as the older guide
-wrote them, needs its window file) and, for the guide layout, the window's file exists.
+(every file it lists is there with its size; a compact case needs one, a guide case written
+without such a manifest, as the older guide's tools did, is taken on its files) and, for the
+guide layout, the window's file exists.
 """
 
 from __future__ import annotations
@@ -153,6 +154,14 @@ def _read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def _lists_files(case_dir: Path) -> bool:
+    """The case's marker is a manifest of its files (older guide markers are not)."""
+    try:
+        return isinstance(load_json(case_dir / MARKER).get("files"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def usable_cases(dataset_dir: str | os.PathLike, window: str | WindowSpec) -> DatasetCases:
     """Applies the usable-case rule (module docstring) to one dataset folder.
 
@@ -170,11 +179,8 @@ def usable_cases(dataset_dir: str | os.PathLike, window: str | WindowSpec) -> Da
             out.failed.append({"case": key, "error": row.get("error", "")})
             continue
         case_dir = ds / "processed" / cid
-        has_marker = (case_dir / MARKER).exists()
         compact = (case_dir / COMPACT_FILES["hu"]).is_file()
-        if has_marker and not marker_is_valid(case_dir):
-            out.missing.append({"case": key, "file": str(case_dir / MARKER)})
-        elif not has_marker and compact:
+        if (compact or _lists_files(case_dir)) and not marker_is_valid(case_dir):
             out.missing.append({"case": key, "file": str(case_dir / MARKER)})
         elif not compact and not (case_dir / rel).is_file():
             out.missing.append({"case": key, "file": str(case_dir / rel)})
