@@ -132,3 +132,15 @@ def test_bad_shard_is_one_line(raw, tmp_path):
     done = subprocess.run(_cmd(raw, tmp_path / "o", "--shard", "3/2"), cwd=ROOT, env=_env(), capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2 and "K/N" in done.stderr and not (tmp_path / "o").exists()
+
+
+def test_progress_line_in_batch_logs(tmp_path, capsys):
+    """Without a terminal (a batch job's log) progress is a line with cases/s and the time left."""
+    from pipeline import preprocess
+    from pipeline.phantom import write_phantom_dataset
+
+    write_phantom_dataset(tmp_path / "raw", seeds=[0, 1], shape=(40, 40, 30), spacing=8.0)
+    s = preprocess.run(tmp_path / "raw", tmp_path / "out", None, 0, 32, ["lung"], progress=True)
+    assert s["ok"] == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("preprocess: 2/2 cases (2 ok, 0 failed), ") and "cases/s, ETA 00:00:00" in err[-1]
