@@ -31,7 +31,7 @@ __all__ = ["CHUNK", "CODEC", "save_chunked", "ChunkedArray"]
 
 numcodecs.blosc.use_threads = False  # context-based calls: no global thread pool, safe in forked workers
 MAGIC = b"CTVQCHK1"
-CHUNK = 64
+CHUNK = 32
 CODEC = {"id": "blosc", "cname": "lz4", "clevel": 5, "shuffle": Blosc.BITSHUFFLE, "blocksize": 0}
 
 

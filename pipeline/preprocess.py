@@ -1045,7 +1045,7 @@ output (OUT_DIR/<dataset>/):
   metadata.csv (one row per case, status ok|failed and a one-line error), dataset_config.json,
   logs/<case_id>.log (traceback of a failed case), processed/<case_id>/ with case.json, .complete and
     --layout compact (default): hu.chunks (int16 HU), body_mask.chunks, labels.chunks, cropped to
-      the body's box (offset in case.json), Blosc-compressed 64^3 chunks; windows are computed when
+      the body's box (offset in case.json), Blosc-compressed 32^3 chunks; windows are computed when
       training or evaluation reads them
     --layout guide: ct_normalized_512.npy, windows/<name>_w<W>_l<L>.npy (float16), body_mask_512.npy,
       labels_512.npy, the whole (R,R,R) cube (the "_512" names stay the same for any R)
