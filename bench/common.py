@@ -692,19 +692,21 @@ def networks_available() -> tuple[bool, str]:
     return True, ""
 
 
-def ours_kwargs(small: bool, resolution: int) -> dict[str, Any]:
-    """SparseVQVAE arguments: the shipped defaults, or tiny ones for ``--small``."""
+def ours_kwargs(small: bool, resolution: int, layout: str = "patch") -> dict[str, Any]:
+    """SparseVQVAE arguments: the shipped defaults, or tiny ones for ``--small``, in ``layout``."""
     if not small:
-        return {"resolution": resolution // 8}
+        return {"resolution": resolution // 8, "layout": layout}
     return {"resolution": resolution // 8, "model_channels": 32, "latent_channels": 8, "num_embeddings": 64,
-            "channels": (8, 8, 16, 32), "num_blocks": 1, "num_heads": 2, "window_size": 4}
+            "channels": (8, 16, 32) if layout == "patch" else (8, 8, 16, 32), "num_blocks": 1, "num_heads": 2,
+            "window_size": 4, "layout": layout}
 
 
-def build_ours(small: bool, resolution: int, device: torch.device, use_checkpoint: bool = False) -> torch.nn.Module:
+def build_ours(small: bool, resolution: int, device: torch.device, use_checkpoint: bool = False,
+               layout: str = "patch") -> torch.nn.Module:
     """The sparse model; ``use_checkpoint`` recomputes its blocks in backward (the config key of that name)."""
     from networks import SparseVQVAE
 
-    return SparseVQVAE(**ours_kwargs(small, resolution), use_checkpoint=use_checkpoint).to(device)
+    return SparseVQVAE(**ours_kwargs(small, resolution, layout), use_checkpoint=use_checkpoint).to(device)
 
 
 def sparse_input(crop: Crop, batch_size: int = 1):

@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def layer_ranges(model: torch.nn.Module) -> list:
     """Forward hooks that open a profiler range named after each block while it runs."""
-    names = ["Encoder.input_layer1", "vq", "Decoder.out_layer"]
+    names = ["vq"] + (["Encoder.input_layer1", "Decoder.out_layer"] if getattr(model, "layout", "") == "direct3d" else [])
     for part in ("Encoder", "Decoder"):
         sub = getattr(model, part)
         names += [f"{part}.{kind}.{i}" for kind in ("downsample", "blocks", "upsample")

@@ -25,12 +25,13 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench import common as C  # noqa: E402
 
-MODELS = ("ours-fp16", "ours-fp16-dense", "ours-fp16-ckpt", "ours-fp32", "monai-vqvae", "maisi-ae")
+MODELS = ("ours-fp16", "ours-fp16-dense", "ours-fp16-ckpt", "ours-fp32", "ours-fp16-direct3d", "monai-vqvae", "maisi-ae")
 MODEL_LABELS = {
     "ours-fp16": ("ctvq SparseVQVAE", "fp16 amp"),
     "ours-fp16-dense": ("ctvq SparseVQVAE, dense convs", "fp16 amp"),
     "ours-fp16-ckpt": ("ctvq SparseVQVAE, use_checkpoint", "fp16 amp"),
     "ours-fp32": ("ctvq SparseVQVAE", "fp32"),
+    "ours-fp16-direct3d": ("ctvq SparseVQVAE, Direct3D-S2 layout", "fp16 amp"),
     "monai-vqvae": ("MONAI VQVAE (8x, 8192x32)", "fp16 amp"),
     "maisi-ae": ("MAISI AutoencoderKlMaisi (4x)", "fp16 amp"),
 }
@@ -121,7 +122,8 @@ def run_config(key: str, crop: C.Crop, args: argparse.Namespace, device: torch.d
     torch.manual_seed(args.seed)
     if key.startswith("ours"):
         amp = key.startswith("ours-fp16")
-        model = C.build_ours(small, crop.resolution, device, use_checkpoint=key.endswith("-ckpt")).train()
+        layout = "direct3d" if key.endswith("-direct3d") else "patch"
+        model = C.build_ours(small, crop.resolution, device, use_checkpoint=key.endswith("-ckpt"), layout=layout).train()
         x = C.sparse_input(crop)
         opt = C.adamw([p for p in model.parameters() if p.requires_grad], args.lr, device)
         scaler = C.grad_scaler(device, amp)

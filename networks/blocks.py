@@ -9,9 +9,9 @@ import torch.utils.checkpoint
 
 from .backend import SparseConvTensor, check_int32_limit, conv_algo, level_key, spconv_torch
 from .dense import conv3d_dense, grid_for
-from .ops import SparseLinear, SparseNorm, SparseSiLU, downsample, per_child, replace, subdivide
+from .ops import SparseLinear, SparseNorm, SparseSiLU, downsample, patchify, per_child, replace, subdivide, unpatchify
 
-__all__ = ["SparseConv3d", "SparseDownBlock3d", "SparseSubdivideBlock3d"]
+__all__ = ["SparseConv3d", "SparseDownBlock3d", "SparseSubdivideBlock3d", "SparseResBlock3d", "PatchDownBlock3d", "PatchUpBlock3d"]
 
 
 class SparseConv3d(nn.Module):
@@ -156,6 +156,70 @@ class SparseSubdivideBlock3d(nn.Module):
             f = (f.view(-1, 8, f.shape[1]) + self.child_embedding.to(f.dtype)).view(-1, f.shape[1])
             h = replace(h, f)
         return self.out_layers(h)
+
+    def forward(self, x: SparseConvTensor) -> SparseConvTensor:
+        return _maybe_checkpoint(self._forward, x, self.use_checkpoint)
+
+
+class SparseResBlock3d(nn.Module):
+    """Pre-activation residual block: ``x + conv(SiLU(norm(conv(SiLU(norm(x))))))``, 3^3 convs.
+
+    The second conv starts at zero, so a new block is the identity and deep stacks train from
+    the first step. Its convs span cell borders, which is what keeps a lattice out of the output.
+    """
+
+    def __init__(self, channels: int, norm: str = "layer", num_groups: int = 32):
+        super().__init__()
+        self.layers = nn.Sequential(
+            SparseNorm(channels, norm, num_groups), SparseSiLU(), SparseConv3d(channels, channels),
+            SparseNorm(channels, norm, num_groups), SparseSiLU(), SparseConv3d(channels, channels),
+        )
+        nn.init.zeros_(self.layers[-1].conv.weight)
+        nn.init.zeros_(self.layers[-1].conv.bias)
+
+    def forward(self, x: SparseConvTensor) -> SparseConvTensor:
+        return replace(x, x.features + self.layers(x).features)
+
+
+class PatchDownBlock3d(nn.Module):
+    """Kernel-2 stride-2 conv (:func:`~networks.ops.patchify` + linear), then residual blocks.
+
+    Args:
+        channels: input channels.
+        out_channels: output channels.
+        num_res_blocks: :class:`SparseResBlock3d` after the downsample.
+        norm, num_groups: norm of the residual blocks.
+        use_checkpoint: recompute in backward.
+    """
+
+    def __init__(self, channels: int, out_channels: int, num_res_blocks: int = 1, norm: str = "layer",
+                 num_groups: int = 32, use_checkpoint: bool = False):
+        super().__init__()
+        self.down = SparseLinear(8 * channels, out_channels)
+        self.res = nn.Sequential(*(SparseResBlock3d(out_channels, norm, num_groups) for _ in range(num_res_blocks)))
+        self.use_checkpoint = use_checkpoint
+
+    def _forward(self, x: SparseConvTensor) -> SparseConvTensor:
+        return self.res(self.down(patchify(x)))
+
+    def forward(self, x: SparseConvTensor) -> SparseConvTensor:
+        return _maybe_checkpoint(self._forward, x, self.use_checkpoint)
+
+
+class PatchUpBlock3d(nn.Module):
+    """Residual blocks, then norm + SiLU and a kernel-2 stride-2 transposed conv (linear to
+    8 x out_channels + :func:`~networks.ops.unpatchify`): every cell emits all 8 children."""
+
+    def __init__(self, channels: int, out_channels: int, num_res_blocks: int = 1, norm: str = "layer",
+                 num_groups: int = 32, use_checkpoint: bool = False):
+        super().__init__()
+        self.res = nn.Sequential(*(SparseResBlock3d(channels, norm, num_groups) for _ in range(num_res_blocks)))
+        self.act = nn.Sequential(SparseNorm(channels, norm, num_groups), SparseSiLU())
+        self.up = SparseLinear(channels, 8 * out_channels)
+        self.use_checkpoint = use_checkpoint
+
+    def _forward(self, x: SparseConvTensor) -> SparseConvTensor:
+        return unpatchify(self.up(self.act(self.res(x))))
 
     def forward(self, x: SparseConvTensor) -> SparseConvTensor:
         return _maybe_checkpoint(self._forward, x, self.use_checkpoint)

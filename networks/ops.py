@@ -33,6 +33,8 @@ __all__ = [
     "per_child",
     "downsample",
     "subdivide",
+    "patchify",
+    "unpatchify",
     "sparse_lookup",
     "crop_indices",
     "in_box",
@@ -202,23 +204,52 @@ def downsample(x: SparseConvTensor, factor: int = 2) -> SparseConvTensor:
     return make_sparse(summed / count[:, None], out_idx, shape, x.batch_size)
 
 
+def _children(indices: torch.Tensor, factor: int) -> torch.Tensor:
+    """Indices [M * factor^3, 4] of all children of each row of ``indices``, parent-major,
+    children in (i, j, k) order with k fastest (for factor 2: :data:`CHILD_OFFSETS`)."""
+    # built on the device (no host-to-device copy, which would wait for the GPU)
+    r = torch.arange(factor, dtype=indices.dtype, device=indices.device)
+    off = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).view(-1, 3)
+    child = indices[:, None, 1:] * factor + off[None]
+    batch = indices[:, None, :1].expand(-1, off.shape[0], 1)
+    return torch.cat([batch, child], dim=-1).reshape(-1, 4)
+
+
 def subdivide(x: SparseConvTensor, factor: int = 2) -> SparseConvTensor:
     """Split every cell into all ``factor^3`` children, each with its parent's features.
 
     Child rows are grouped by parent (parent-major, children in (i, j, k) order, k fastest).
     """
-    idx = x.indices
-    # built on the device (no host-to-device copy, which would wait for the GPU); factor 2
-    # gives CHILD_OFFSETS
-    r = torch.arange(factor, dtype=torch.int32, device=idx.device)
-    off = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).view(-1, 3)
-    k = off.shape[0]
-    child = idx[:, None, 1:] * factor + off[None]
-    batch = idx[:, None, :1].expand(-1, k, 1)
-    out_idx = torch.cat([batch, child], dim=-1).reshape(-1, 4)
+    k = factor**3
     feats = x.features[:, None, :].expand(-1, k, -1).reshape(-1, x.features.shape[1])
     shape = [int(s) * factor for s in x.spatial_shape]
-    return make_sparse(feats, out_idx, shape, x.batch_size)
+    return make_sparse(feats, _children(x.indices, factor), shape, x.batch_size)
+
+
+def patchify(x: SparseConvTensor) -> SparseConvTensor:
+    """Gather the 8 children of every cell into its channels: [M, 8 * C], zeros for absent children.
+
+    With a linear layer after it this is a kernel-2, stride-2 conv (children in
+    :data:`CHILD_OFFSETS` order, channels child-major). Rows sorted by linearised key.
+    """
+    idx = x.indices.long()
+    parents = torch.cat([idx[:, :1], idx[:, 1:] // 2], dim=1)
+    shape = [-(-int(s) // 2) for s in x.spatial_shape]
+    uniq, inverse = torch.unique(linearize(parents, shape), return_inverse=True)
+    m, c = uniq.numel(), x.features.shape[1]
+    slots = inverse * 8 + child_index(idx)
+    feats = x.features.new_zeros(m * 8, c).index_copy(0, slots, x.features)
+    out_idx = torch.empty(m, 4, dtype=torch.long, device=idx.device)
+    out_idx[inverse] = parents
+    return make_sparse(feats.view(m, 8 * c), out_idx, shape, x.batch_size)
+
+
+def unpatchify(x: SparseConvTensor) -> SparseConvTensor:
+    """Inverse of :func:`patchify`: [M, 8 * C] -> all 8 children of every cell, [8 M, C] each
+    (with a linear layer before it, a kernel-2, stride-2 transposed conv)."""
+    c = x.features.shape[1] // 8
+    shape = [int(s) * 2 for s in x.spatial_shape]
+    return make_sparse(x.features.reshape(-1, c), _children(x.indices, 2), shape, x.batch_size)
 
 
 def sparse_lookup(source: SparseConvTensor, query_indices: torch.Tensor) -> torch.Tensor:

@@ -155,6 +155,10 @@ def load_pretrained(model: nn.Module, path_or_state: str | os.PathLike | Mapping
         fmt = "direct3d_s2" if is_d3d else "ctvq"
     notes = {"reinitialized": [], "skipped": []}
     if fmt == "direct3d_s2":
+        if getattr(model, "layout", "direct3d") != "direct3d":
+            raise ValueError(f"{path_or_state if not isinstance(path_or_state, Mapping) else 'checkpoint'} holds Direct3D-S2 "
+                             "weights, which fit only the Direct3D-S2 layout; set network_def#layout to \"direct3d\" "
+                             "(and its channels, e.g. [32, 64, 128, 512]).")
         sd, notes = convert_direct3d_s2(sd, model)
         if notes["reinitialized"]:
             logger.warning("pretrained latent size differs: newly initialised %s", ", ".join(notes["reinitialized"]))

@@ -1,25 +1,27 @@
-"""Sparse VQ-VAE (Direct3D-S2 layout): 8x per axis down to a latent grid of codes, and back.
+"""Sparse VQ-VAE: 8x per axis down to a latent grid of codes, and back.
 
-Encoder: linear 1 -> channels[0] at full resolution; down blocks channels[i] -> channels[i+1]
-(norm + SiLU, mean-pool by 2, two submanifold 3^3 convs, 1x1 skip); linear -> model_channels;
-absolute position embedding of the latent coordinates; transformer blocks with windowed
-attention (shift 0 / window_size // 2 alternating); LayerNorm; linear -> latent_channels.
-Quantizer ``vq``. Decoder: linear latent -> model_channels; position embedding; transformer
-blocks; subdivide blocks model_channels -> channels[-2] -> ... -> channels[0] (conv, split into
-all 8 children, conv); linear -> 1.
+Two layouts share the quantizer, the latent transformers and the tiling:
 
-Two small additions to that layout, zero-initialised so Direct3D-S2 weights behave as before:
-a learned embedding of each voxel's position inside its parent, added before pooling in the
-down blocks and after subdividing in the subdivide blocks. A mean of children cannot tell the
-children apart and copies of a parent are identical, so without them detail below the cell
-size can only come from neighbouring cells.
+- ``layout="patch"`` (default, chosen by ``bench/quality.py``): full resolution is touched once on
+  the way in (a kernel-2 stride-2 conv, :func:`~networks.ops.patchify` + linear) and once on the
+  way out (linear + :func:`~networks.ops.unpatchify`, a transposed conv), and the work happens
+  at 1/2, 1/4 and 1/8 resolution in residual blocks of 3^3 submanifold convs, which span cell
+  borders at every level. Encoder: down blocks -> linear -> position embedding -> windowed
+  transformer blocks -> LayerNorm -> linear -> latent. Decoder: linear -> transformer blocks ->
+  LayerNorm -> linear -> up blocks (residual blocks, then all 8 children of every cell).
+- ``layout="direct3d"``: the Direct3D-S2 sparse VAE, kept for its pretrained weights. Encoder:
+  linear 1 -> channels[0] at full resolution; down blocks (norm + SiLU, mean-pool by 2, two
+  submanifold 3^3 convs, 1x1 skip); the transformer part as above. Decoder: transformer;
+  subdivide blocks (conv, split into all 8 children, conv); linear -> 1. Two zero-initialised
+  additions (learned position-in-parent embeddings) let children differ; ``child_embedding=False``
+  gives exactly the original.
 
 Whole volumes: the transformers see all latent tokens at once (cheap), the conv parts run tile
 by tile over the latent grid with a halo of ``Encoder.halo`` / ``Decoder.halo`` latent cells,
-the sum of the radii of their convs in latent units rounded up (4 and 3 by default). Norms are
-per voxel and windows use absolute coordinates, so the tiled result equals the untiled one.
-Decoder tiles shrink level by level (:meth:`SparseDecoder.remaining_halos`), so the costly
-full-resolution layers only see the tile plus a 4-voxel margin.
+the sum of the radii of their convs in latent units rounded up. Norms are per voxel and windows
+use absolute coordinates, so the tiled result equals the untiled one. Decoder tiles shrink
+level by level (:meth:`remaining_halos`), so the costly high-resolution layers only see the tile
+plus the margin the later layers still need.
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ import torch.nn as nn
 
 from .attention import AbsolutePositionEmbedder, SparseTransformerBlock, window_partition
 from .backend import SparseConvTensor, make_sparse
-from .blocks import SparseConv3d, SparseDownBlock3d, SparseSubdivideBlock3d
+from .blocks import PatchDownBlock3d, PatchUpBlock3d, SparseConv3d, SparseDownBlock3d, SparseSubdivideBlock3d
 from .ops import SparseLinear, crop_indices, in_box, layer_norm, linearize, replace
 from .quantizer import VectorQuantizer
 
-__all__ = ["Tokens", "SparseEncoder", "SparseDecoder", "SparseVQVAE", "Direct3DS2_VQVAE", "count_parameters"]
+__all__ = ["Tokens", "SparseEncoder", "SparseDecoder", "PatchEncoder", "PatchDecoder", "SparseVQVAE", "Direct3DS2_VQVAE",
+           "count_parameters", "LAYOUTS"]
 
 
 @dataclass
@@ -179,22 +182,15 @@ class SparseDecoder(_LatentTransformer):
             SparseSubdivideBlock3d(ups[i], ups[i + 1], use_checkpoint, child_embedding) for i in range(len(ups) - 1)
         )
         self.out_layer = SparseLinear(channels[0], out_channels)
+        self.out_channels = out_channels
         self.factor = 2 ** len(self.upsample)
-        n = len(self.upsample)
         # block j: radius-1 conv at cell size 2^-j, subdivide, radius-1 conv at 2^-(j+1)
-        self.halo = math.ceil(sum(2.0**-j + 2.0 ** -(j + 1) for j in range(n)))
+        self.radii = [2.0**-j + 2.0 ** -(j + 1) for j in range(len(self.upsample))]
+        self.halo = math.ceil(sum(self.radii))
         self.apply(_init_linear)
 
     def remaining_halos(self) -> list:
-        """Per subdivide block: (scale of its output level in voxels per latent cell, margin in
-        those voxels that the later blocks still need), for level-by-level cropping of tiles."""
-        n = len(self.upsample)
-        out = []
-        for j in range(n):
-            rem = sum(2.0**-i + 2.0 ** -(i + 1) for i in range(j + 1, n))
-            scale = 2 ** (j + 1)
-            out.append((scale, math.ceil(rem * scale)))
-        return out
+        return remaining_halos(self.radii)
 
     def forward_global(self, z: SparseConvTensor, partitions: dict | None = None) -> SparseConvTensor:
         return self.transform(z, partitions)
@@ -206,6 +202,83 @@ class SparseDecoder(_LatentTransformer):
 
     def forward(self, z: SparseConvTensor, partitions: dict | None = None) -> SparseConvTensor:
         return self.forward_local(self.forward_global(z, partitions))
+
+
+def remaining_halos(radii: Sequence[float]) -> list:
+    """Per up block of a decoder whose block j consumes ``radii[j]`` latent cells of halo: (scale of
+    its output level in voxels per latent cell, margin in those voxels that the later blocks
+    still need), for level-by-level cropping of tiles."""
+    out = []
+    for j in range(len(radii)):
+        scale = 2 ** (j + 1)
+        out.append((scale, math.ceil(sum(radii[j + 1 :]) * scale)))
+    return out
+
+
+class PatchEncoder(_LatentTransformer):
+    """Full-resolution sparse input -> latent tokens, through kernel-2 stride-2 downsamples and
+    residual blocks at 1/2, 1/4, ... resolution (``channels`` are their widths)."""
+
+    def __init__(self, in_channels=1, channels=(32, 64, 128), model_channels=512, latent_channels=32, num_blocks=4,
+                 num_heads=8, window_size=8, mlp_ratio=4.0, norm="layer", num_groups=32, use_checkpoint=False,
+                 num_res_blocks=1):
+        super().__init__(channels[-1], model_channels, num_blocks, num_heads, window_size, mlp_ratio, use_checkpoint)
+        widths = [in_channels, *channels]
+        self.downsample = nn.ModuleList(
+            PatchDownBlock3d(widths[i], widths[i + 1], num_res_blocks, norm, num_groups, use_checkpoint)
+            for i in range(len(channels))
+        )
+        self.out_layer = SparseLinear(model_channels, latent_channels)
+        self.norm = norm
+        n = len(channels)
+        self.factor = 2**n
+        # level l's convs (2 per residual block) have a radius of one cell of 2^(l+1-n) latent cells
+        self.halo = math.ceil(sum(2 * num_res_blocks * 2.0 ** (l + 1 - n) for l in range(n)))
+        self.apply(_init_linear)
+
+    def forward_local(self, x: SparseConvTensor) -> SparseConvTensor:
+        for blk in self.downsample:
+            x = blk(x)
+        return x
+
+    forward_global = SparseEncoder.forward_global
+    forward = SparseEncoder.forward
+
+
+class PatchDecoder(_LatentTransformer):
+    """Latent tokens -> all 8^n children per token at full resolution, through residual blocks
+    and kernel-2 stride-2 transposed convs (``channels`` as in :class:`PatchEncoder`)."""
+
+    def __init__(self, out_channels=1, channels=(32, 64, 128), model_channels=512, latent_channels=32, num_blocks=4,
+                 num_heads=8, window_size=8, mlp_ratio=4.0, norm="layer", num_groups=32, use_checkpoint=False,
+                 num_res_blocks=1):
+        super().__init__(latent_channels, model_channels, num_blocks, num_heads, window_size, mlp_ratio, use_checkpoint)
+        self.proj = SparseLinear(model_channels, channels[-1])
+        widths = [out_channels, *channels][::-1]
+        self.upsample = nn.ModuleList(
+            PatchUpBlock3d(widths[i], widths[i + 1], num_res_blocks, norm, num_groups, use_checkpoint)
+            for i in range(len(channels))
+        )
+        self.out_layer = nn.Identity()
+        self.out_channels = out_channels
+        self.factor = 2 ** len(channels)
+        # block j's residual convs run at cells of 2^-j latent cells, before its upsample
+        self.radii = [2 * num_res_blocks * 2.0**-j for j in range(len(channels))]
+        self.halo = math.ceil(sum(self.radii))
+        self.apply(_init_linear)
+
+    remaining_halos = SparseDecoder.remaining_halos
+
+    def forward_global(self, z: SparseConvTensor, partitions: dict | None = None) -> SparseConvTensor:
+        h = self.transform(z, partitions)
+        return replace(h, self.proj(layer_norm(h.features)))
+
+    forward_local = SparseDecoder.forward_local
+    forward = SparseDecoder.forward
+
+
+#: network layouts: ``patch`` (default) and ``direct3d`` (loads Direct3D-S2 weights)
+LAYOUTS = {"patch": (PatchEncoder, PatchDecoder), "direct3d": (SparseEncoder, SparseDecoder)}
 
 
 def _occupied_tiles(cells: torch.Tensor, tile: int) -> torch.Tensor:
@@ -241,14 +314,18 @@ def _sort_rows(x: SparseConvTensor) -> SparseConvTensor:
 
 
 class SparseVQVAE(nn.Module):
-    """Sparse VQ-VAE for CT windows (Direct3D-S2 sparse VAE with a vector quantizer).
+    """Sparse VQ-VAE for CT windows (see the module docstring for the two layouts).
 
     Args:
         resolution: latent grid edge (64 for a 512^3 volume).
         model_channels: transformer width.
         latent_channels: code dimension D.
         num_embeddings: codebook size K.
-        channels: conv widths, full resolution first; len(channels) - 1 poolings by 2.
+        channels: conv widths. ``patch``: at 1/2, 1/4, ... resolution, one downsample by 2 each
+            (default (32, 64, 128)); ``direct3d``: full resolution first, len(channels) - 1
+            poolings by 2 (default (32, 64, 128, 512)).
+        layout: ``"patch"`` (default) or ``"direct3d"`` (Direct3D-S2, for its weights).
+        num_res_blocks: residual blocks per level (``patch`` only).
         num_blocks: transformer blocks in the encoder and in the decoder.
         num_heads: attention heads.
         window_size: attention window edge in latent cells (shift window_size // 2 every other block).
@@ -264,7 +341,7 @@ class SparseVQVAE(nn.Module):
         vq_dead_code_steps, vq_ema_decay: see :class:`~networks.quantizer.VectorQuantizer`.
         attn_max_tokens: bound on padded window tokens per attention call (None: one call).
         child_embedding: learned position-in-parent embeddings in the down and subdivide blocks
-            (zero at init; False gives exactly the Direct3D-S2 layout).
+            of the ``direct3d`` layout (zero at init; False gives exactly the Direct3D-S2 layout).
     """
 
     def __init__(
@@ -273,7 +350,7 @@ class SparseVQVAE(nn.Module):
         model_channels: int = 512,
         latent_channels: int = 32,
         num_embeddings: int = 8192,
-        channels: Sequence[int] = (32, 64, 128, 512),
+        channels: Sequence[int] | None = None,
         num_blocks: int = 4,
         num_heads: int = 8,
         window_size: int = 8,
@@ -294,11 +371,18 @@ class SparseVQVAE(nn.Module):
         vq_ema_decay: float = 0.99,
         attn_max_tokens: int | None = None,
         child_embedding: bool = True,
+        layout: str = "patch",
+        num_res_blocks: int = 1,
     ):
         super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout={layout!r} is not one of {sorted(LAYOUTS)}; set network_def#layout to one of those.")
+        if channels is None:
+            channels = (32, 64, 128) if layout == "patch" else (32, 64, 128, 512)
         channels = tuple(int(c) for c in channels)
-        if len(channels) < 2:
-            raise ValueError(f"channels={channels} needs at least two entries (full resolution and one pooled level).")
+        if len(channels) < (1 if layout == "patch" else 2):
+            raise ValueError(f"channels={channels} has too few levels for layout {layout!r}.")
+        self.layout = layout
         self.resolution = resolution
         self.model_channels = model_channels
         self.latent_channels = latent_channels
@@ -307,14 +391,16 @@ class SparseVQVAE(nn.Module):
         self.lambda_vq = lambda_vq
         self.lambda_commitment = lambda_commitment
         self.norm = norm
-        self.Encoder = SparseEncoder(
-            in_channels, channels, model_channels, latent_channels, num_blocks, num_heads, window_size, mlp_ratio, norm, num_groups,
-            use_checkpoint, child_embedding,
-        )
-        self.Decoder = SparseDecoder(
-            out_channels, channels, model_channels, latent_channels, num_blocks, num_heads, window_size, mlp_ratio, use_checkpoint,
-            child_embedding,
-        )
+        common = dict(channels=channels, model_channels=model_channels, latent_channels=latent_channels,
+                      num_blocks=num_blocks, num_heads=num_heads, window_size=window_size, mlp_ratio=mlp_ratio,
+                      use_checkpoint=use_checkpoint)
+        if layout == "patch":
+            extra = dict(norm=norm, num_groups=num_groups, num_res_blocks=num_res_blocks)
+            self.Encoder = PatchEncoder(in_channels, **common, **extra)
+            self.Decoder = PatchDecoder(out_channels, **common, **extra)
+        else:
+            self.Encoder = SparseEncoder(in_channels, **common, norm=norm, num_groups=num_groups, child_embedding=child_embedding)
+            self.Decoder = SparseDecoder(out_channels, **common, child_embedding=child_embedding)
         self.vq = VectorQuantizer(
             num_embeddings,
             latent_channels,
@@ -433,8 +519,7 @@ class SparseVQVAE(nn.Module):
             return self.Decoder.out_layer(out)
 
         out_shape = [int(s) * self.Decoder.factor for s in h.spatial_shape]
-        return _run_tiles(h, h.indices[:, 1:].long(), tile, self.Decoder.halo, run, out_shape,
-                          self.Decoder.out_layer.out_features)
+        return _run_tiles(h, h.indices[:, 1:].long(), tile, self.Decoder.halo, run, out_shape, self.Decoder.out_channels)
 
     @torch.no_grad()
     def Decode(self, tokens: Tokens, tile: int | None = None) -> SparseConvTensor:

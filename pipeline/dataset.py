@@ -67,8 +67,8 @@ def split_cases(keys: Sequence[str], split: str, val_fraction: float = 0.05, num
     order = np.random.default_rng(seed).permutation(n)
     val = sorted(keys[i] for i in order[:num_val])
     if split == "val":
-        if not val:  # a single case: validate on it rather than on nothing
-            logger.warning("only one usable case: validation uses the training case")
+        if not val:  # one case or num_val=0: validate on the training cases rather than on nothing
+            logger.warning("no held-out case (num_val=0 or a single usable case): validation uses the training cases")
             return keys
         return val
     if split == "train":

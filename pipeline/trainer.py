@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import random
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,8 @@ class SparseVQVAETrainer(SupervisedTrainer):
     Args:
         device: training device.
         max_steps: optimizer steps (the engine runs one epoch of ``max_steps`` iterations).
+        max_minutes: stop earlier, with a checkpoint, once this much training time has passed
+            (None: no limit); the time counts from the first step, set-up excluded.
         train_data_loader: loader yielding ``sparse_collate`` batches (endless ``StepSampler``).
         network: the model (maybe DDP-wrapped).
         optimizer: built from the parameters left trainable.
@@ -123,6 +126,7 @@ class SparseVQVAETrainer(SupervisedTrainer):
         amp_dtype: str = "float16",
         train_handlers: Sequence | None = None,
         seed: int = 0,
+        max_minutes: float | None = None,
     ) -> None:
         device = torch.device(device)
         super().__init__(
@@ -154,6 +158,8 @@ class SparseVQVAETrainer(SupervisedTrainer):
         self.ema = None  # set by EMAHandler
         self.run_dir: Path | None = None
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.max_seconds = float(max_minutes) * 60.0 if max_minutes else None
+        self.started_at: float | None = None
         if train_handlers:
             self._register_handlers(list(train_handlers))
 
@@ -218,6 +224,7 @@ class SparseVQVAETrainer(SupervisedTrainer):
         self.grad_scaler.update()
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
+        self._check_time_budget(engine)
         return {
             **sums,
             "grad_norm": grad_norm,
@@ -225,6 +232,22 @@ class SparseVQVAETrainer(SupervisedTrainer):
             "skipped": not ok,
             "num_points": int(sum(batchdata["num_points"])),
         }
+
+    def _check_time_budget(self, engine) -> None:
+        now = time.perf_counter()
+        if self.started_at is None:
+            self.started_at = now
+        if self.max_seconds is None:
+            return
+        over = now - self.started_at >= self.max_seconds
+        if D.is_distributed():  # every rank stops at the same step
+            flag = torch.tensor([1.0 if over else 0.0], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            over = bool(flag.item() > 0)
+        if not over:
+            return
+        logger.info(f"Step {engine.state.iteration}: time budget of {self.max_seconds / 60:g} min reached; stopping with a checkpoint")
+        engine.terminate()
 
     # -- checkpoint state --------------------------------------------------------------------
     def misc_state(self) -> dict:
@@ -288,3 +311,6 @@ class SparseVQVAETrainer(SupervisedTrainer):
         if self.state.iteration >= (self.state.epoch_length or 0) and self.state.iteration > 0:
             return
         super().run()
+        if self.started_at is not None:  # the clock starts after the first step
+            seconds = time.perf_counter() - self.started_at
+            logger.info(f"Training finished: {self.state.iteration} steps, {seconds:.1f} s after the first step")

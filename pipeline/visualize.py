@@ -70,43 +70,47 @@ def plane_slices(volume: Any, center: Sequence[int]) -> dict[str, np.ndarray]:
 
 def _figure(
     input_volume: Any,
-    reconstruction: Any,
+    reconstructions: Any,
     center: Sequence[int] | None,
     mask: Any | None,
     title: str | None,
     error_range: float | None,
     dpi: int,
 ):
+    """Planes (rows) x input, then reconstruction and signed error of each of ``reconstructions``
+    (one volume, or a {name: volume} mapping), one error scale with a colour bar."""
+    recons = reconstructions if isinstance(reconstructions, dict) else {"reconstruction": reconstructions}
     x = _np3d(input_volume).astype(np.float32)
-    y = _np3d(reconstruction).astype(np.float32)
-    if x.shape != y.shape:
-        raise ValueError(f"input shape {x.shape} != reconstruction shape {y.shape}")
+    ys = {name: _np3d(y).astype(np.float32) for name, y in recons.items()}
+    for name, y in ys.items():
+        if x.shape != y.shape:
+            raise ValueError(f"input shape {x.shape} != {name} shape {y.shape}")
     if center is None:
         center = choose_center(x, mask)
-    err = y - x
+    errs = {name: y - x for name, y in ys.items()}
     if error_range is None:
-        a = np.abs(err[mask.astype(bool)] if mask is not None else err)
+        a = np.concatenate([np.abs(e[mask.astype(bool)] if mask is not None else e).ravel() for e in errs.values()])
         error_range = float(max(0.05, np.percentile(a, 99.5))) if a.size else 0.05
-    sx, sy = plane_slices(x, center), plane_slices(y, center)
-    se = plane_slices(err, center)
-    fig, axes = plt.subplots(3, 3, figsize=(9, 9.4), dpi=dpi)
+    single = len(ys) == 1
+    panels = [("input", plane_slices(x, center), dict(cmap="gray", vmin=0.0, vmax=1.0))]
+    for name in ys:
+        panels.append((name, plane_slices(ys[name], center), dict(cmap="gray", vmin=0.0, vmax=1.0)))
+        label = "error" if single else f"{name} error"
+        panels.append((f"{label} (recon - input)", plane_slices(errs[name], center),
+                       dict(cmap="seismic", vmin=-error_range, vmax=error_range)))
+    fig, axes = plt.subplots(3, len(panels), figsize=(3 * len(panels), 9.4), dpi=dpi, squeeze=False)
     for r, plane in enumerate(PLANES):
-        for c, (img, kw) in enumerate(
-            (
-                (sx[plane], dict(cmap="gray", vmin=0.0, vmax=1.0)),
-                (sy[plane], dict(cmap="gray", vmin=0.0, vmax=1.0)),
-                (se[plane], dict(cmap="seismic", vmin=-error_range, vmax=error_range)),
-            )
-        ):
+        for c, (name, slices, kw) in enumerate(panels):
             ax = axes[r, c]
-            im = ax.imshow(img, interpolation="nearest", **kw)
+            im = ax.imshow(slices[plane], interpolation="nearest", **kw)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(("input", "reconstruction", f"error (±{error_range:.2f})")[c], fontsize=10)
+                ax.set_title(name, fontsize=10)
             if c == 0:
                 ax.set_ylabel(plane, fontsize=10)
-        del im
+            if kw["cmap"] == "seismic":
+                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
@@ -159,7 +163,9 @@ def save_three_plane(
 
     Args:
         path: output .png path (folders are created).
-        input_volume, reconstruction, center, mask, title, error_range, dpi: as ``three_plane_image``.
+        input_volume, center, mask, title, error_range, dpi: as ``three_plane_image``.
+        reconstruction: one volume, or a {name: volume} mapping to compare side by side (each
+            with its error, one colour scale).
     """
     from pipeline.io_utils import atomic_path
 

@@ -8,7 +8,7 @@ TINY = {
     "model_channels": 32,
     "latent_channels": 8,
     "num_embeddings": 64,
-    "channels": [8, 16, 32, 32],
+    "channels": [8, 16, 32],
     "num_blocks": 1,
     "num_heads": 2,
     "window_size": 4,
@@ -23,7 +23,8 @@ def tiny_net(seed=0, **over):
     kw = {k: v for k, v in TINY.items() if k != "_target_"}
     kw.update(over)
     net = SparseVQVAE(**kw)
-    with torch.no_grad():  # the decoder's last layer starts at zero: give it something to decode
-        torch.nn.init.normal_(net.Decoder.out_layer.weight, std=0.5)
-        net.Decoder.out_layer.bias.fill_(0.5)
+    with torch.no_grad():  # give the output layer something to decode: a visibly non-constant volume
+        last = net.Decoder.upsample[-1].up if net.layout == "patch" else net.Decoder.out_layer
+        torch.nn.init.normal_(last.weight, std=0.5)
+        last.bias.fill_(0.5)
     return net

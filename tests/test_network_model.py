@@ -8,6 +8,7 @@ import torch
 
 import networks
 from networks import backend
+from networks.blocks import SparseConv3d
 from networks.dense import dense_conv_policy
 from networks.ops import linearize, sparse_lookup
 
@@ -45,9 +46,16 @@ def ct_sparse(ct_data_dir, grid=32, stride=4, window=(400.0, 50.0), batch=1, sta
     return backend.make_sparse(fts, idx, [grid] * 3, batch)
 
 
-def small_model(channels=(8, 8, 16, 16), **kw):
+LAYOUTS = ("patch", "direct3d")
+#: three poolings (factor 8) in each layout
+THREE_LEVELS = {"patch": (8, 16, 16), "direct3d": (8, 8, 16, 16)}
+
+
+def small_model(layout="patch", channels=None, **kw):
     torch.manual_seed(0)
+    channels = THREE_LEVELS[layout] if channels is None else channels
     args = dict(
+        layout=layout,
         resolution=4,
         model_channels=16,
         latent_channels=8,
@@ -59,6 +67,20 @@ def small_model(channels=(8, 8, 16, 16), **kw):
     )
     args.update(kw)
     return networks.SparseVQVAE(**args)
+
+
+def first_weight(model):
+    """Weight of the layer that reads the full-resolution input."""
+    return model.Encoder.downsample[0].down.weight if model.layout == "patch" else model.Encoder.input_layer1.weight
+
+
+def wake_zero_weights(model):
+    """Zero-initialised parameters (identity residual blocks, child embeddings) get random values,
+    so every layer shapes the output."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1 and not p.any():
+                p.normal_(std=0.2)
 
 
 def sort_sparse(x):
@@ -73,15 +95,37 @@ def ct32(ct_data_dir):
 
 def test_default_size_and_api():
     model = networks.Direct3DS2_VQVAE(resolution=64, model_channels=512, latent_channels=32, num_embeddings=8192)
+    assert model.layout == "patch" and model.channels == (32, 64, 128)
     n = networks.count_parameters(model)
-    assert 36e6 < n < 40e6, n
+    assert 27e6 < n < 31e6, n
     assert tuple(model.vq.embeddings.weight.shape) == (8192, 32)
-    assert model.Encoder.halo == 4 and model.Decoder.halo == 3 and model.factor == 8
+    assert model.Encoder.halo == 4 and model.Decoder.halo == 4 and model.factor == 8
     assert isinstance(model, networks.SparseVQVAE)
+    seed = networks.SparseVQVAE(layout="direct3d")
+    assert 36e6 < networks.count_parameters(seed) < 40e6
+    assert seed.Encoder.halo == 4 and seed.Decoder.halo == 3 and seed.factor == 8
+    with pytest.raises(ValueError, match="layout"):
+        networks.SparseVQVAE(layout="dense")
 
 
-def test_forward_backward_shapes_and_gradients(ct32):
-    model = small_model()
+def test_patch_layout_touches_full_resolution_only_in_and_out():
+    """No conv or norm runs at full resolution: every conv sits at 1/2 resolution or coarser."""
+    model = small_model(resolution=4)
+    convs = [m for m in model.modules() if isinstance(m, SparseConv3d)]
+    x = networks.make_sparse(torch.rand(4096, 1), torch.cat([torch.zeros(4096, 1, dtype=torch.int32),
+                             torch.stack(torch.meshgrid(*[torch.arange(16)] * 3, indexing="ij"), -1).view(-1, 3).int()], 1), [32] * 3, 1)
+    grids = []
+    hooks = [c.register_forward_hook(lambda m, i, o: grids.append(tuple(o.spatial_shape))) for c in convs]
+    model(x)
+    for h in hooks:
+        h.remove()
+    assert grids and max(g[0] for g in grids) == 16  # 1/2 of the 32^3 grid
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_forward_backward_shapes_and_gradients(ct32, layout):
+    model = small_model(layout)
+    wake_zero_weights(model)  # a zero-initialised residual branch passes no gradient to its first conv
     x = networks.make_sparse(ct32.features.repeat(2, 1), torch.cat([ct32.indices, ct32.indices + torch.tensor([1, 0, 0, 0], dtype=torch.int32)]), [32] * 3, 2)
     recon, losses = model(x)
     cells = torch.unique(torch.cat([x.indices[:, :1], x.indices[:, 1:] // 8], 1), dim=0)
@@ -102,12 +146,14 @@ def test_forward_backward_shapes_and_gradients(ct32):
     assert float(losses0["vq"]) == 0 and float(losses0["commitment"]) == 0
     (recon0.features - sparse_lookup(x, recon0.indices)).abs().mean().backward()
     assert model.vq.embeddings.weight.grad is None
-    assert model.Encoder.input_layer1.weight.grad.abs().sum() > 0
+    assert first_weight(model).grad.abs().sum() > 0
 
 
-def test_crop_gives_same_latent_inside(ct32):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_crop_gives_same_latent_inside(ct32, layout):
     """Per-voxel norms and absolute windows: a crop's interior tokens equal the whole volume's."""
-    model = small_model(channels=(8, 16), window_size=4).eval()
+    model = small_model(layout, channels={"patch": (8,), "direct3d": (8, 16)}[layout], window_size=4).eval()
+    wake_zero_weights(model)
     full = model.encode_latent(ct32)
     keep = (ct32.indices[:, 1:] < 24).all(1)
     crop = networks.make_sparse(ct32.features[keep], ct32.indices[keep], [32] * 3, 1)
@@ -118,8 +164,9 @@ def test_crop_gives_same_latent_inside(ct32):
     torch.testing.assert_close(part.features[inner], sparse_lookup(full, q), atol=1e-4, rtol=1e-4)
 
 
-def test_encode_decode_roundtrip_api(ct32):
-    model = small_model().eval()
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_encode_decode_roundtrip_api(ct32, layout):
+    model = small_model(layout).eval()
     tokens = model.Encode(ct32)
     assert isinstance(tokens, networks.Tokens)
     assert tokens.coords.dtype == torch.int32 and tokens.indices.dtype == torch.int64
@@ -147,8 +194,7 @@ def tube(grid=128, radius=3.0):
 
 
 def check_tiled(model, x, tile):
-    with torch.no_grad():  # a non-trivial decoder output layer
-        model.Decoder.out_layer.weight.normal_()
+    wake_zero_weights(model)
     lat = model.encode_latent(x)
     lat_t = model.encode_latent(x, tile=tile)
     assert torch.equal(lat.indices, lat_t.indices)
@@ -167,42 +213,51 @@ def check_tiled(model, x, tile):
     model.Encoder.halo, model.Decoder.halo = enc_halo, dec_halo
 
 
-@pytest.mark.parametrize("channels,stride,tile,batch", [((8, 16), 4, 4, 2), ((8, 8, 16), 2, 2, 1)])
-def test_tiled_equals_untiled_real(ct_data_dir, channels, stride, tile, batch):
+@pytest.mark.parametrize("layout,channels,stride,tile,batch", [
+    ("direct3d", (8, 16), 4, 4, 2), ("direct3d", (8, 8, 16), 2, 2, 1), ("patch", (8,), 4, 4, 2), ("patch", (8, 16), 2, 2, 1)])
+def test_tiled_equals_untiled_real(ct_data_dir, layout, channels, stride, tile, batch):
     x = ct_sparse(ct_data_dir, grid=32, stride=stride, batch=batch)
-    check_tiled(small_model(channels=channels, window_size=4).eval(), x, tile)
+    check_tiled(small_model(layout, channels=channels, window_size=4).eval(), x, tile)
 
 
-def test_tiled_equals_untiled_default_layout():
-    """Three poolings (factor 8, halos 4 and 3) on a thin tube spanning a 16^3 latent grid."""
-    model = small_model(window_size=4).eval()
-    assert model.Encoder.halo == 4 and model.Decoder.halo == 3
+@pytest.mark.parametrize("layout,halos", [("patch", (4, 4)), ("direct3d", (4, 3))])
+def test_tiled_equals_untiled_three_levels(layout, halos):
+    """Three poolings (factor 8) on a thin tube spanning a 16^3 latent grid."""
+    model = small_model(layout, window_size=4).eval()
+    assert (model.Encoder.halo, model.Decoder.halo) == halos
     check_tiled(model, tube(), tile=4)
 
 
-def test_checkpointing_same_gradients(ct32):
-    m1 = small_model()
-    m2 = small_model(use_checkpoint=True)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_checkpointing_same_gradients(ct32, layout):
+    m1 = small_model(layout)
+    m2 = small_model(layout, use_checkpoint=True)
+    m2.load_state_dict(m1.state_dict())
+    wake_zero_weights(m1)
     m2.load_state_dict(m1.state_dict())
     grads = []
     for m in (m1, m2):
         recon, losses = m(ct32)
         (recon.features.square().mean() + losses["commitment"]).backward()
-        grads.append(m.Encoder.input_layer1.weight.grad.clone())
+        grads.append(first_weight(m).grad.clone())
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 
 
-def test_int32_guard_in_model(ct32):
-    model = small_model().eval()
+@pytest.mark.parametrize("layout,first_conv", [("patch", r"Encoder\.downsample\.0\.res\.0\.layers\.2"),
+                                               ("direct3d", r"Encoder\.downsample\.0\.out_layers\.0")])
+def test_int32_guard_in_model(ct32, layout, first_conv):
+    model = small_model(layout).eval()
     with backend.int32_limit(4096), dense_conv_policy(float("inf")):  # the guard guards spconv
-        with pytest.raises(backend.SparseInt32LimitError, match=r"^Encoder\.downsample\.0\.out_layers\.0: .*max_points"):
+        with pytest.raises(backend.SparseInt32LimitError, match=rf"^{first_conv}: .*max_points"):
             model.Encode(ct32)
 
 
-def test_dense_convs_give_the_spconv_model_on_real_ct(ct32):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_dense_convs_give_the_spconv_model_on_real_ct(ct32, layout):
     """A training forward and backward on a real crop: same reconstruction, losses and gradients
     whether the convs run dense (well-filled levels) or through spconv."""
-    model = small_model().train()
+    model = small_model(layout).train()
+    wake_zero_weights(model)
     outs = []
     for policy in (float("inf"), 0.0):
         model.zero_grad()
@@ -214,13 +269,14 @@ def test_dense_convs_give_the_spconv_model_on_real_ct(ct32):
     (r0, c0, g0), (r1, c1, g1) = outs
     torch.testing.assert_close(r0, r1, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(c0, c1, atol=1e-5, rtol=1e-4)
-    assert g0.keys() == g1.keys() and any("out_layers.0.conv.weight" in n for n in g0)
+    assert g0.keys() == g1.keys() and any(n.endswith("conv.weight") for n in g0)
     for n in g0:
         torch.testing.assert_close(g0[n], g1[n], atol=1e-4, rtol=1e-3, msg=n)
 
 
 @pytest.mark.slow
-def test_overfit_one_real_crop(ct_data_dir):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_overfit_one_real_crop(ct_data_dir, layout):
     """200 steps on one real 32^3 crop (lung window, body edge) cut the L1 error at least 5x.
 
     100 steps with the quantizer bypassed (stage 0), k-means init of the codebook from the
@@ -228,7 +284,8 @@ def test_overfit_one_real_crop(ct_data_dir):
     """
     x = ct_sparse(ct_data_dir, grid=32, stride=1, window=(1500.0, -600.0), start=(26, 60, 40))
     torch.manual_seed(0)
-    model = small_model(model_channels=32, channels=(8, 16, 16, 32), num_embeddings=128)
+    model = small_model(layout, model_channels=32, channels={"patch": (16, 16, 32), "direct3d": (8, 16, 16, 32)}[layout],
+                        num_embeddings=128)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     t0 = time.time()
     first = None

@@ -53,7 +53,8 @@ def test_kernel_layout_matches_torchsparse_order():
 
 def small(latent=16, **kw):
     torch.manual_seed(kw.pop("seed", 0))
-    args = dict(resolution=4, model_channels=32, latent_channels=latent, num_embeddings=32, channels=(8, 8, 16, 32), num_blocks=2, num_heads=2, window_size=2)
+    args = dict(resolution=4, model_channels=32, latent_channels=latent, num_embeddings=32, channels=(8, 8, 16, 32), num_blocks=2,
+                num_heads=2, window_size=2, layout="direct3d")
     args.update(kw)
     return networks.SparseVQVAE(**args)
 
@@ -139,3 +140,14 @@ def test_clear_errors(tmp_path):
         load_pretrained(small(8), tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="does not fit"):
         load_pretrained(small(8), small(16).state_dict(), strict=True)
+
+
+def test_direct3d_s2_weights_refused_by_the_patch_layout(tmp_path):
+    """Direct3D-S2 weights fit only its layout: the default layout stops with the setting to change."""
+    src = small()
+    path = tmp_path / "sparse_vae_512.pt"
+    torch.save({"vae": to_direct3d_s2(src, 16)}, path)
+    patch = networks.SparseVQVAE(resolution=4, model_channels=32, latent_channels=16, num_embeddings=32, channels=(8, 16, 32),
+                                 num_blocks=2, num_heads=2, window_size=2)
+    with pytest.raises(ValueError, match=r'sparse_vae_512\.pt holds Direct3D-S2 weights.*network_def#layout to "direct3d"'):
+        load_pretrained(patch, path)

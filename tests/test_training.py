@@ -30,7 +30,7 @@ TINY = {
     "network_def#resolution": 8,
     "network_def#model_channels": 16,
     "network_def#latent_channels": 8,
-    "network_def#channels": [8, 8, 16, 16],
+    "network_def#channels": [8, 16, 16],
     "network_def#num_embeddings": 64,
     "network_def#num_blocks": 1,
     "network_def#num_heads": 2,

@@ -1,0 +1,293 @@
+"""Token quality at equal GPU time: ctvq against MONAI ``VQVAE``, scored on whole scans neither saw.
+
+ctvq is trained by the shipped recipe (``bundles/ct_vqvae/stage0.json`` -> ``stage1.json`` ->
+``stage2.json``, through ``pipeline.train`` like ``./run.sh train``), every training case used
+(``num_val=0``), the minutes shared between the stages by ``--stage-split``. MONAI ``VQVAE`` (the
+benchmarks' 8x, 8192 x 32 config) is trained on dense ``--crop``^3 crops of the window times the
+body mask, batch 2, L1 plus its VQ loss, AdamW 1e-4, fp16. Both models then encode and decode each
+whole evaluation scan, scored by ``pipeline.metrics`` (PSNR/SSIM and MAE inside the body, per-organ
+MAE where labels exist, codes used and perplexity over the tokens of cells holding body voxels,
+tokens per scan). Writes a JSON (``"ctvq"``, ``"monai_vqvae"``, ``"env"``), a Markdown table
+beside it and one picture per case (input, ctvq, VQVAE, both errors).
+
+Trained weights stay in ``--work``; a model that finished there is evaluated again without
+training (delete its folder to train it anew).
+
+    python bench/quality.py --train DIR --eval DIR --minutes 4 [--window lung] [--out FILE.json]
+    python bench/quality.py --train DIR --eval DIR --minutes 0.2 --small --device cpu   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import common as C  # noqa: E402
+
+BUNDLE = ROOT / "bundles" / "ct_vqvae"
+METRICS = ("psnr_body", "ssim_body", "mae_hu_body", "codes_used", "perplexity", "tokens")
+COLUMNS = [("model", "model"), ("psnr_body", "PSNR body (dB)"), ("ssim_body", "SSIM body"),
+           ("mae_hu_body", "MAE body (HU)"), ("codes_used", "codes used"), ("perplexity", "perplexity"),
+           ("tokens", "tokens per scan"), ("train_steps", "steps"), ("train_seconds", "training (s)")]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train", required=True, type=Path, help="processed training folder (./run.sh preprocess output)")
+    p.add_argument("--eval", required=True, type=Path, help="processed evaluation folder (whole scans, never trained on)")
+    p.add_argument("--minutes", required=True, type=float, help="training time of each model")
+    p.add_argument("--small", action="store_true", help="tiny models (CPU smoke run)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--window", default="lung", help="window both models learn (default lung)")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quality.json", help="JSON result")
+    p.add_argument("--work", type=Path, help="run folders and weights (default: beside --out)")
+    p.add_argument("--stage-split", default="0.45,0.1,0.45", help="shares of --minutes for ctvq's stages 0, 1, 2")
+    p.add_argument("--ctvq-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override for every ctvq stage (e.g. network_def#vq_depth=4)")
+    p.add_argument("--models", nargs="+", default=["ctvq", "monai_vqvae"], choices=["ctvq", "monai_vqvae"])
+    p.add_argument("--workers", type=int, default=None, help="data loader workers (default: up to 8, the CPUs there are)")
+    p.add_argument("--crop", type=int, default=128, help="VQVAE crop edge (default 128)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.work = args.work or args.out.with_suffix("").parent / (args.out.stem + "_work")
+    args.split = [float(s) for s in args.stage_split.split(",")]
+    if len(args.split) != 3 or abs(sum(args.split) - 1) > 1e-6:
+        p.error(f"--stage-split {args.stage_split!r} needs three shares that sum to 1, e.g. 0.45,0.1,0.45")
+    if args.workers is None:
+        import os
+
+        args.workers = min(8, len(os.sched_getaffinity(0)))
+    return args
+
+
+def resolution_of(data_dir: Path) -> int:
+    from pipeline.dataset import find_datasets
+
+    found = find_datasets(data_dir)
+    if not found:
+        raise SystemExit(f"quality: {data_dir} holds no processed dataset; run ./run.sh preprocess RAW {data_dir} first")
+    return int(json.loads((found[0] / "dataset_config.json").read_text()).get("resolution", 512))
+
+
+# ------------------------------------------------------------------------------------------ ctvq
+def _finished(run: Path) -> tuple[int, float] | None:
+    """(steps, training seconds) from a stage's log, or None when it did not finish."""
+    log = run / "log.txt"
+    hits = re.findall(r"Training finished: (\d+) steps, ([\d.]+) s", log.read_text()) if log.is_file() else []
+    return (int(hits[-1][0]), float(hits[-1][1])) if hits else None
+
+
+def train_ctvq(args, resolution: int, device: torch.device) -> dict:
+    from pipeline import train
+    from pipeline.infer import find_checkpoint
+
+    common = ["--data_dir", str(args.train), "--override", f'window_type="{args.window}"',
+              "--override", "dataset#args#num_val=0", "--override", f"network_def#resolution={resolution // 8}",
+              "--override", f"num_workers={args.workers}", "--override", f"seed={args.seed}"]
+    for key in ("max_steps", "i_save", "i_val", "i_sample"):
+        common += ["--override", f"{key}=100000000"]
+    for item in args.ctvq_override:
+        common += ["--override", item]
+    steps, seconds = [], []
+    for stage, share in enumerate(args.split):
+        run = args.work / "ctvq" / f"stage{stage}"
+        done = _finished(run)
+        if done is None:
+            configs = ["--config", str(BUNDLE / f"stage{stage}.json")]
+            if args.small:
+                configs += ["--config", str(BUNDLE / "demo.json")]
+            extra = []
+            if stage == 1:
+                extra = ["--override", f'pretrained_vae_path="{find_checkpoint(args.work / "ctvq" / "stage0", weights="model")}"']
+            elif stage == 2:
+                extra = ["--load_dir", str(args.work / "ctvq" / "stage1"), "--ckpt", "latest"]
+            argv = [*configs, "--output_dir", str(run), *common, "--override", f"max_minutes={args.minutes * share}", *extra]
+            print(f"ctvq stage {stage}: {args.minutes * share:.2f} min", flush=True)
+            if train.main(argv) != 0:
+                raise SystemExit(f"quality: ctvq stage {stage} failed; see {run / 'log.txt'}")
+            done = _finished(run)
+            if done is None:
+                raise SystemExit(f"quality: ctvq stage {stage} wrote no 'Training finished' line; see {run / 'log.txt'}")
+        steps.append(done[0])
+        seconds.append(done[1])
+    return {"run": args.work / "ctvq" / "stage2", "train_steps": sum(steps), "train_seconds": sum(seconds),
+            "stage_steps": steps, "stage_seconds": seconds}
+
+
+# ----------------------------------------------------------------------------------- MONAI VQVAE
+class DenseCrops(torch.utils.data.IterableDataset):
+    """Endless random ``crop``^3 crops of the window times the body mask, centred on the support."""
+
+    def __init__(self, data_dir: Path, window: str, crop: int, resolution: int, seed: int):
+        from pipeline.dataset import CTWindowSparseDataset
+
+        self.ds = CTWindowSparseDataset(data_dir, window_type=window, split="all", max_points=crop**3, seed=seed)
+        self.crop, self.resolution, self.seed = min(crop, resolution), resolution, seed
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng(self.seed + (info.id if info else 0))
+        res = self.resolution
+        while True:
+            i = int(rng.integers(len(self.ds)))
+            box = self.ds.crop_box(i, int(rng.integers(2**31)))
+            centre = [(box[a] + box[a + 3]) // 2 for a in range(3)]
+            lo = [min(max(0, c - self.crop // 2), res - self.crop) for c in centre]
+            win, mask = self.ds.load_region(i, [*lo, *(v + self.crop for v in lo)])
+            vol = win if mask is None else win * mask
+            yield torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))[None]
+
+
+def train_vqvae(args, resolution: int, device: torch.device) -> dict:
+    work = args.work / "monai_vqvae"
+    weights = work / "model.pt"
+    if (work / "train.json").is_file() and weights.is_file():
+        return {**json.loads((work / "train.json").read_text()), "weights": weights}
+    C.seed_all(args.seed)
+    torch.backends.cudnn.benchmark = True  # one crop shape throughout
+    model = C.build_vqvae(args.small, device)
+    crops = DenseCrops(args.train, args.window, args.crop, resolution, args.seed)
+    loader = torch.utils.data.DataLoader(crops, batch_size=2, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    opt = C.adamw(model.parameters(), 1e-4, device)
+    amp = device.type == "cuda"
+    scaler = C.grad_scaler(device, amp)
+    budget, steps, started = args.minutes * 60.0, 0, None
+    print(f"monai_vqvae: {args.minutes:.2f} min", flush=True)
+    model.train()
+    for x in loader:
+        x = x.to(device, non_blocking=True)
+        with C.autocast(device, amp):
+            recon, q_loss = model(x)
+            loss = torch.nn.functional.l1_loss(recon.float(), x) + q_loss.float()
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        steps += 1
+        now = time.perf_counter()
+        started = started or now  # like ctvq's trainer: the clock starts after the first step
+        if now - started >= budget:
+            break
+    C.sync(device)
+    torch.backends.cudnn.benchmark = False
+    result = {"train_steps": steps, "train_seconds": time.perf_counter() - started}
+    work.mkdir(parents=True, exist_ok=True)
+    from pipeline.handlers import save_torch
+
+    save_torch(model.state_dict(), weights)
+    C.write_json(work / "train.json", result)
+    return {**result, "weights": weights}
+
+
+@torch.no_grad()
+def vqvae_reconstruct(model, target: np.ndarray, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Whole-volume reconstruction and the code index of every latent cell."""
+    x = torch.from_numpy(target)[None, None].to(device)
+    with C.autocast(device, device.type == "cuda"):
+        idx = model.index_quantize(x)
+        recon = model.decode_samples(idx)
+    return recon[0, 0].float().clamp(0, 1).cpu().numpy(), idx[0].cpu().numpy()
+
+
+# ------------------------------------------------------------------------------------ evaluation
+def body_cells(mask: np.ndarray, factor: int = 8) -> np.ndarray:
+    """Latent cells holding any body voxel (the cells ctvq makes tokens of), as a boolean grid."""
+    r = mask.shape[0] // factor
+    return mask.reshape(r, factor, r, factor, r, factor).any(axis=(1, 3, 5))
+
+
+def evaluate_models(args, ctvq: dict | None, vqvae: dict | None, device: torch.device, resolution: int) -> dict:
+    from pipeline.evaluate import _geometry, _load_case, find_cases
+    from pipeline.infer import Tokenizer
+    from pipeline.metrics import codebook_usage, volume_metrics
+    from pipeline.visualize import save_three_plane
+
+    tok = Tokenizer.from_checkpoint(ctvq["run"], device=device) if ctvq else None
+    net = None
+    if vqvae:
+        net = C.build_vqvae(args.small, device)
+        net.load_state_dict(torch.load(vqvae["weights"], map_location=device, weights_only=True))
+        net.eval()
+    cases = find_cases(args.eval, args.window, resolution)
+    if not cases:
+        raise SystemExit(f"quality: {args.eval} holds no complete case with the {args.window} window")
+    rows = {"ctvq": [], "monai_vqvae": []}
+    indices = {"ctvq": [], "monai_vqvae": []}
+    pictures = args.out.parent / f"{args.out.stem}_pictures"
+    for case in cases:
+        data = _load_case(case)
+        win, mask = data["window"], data["mask"]
+        target = np.where(mask, win, 0.0).astype(np.float32)
+        recons = {}
+        if tok is not None:
+            tokens = tok.encode_arrays(win, mask, **_geometry(data["info"]))
+            recons["ctvq"] = tok.decode(tokens)
+            indices["ctvq"].append(np.asarray(tokens.indices))
+        if net is not None:
+            recon, idx = vqvae_reconstruct(net, target, device)
+            recons["monai_vqvae"] = recon
+            indices["monai_vqvae"].append(idx[body_cells(mask)])
+        for name, recon in recons.items():
+            m = volume_metrics(recon, target, tok.window if tok else args.window, mask, data["labels"],
+                               case["organ_mapping"] or None)
+            use = codebook_usage(indices[name][-1], tok.num_embeddings if name == "ctvq" else int(net.num_embeddings))
+            tokens_per_scan = len(indices[name][-1]) if name == "ctvq" else int(np.prod(body_cells(mask).shape))
+            rows[name].append({"case": case["case"], **{k: m.get(k) for k in METRICS[:3]},
+                               "organ_mae_hu": m.get("organ_mae_hu"), "codes_used": use["codes_used"],
+                               "perplexity": use["perplexity"], "tokens": tokens_per_scan})
+            print(f"{name} {case['case']}: PSNR body {m['psnr_body']:.2f} dB, MAE {m['mae_hu_body']:.1f} HU", flush=True)
+        save_three_plane(pictures / f"{case['case'].replace('/', '__')}.png", target, recons, mask=mask, title=case["case"])
+    out = {}
+    for name, trained in (("ctvq", ctvq), ("monai_vqvae", vqvae)):
+        if not trained:
+            continue
+        k = tok.num_embeddings if name == "ctvq" else int(net.num_embeddings)
+        pooled = codebook_usage(np.concatenate(indices[name]) if indices[name] else np.zeros(0, int), k)
+        mean = {m: float(np.mean([r[m] for r in rows[name]])) for m in METRICS[:3]}
+        out[name] = {**mean, "codes_used": pooled["codes_used"], "codebook_usage": pooled["usage"],
+                     "perplexity": pooled["perplexity"], "tokens": float(np.mean([r["tokens"] for r in rows[name]])),
+                     "train_steps": trained["train_steps"], "train_seconds": trained["train_seconds"],
+                     "cases": rows[name]}
+        if name == "ctvq":
+            out[name]["stage_steps"] = trained["stage_steps"]
+            out[name]["stage_seconds"] = trained["stage_seconds"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = C.resolve_device(args.device)
+    # fixed-shape dense models tune cuDNN per shape (VQVAE turns it on); ctvq's shapes change every step
+    torch.backends.cudnn.benchmark = False
+    resolution = resolution_of(args.train)
+    if resolution_of(args.eval) != resolution:
+        raise SystemExit(f"quality: --train and --eval were preprocessed at different resolutions; use one --resolution")
+    ctvq = train_ctvq(args, resolution, device) if "ctvq" in args.models else None
+    vqvae = train_vqvae(args, resolution, device) if "monai_vqvae" in args.models else None
+    results = evaluate_models(args, ctvq, vqvae, device, resolution)
+    payload = {**results, "env": C.env_info(device), "minutes": args.minutes, "window": args.window,
+               "train_dir": args.train.name, "eval_dir": args.eval.name, "resolution": resolution,
+               "stage_split": args.split, "ctvq_overrides": args.ctvq_override, "small": args.small}
+    C.write_json(args.out, payload)
+    table = C.markdown_table([{"model": k, **v} for k, v in results.items()], COLUMNS)
+    args.out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
