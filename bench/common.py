@@ -692,10 +692,19 @@ def networks_available() -> tuple[bool, str]:
     return True, ""
 
 
+def shipped_network_def() -> dict[str, Any]:
+    """The literal arguments of the shipped ``network_def`` (``bundles/ct_vqvae/stage2.json``)."""
+    cfg = json.loads((Path(__file__).resolve().parents[1] / "bundles" / "ct_vqvae" / "stage2.json").read_text())
+    return {k: v for k, v in cfg["network_def"].items() if k != "_target_" and not str(v).startswith(("@", "$"))}
+
+
 def ours_kwargs(small: bool, resolution: int, layout: str = "patch") -> dict[str, Any]:
-    """SparseVQVAE arguments: the shipped defaults, or tiny ones for ``--small``, in ``layout``."""
+    """SparseVQVAE arguments: the shipped ones, or tiny ones for ``--small``, in ``layout`` (the
+    Direct3D-S2 layout with its own widths and depth)."""
     if not small:
-        return {"resolution": resolution // 8, "layout": layout}
+        if layout != "patch":
+            return {"resolution": resolution // 8, "layout": layout}
+        return {**shipped_network_def(), "resolution": resolution // 8}
     return {"resolution": resolution // 8, "model_channels": 32, "latent_channels": 8, "num_embeddings": 64,
             "channels": (8, 16, 32) if layout == "patch" else (8, 8, 16, 32), "num_blocks": 1, "num_heads": 2,
             "window_size": 4, "layout": layout}

@@ -54,12 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window", default="lung", help="window both models learn (default lung)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quality.json", help="JSON result")
     p.add_argument("--work", type=Path, help="run folders and weights (default: beside --out)")
-    p.add_argument("--stage-split", default="0.45,0.1,0.45", help="shares of --minutes for ctvq's stages 0, 1, 2")
+    p.add_argument("--stage-split", default="0.6,0.05,0.35", help="shares of --minutes for ctvq's stages 0, 1, 2")
     p.add_argument("--ctvq-override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for every ctvq stage (e.g. network_def#vq_depth=4)")
     p.add_argument("--models", nargs="+", default=["ctvq", "monai_vqvae"], choices=["ctvq", "monai_vqvae"])
     p.add_argument("--workers", type=int, default=None, help="data loader workers (default: up to 8, the CPUs there are)")
     p.add_argument("--crop", type=int, default=128, help="VQVAE crop edge (default 128)")
+    p.add_argument("--train-only", action="store_true", help="train (or keep) the models, evaluate later")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.work = args.work or args.out.with_suffix("").parent / (args.out.stem + "_work")
@@ -278,6 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"quality: --train and --eval were preprocessed at different resolutions; use one --resolution")
     ctvq = train_ctvq(args, resolution, device) if "ctvq" in args.models else None
     vqvae = train_vqvae(args, resolution, device) if "monai_vqvae" in args.models else None
+    if args.train_only:
+        return {}
     results = evaluate_models(args, ctvq, vqvae, device, resolution)
     payload = {**results, "env": C.env_info(device), "minutes": args.minutes, "window": args.window,
                "train_dir": args.train.name, "eval_dir": args.eval.name, "resolution": resolution,

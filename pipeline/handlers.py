@@ -72,9 +72,19 @@ class StepLogHandler:
         self._points = 0
         self._t0 = time.perf_counter()
         self._step0 = 0
+        self._wait = 0.0  # seconds spent waiting for batches since the last log line
+        self._wait_from = 0.0
 
     def attach(self, engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.GET_BATCH_STARTED, self._batch_asked)
+        engine.add_event_handler(Events.GET_BATCH_COMPLETED, self._batch_came)
+
+    def _batch_asked(self, engine) -> None:
+        self._wait_from = time.perf_counter()
+
+    def _batch_came(self, engine) -> None:
+        self._wait += time.perf_counter() - self._wait_from
 
     def __call__(self, engine) -> None:
         out = engine.state.output or {}
@@ -90,8 +100,9 @@ class StepLogHandler:
         avg = {k: v / n for k, v in self._acc.items()}
         now = time.perf_counter()
         seconds = max(now - self._t0, 1e-9)
-        speed = {"steps_per_s": (step - self._step0) / seconds, "voxels_per_s": self._points / seconds}
-        self._acc, self._n, self._points, self._t0, self._step0 = {}, 0, 0, now, step
+        speed = {"steps_per_s": (step - self._step0) / seconds, "voxels_per_s": self._points / seconds,
+                 "data_wait": self._wait / seconds}
+        self._acc, self._n, self._points, self._t0, self._step0, self._wait = {}, 0, 0, now, step, 0.0
         if D.is_distributed() and avg:  # mean over ranks (every rank reaches this line)
             keys = sorted(avg)
             t = torch.tensor([avg[k] for k in keys], dtype=torch.float64, device=engine.device)
@@ -108,7 +119,8 @@ class StepLogHandler:
                f"lr={out.get('lr', 0.0):.3g} grad_norm={avg.get('grad_norm', float('nan')):.4g}")
         if usage is not None and engine.quantize:
             msg += f" perplexity={usage['perplexity']:.1f} usage={usage['usage']:.3f}"
-        msg += f" steps/s={speed['steps_per_s']:.2f} voxels/s={speed['voxels_per_s']:.3g}"
+        msg += (f" steps/s={speed['steps_per_s']:.2f} voxels/s={speed['voxels_per_s']:.3g}"
+                f" data_wait={100 * speed['data_wait']:.0f}%")
         if torch.cuda.is_available() and engine.device.type == "cuda":
             msg += f" peak_mem={torch.cuda.max_memory_allocated(engine.device) / 2**30:.2f}GiB"
         logger.info(msg)
