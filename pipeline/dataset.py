@@ -255,7 +255,10 @@ class CTWindowSparseDataset(Dataset):
                 return np.load(path)  # 512 KB for a 512^3 case: read per item, not kept in memory
             except (OSError, ValueError):
                 pass
-        counts = block_counts(case.window(c["window"], window_file=c["window_file"]), self._mask(c), self.block)
+        box = case.content_box(self.block)  # support is empty outside it
+        counts = np.zeros([case.resolution // self.block] * 3, dtype=np.uint16 if self.block**3 < 65536 else np.uint32)
+        counts[tuple(slice(a // self.block, b // self.block) for a, b in box)] = block_counts(
+            case.window(c["window"], box, c["window_file"]), self._mask(c, box), self.block)
         if path is not None:
             try:
                 from pipeline.io_utils import save_npy

@@ -292,6 +292,15 @@ class ProcessedCase:
         arr = self._array("labels")
         return None if arr is None else np.asarray(arr[_slices(box)])
 
+    def content_box(self, align: int = 1) -> list[tuple[int, int]]:
+        """The box outside which the case is air, mask and labels 0 (compact: its crop; guide: the
+        cube), widened to multiples of ``align``."""
+        if self.layout != "compact":
+            return [(0, self.resolution)] * 3
+        shape = (self.info.get("crop") or {}).get("shape", [self.resolution] * 3)
+        return [(int(o) // align * align, min(self.resolution, -(-(int(o) + int(n)) // align) * align))
+                for o, n in zip(self.offset, shape)]
+
     def stamp(self) -> float:
         """Modification time of the case's data (for caches derived from it)."""
         for rel in (MARKER, COMPACT_FILES["hu"], CASE_JSON):
