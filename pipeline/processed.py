@@ -202,9 +202,8 @@ class ProcessedCase:
 
     Args:
         case_dir: the case folder.
-        hu_min: HU of air (the compact layout's value beyond its crop).
-        hu_max: upper HU of the clip (for the guide layout's normalised volume).
-        window_file: the guide layout's file of the window read by :meth:`window` (relative).
+        hu_min: HU of air (the compact layout's value beyond its crop) when case.json has none.
+        hu_max: upper HU of the clip (for the guide layout's normalised volume) when case.json has none.
     """
 
     def __init__(self, case_dir: str | os.PathLike, hu_min: float = HU_MIN, hu_max: float = HU_MAX):
