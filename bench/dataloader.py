@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="DataLoader worker counts (default 1 2 4)")
     p.add_argument("--batch-size", type=int, default=1, help="samples per batch (default 1, as train_step)")
     p.add_argument("--max-points", type=int, default=None,
-                   help="crop budget in support voxels (default 300000 as the dataset, or 4096 with --small)")
+                   help="crop budget in support voxels (default: the shipped training crop, dataset#args#max_points of "
+                        "bundles/ct_vqvae/stage0.json; 4096 with --small)")
     p.add_argument("--num-crops", type=int, default=None,
                    help="crops timed per worker count after the first batch (default 200, or 8 with --small)")
     p.add_argument("--max-seconds", type=float, default=None,
@@ -58,6 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            "(default: bench/results/train_step.json when it exists)")
     p.set_defaults(default_budget=30.0)
     return p.parse_args(argv)
+
+
+def shipped_max_points() -> int:
+    """The training crop budget the bundle configs ship (``dataset#args#max_points`` of stage 0)."""
+    cfg = json.loads((Path(__file__).resolve().parents[1] / "bundles" / "ct_vqvae" / "stage0.json").read_text())
+    return int(cfg["dataset"]["args"]["max_points"])
 
 
 def step_rate_from_json(path: Path, max_points: int) -> tuple[float | None, str]:
@@ -136,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = C.resolve_device(args.device)
     C.seed_all(args.seed)
-    args.max_points = args.max_points or (4096 if args.small else 300000)
+    args.max_points = args.max_points or (4096 if args.small else shipped_max_points())
     args.num_crops = args.num_crops or (8 if args.small else 200)
     cap = args.max_seconds if args.max_seconds is not None else 10.0
     window = C.parse_window(args.window)[0]
