@@ -142,3 +142,15 @@ def test_progress_line_in_batch_logs(tmp_path, capsys):
     assert s["ok"] == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("preprocess: 2/2 cases (2 ok, 0 failed), ") and "cases/s, ETA 00:00:00" in err[-1]
+
+
+def test_dry_run_names_refused_cases(ct_data_dir, tmp_path):
+    (tmp_path / "raw" / "ds" / "empty_case").mkdir(parents=True)
+    (tmp_path / "raw" / "ds" / "example_ct_sm.nii.gz").symlink_to(ct_data_dir / "abdomen_nifti" / "example_ct_sm.nii.gz")
+    done = subprocess.run(_cmd(tmp_path / "raw", tmp_path / "out", "--dry-run"), cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith("would refuse") and "ds/empty_case" in lines[0] and "empty folder" in lines[0]
+    assert lines[1].startswith("would process") and "ds/example_ct_sm" in lines[1]
+    assert "1 to process, 0 to skip, 1 to refuse" in lines[-1] and not (tmp_path / "out").exists()
