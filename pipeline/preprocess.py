@@ -1086,7 +1086,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="same as NUM_WORKERS (default: %(default)s)")
     p.add_argument("--resolution", type=int, default=512, help="cube side R in voxels (default: %(default)s)")
     p.add_argument("--windows", nargs="+", default=None, metavar="WINDOW",
-                   help="windows to write: preset names (lung bone soft_tissue brain) or custom 'name:WIDTH:LEVEL', "
+                   help="windows of the dataset (the guide layout writes their files; compact cases compute any "
+                   "window when read, these are listed in dataset_config.json): preset names (lung bone soft_tissue "
+                   "brain) or custom 'name:WIDTH:LEVEL', "
                    "space- or comma-separated (default: the four presets: lung 1500/-600, bone 1500/300, "
                    "soft_tissue 400/50, brain 80/35)")
     p.add_argument("--max-depth", type=int, default=None,
@@ -1094,7 +1096,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=["compact", "guide"], default="compact",
                    help="compact (default): int16 HU, body mask and labels cropped to the body, compressed chunks, "
                    "windows computed when read; guide: the older guide's float16 ct_normalized_512.npy and "
-                   "windows/*.npy of the whole cube (about 10-20x the bytes)")
+                   "windows/*.npy of the whole cube (17-290x the bytes on the shared scans)")
     p.add_argument("--shard", metavar="K/N", default=None,
                    help="process only shard K of N (every N-th case, sorted by dataset/case id): one command per node "
                    "into one shared OUT_DIR, e.g. a SLURM array --shard $SLURM_ARRAY_TASK_ID/N with --array=1-N")
