@@ -131,7 +131,7 @@ def find_cases(data_dir: str | os.PathLike, window: Any, resolution: int | None 
         raise TokenizerError(f"{data_dir}: no processed dataset (metadata.csv + dataset_config.json); run ./run.sh preprocess first")
     for ds in datasets:
         try:
-            found = usable_cases(ds, w.name)
+            found = usable_cases(ds, w)
         except KeyError as e:
             raise TokenizerError(f"{ds}: {e.args[0]}") from None
         cfg = found.config
