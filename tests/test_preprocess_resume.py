@@ -13,7 +13,7 @@ import numpy as np
 from pipeline.processed import ProcessedCase, marker_is_valid
 
 ROOT = Path(__file__).resolve().parents[1]
-R = 128
+R = 160  # a case takes long enough to write for the kill to land in one
 
 
 def _case_dirs(out: Path) -> list[Path]:
@@ -21,7 +21,8 @@ def _case_dirs(out: Path) -> list[Path]:
 
 
 def _started_writing(out: Path) -> bool:
-    return any(any(d.iterdir()) and not (d / ".complete").exists() for d in _case_dirs(out))
+    """A case folder exists (made once the scan is resampled) and is not complete yet."""
+    return any(not (d / ".complete").exists() for d in _case_dirs(out))
 
 
 def _group_alive(pgid: int) -> bool:
@@ -48,7 +49,7 @@ def test_kill_mid_case_then_resume(ct_data_dir, tmp_path):
     while not _started_writing(out):
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline, "no case started writing within 180 s"
-        time.sleep(0.01)
+        time.sleep(0.002)
     # Kill only the parent, hard: its worker must die with it (no orphan keeps writing).
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
