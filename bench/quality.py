@@ -269,6 +269,16 @@ def evaluate_models(args, ctvq: dict | None, vqvae: dict | None, device: torch.d
     return out
 
 
+def display_row(name: str, result: dict) -> dict:
+    """One table row, numbers rounded for reading."""
+    digits = {"psnr_body": 2, "ssim_body": 3, "mae_hu_body": 1, "perplexity": 0, "tokens": 0, "train_seconds": 0}
+    row = {"model": name, **result}
+    for key, n in digits.items():
+        if isinstance(row.get(key), (int, float)):
+            row[key] = f"{row[key]:.{n}f}"
+    return row
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = C.resolve_device(args.device)
@@ -286,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
                "train_dir": args.train.name, "eval_dir": args.eval.name, "resolution": resolution,
                "stage_split": args.split, "ctvq_overrides": args.ctvq_override, "small": args.small}
     C.write_json(args.out, payload)
-    table = C.markdown_table([{"model": k, **v} for k, v in results.items()], COLUMNS)
+    table = C.markdown_table([display_row(k, v) for k, v in results.items()], COLUMNS)
     args.out.with_suffix(".md").write_text(table + "\n")
     print(table)
     return payload

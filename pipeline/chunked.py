@@ -25,7 +25,7 @@ import numcodecs
 import numpy as np
 from numcodecs import Blosc
 
-from pipeline.io_utils import atomic_path
+from pipeline.io_utils import DataFileError, atomic_path
 
 __all__ = ["CHUNK", "CODEC", "save_chunked", "ChunkedArray"]
 
@@ -71,12 +71,15 @@ class ChunkedArray:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        with open(self.path, "rb") as f:
-            head = f.read(16)
-            if head[:8] != MAGIC:
-                raise ValueError(f"{self.path} is not a ctvq chunked array; rerun ./run.sh preprocess for this case")
-            (n,) = struct.unpack("<Q", head[8:16])
-            meta = json.loads(f.read(n))
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(16)
+                if head[:8] != MAGIC:
+                    raise ValueError("not a ctvq chunked array")
+                (n,) = struct.unpack("<Q", head[8:16])
+                meta = json.loads(f.read(n))
+        except (OSError, ValueError, struct.error) as e:
+            raise self._damaged(e) from None
         self.data_start = 16 + n
         self.shape = tuple(meta["shape"])
         self.dtype = np.dtype(meta["dtype"])
@@ -86,6 +89,11 @@ class ChunkedArray:
         self.axes = list(meta.get("axes", range(len(self.shape))))
         self.stored_shape = tuple(self.shape[a] for a in self.axes)
         self.grid = [max(1, -(-s // self.chunk)) for s in self.stored_shape]
+
+    def _damaged(self, e: BaseException) -> DataFileError:
+        what = " ".join(str(e).split())[:100] or type(e).__name__
+        return DataFileError(f"{self.path}: damaged chunked array ({what}); rerun ./run.sh preprocess on its dataset "
+                             "(it redoes the case) or delete the case folder")
 
     def read(self, box: Sequence[Sequence[int]] | None = None, fill=0) -> np.ndarray:
         """The values inside ``box`` ((lo, hi) per axis, may reach outside the array: ``fill`` there)."""
@@ -106,7 +114,10 @@ class ChunkedArray:
                 f.seek(self.data_start + offset)
                 lo = (ci * c, cj * c, ck * c)
                 shape = [min(c, s - l) for s, l in zip(self.stored_shape, lo)]
-                part = np.frombuffer(self.codec.decode(f.read(nbytes)), dtype=self.dtype).reshape(shape)
+                try:
+                    part = np.frombuffer(self.codec.decode(f.read(nbytes)), dtype=self.dtype).reshape(shape)
+                except (RuntimeError, ValueError) as e:
+                    raise self._damaged(e) from None
                 src, dst = [], []
                 for ax, (a, b) in enumerate(inner):
                     s0, s1 = max(a, lo[ax]), min(b, lo[ax] + shape[ax])

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from pipeline.io_utils import DataFileError, load_npy
 from pipeline.processed import ProcessedCase, find_datasets, usable_cases
 
 __all__ = [
@@ -182,7 +183,12 @@ class CTWindowSparseDataset(Dataset):
         for c in cases:
             if c["key"] not in wanted:
                 continue
-            counts = self._block_counts(c)
+            try:
+                counts = self._block_counts(c)
+            except DataFileError as e:  # a damaged case is left out, with its file named
+                logger.warning(f"skipping {c['key']}: {e}")
+                self.failed.append({"case": c["key"], "error": str(e)})
+                continue
             c["num_points"] = int(counts.sum(dtype=np.int64))
             if c["num_points"] < self.min_points:
                 self.skipped.append({"case": c["key"], "num_points": c["num_points"]})
@@ -221,7 +227,7 @@ class CTWindowSparseDataset(Dataset):
         sl = (slice(None),) * 3 if box is None else tuple(slice(int(a), int(b)) for a, b in box)
         cached = Path(c["dir"]) / ".cache" / "body_mask_512.npy"
         if self.cache != "memory" and cached.is_file():
-            return np.asarray(np.load(cached, mmap_mode="r")[sl])
+            return np.asarray(load_npy(cached, mmap_mode="r")[sl])
         masks = self.__dict__.setdefault("_masks", {})
         if c["key"] not in masks:
             try:

@@ -154,7 +154,8 @@ def run_demo(
     log(f"\n== evaluate {ckpt}")
     tok = Tokenizer.from_checkpoint(ckpt, tile=int(demo.get("tile", 4)))
     report = evaluate(tok, data, out / "eval", max_cases=demo.get("eval_max_cases"), log=log)
-    bundle = export_bundle(run2, out / "bundle" / "ct_vqvae", ckpt=ckpt, eval_summary=report, make_zip=False)
+    bundle = export_bundle(run2, out / "bundle" / "ct_vqvae", ckpt=ckpt, eval_summary=report, make_zip=False,
+                           overwrite=True)
 
     paths = {
         "raw": raw_dir,

@@ -9,9 +9,10 @@ Datasets
 
 Cases (searched recursively inside a dataset, down to ``max_depth`` folder levels below
 ``RAW_DIR``; the dataset folder is level 1)
-    * a volume file: ``.nii``, ``.nii.gz``, ``.nrrd``, ``.mha``, ``.mhd``;
+    * a volume file: ``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``;
     * a DICOM folder: a folder holding at least one DICOM file, recognised by its header
-      (``DICM`` magic or a DICOM group-0008 start), whatever the file names;
+      (``DICM`` magic or a DICOM group-0008 start), whatever the file names; a folder holding
+      several CT volume series gives one case per SeriesInstanceUID;
     * a ``.zip`` holding DICOM files;
     * an empty folder (no files, no sub-folders) is reported as a failed case, so that a
       missing download shows up in ``metadata.csv``.
@@ -31,12 +32,19 @@ Label maps (never cases themselves)
       ``_ct``/``_img``/``_image`` suffix of the image) wins; otherwise the label stays
       unpaired and is listed in :attr:`Dataset.unpaired_labels`.
 
+Everything else
+    Each file or folder that is neither a case nor a label map is listed in
+    :attr:`Dataset.ignored` with the reason (a zip without DICOM, a file that is not CT, a non-CT
+    DICOM series, a folder deeper than ``max_depth``, a symlink loop or a link to a folder already
+    searched: each real folder is searched once). Files beside DICOM slices belong to their folder.
+
 Case ids
     The path relative to the dataset folder without the file extension, folders joined by
     ``__`` and characters outside ``[A-Za-z0-9._-]`` replaced by ``_`` (a leading
     ``imagesTr/`` folder and a ``_0000`` channel suffix are dropped). Ids that would
     collide get ``-<8 hex of sha1(relative path)>`` appended. A DICOM folder or zip at the
-    dataset root uses the dataset name.
+    dataset root uses the dataset name. Cases of one multi-series DICOM folder hash the path and the
+    SeriesInstanceUID.
 """
 
 from __future__ import annotations
@@ -65,7 +73,7 @@ __all__ = [
     "sanitize_id",
 ]
 
-VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 _DICOM_EXTENSIONS = (".dcm", ".dicom", ".ima")
 _SKIP_EXTENSIONS = (
     ".raw", ".zraw", ".json", ".txt", ".md", ".csv", ".tsv", ".pdf", ".png", ".jpg", ".jpeg",
@@ -92,6 +100,7 @@ class Case:
         rel_path: source path relative to the dataset folder (posix).
         label: paired label map, or None.
         error: set when discovery already knows the case cannot be processed.
+        series_uid: the SeriesInstanceUID to load when a DICOM folder holds several CT series.
     """
 
     dataset: str
@@ -101,6 +110,7 @@ class Case:
     rel_path: str
     label: Path | None = None
     error: str | None = None
+    series_uid: str | None = None
 
 
 @dataclass
@@ -112,7 +122,8 @@ class Dataset:
         root: folder that case paths are relative to.
         cases: cases found, sorted by case id.
         unpaired_labels: label-like files that could not be paired with one image.
-        ignored: short notes on what was skipped (too deep, not CT-like files).
+        ignored: one note per file or folder that is neither a case nor a label map, with the reason
+            (too deep, not a CT file, a zip without DICOM, a non-CT DICOM series, a folder reached twice).
     """
 
     name: str
@@ -257,7 +268,8 @@ def _assign_ids(cases: list[Case], dataset_name: str) -> None:
         raw_ids.append(sanitize_id(parts) if parts else sanitize_id([dataset_name]))
     counts = Counter(raw_ids)
     for case, rid in zip(cases, raw_ids):
-        case.case_id = rid if counts[rid] == 1 else f"{rid}-{_short_hash(case.rel_path)}"
+        key = case.rel_path + (f"#{case.series_uid}" if case.series_uid else "")
+        case.case_id = rid if counts[rid] == 1 else f"{rid}-{_short_hash(key)}"
 
 
 # ----------------------------------------------------------------------------- walking
@@ -270,32 +282,75 @@ class _Folder:
     subdirs: list[Path]
 
 
-def _walk(root: Path, depth0: int, max_depth: int | None, exclude: set[Path], ignored: list[str]) -> Iterable[tuple[_Folder, int]]:
+def _walk(root: Path, depth0: int, max_depth: int | None, exclude: set[Path], ignored: list[str],
+          notes_deeper: bool = True, seen: set[Path] | None = None) -> Iterable[tuple[_Folder, int]]:
+    """Folders below ``root`` (depth first); each real folder is visited once, however many
+    symlinks lead to it, and a symlink loop or an unreadable entry becomes a note in ``ignored``.
+
+    ``seen`` (shared between datasets) holds the real folders already searched."""
     stack = [(root, depth0)]
+    seen = set() if seen is None else seen
     while stack:
         folder, depth = stack.pop()
         try:
+            real = folder.resolve(strict=True)
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError as e:
-            ignored.append(f"{folder}: cannot list ({e.strerror})")
+        except (OSError, RuntimeError) as e:
+            ignored.append(f"{folder}: cannot be read ({getattr(e, 'strerror', None) or e}); fix the link or its permissions")
             continue
+        if real in seen:
+            ignored.append(f"{folder}: a link to {real}, which is already searched")
+            continue
+        seen.add(real)
         files, subdirs = [], []
         for e in entries:
             if e.name.startswith("."):
                 continue
             p = Path(e.path)
-            if e.is_dir():
+            try:
+                is_dir, is_file = e.is_dir(), e.is_file()
+            except OSError as err:  # a symlink loop (ELOOP) or a dangling link
+                ignored.append(f"{p}: cannot be read ({err.strerror}); fix or remove the link")
+                continue
+            if is_dir:
                 if p.resolve() in exclude:
                     continue
                 subdirs.append(p)
-            elif e.is_file():
+            elif is_file:
                 files.append(p)
+            else:
+                ignored.append(f"{p}: not a file or folder (a dangling link?); fix or remove it")
         yield _Folder(folder, files, subdirs), depth
         for sub in reversed(subdirs):
             if max_depth is not None and depth + 1 > max_depth:
-                ignored.append(f"{sub}: deeper than --max-depth {max_depth}")
+                if notes_deeper:
+                    ignored.append(f"{sub}: deeper than --max-depth {max_depth}")
                 continue
             stack.append((sub, depth + 1))
+
+
+def _why_not_ct(path: Path) -> str:
+    if not os.access(path, os.R_OK):
+        return "cannot be read (permission denied); fix its permissions"
+    low = path.name.lower()
+    if low.endswith((".raw", ".zraw")):
+        return "data file of a .mhd/.nhdr header (read with it)"
+    return "not a CT file (not NIfTI/NRRD/MHA by name, not DICOM by header)"
+
+
+def _dicom_cases(name: str, folder: Path, rel_path: str, ignored: list[str]) -> list[Case]:
+    """One case per CT volume series of a DICOM folder; its other series become notes in ``ignored``.
+
+    A folder without any CT volume series stays one case, so that the loader's refusal (MR,
+    localizer only, unreadable) becomes its failed row.
+    """
+    from transforms.io import dicom_volume_series
+
+    uids, notes = dicom_volume_series(folder)
+    ignored.extend(f"{folder}: {n}" for n in notes)
+    if len(uids) <= 1:
+        return [Case(name, "", folder, "dicom_dir", rel_path)]
+    return [Case(name, "", folder, "dicom_dir", rel_path, series_uid=uid) for uid in uids]
 
 
 def _image_stem(path: Path) -> str:
@@ -334,6 +389,7 @@ def discover_dataset(
     max_depth: int | None = None,
     exclude: Iterable[Path] = (),
     loose_only: bool = False,
+    seen: set[Path] | None = None,
 ) -> Dataset:
     """Find the cases of one dataset folder (see the module docstring for the rules).
 
@@ -344,6 +400,8 @@ def discover_dataset(
         max_depth: deepest folder level searched (None: no limit).
         exclude: folders to skip (e.g. the output folder when it lies inside the raw one).
         loose_only: only look at files directly in ``root`` (the raw folder's own files).
+        seen: real folders already searched (shared by the datasets of one raw folder); a link to
+            one of them is noted in ``ignored`` instead of being searched again.
     """
     root = Path(root)
     ds = Dataset(name=name, root=root)
@@ -351,13 +409,13 @@ def discover_dataset(
     images: list[Case] = []
     labels: list[tuple[Path, Path]] = []  # (label file, folder)
     nnunet: dict[Path, dict[str, Path]] = {}  # images folder -> {stem: label}
-    dicom_dirs: dict[Path, Case] = {}
 
     def rel(p: Path) -> str:
         r = p.relative_to(root).as_posix()
         return r if r else "."
 
-    walker = _walk(root, depth0, depth0 if loose_only else max_depth, exclude_set, [] if loose_only else ds.ignored)
+    walker = _walk(root, depth0, depth0 if loose_only else max_depth, exclude_set, ds.ignored,
+                   notes_deeper=not loose_only, seen=seen)
     for folder, _depth in walker:
         fname = folder.path.name
         if not folder.files and not folder.subdirs and not loose_only:
@@ -370,6 +428,7 @@ def discover_dataset(
             nnunet[img_dir] = {_CHANNEL_RE.sub("", split_ext(f.name)[0]): f for f in folder.files if is_volume_file(f)}
             continue
         has_dicom = False
+        others: list[Path] = []
         for f in folder.files:
             low = f.name.lower()
             if is_volume_file(f):
@@ -387,16 +446,18 @@ def discover_dataset(
                 if ok:
                     images.append(Case(name, "", f, "dicom_zip", rel(f)))
                 else:
-                    ds.ignored.append(f"{f}: zip without DICOM files")
-            elif has_dicom:
-                continue
+                    ds.ignored.append(f"{f}: a zip without DICOM files (unzip volume files into the folder to use them)")
             elif low.endswith(_DICOM_EXTENSIONS) or not low.endswith(_SKIP_EXTENSIONS):
-                if is_dicom_file(f):
+                if has_dicom or is_dicom_file(f):
                     has_dicom = True
+                else:
+                    others.append(f)
+            else:
+                others.append(f)
         if has_dicom:
-            case = Case(name, "", folder.path, "dicom_dir", rel(folder.path))
-            images.append(case)
-            dicom_dirs[folder.path] = case
+            images.extend(_dicom_cases(name, folder.path, rel(folder.path), ds.ignored))
+        else:
+            ds.ignored.extend(f"{f}: {_why_not_ct(f)}" for f in others)
 
     # nnU-Net pairing by name.
     for img_dir, stems in nnunet.items():
@@ -433,7 +494,8 @@ def discover(raw_dir: str | os.PathLike, max_depth: int | None = None, exclude: 
         exclude: folders to skip (e.g. the output folder).
 
     Returns:
-        datasets sorted by name; datasets without any case are dropped.
+        datasets sorted by name; a dataset folder without any case is kept when it holds files
+        that were skipped (listed in ``ignored``), the raw folder's own files only when one is a case.
 
     Raises:
         FileNotFoundError: when ``raw_dir`` is not a folder.
@@ -445,17 +507,21 @@ def discover(raw_dir: str | os.PathLike, max_depth: int | None = None, exclude: 
     exclude_set = {p.resolve() for p in exclude}
     datasets: list[Dataset] = []
     names: set[str] = set()
+    seen: set[Path] = set()
     if max_depth is None or max_depth >= 1:
         for entry in sorted(raw.iterdir()):
-            if entry.name.startswith(".") or not entry.is_dir() or entry.resolve() in exclude_set:
+            try:
+                if entry.name.startswith(".") or not entry.is_dir() or entry.resolve() in exclude_set:
+                    continue
+            except (OSError, RuntimeError):  # a symlink loop or dangling link at the top: noted by the loose scan
                 continue
-            ds = discover_dataset(entry.name, entry, 1, max_depth, exclude)
+            ds = discover_dataset(entry.name, entry, 1, max_depth, exclude, seen=seen)
             datasets.append(ds)
             names.add(ds.name)
     loose_name = raw.resolve().name or "raw"
     if loose_name in names:
         loose_name += "_root"
     loose = discover_dataset(loose_name, raw, 0, 0, exclude, loose_only=True)
-    if loose.cases or loose.unpaired_labels:
+    if loose.cases or loose.unpaired_labels:  # the raw folder's own notes (README, licenses) alone make no dataset
         datasets.append(loose)
-    return sorted([d for d in datasets if d.cases or d.unpaired_labels], key=lambda d: d.name)
+    return sorted([d for d in datasets if d.cases or d.unpaired_labels or d.ignored], key=lambda d: d.name)

@@ -58,6 +58,8 @@ __all__ = [
 
 #: the bundle configs of this repository (templates for the exported bundle)
 BUNDLE_TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "bundles" / "ct_vqvae"
+#: list of the files an export wrote, kept in the bundle folder (not in the zip): what --overwrite may replace
+MANIFEST = ".ctvq-export.json"
 
 _TENSOR_FORMAT = {
     "type": "object",
@@ -361,7 +363,7 @@ def _zip_dir(folder: Path, zip_path: Path) -> Path:
     with atomic_path(zip_path) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for p in sorted(folder.rglob("*")):
-                if p.is_file():
+                if p.is_file() and p.name != MANIFEST:
                     zf.write(p, Path(folder.name) / p.relative_to(folder))
     return zip_path
 
@@ -373,6 +375,34 @@ def _find_eval_summary(run_dir: Path) -> Path | None:
     return None
 
 
+def _check_out(out: Path, run_dir: Path, overwrite: bool) -> None:
+    """Refuses an ``out`` whose replacement would lose data: the run folder or a folder above it, a
+    non-empty folder without ``overwrite``, and (even with it) a folder holding files export did not write."""
+    from pipeline.infer import TokenizerError
+
+    o, r = out.resolve(), run_dir.resolve()
+    if o == r or o in r.parents:
+        raise TokenizerError(f"--out {out} is the run folder {run_dir} or holds it; export into another folder, e.g. dist/ct_vqvae")
+    if out.exists() and not out.is_dir():
+        raise TokenizerError(f"--out {out} is a file; pass a folder for the bundle")
+    zip_path = out.with_name(out.name + ".zip")
+    if not overwrite:
+        if out.is_dir() and any(out.iterdir()):
+            raise TokenizerError(f"--out {out} is not empty; pass --overwrite to replace an earlier export there, or another folder")
+        if zip_path.exists():
+            raise TokenizerError(f"{zip_path} exists; pass --overwrite to replace it, or another --out")
+        return
+    if out.is_dir() and any(out.iterdir()):
+        listed = set(load_json(out / MANIFEST)) if (out / MANIFEST).is_file() else set()
+        other = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                       if not p.is_dir() and p.relative_to(out).as_posix() not in listed | {MANIFEST})
+        if not listed:
+            raise TokenizerError(f"--out {out} was not written by export (no {MANIFEST}); move it away or export into another folder")
+        if other:
+            raise TokenizerError(f"--out {out} holds files that export did not write (e.g. {other[0]}); "
+                                 "move them away or export into another folder")
+
+
 def export_bundle(
     run_dir: str | os.PathLike,
     out: str | os.PathLike = "dist/ct_vqvae",
@@ -382,12 +412,14 @@ def export_bundle(
     version: str | None = None,
     license_file: str | os.PathLike | None = None,
     make_zip: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Write a MONAI bundle from a training run (atomic: built aside, then renamed into ``out``).
 
     Args:
         run_dir: the run folder (``config.json``, ``ckpts/``).
-        out: bundle folder to write (replaced when it exists).
+        out: bundle folder to write: new or empty, or with ``overwrite`` an earlier export (a folder
+            holding any file export did not write, or the run itself, is never replaced).
         ckpt: checkpoint file (default: the run's latest of the chosen ``weights``).
         weights: "ema" (EMA weights, default) or "model" (plain weights); used when ``ckpt`` is None.
         eval_summary: evaluation ``summary.json`` (path or dict) for README and ``eval_metrics``;
@@ -395,6 +427,7 @@ def export_bundle(
         version: bundle version (default: the template's).
         license_file: license text to ship (default: Apache-2.0 notice).
         make_zip: also write ``<out>.zip``.
+        overwrite: replace an earlier export in ``out`` (and its zip).
 
     Returns:
         the bundle folder.
@@ -409,6 +442,7 @@ def export_bundle(
     )
 
     run_dir = Path(run_dir)
+    _check_out(Path(out), run_dir, overwrite)
     cfg = load_run_config(run_dir)
     ckpt_path = find_checkpoint(run_dir, ckpt, weights)
     net = build_network(cfg, source=run_dir / "config.json")
@@ -447,6 +481,7 @@ def export_bundle(
         lic = Path(license_file).read_text(encoding="utf-8") if license_file else _LICENSE
         (stage / "docs" / "license.txt").write_text(lic, encoding="utf-8")
         (stage / "LICENSE").write_text(lic, encoding="utf-8")
+        save_json(stage / MANIFEST, sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file()))
         # swap into place
         old = None
         if out.exists():
@@ -499,7 +534,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--run", required=True, help="run folder with config.json and ckpts/")
     p.add_argument("--ckpt", default=None, help="checkpoint file, or 'latest' (default: latest of --weights)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights when --ckpt is not a file")
-    p.add_argument("--out", default="dist/ct_vqvae", help="bundle folder to write")
+    p.add_argument("--out", default="dist/ct_vqvae", help="bundle folder to write (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (never other files)")
     p.add_argument("--eval", default=None, help="evaluation summary.json to include")
     p.add_argument("--version", default=None, help="bundle version")
     p.add_argument("--license", default=None, help="license text file to ship")
@@ -510,7 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.infer import cli_errors
 
     with cli_errors():
-        out = export_bundle(a.run, a.out, a.ckpt, a.weights, a.eval, a.version, a.license, not a.no_zip)
+        out = export_bundle(a.run, a.out, a.ckpt, a.weights, a.eval, a.version, a.license, not a.no_zip, a.overwrite)
         if a.verify:
             verify_bundle(out, a.schema)
         print(f"bundle: {out}")

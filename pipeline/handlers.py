@@ -135,6 +135,9 @@ class StepLogHandler:
             w.add_scalar("codebook/perplexity", usage["perplexity"], step)
             w.add_scalar("codebook/usage", usage["usage"], step)
             w.add_scalar("codebook/codes_used", usage["codes_used"], step)
+            for level, u in enumerate(usage.get("levels", [])):  # residual quantizers: every level
+                for key in ("perplexity", "usage", "codes_used"):
+                    w.add_scalar(f"codebook/level{level}/{key}", u[key], step)
 
 
 class EMAHandler:

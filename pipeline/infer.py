@@ -3,7 +3,7 @@
 Command line (``./run.sh encode`` / ``./run.sh decode``)::
 
     python -m pipeline.infer encode SCAN OUT.npz --bundle DIR [--ckpt CKPT] [--tile 16] [--device cpu]
-    python -m pipeline.infer decode IN.npz OUT.nii.gz --bundle DIR [--original-grid]
+    python -m pipeline.infer decode IN.npz OUT.nii.gz --bundle DIR [--original-grid] [--depth D]
 
 ``SCAN`` is anything the preprocessing accepts (DICOM folder or .zip, NIfTI, NRRD, MHA). It goes
 through the same transforms as training data (``LoadCT``, ``Orientation`` RAS,
@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import sys
@@ -53,6 +54,7 @@ __all__ = [
     "find_checkpoint",
     "build_network",
     "resolved_network_def",
+    "config_value",
     "load_weights",
     "window_from_config",
     "preprocessing_transforms",
@@ -60,6 +62,8 @@ __all__ = [
     "cli_errors",
     "main",
 ]
+
+logger = logging.getLogger("ctvq.infer")
 
 TOKENS_FORMAT = "ctvq-tokens-1"
 DEFAULT_TILE = 16  # latent cells per tile edge (128 voxels) on CPU
@@ -192,17 +196,72 @@ def find_checkpoint(run_dir: str | os.PathLike, ckpt: str | os.PathLike | None =
     return found[-1][1]
 
 
-def resolved_network_def(cfg: Mapping, source: Any = "config") -> dict:
-    """``network_def`` of a config with its ``@`` references and ``$`` expressions resolved to plain values.
+TRUST_HINT = "write plain values, or pass --trust-bundle (trust=True) if you wrote this file yourself"
+
+
+def _lookup(cfg: Mapping, ref: str) -> Any:
+    node: Any = cfg
+    for part in ref.replace("::", "#").split("#"):
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            raise KeyError(ref)
+    return node
+
+
+def config_value(cfg: Mapping, key: str, source: Any = "config", depth: int = 0) -> Any:
+    """``cfg[key]`` read as data: ``@`` references to other keys are followed, ``$`` / ``%``
+    expressions and nested ``_target_`` objects are refused (never evaluated).
+
+    Args:
+        cfg: config dict (a run's config.json or a bundle's inference.json).
+        key: key path (``a#b`` for nesting).
+        source: where the config came from (for error messages).
+    """
+    try:
+        node = _lookup(cfg, key)
+    except KeyError:
+        raise TokenizerError(f"{source}: has no '{key}'; use a run config.json or a bundle's configs/inference.json") from None
+
+    def plain(v: Any, where: str, depth: int) -> Any:
+        if depth > 20:
+            raise TokenizerError(f"{source}: '{where}' refers to itself through @ references; write its value")
+        if isinstance(v, str) and v.startswith("@"):
+            return config_value(cfg, v[1:], source, depth + 1)
+        if isinstance(v, str) and v.startswith(("$", "%")):
+            raise TokenizerError(f"{source}: '{where}' is an expression ({v[:40]!r}), which is not run from a file; {TRUST_HINT}")
+        if isinstance(v, Mapping):
+            if "_target_" in v and where != "network_def":
+                raise TokenizerError(f"{source}: '{where}' builds an object ({v['_target_']!r}), which is not run from a file; {TRUST_HINT}")
+            return {str(k): plain(x, f"{where}#{k}", depth) for k, x in v.items()}
+        if isinstance(v, list):
+            return [plain(x, f"{where}#{i}", depth) for i, x in enumerate(v)]
+        return v
+
+    return plain(node, key, depth)
+
+
+def resolved_network_def(cfg: Mapping, source: Any = "config", trust: bool = False) -> dict:
+    """``network_def`` of a config as plain values (``@`` references filled in).
+
+    The config is read as data: ``$`` expressions are refused and ``_target_`` must name a model
+    class of the ``networks`` package. ``trust=True`` evaluates it with MONAI's ConfigParser instead.
 
     Args:
         cfg: config dict holding ``network_def`` (a run's config.json or a bundle config).
         source: where the config came from (for error messages).
+        trust: evaluate ``$`` expressions (only for a file the user wrote).
     """
-    from monai.bundle import ConfigParser
-
     if "network_def" not in cfg:
         raise TokenizerError(f"{source}: has no 'network_def'; use a run config.json or a bundle's configs/inference.json")
+    if not trust:
+        plain = config_value(cfg, "network_def", source)
+        _network_class(plain, source)
+        return plain
+    from monai.bundle import ConfigParser
+
     try:
         comp = ConfigParser(dict(cfg)).get_parsed_content("network_def", instantiate=False)
     except Exception as e:
@@ -211,23 +270,50 @@ def resolved_network_def(cfg: Mapping, source: Any = "config") -> dict:
     return json.loads(json.dumps(plain, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def build_network(cfg: Mapping, source: Any = "config") -> torch.nn.Module:
-    """Instantiate ``network_def`` of a config with MONAI's ConfigParser.
+def _network_class(net_def: Mapping, source: Any) -> type:
+    """The model class named by ``network_def#_target_``: a ``torch.nn.Module`` of the ``networks`` package."""
+    import networks
+
+    target = str(net_def.get("_target_", ""))
+    name = target[len("networks."):] if target.startswith("networks.") else ""
+    cls = getattr(networks, name, None) if name and "." not in name else None
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise TokenizerError(f"{source}: network_def#_target_ {target!r} is not a model of the networks package "
+                             f"(e.g. networks.SparseVQVAE); {TRUST_HINT}")
+    return cls
+
+
+def build_network(cfg: Mapping, source: Any = "config", trust: bool = False) -> torch.nn.Module:
+    """Build the model of ``network_def`` (read as data, see :func:`resolved_network_def`).
 
     Args:
         cfg: config dict holding ``network_def``.
         source: where the config came from (for error messages).
+        trust: evaluate the config with MONAI's ConfigParser (only for a file the user wrote).
     """
-    from monai.bundle import ConfigParser
-
-    plain = resolved_network_def(cfg, source)
+    plain = resolved_network_def(cfg, source, trust)
     try:
-        import networks  # noqa: F401  (the package of the _target_)
+        if trust:
+            from monai.bundle import ConfigParser
 
-        net = ConfigParser({"network_def": plain}).get_parsed_content("network_def", instantiate=True)
+            import networks  # noqa: F401  (the package of the _target_)
+
+            return ConfigParser({"network_def": plain}).get_parsed_content("network_def", instantiate=True)
+        cls = _network_class(plain, source)
+        return cls(**{k: v for k, v in plain.items() if not str(k).startswith("_")})
+    except TokenizerError:
+        raise
     except Exception as e:  # bad kwargs, missing package
         raise TokenizerError(f"{source}: network_def cannot be built ({_last_line(e)}); fix network_def or install ctvq") from None
-    return net
+
+
+def _template_preprocessing() -> Any:
+    """The ``preprocessing`` section of the repository's bundle template (what export ships)."""
+    path = Path(__file__).resolve().parents[1] / "bundles" / "ct_vqvae" / "inference.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("preprocessing")
+    except (OSError, ValueError):
+        return None
 
 
 def _extract_state_dict(obj: Any, path: Path) -> dict:
@@ -262,10 +348,12 @@ def load_weights(net: torch.nn.Module, ckpt: str | os.PathLike, config_path: Any
     path = Path(ckpt)
     if not path.is_file():
         raise TokenizerError(f"{path}: checkpoint not found; pass an existing vqvae_*step*.pt file")
+    from pipeline.io_utils import CheckpointError, load_torch
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise TokenizerError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}); re-copy or re-export it") from None
+        obj = load_torch(path, "re-copy or re-export it")
+    except CheckpointError as e:
+        raise TokenizerError(str(e)) from None
     sd = _extract_state_dict(obj, path)
     own = net.state_dict()
     params = {n for n, _ in net.named_parameters()}
@@ -291,8 +379,11 @@ def load_weights(net: torch.nn.Module, ckpt: str | os.PathLike, config_path: Any
 
 
 def _codebook_id(net: torch.nn.Module) -> str:
-    w = net.vq.embeddings.weight.detach().float().cpu().contiguous().numpy()
-    return hashlib.sha1(w.tobytes()).hexdigest()[:16]
+    """Short hash of what maps codes to vectors: the quantizer's parameters (codebooks, projections)."""
+    h = hashlib.sha1()
+    for _, w in sorted(net.vq.named_parameters()):
+        h.update(w.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------- preprocessing
@@ -367,7 +458,7 @@ class CTTokens:
 
     Attributes:
         coords: [M, 3] int latent cell (i, j, k) of each token.
-        indices: [M] int code index of each token.
+        indices: int code indices, [M] (one level) or [M, D] (residual levels, coarsest first).
         window: the window the codes describe.
         resolution: cube side R of the processed grid.
         latent_shape: latent grid (R / 8 per axis).
@@ -396,6 +487,11 @@ class CTTokens:
     def __len__(self) -> int:
         return int(len(self.indices))
 
+    @property
+    def depth(self) -> int:
+        """Residual levels the tokens hold (1 for single-level codes)."""
+        return 1 if np.ndim(self.indices) == 1 else int(np.shape(self.indices)[1])
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write the tokens as a compressed .npz (atomically)."""
         from pipeline.io_utils import atomic_path
@@ -413,6 +509,7 @@ class CTTokens:
             "source": np.array(str(self.source)),
             "num_embeddings": np.array(int(self.num_embeddings)),
             "codebook": np.array(str(self.codebook)),
+            "depth": np.array(self.depth),
         }
         for key in ("source_affine", "original_affine"):
             if getattr(self, key) is not None:
@@ -511,7 +608,8 @@ class Tokenizer:
         self.source = source
         self._preprocessing = preprocessing
         self.codebook = _codebook_id(network)
-        self.num_embeddings = int(network.vq.embeddings.weight.shape[0])
+        self.num_embeddings = int(network.vq.num_embeddings)
+        self.depth = int(getattr(network, "vq_depth", 1))
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -520,6 +618,7 @@ class Tokenizer:
         ckpt: str | os.PathLike,
         config: str | os.PathLike | Mapping | None = None,
         device: str | torch.device | None = None,
+        trust: bool = False,
         **kwargs: Any,
     ) -> "Tokenizer":
         """Model rebuilt from the run's ``config.json`` ``network_def`` plus a checkpoint.
@@ -528,6 +627,7 @@ class Tokenizer:
             ckpt: ``RUN_DIR/ckpts/vqvae[_ema...]_stepNNNNNNN.pt``, or a run folder (latest EMA weights).
             config: run config (default: ``RUN_DIR/config.json`` two levels above the checkpoint).
             device: torch device.
+            trust: evaluate ``$`` expressions of the config (only for a file you wrote).
             kwargs: passed to :class:`Tokenizer` (``tile``, ``resolution``, ``window``).
         """
         ckpt = Path(ckpt)
@@ -545,23 +645,28 @@ class Tokenizer:
             if not cfg_path.is_file():
                 raise TokenizerError(f"{cfg_path}: run config not found next to {ckpt.name}; pass --config RUN_DIR/config.json")
             cfg, cfg_src = load_run_config(cfg_path), str(cfg_path)
-        net = build_network(cfg, cfg_src)
+        net = build_network(cfg, cfg_src, trust)
         load_weights(net, ckpt, cfg_src)
         window = kwargs.pop("window", None) or window_from_config(cfg)
         kwargs.setdefault("resolution", cfg.get("resolution"))
         return cls(net, window, device=device, source=str(ckpt), **kwargs)
 
     @classmethod
-    def from_bundle(cls, bundle_dir: str | os.PathLike, device: str | torch.device | None = None, **kwargs: Any) -> "Tokenizer":
-        """Model, window and transforms of a MONAI bundle (``configs/inference.json`` + ``models/model.pt``).
+    def from_bundle(cls, bundle_dir: str | os.PathLike, device: str | torch.device | None = None, trust: bool = False,
+                    **kwargs: Any) -> "Tokenizer":
+        """Model, window and settings of a MONAI bundle (``configs/inference.json`` + ``models/model.pt``).
+
+        A bundle from elsewhere is untrusted input: its config is read as data (``network_def``,
+        ``window``, ``resolution``, ``tile``; ``$`` expressions refused) and the scans go through
+        :func:`preprocessing_transforms`, not the bundle's ``preprocessing`` section. ``trust=True``
+        evaluates the config with MONAI's ConfigParser and builds its ``preprocessing``.
 
         Args:
             bundle_dir: bundle folder (an exported bundle, or a folder holding inference.json and models/).
             device: torch device.
+            trust: evaluate the bundle's expressions and transforms (only for a bundle you wrote).
             kwargs: passed to :class:`Tokenizer` (``tile``).
         """
-        from monai.bundle import ConfigParser
-
         root = Path(bundle_dir)
         if not root.is_dir():
             raise TokenizerError(f"{root}: bundle folder not found; export one with `./run.sh export --run RUN_DIR --out {root}`")
@@ -571,25 +676,32 @@ class Tokenizer:
         weights = root / "models" / "model.pt"
         if not weights.is_file():
             raise TokenizerError(f"{weights}: missing from the bundle; re-export it with `./run.sh export` (or copy models/model.pt)")
-        parser = ConfigParser()
         try:
-            parser.read_config(str(cfg_file))
-        except Exception as e:
+            with open(cfg_file, encoding="utf-8") as f:
+                cfg = json.load(f)
+        except (OSError, ValueError) as e:
             raise TokenizerError(f"{cfg_file}: cannot be read ({type(e).__name__}: {e}); re-export the bundle") from None
-        parser["bundle_root"] = str(root)
-        cfg = parser.get()
-        net = build_network(cfg, str(cfg_file))
+        if not isinstance(cfg, dict):
+            raise TokenizerError(f"{cfg_file}: is not a JSON object; re-export the bundle")
+        cfg["bundle_root"] = str(root)
+        net = build_network(cfg, str(cfg_file), trust)
         load_weights(net, weights, str(cfg_file))
-        window = window_from_config(cfg)
-        resolution = kwargs.pop("resolution", None) or cfg.get("resolution")
-        if "tile" not in kwargs and "tile" in cfg:
-            kwargs["tile"] = cfg["tile"]
+        settings = {k: config_value(cfg, k, cfg_file) for k in ("window", "window_type", "resolution", "tile") if k in cfg}
+        window = window_from_config(settings)
+        resolution = kwargs.pop("resolution", None) or settings.get("resolution")
+        if "tile" not in kwargs and "tile" in settings:
+            kwargs["tile"] = settings["tile"]
         pre = None
-        if "preprocessing" in cfg:
+        if trust and "preprocessing" in cfg:
+            from monai.bundle import ConfigParser
+
             try:
-                pre = parser.get_parsed_content("preprocessing")
+                pre = ConfigParser(cfg).get_parsed_content("preprocessing")
             except Exception as e:
                 raise TokenizerError(f"{cfg_file}: 'preprocessing' cannot be built ({_last_line(e)}); re-export the bundle") from None
+        elif "preprocessing" in cfg and cfg["preprocessing"] != _template_preprocessing():
+            logger.warning(f"{cfg_file}: its 'preprocessing' differs from ctvq's and is not run (a bundle is read as data); "
+                           "scans go through the standard transforms; pass --trust-bundle to run it if you wrote it")
         return cls(net, window, resolution=resolution, device=device, preprocessing=pre, source=str(root), **kwargs)
 
     # ------------------------------------------------------------------ files
@@ -759,6 +871,8 @@ class Tokenizer:
             original_shape=meta.get("original_shape"),
             source=str(meta.get("filename_or_obj", scan if isinstance(scan, (str, os.PathLike)) else "")),
         )
+        for w in meta.get("load_warnings", []):
+            logger.warning(f"{geometry['source']}: {w}")
         self._check_resolution(np.shape(img), geometry["source"] or "input")
         if "coords" in d and "feats" in d:
             return self.encode_sparse(d["coords"], d["feats"], **geometry)
@@ -780,17 +894,36 @@ class Tokenizer:
             raise TokenizerError(f"token index {int(tokens.indices.max())} >= codebook size {self.num_embeddings}; decode with the model that encoded them")
         if tokens.resolution != self.resolution:
             raise TokenizerError(f"tokens are for a {tokens.resolution}^3 cube, the model for {self.resolution}^3; decode with the model that encoded them")
+        latent = (self.resolution // int(getattr(self.network, "factor", 8)),) * 3
+        if tuple(int(v) for v in tokens.latent_shape) != latent:
+            raise TokenizerError(f"{tokens.source or 'tokens'}: latent grid {tuple(tokens.latent_shape)} but the model's is {latent}; "
+                                 "decode with the model that encoded them")
+        if tokens.depth > self.depth:
+            raise TokenizerError(f"{tokens.source or 'tokens'}: {tokens.depth} code levels but the model has {self.depth}; "
+                                 "decode with the model that encoded them")
+        coords, idx = np.asarray(tokens.coords), np.asarray(tokens.indices)
+        if coords.ndim != 2 or coords.shape[1] != 3 or len(coords) != len(idx):
+            raise TokenizerError(f"{tokens.source or 'tokens'}: coords {coords.shape} do not match indices {idx.shape}; "
+                                 "the token file is damaged, encode the scan again")
+        outside = int(np.count_nonzero(np.any((coords < 0) | (coords >= np.asarray(latent)), axis=1))) if len(coords) else 0
+        if outside or (len(idx) and int(idx.min()) < 0):
+            raise TokenizerError(f"{tokens.source or 'tokens'}: {outside} of {len(coords)} tokens lie outside the {latent} latent grid "
+                                 "(or have negative codes); the token file is damaged, encode the scan again")
 
     @torch.no_grad()
-    def decode(self, tokens: CTTokens | str | os.PathLike) -> np.ndarray:
+    def decode(self, tokens: CTTokens | str | os.PathLike, depth: int | None = None) -> np.ndarray:
         """Tokens -> window values (R, R, R) float32 in [0, 1] (0 outside the decoded cells).
 
         Args:
             tokens: :class:`CTTokens` or a token file path.
+            depth: decode only the first ``depth`` residual levels (None: all the tokens hold).
         """
         if not isinstance(tokens, CTTokens):
             tokens = CTTokens.load(tokens)
         self._check_tokens(tokens)
+        if depth is not None and not 1 <= int(depth) <= tokens.depth:
+            raise TokenizerError(f"--depth {depth}: {tokens.source or 'the tokens'} hold {tokens.depth} level(s); "
+                                 f"pass a depth from 1 to {tokens.depth}")
         R = self.resolution
         if len(tokens) == 0:
             return np.zeros((R, R, R), np.float32)
@@ -801,7 +934,7 @@ class Tokenizer:
         coords = torch.cat([torch.zeros(len(coords), 1, dtype=torch.int32), coords], 1)
         tok = Tokens(coords.to(self.device), torch.as_tensor(tokens.indices, dtype=torch.int64).to(self.device), 1, tuple(tokens.latent_shape))
         with self._autocast():
-            rec = self.network.Decode(tok, tile=self.tile)
+            rec = self.network.Decode(tok, tile=self.tile, depth=None if tokens.depth == 1 else depth)
         # scattered into the cube where the reconstruction is (the GPU), one copy to the host;
         # voxels outside the cube go to one spare element at the end
         inside = in_box(rec.indices[:, 1:], (0, 0, 0), (R, R, R))
@@ -817,16 +950,18 @@ class Tokenizer:
         """Window values -> HU: ``level - width / 2 + v * width``."""
         return (self.window.lower + window_values * self.window.width).astype(np.float32)
 
-    def decode_hu(self, tokens: CTTokens | str | os.PathLike, original_grid: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def decode_hu(self, tokens: CTTokens | str | os.PathLike, original_grid: bool = False,
+                  depth: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Tokens -> (HU volume, 4x4 RAS affine), on the cube grid or the scan's original grid.
 
         Args:
             tokens: :class:`CTTokens` or a token file path.
             original_grid: resample onto the grid and affine of the scan as loaded.
+            depth: decode only the first ``depth`` residual levels (None: all).
         """
         if not isinstance(tokens, CTTokens):
             tokens = CTTokens.load(tokens)
-        hu = self.to_hu(self.decode(tokens))
+        hu = self.to_hu(self.decode(tokens, depth))
         if not original_grid:
             return hu, np.asarray(tokens.cube_affine, np.float64)
         target_aff = tokens.original_affine if tokens.original_affine is not None else tokens.source_affine
@@ -894,9 +1029,9 @@ def _tokenizer_from_args(a) -> Tokenizer:
     if a.tile is not None:
         kw["tile"] = a.tile or None
     if a.bundle:
-        return Tokenizer.from_bundle(a.bundle, device=a.device, **kw)
+        return Tokenizer.from_bundle(a.bundle, device=a.device, trust=a.trust_bundle, **kw)
     if a.ckpt:
-        return Tokenizer.from_checkpoint(a.ckpt, config=a.config, device=a.device, **kw)
+        return Tokenizer.from_checkpoint(a.ckpt, config=a.config, device=a.device, trust=a.trust_bundle, **kw)
     raise TokenizerError("no model given; pass --bundle DIR (an exported bundle) or --ckpt RUN_DIR/ckpts/FILE.pt")
 
 
@@ -909,6 +1044,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         q.add_argument("--ckpt", default=None, help="checkpoint (with RUN_DIR/config.json two levels up) instead of --bundle")
         q.add_argument("--config", default=None, help="run config.json for --ckpt (default: next to the ckpts folder)")
         q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
+        q.add_argument("--trust-bundle", action="store_true",
+                       help="run the $ expressions and preprocessing of the bundle (or run config): only for files you wrote; "
+                            "by default they are read as data")
         q.add_argument("--tile", type=int, default=None, help=f"latent tile edge for whole scans (default {DEFAULT_TILE_CUDA} on CUDA with fp16, {DEFAULT_TILE} on CPU; 0: untiled)")
 
     e = sub.add_parser("encode", help="scan -> tokens .npz")
@@ -919,6 +1057,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("tokens", help="token file from encode")
     d.add_argument("out", help="output .nii.gz")
     d.add_argument("--original-grid", action="store_true", help="resample onto the scan's own grid and affine")
+    d.add_argument("--depth", type=int, default=None,
+                   help="decode the first DEPTH residual code levels (default: all the token file holds)")
     model_args(d)
     a = p.parse_args(argv)
     with cli_errors():
@@ -930,7 +1070,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{out}: {len(tokens)} tokens on a {'x'.join(map(str, tokens.latent_shape))} grid, window "
                   f"{tokens.window.name}, {time.perf_counter() - t0:.1f} s")
         else:
-            hu, affine = tok.decode_hu(a.tokens, original_grid=a.original_grid)
+            hu, affine = tok.decode_hu(a.tokens, original_grid=a.original_grid, depth=a.depth)
             out = save_nifti(a.out, hu, affine)
             print(f"{out}: {'x'.join(map(str, hu.shape))} HU volume ({'original' if a.original_grid else 'cube'} grid), "
                   f"{time.perf_counter() - t0:.1f} s")

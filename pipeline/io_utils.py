@@ -41,6 +41,11 @@ __all__ = [
     "open_npy_atomic",
     "remove_stale_tmp",
     "rmtree_quiet",
+    "CheckpointError",
+    "DataFileError",
+    "load_npy",
+    "load_torch",
+    "FolderLock",
 ]
 
 TMP_TAG = ".tmp-"
@@ -319,3 +324,99 @@ def rmtree_quiet(path: str | os.PathLike) -> None:
         path: folder to remove.
     """
     shutil.rmtree(path, ignore_errors=True)
+
+
+class DataFileError(ValueError):
+    """A processed data file that cannot be read (message: the file and the fix)."""
+
+
+def load_npy(path: str | os.PathLike, mmap_mode: str | None = None) -> np.ndarray:
+    """``np.load`` of a processed ``.npy`` (no pickles), errors as one :class:`DataFileError` line.
+
+    Args:
+        path: the file.
+        mmap_mode: ``"r"`` to memory-map it.
+    """
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except PermissionError:
+        raise DataFileError(f"{path}: no permission to read it; fix its permissions (chmod a+r)") from None
+    except (ValueError, OSError, EOFError) as e:  # truncated ("mmap length is greater than file size"), bad header
+        what = " ".join(str(e).split())[:100] or type(e).__name__
+        raise DataFileError(f"{path}: damaged array ({what}); rerun ./run.sh preprocess on its dataset "
+                            "(it redoes the case) or delete the case folder") from None
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used (message: the file and the fix)."""
+
+
+def load_torch(path: str | os.PathLike, fix: str = "resume from an earlier step (--ckpt N) or re-copy the run folder") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, errors as one :class:`CheckpointError` line.
+
+    Only tensors, numbers, strings, lists, tuples and dicts load: a file that needs anything else
+    (e.g. a crafted pickle that would run code) is refused, never executed.
+
+    Args:
+        path: checkpoint file.
+        fix: what the user should do when the file cannot be read (ends the message).
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{path}: empty checkpoint file (0 bytes, an interrupted copy?); {fix}")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint not found; {fix}") from None
+    except PermissionError:
+        raise CheckpointError(f"{path}: no permission to read the checkpoint; fix its permissions (chmod u+r)") from None
+    except pickle.UnpicklingError as e:
+        what = " ".join(str(e).split("\n")[0].split())[:160]
+        raise CheckpointError(f"{path}: refused: the checkpoint holds more than tensors and numbers ({what}); "
+                              f"only load files you trust, {fix}") from None
+    except Exception as e:  # truncated zip, bad magic number, short read
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: {type(e).__name__}); {fix}") from None
+
+
+class FolderLock:
+    """Exclusive advisory lock on a folder (``flock`` on ``folder/name``), released by the OS when the
+    process ends. Taking a lock this process already holds on the same folder is a no-op.
+
+    Args:
+        folder: the folder to lock (created).
+        name: lock file name inside it.
+        busy: message when another process holds the lock.
+    """
+
+    _held: dict[str, int] = {}
+
+    def __init__(self, folder: str | os.PathLike, name: str, busy: str):
+        self.path = Path(folder) / name
+        self.busy = busy
+
+    def acquire(self) -> "FolderLock":
+        import fcntl
+
+        key = str(self.path.resolve())
+        if key in FolderLock._held:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FileExistsError(self.busy) from None
+        FolderLock._held[key] = fd
+        return self
+
+    def release(self) -> None:
+        fd = FolderLock._held.pop(str(self.path.resolve()), None)
+        if fd is not None:
+            os.close(fd)

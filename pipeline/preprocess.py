@@ -68,7 +68,7 @@ FORMAT_VERSION = 2
 METADATA_COLUMNS = [
     "case_id", "status", "error", "source_path", "rel_path", "source_kind", "label_path",
     "original_shape", "original_spacing", "spacing_512", "spacing_cube", "resolution",
-    "body_voxels", "label_ids", "seconds",
+    "body_voxels", "label_ids", "label_coverage", "warning", "seconds",
 ]
 DEFAULT_WINDOWS = tuple(WINDOW_PRESETS)  # lung, bone, soft_tissue, brain
 _SLAB_VOXELS = 1 << 20  # voxels per slab when computing windows (4 MiB of float32: stays in cache)
@@ -249,6 +249,7 @@ def dataset_config(cfg: PreprocessConfig, ds: Dataset) -> dict:
         "organ_mapping": cfg.organ_mapping,
         "raw_dir": str(ds.root.resolve()),
         "unpaired_labels": [str(p) for p in ds.unpaired_labels],
+        "ignored": list(ds.ignored),
         "format_version": FORMAT_VERSION,
         "versions": _versions(),
     }
@@ -526,10 +527,12 @@ def process_case(task: dict) -> dict:
             raise ValueError(case.error)
         from monai.transforms import Orientation
         from transforms import load_ct
+        from transforms.io import check_label_overlap
 
         with timer("load"):
-            img = load_ct(case.source)
+            img = load_ct(case.source, series_uid=case.series_uid)
         meta = img.meta
+        warnings = list(meta.get("load_warnings", []))
         original_affine = _affine(meta.get("original_affine", img.affine))
         original_shape = [int(v) for v in meta.get("original_shape", img.shape[1:])]
         row["original_shape"] = json.dumps(original_shape)
@@ -538,6 +541,10 @@ def process_case(task: dict) -> dict:
             img = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(img)
         source_affine = _affine(img.affine)
         source_shape = [int(v) for v in img.shape[1:]]
+        if case.label is not None:
+            cover, more = check_label_overlap(case.label, source_affine, source_shape)
+            row["label_coverage"], warnings = (round(cover, 4) if cover is not None else ""), warnings + more
+        row["warning"] = "; ".join(warnings)
         with timer("resample"):
             cube, cube_affine = _resample_to_cube(img, R, cfg.hu_min)
         del img
@@ -898,6 +905,9 @@ def run(
                 save_json(ds_dir / "dataset_config.json", dataset_config(cfg, ds))
             for p in ds.unpaired_labels:
                 log(f"preprocess: warning: label map {p} was not paired with an image (see --help: label pairing)")
+            if ds.ignored:
+                log(f"preprocess: {ds.name}: {len(ds.ignored)} file(s) or folder(s) are not cases, e.g. {ds.ignored[0]} "
+                    f"(all in {ds_dir / 'dataset_config.json'}, 'ignored')")
         for ds, case, case_dir, key, action in plan:
             if action == "other_shard":
                 continue
@@ -917,6 +927,9 @@ def run(
         def record(result: dict) -> None:
             row = result["row"]
             meta[result["dataset"]].rows[row["case_id"]] = row
+            if row.get("warning"):
+                msg = f"preprocess: warning: {result['dataset']}/{row['case_id']}: {row['warning']}"
+                bar.write(msg) if bar.enabled else log(msg)
             ok = row["status"] == "ok"
             if ok:
                 summary["ok"] += 1
@@ -1139,6 +1152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(e))
     if not Path(args.raw_dir).is_dir():
         parser.error(f"RAW_DIR {args.raw_dir} is not a folder; pass the folder of your raw CT collections")
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        parser.error(f"OUT_DIR {args.out_dir} is a file; pass a folder for the processed datasets")
 
     def _term(signum, frame):
         raise KeyboardInterrupt

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.io_utils import load_json
+from pipeline.io_utils import load_json, load_npy
 from transforms import HU_MAX, HU_MIN, WINDOW_PRESETS, WindowSpec, apply_window, parse_window
 
 __all__ = [
@@ -225,10 +225,10 @@ class ProcessedCase:
     def _guess_resolution(self) -> int:
         for rel in (GUIDE_FILES["body_mask"], GUIDE_FILES["ct_normalized"]):
             if (self.dir / rel).is_file():
-                return int(np.load(self.dir / rel, mmap_mode="r").shape[0])
+                return int(load_npy(self.dir / rel, mmap_mode="r").shape[0])
         windows = sorted((self.dir / "windows").glob("*.npy"))
         if windows:
-            return int(np.load(windows[0], mmap_mode="r").shape[0])
+            return int(load_npy(windows[0], mmap_mode="r").shape[0])
         raise FileNotFoundError(f"{self.dir}: no case.json and no array to read the cube size from; rerun ./run.sh preprocess")
 
     @property
@@ -245,7 +245,7 @@ class ProcessedCase:
                 self._arrays[name] = ChunkedArray(path) if path.is_file() else None
             else:
                 path = self.dir / GUIDE_FILES.get(name, name)
-                self._arrays[name] = np.load(path, mmap_mode="r") if path.is_file() else None
+                self._arrays[name] = load_npy(path, mmap_mode="r") if path.is_file() else None
         return self._arrays[name]
 
     def _compact_read(self, name: str, box: Box | None, fill) -> np.ndarray | None:

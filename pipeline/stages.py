@@ -19,14 +19,14 @@ import re
 import shlex
 import sys
 from copy import deepcopy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipeline import distributed as D
-from pipeline.io_utils import save_json, save_text
+from pipeline.io_utils import CheckpointError, FolderLock, load_torch, save_json, save_text
 
 __all__ = [
     "STAGE_TITLES",
@@ -34,6 +34,7 @@ __all__ = [
     "prepare_run_folder",
     "find_checkpoint",
     "list_checkpoints",
+    "read_resume_state",
     "load_weights",
     "freeze_for_stage",
     "prepare_network",
@@ -126,10 +127,54 @@ class RunFolder:
     resume_ckpt: Path | None = None
     resume_step: int = 0
     init_ckpt: Path | None = None
+    resume_state: dict | None = field(default=None, repr=False)
+    pending: dict = field(default_factory=dict, repr=False)
+    lock: FolderLock | None = field(default=None, repr=False)
 
     @property
     def resuming(self) -> bool:
         return self.resume_ckpt is not None
+
+    def release(self) -> None:
+        """Releases the run-folder lock (at the end of training)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def commit(self) -> None:
+        """Writes the files held back until the resume succeeded (``config.json``, ``command.txt``)."""
+        for name, content in self.pending.items():
+            (save_json if name.endswith(".json") else save_text)(self.output_dir / name, content)
+        self.pending = {}
+        self.resume_state = None
+
+
+def read_resume_state(model_path: Path, step: int = 0) -> dict:
+    """Reads the checkpoint set of one step (model, misc, EMA when present) with ``weights_only=True``.
+
+    Raises:
+        CheckpointError: a file is missing, truncated, empty or holds more than tensors and numbers.
+
+    Returns:
+        {"step", "model", "misc", "ema" (or None), "model_path", "misc_path", "ema_path"}.
+    """
+    model_path = Path(model_path)
+    ck = model_path.parent
+    step = int(step) or int(model_path.stem.rsplit("step", 1)[-1])
+    misc_path = ck / f"misc_step{step:07d}.pt"
+    older = f"--load_dir {ck.parent} --ckpt <an earlier step>"
+    model = load_torch(model_path, f"resume from an earlier step ({older}) or delete this step's files")
+    misc = load_torch(misc_path, f"resume from an earlier step ({older}); a misc file written before weights-only "
+                                 "checkpoints cannot be resumed, start from its weights with --load_dir into a new --output_dir")
+    if not isinstance(misc, dict) or "optimizer" not in misc or "step" not in misc:
+        raise CheckpointError(f"{misc_path}: not a misc checkpoint of pipeline.trainer (no step / optimizer); {older}")
+    hits = sorted(ck.glob(f"vqvae_ema*_step{step:07d}.pt"))
+    ema = load_torch(hits[0], "delete it to restart the average from the weights, or resume from an earlier step") if hits else None
+    for what, obj, p in (("model", model, model_path), ("EMA", ema, hits[0] if hits else None)):
+        if obj is not None and not (isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values())):
+            raise CheckpointError(f"{p}: holds no {what} state dict; resume from another step ({older})")
+    return {"step": step, "model": model, "misc": misc, "ema": ema, "model_path": model_path, "misc_path": misc_path,
+            "ema_path": hits[0] if hits else None}
 
 
 def _command_line() -> str:
@@ -182,23 +227,16 @@ def prepare_run_folder(
     elif ckpt not in (None, "", "None"):
         path, step = find_checkpoint(out, ckpt)  # --ckpt without --load_dir: resume this folder
         run.resume_ckpt, run.resume_step = path, step
-    existing = list_checkpoints(out)
-    if existing and not (run.resuming and run.resume_ckpt.parent.parent.resolve() == out.resolve()):
-        raise FileExistsError(
-            f"output_dir '{out}' already holds checkpoints up to step {existing[-1]}; resume with "
-            f"--load_dir {out} --ckpt latest, or pick a new --output_dir"
-        )
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output_dir '{out}' is a file; pick a folder for the run (--output_dir)")
     if D.is_main():
-        for sub in ("ckpts", "tb_logs", "samples"):
-            (out / sub).mkdir(parents=True, exist_ok=True)
-        cfg = config if config is not None else resolved_config()
-        if cfg is not None:
-            save_json(out / "config.json", cfg)
-        cmd = _command_line()
-        prev = (out / "command.txt").read_text() if run.resuming and (out / "command.txt").is_file() else ""
-        save_text(out / "command.txt", prev + cmd + "\n")
-        if log_file:
-            _attach_log_file(out / "log.txt")
+        run.lock = FolderLock(out, ".train.lock", f"another training run is writing into '{out}'; wait for it to "
+                                                  "finish or pick another --output_dir").acquire()
+    try:
+        _prepare_files(run, config, log_file)
+    except BaseException:
+        run.release()
+        raise
     _ensure_console()
     D.barrier()
     if run.resuming:
@@ -207,6 +245,30 @@ def prepare_run_folder(
         _, init_step = find_checkpoint(run.init_ckpt)
         logger.info(f"Loading checkpoint from step {init_step}... (weights of {run.init_ckpt}, training restarts at step 0)")
     return run
+
+
+def _prepare_files(run: RunFolder, config: dict | None, log_file: bool) -> None:
+    """Refuses a used folder unless resuming it, reads the resume state, writes the run files."""
+    out = run.output_dir
+    existing = list_checkpoints(out)
+    if existing and not (run.resuming and run.resume_ckpt.parent.parent.resolve() == out.resolve()):
+        raise FileExistsError(
+            f"output_dir '{out}' already holds checkpoints up to step {existing[-1]}; resume with "
+            f"--load_dir {out} --ckpt latest, or pick a new --output_dir"
+        )
+    if run.resuming:
+        run.resume_state = read_resume_state(run.resume_ckpt, run.resume_step)
+    if D.is_main():
+        for sub in ("ckpts", "tb_logs", "samples"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        cfg = config if config is not None else resolved_config()
+        run.pending = {"config.json": cfg} if cfg is not None else {}
+        prev = (out / "command.txt").read_text() if run.resuming and (out / "command.txt").is_file() else ""
+        run.pending["command.txt"] = prev + _command_line() + "\n"
+        if not run.resuming:  # a resumed run's files change only once its checkpoint has loaded
+            run.commit()
+        if log_file:
+            _attach_log_file(out / "log.txt")
 
 
 def _attach_log_file(path: Path) -> None:
@@ -324,7 +386,11 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, strict: bool =
     except ImportError:
         load_pretrained = None
     if load_pretrained is not None and not strict:
-        report = load_pretrained(model, str(path))
+        try:
+            report = load_pretrained(model, str(path))
+        except Exception:
+            load_torch(path, "pass a complete checkpoint (pretrained_vae_path / --load_dir)")  # names a damaged file
+            raise
         if isinstance(report, dict):
             return {"missing": list(report.get("missing", report.get("missing_keys", []))),
                     "unexpected": list(report.get("unexpected", report.get("unexpected_keys", []))),
@@ -332,7 +398,7 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, strict: bool =
         miss = getattr(report, "missing_keys", []) or getattr(report, "missing", [])
         unexp = getattr(report, "unexpected_keys", []) or getattr(report, "unexpected", [])
         return {"missing": list(miss), "unexpected": list(unexp)}
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = load_torch(path, "pass a complete checkpoint (pretrained_vae_path / --load_dir)")
     for key in ("vae", "model", "state_dict"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
@@ -474,17 +540,16 @@ def build_from_run(run_dir: str | os.PathLike, ckpt: str | int = "latest", ema: 
     Returns:
         (model in eval mode, resolved config dict).
     """
-    from monai.bundle import ConfigParser
+    from pipeline.infer import build_network, load_run_config
 
     run_dir = Path(run_dir)
-    cfg = json.loads((run_dir / "config.json").read_text())
-    model = ConfigParser(cfg).get_parsed_content("network_def")
+    cfg = load_run_config(run_dir)
+    model = build_network(cfg, run_dir / "config.json")
     try:
         path, _ = find_checkpoint(run_dir, ckpt, ema=ema)
     except FileNotFoundError:
         if not ema:
             raise
         path, _ = find_checkpoint(run_dir, ckpt, ema=False)
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(sd)
+    model.load_state_dict(load_torch(path, "pass another --ckpt or re-copy the run folder"))
     return model.to(device).eval(), cfg

@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["build_parser", "parse_overrides", "main"]
+__all__ = ["build_parser", "parse_overrides", "check_overrides", "main"]
 
 BUNDLE_DIR = Path(__file__).resolve().parents[1] / "bundles" / "ct_vqvae"
 
@@ -60,10 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _value(text: str):
+def _value(text: str, key: str = "value"):
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as e:
+        if text.strip()[:1] in ("[", "{", '"'):  # meant as JSON: a plain string never starts like this
+            raise SystemExit(f"--override {key}={text}: not valid JSON ({e.msg} at column {e.colno}); "
+                             "write lists as [1,2], objects as {\"k\":1}, strings as '\"text\"'") from None
         return text
 
 
@@ -74,8 +77,67 @@ def parse_overrides(items: list[str]) -> dict:
         if "=" not in item:
             raise SystemExit(f"--override '{item}' is not KEY=VALUE; e.g. --override learning_rate=5e-4")
         k, v = item.split("=", 1)
-        out[k.strip()] = _value(v)
+        out[k.strip()] = _value(v, k.strip())
     return out
+
+
+def _key_paths(node, prefix: str = "") -> list[str]:
+    out = []
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+    for k, v in items:
+        path = f"{prefix}{k}"
+        out.append(path)
+        out += _key_paths(v, path + "#")
+    return out
+
+
+def check_overrides(files: list[str], overrides: dict) -> None:
+    """Every override key must exist in the merged config (or be an argument of the ``_target_`` it is
+    nested in); a typo names the closest key.
+
+    Args:
+        files: the config files (later files win).
+        overrides: ``{"a#b": value}`` from :func:`parse_overrides`.
+    """
+    import difflib
+
+    from monai.bundle import ConfigParser
+
+    try:
+        config = ConfigParser.load_config_files(files)
+    except Exception as e:
+        raise SystemExit(f"config {files}: cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:160]}); fix the file") from None
+    known = _key_paths(config)
+    for key in overrides:
+        path = key.replace("::", "#")
+        if path in known:
+            continue
+        parent, _, name = path.rpartition("#")
+        accepted = _target_args(config, parent) if parent in known else []
+        if name in accepted:  # an argument of a _target_ the config leaves at its default
+            continue
+        close = difflib.get_close_matches(key, known + [f"{parent}#{a}" for a in accepted], n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "see the keys of the --config file"
+        raise SystemExit(f"--override {key}: no such key in {', '.join(files)}; {hint}")
+
+
+def _target_args(config: dict, path: str) -> list[str]:
+    """Keyword arguments of the ``_target_`` at ``path`` of the config (none when it has no ``_target_``)."""
+    import importlib
+    import inspect
+
+    node = config
+    for part in path.split("#"):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    target = node.get("_target_") if isinstance(node, dict) else None
+    if not isinstance(target, str) or "." not in target:
+        return []
+    module, _, name = target.rpartition(".")
+    try:
+        params = inspect.signature(getattr(importlib.import_module(module), name)).parameters.values()
+    except Exception:  # not importable here: only the keys the config spells out
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def _configs(values: list[str]) -> list[str]:
@@ -109,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         if overlay not in [str(Path(f).resolve()) for f in files]:
             files.append(overlay)
     overrides = parse_overrides(args.override)
+    check_overrides(files, overrides)
     for key in ("output_dir", "data_dir", "load_dir", "ckpt"):
         val = getattr(args, key)
         if val is not None:
@@ -123,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         root = e
         while root.__cause__ is not None:
             root = root.__cause__
-        if isinstance(root, (FileExistsError, FileNotFoundError, ValueError, KeyError)) and root is not e:
-            print(f"train: {type(root).__name__}: {root}", file=sys.stderr)
+        if isinstance(root, (FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError, KeyError)) and root is not e:
+            lines = [ln for ln in str(root).splitlines() if ln.strip()] or [""]
+            print(f"train: {type(root).__name__}: {lines[-1]}", file=sys.stderr)  # a worker's error ends with its own
             return 2
         raise
     return 0

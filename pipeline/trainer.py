@@ -27,6 +27,7 @@ from monai.engines import SupervisedTrainer
 
 from pipeline import distributed as D
 from pipeline.dataset import batch_split, to_sparse_tensor
+from pipeline.io_utils import CheckpointError
 
 __all__ = ["SparseReconLoss", "SparseVQVAETrainer", "rng_state", "set_rng_state"]
 
@@ -64,8 +65,16 @@ class SparseReconLoss(torch.nn.Module):
 
 
 def rng_state() -> dict:
-    """Python, numpy, torch (and CUDA) random states."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy, torch (and CUDA) random states as tensors, numbers and lists (loadable with
+    ``torch.load(..., weights_only=True)``)."""
+    version, words, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [int(version), list(words), gauss],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -74,9 +83,12 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     """Restores :func:`rng_state`."""
     if "python" in state:
-        random.setstate(state["python"])
+        version, words, gauss = state["python"]
+        random.setstate((int(version), tuple(int(w) for w in words), gauss))
     if "numpy" in state:
-        np.random.set_state(state["numpy"])
+        n = state["numpy"]
+        np.random.set_state(("MT19937", np.asarray(n["keys"], dtype=np.int64).astype(np.uint32), int(n["pos"]),
+                             int(n["has_gauss"]), float(n["cached_gaussian"])))
     if "torch" in state:
         torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
@@ -157,6 +169,7 @@ class SparseVQVAETrainer(SupervisedTrainer):
         self.state.nonfinite_steps = 0
         self.ema = None  # set by EMAHandler
         self.run_dir: Path | None = None
+        self.run_folder = None  # pipeline.stages.RunFolder given to resume(); its lock is released after run()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.max_seconds = float(max_minutes) * 60.0 if max_minutes else None
         self.started_at: float | None = None
@@ -269,29 +282,40 @@ class SparseVQVAETrainer(SupervisedTrainer):
     def resume(self, run) -> int:
         """Restores weights, EMA, optimizer, scaler, scheduler, sampler position and RNG.
 
+        Every file is read with ``weights_only=True``; an unreadable file or one of another model
+        size ends in one :class:`~pipeline.io_utils.CheckpointError` line, before anything in the
+        run folder changes (``config.json`` is written only after a successful resume).
+
         Args:
             run: ``pipeline.stages.RunFolder`` (no-op unless it resumes) or a checkpoint path.
 
         Returns:
             the step training continues from.
         """
+        from pipeline.stages import read_resume_state
+
+        if hasattr(run, "release"):
+            self.run_folder = run
         path = getattr(run, "resume_ckpt", run)
         if path is None:
             return 0
-        path = Path(path)
-        ck = path.parent
-        step = int(getattr(run, "resume_step", 0)) or int(path.stem.rsplit("step", 1)[-1])
-        self.model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        misc = torch.load(ck / f"misc_step{step:07d}.pt", map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(misc["optimizer"])
-        if misc.get("scaler"):
-            self.grad_scaler.load_state_dict(misc["scaler"])
-        if self.lr_scheduler is not None and misc.get("scheduler") is not None:
-            self.lr_scheduler.load_state_dict(misc["scheduler"])
+        state = getattr(run, "resume_state", None) or read_resume_state(Path(path), getattr(run, "resume_step", 0))
+        step, misc = state["step"], state["misc"]
+        _load_matching(self.model, state["model"], state["model_path"])
+        try:
+            self.optimizer.load_state_dict(misc["optimizer"])
+            if misc.get("scaler"):
+                self.grad_scaler.load_state_dict(misc["scaler"])
+            if self.lr_scheduler is not None and misc.get("scheduler") is not None:
+                self.lr_scheduler.load_state_dict(misc["scheduler"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(
+                f"{state['misc_path']}: optimizer state does not fit this run ({type(e).__name__}: {' '.join(str(e).split())[:120]}); "
+                "resume with the config of the run that wrote it (trainable parameters, optimizer, lr_scheduler)"
+            ) from None
         if self.ema is not None:
-            hits = sorted(ck.glob(f"vqvae_ema*_step{step:07d}.pt"))
-            if hits:
-                self.ema.load_state_dict(torch.load(hits[0], map_location="cpu", weights_only=True))
+            if state["ema"] is not None:
+                _load_matching(self.ema, state["ema"], state["ema_path"])
             else:
                 logger.warning(f"no EMA checkpoint for step {step}: EMA restarts from the current weights")
                 self.ema.reset()
@@ -303,14 +327,34 @@ class SparseVQVAETrainer(SupervisedTrainer):
         self.state.iteration = int(misc["step"])
         self.state.epoch = 0
         self.state.nonfinite_steps = int(misc.get("nonfinite_steps", 0))
+        if hasattr(run, "commit"):
+            run.commit()
         if self.state.iteration >= self.state.epoch_length:
             logger.warning(f"checkpoint step {step} >= max_steps {self.state.epoch_length}: nothing left to train")
         return self.state.iteration
 
     def run(self) -> None:  # noqa: D102
-        if self.state.iteration >= (self.state.epoch_length or 0) and self.state.iteration > 0:
-            return
-        super().run()
-        if self.started_at is not None:  # the clock starts after the first step
-            seconds = time.perf_counter() - self.started_at
-            logger.info(f"Training finished: {self.state.iteration} steps, {seconds:.1f} s after the first step")
+        try:
+            if self.state.iteration >= (self.state.epoch_length or 0) and self.state.iteration > 0:
+                return
+            super().run()
+            if self.started_at is not None:  # the clock starts after the first step
+                seconds = time.perf_counter() - self.started_at
+                logger.info(f"Training finished: {self.state.iteration} steps, {seconds:.1f} s after the first step")
+        finally:
+            if self.run_folder is not None:
+                self.run_folder.release()
+
+
+def _load_matching(target, sd: dict, path: Path) -> None:
+    """``target.load_state_dict(sd)`` after checking names and shapes (one line naming ``path`` when they differ)."""
+    own = target.state_dict()
+    diff = [(k, list(sd[k].shape), list(v.shape)) for k, v in own.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    missing = [k for k in own if k not in sd]
+    extra = [k for k in sd if k not in own]
+    if diff or missing or extra:
+        what = (f"{len(diff)} shape mismatches, e.g. {diff[0][0]} {diff[0][1]} vs model {diff[0][2]}" if diff
+                else f"{len(missing)} missing and {len(extra)} unexpected entries, e.g. {(missing or extra)[0]}")
+        raise CheckpointError(f"{path}: checkpoint of another model ({what}); resume with the network_def of the run "
+                              "that wrote it, or start a new --output_dir")
+    target.load_state_dict(sd)

@@ -137,8 +137,8 @@ def test_choice_of_weights_and_errors(tmp_path, capsys):
     out = export_bundle(run, tmp_path / "old", ckpt=run / "ckpts" / "vqvae_ema0.9999_step0000010.pt", make_zip=False)
     old = torch.load(run / "ckpts" / "vqvae_ema0.9999_step0000010.pt", weights_only=True)
     assert all(torch.equal(torch.load(out / "models" / "model.pt", weights_only=True)[k], old[k]) for k in old)
-    # re-export over an existing bundle replaces it
-    export_bundle(run, tmp_path / "old", make_zip=False)
+    # re-export over an existing bundle replaces it with --overwrite
+    export_bundle(run, tmp_path / "old", make_zip=False, overwrite=True)
     # a run without checkpoints / without config: one line, non-zero exit
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text((run / "config.json").read_text())

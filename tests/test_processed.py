@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.chunked import ChunkedArray, save_chunked
-from pipeline.io_utils import save_json
+from pipeline.io_utils import DataFileError, save_json
 from pipeline.processed import COMPACT_FILES, ProcessedCase, marker_is_valid, usable_cases
 from transforms import apply_window, parse_window
 
@@ -29,10 +29,16 @@ def test_chunked_box_reads(tmp_path, order):
     assert not ChunkedArray(tmp_path / "empty.chunks").read([(0, 4), (0, 2), (0, 1)]).any()
 
 
-def test_chunked_rejects_other_files(tmp_path):
+def test_chunked_damage_is_one_line_naming_the_file(tmp_path):
     (tmp_path / "x.chunks").write_bytes(b"not a chunked array")
-    with pytest.raises(ValueError, match="preprocess"):
+    with pytest.raises(DataFileError, match="x.chunks: damaged .*rerun ./run.sh preprocess"):
         ChunkedArray(tmp_path / "x.chunks")
+    save_chunked(tmp_path / "y.chunks", np.arange(4096, dtype=np.int16).reshape(16, 16, 16), chunk=8)
+    data = bytearray((tmp_path / "y.chunks").read_bytes())
+    data[-200:] = bytes(200)  # same size, the last chunk zeroed
+    (tmp_path / "y.chunks").write_bytes(bytes(data))
+    with pytest.raises(DataFileError, match="y.chunks: damaged"):
+        ChunkedArray(tmp_path / "y.chunks").read()
 
 
 def _compact_case(case_dir: Path, hu: np.ndarray, mask: np.ndarray, box) -> None:

@@ -231,7 +231,7 @@ def test_resume_reproduces_losses(data_dir, tmp_path):
     assert sorted(b) == list(range(1, 8)), b
     for s in range(3, 8):
         assert b[s] == pytest.approx(a[s], rel=1e-4, abs=1e-6), (s, a, b)
-    misc = torch.load(part / "ckpts" / "misc_step0000007.pt", weights_only=False)
+    misc = torch.load(part / "ckpts" / "misc_step0000007.pt", weights_only=True)
     assert misc["step"] == 7 and misc["scheduler"]["last_epoch"] == 7 and misc["sampler"]["start_step"] == 7
     assert "Loading checkpoint from step 2" in (part / "log.txt").read_text()
 
@@ -250,6 +250,6 @@ def test_two_process_gloo(data_dir, tmp_path):
     assert ck == ["misc_step0000002.pt", "vqvae_ema0.9999_step0000002.pt", "vqvae_step0000002.pt"], ck
     assert sorted(step_losses(out)) == [1, 2]
     assert (out / "log.txt").read_text().count("Step 2: loss=") == 1
-    misc = torch.load(out / "ckpts" / "misc_step0000002.pt", weights_only=False)
+    misc = torch.load(out / "ckpts" / "misc_step0000002.pt", weights_only=True)
     assert misc["world_size"] == 2
     assert "./run.sh train" in (out / "command.txt").read_text()

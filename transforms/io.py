@@ -8,6 +8,7 @@ is not a loadable CT volume raises :class:`CTLoadError` with one line naming the
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import zipfile
 from collections.abc import Hashable, Mapping
@@ -26,6 +27,10 @@ __all__ = [
     "LoadCTd",
     "load_ct",
     "find_dicom_series",
+    "dicom_volume_series",
+    "label_coverage",
+    "check_label_overlap",
+    "MAX_SLICE_GAP",
     "LPS_TO_RAS",
 ]
 
@@ -52,6 +57,23 @@ class CTLoadError(ValueError):
 
 def _fail(path, what: str, fix: str) -> CTLoadError:
     return CTLoadError(f"{path}: {what}; {fix}")
+
+
+def _first_line(e: BaseException, limit: int = 100) -> str:
+    """``Type: first line of the message`` (just the type when the message is empty, e.g. MemoryError)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0][:limit]}" if lines else type(e).__name__
+
+
+def _check_readable(path: Path) -> None:
+    """Refuses a path this process may not read, naming the permission."""
+    need = os.R_OK | (os.X_OK if path.is_dir() else 0)
+    if not os.access(path, need):
+        raise _fail(path, "no permission to read it", "fix its permissions (e.g. chmod -R a+rX) or run as a user who may read it")
+
+
+#: slices wider apart than this many typical spacings (and 10 mm) are refused instead of interpolated
+MAX_SLICE_GAP = 3.0
 
 
 class _quiet_itk:
@@ -168,6 +190,7 @@ def _scan_dicom(folder: str | os.PathLike) -> dict[str, list[_DicomHeader]]:
     for root, _dirs, files in os.walk(folder):
         for name in sorted(files):
             p = os.path.join(root, name)
+            _check_readable(Path(p))
             hdr = _read_dicom_header(p)
             if hdr is None and not name.lower().endswith(_NIFTI_SUFFIXES + _ITK_SUFFIXES + (".zip", ".json", ".txt")):
                 # DICOM files written without the 128-byte preamble: ask GDCM directly.
@@ -192,6 +215,101 @@ def find_dicom_series(folder: str | os.PathLike) -> dict[str, list[str]]:
     for uid, headers in _scan_dicom(folder).items():
         out[uid] = [h.path for h in _sort_slices(headers)]
     return out
+
+
+def dicom_volume_series(folder: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """The CT volume series of a DICOM folder (searched recursively, as :func:`load_ct` does).
+
+    Args:
+        folder: DICOM folder.
+
+    Returns:
+        (SeriesInstanceUIDs of CT volume series, notes ``"series UID: reason"`` on the series that
+        are not: other modalities, localizers). A folder whose files cannot be read gives ([], []),
+        leaving the refusal to :func:`load_ct`.
+    """
+    try:
+        groups = _scan_dicom(folder)
+    except CTLoadError:
+        return [], []
+    volumes, notes = [], []
+    for uid, headers in sorted(groups.items()):
+        try:
+            _choose_series(folder, {uid: headers}, None)
+            volumes.append(uid)
+        except CTLoadError as e:
+            notes.append(f"series {uid or '(no UID)'} ({len(headers)} files): {str(e).split(': ', 1)[-1]}")
+    return volumes, notes
+
+
+def _header_geometry(path: Path) -> tuple[np.ndarray, tuple] | None:
+    """(RAS affine, shape) from a volume file's header only (None when it cannot be read)."""
+    try:
+        if str(path).lower().endswith(_NIFTI_SUFFIXES):
+            import nibabel as nib
+
+            img = nib.load(str(path))
+            return np.asarray(img.affine, np.float64), tuple(int(v) for v in img.shape[:3])
+        import SimpleITK as sitk
+
+        r = sitk.ImageFileReader()
+        r.SetFileName(str(path))
+        with _quiet_itk():
+            r.ReadImageInformation()
+        aff = np.eye(4)
+        aff[:3, :3] = (np.asarray(r.GetDirection()).reshape(r.GetDimension(), -1)[:3, :3]
+                       * np.asarray(r.GetSpacing())[None, :3])
+        aff[:3, 3] = r.GetOrigin()[:3]
+        return LPS_TO_RAS @ aff, tuple(int(v) for v in r.GetSize()[:3])
+    except Exception:
+        return None
+
+
+def label_coverage(label: str | os.PathLike, image_affine, image_shape, samples: int = 24) -> float | None:
+    """Share of an image's volume that a label map's grid covers (0.0: they do not overlap).
+
+    Read from the label's header only: the image grid is sampled on ``samples``^3 points, each
+    mapped into the label's voxel grid through the two affines.
+
+    Args:
+        label: label map file (NIfTI, NRRD, MHA).
+        image_affine: 4x4 RAS affine of the image.
+        image_shape: the image's (X, Y, Z).
+        samples: points per axis.
+
+    Returns:
+        the covered share in [0, 1], or None when the label's header cannot be read.
+    """
+    geo = _header_geometry(Path(label))
+    if geo is None:
+        return None
+    lab_aff, lab_shape = geo
+    shape = np.asarray([int(v) for v in list(image_shape)[-3:]], np.float64)
+    axes = [np.linspace(0, n - 1, samples) for n in shape]
+    pts = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    pts = np.concatenate([pts, np.ones((len(pts), 1))], 1)
+    world = pts @ np.asarray(image_affine, np.float64).T
+    ijk = (world @ np.linalg.inv(lab_aff).T)[:, :3]
+    inside = np.all((ijk > -0.5) & (ijk < np.asarray(lab_shape) - 0.5), axis=1)
+    return float(inside.mean())
+
+
+def check_label_overlap(label: str | os.PathLike, image_affine, image_shape) -> tuple[float | None, list[str]]:
+    """:func:`label_coverage` of a label map, refusing one that does not overlap its image at all.
+
+    Returns:
+        (covered share or None when the header cannot be read, warnings: a label map covering
+        less than half of the image).
+
+    Raises:
+        CTLoadError: the label map and the image do not overlap.
+    """
+    cover = label_coverage(label, image_affine, image_shape)
+    if cover == 0.0:
+        raise _fail(label, "label map does not overlap its image in world space (covers 0% of it)",
+                    "pair it with the right image, or fix the origin / orientation in its header")
+    warn = [f"label map {Path(label).name} covers only {cover:.0%} of the image"] if cover is not None and cover < 0.5 else []
+    return cover, warn
 
 
 def _normal(iop: np.ndarray) -> np.ndarray:
@@ -222,8 +340,13 @@ def _split_by_geometry(headers: list[_DicomHeader]) -> list[list[_DicomHeader]]:
     return list(stacks.values())
 
 
-def _choose_series(path, groups: dict[str, list[_DicomHeader]], series_uid: str | None) -> list[_DicomHeader]:
-    """Picks the CT volume series to load (the one asked for, else the CT stack with most slices)."""
+def _choose_series(path, groups: dict[str, list[_DicomHeader]], series_uid: str | None) -> tuple[list[_DicomHeader], int]:
+    """Picks the CT volume series to load (the one asked for, else the CT stack with most slices).
+
+    Returns:
+        (its headers, how many slices of the same SeriesInstanceUID were left out: another size,
+        pixel spacing or orientation).
+    """
     if not groups:
         raise _fail(path, "no DICOM image files found (empty folder or no readable DICOM headers)",
                     "point to a folder, .zip or file holding a CT DICOM series")
@@ -250,7 +373,9 @@ def _choose_series(path, groups: dict[str, list[_DicomHeader]], series_uid: str 
                         "give the axial CT series instead")
         raise _fail(path, f"DICOM modality {'/'.join(modalities)} is not CT",
                     "give a CT series (only CT in Hounsfield units is supported)")
-    return max(candidates, key=len)
+    best = max(candidates, key=len)
+    left = sum(len(c) for c in candidates if c is not best and c[0].series_uid == best[0].series_uid)
+    return best, left
 
 
 def _read_dicom_stack(path, headers: list[_DicomHeader]) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -282,6 +407,18 @@ def _read_dicom_stack(path, headers: list[_DicomHeader]) -> tuple[np.ndarray, np
     if np.any(gaps < 1e-3):
         raise _fail(path, "DICOM series has several slices at the same position (mixed acquisitions?)",
                     "split the series so each position appears once")
+    typical = float(np.median(gaps))
+    wide = np.flatnonzero(gaps > 1.5 * typical)
+    warnings = []
+    if len(wide):
+        worst = float(gaps.max())
+        if worst > MAX_SLICE_GAP * typical + 1e-3 and worst > 10.0:
+            raise _fail(path, f"a gap of {worst:.1f} mm between slices (typical spacing {typical:.2f} mm, about "
+                        f"{round(worst / typical) - 1} slices missing)", "give the complete series "
+                        f"(gaps up to {MAX_SLICE_GAP:g} spacings or 10 mm are interpolated with a warning)")
+        missing = int(sum(round(g / typical) - 1 for g in gaps[wide]))
+        warnings.append(f"{len(wide)} gap(s) between slices up to {worst:.1f} mm (typical {typical:.2f} mm, about "
+                        f"{missing} slice(s) missing) were interpolated")
     dx, dy = float(headers[0].spacing[0]), float(headers[0].spacing[1])
     files = [h.path for h in headers]
     with _quiet_itk():
@@ -303,6 +440,7 @@ def _read_dicom_stack(path, headers: list[_DicomHeader]) -> tuple[np.ndarray, np
         "dicom_uneven_spacing": bool(uneven),
         "dicom_regularized": bool(uneven or tilted),
         "dicom_slice_gaps_mm": [round(float(g), 4) for g in np.unique(np.round(gaps, 3))],
+        "load_warnings": warnings,
     }
     if not (uneven or tilted):
         aff = np.eye(4)
@@ -363,14 +501,32 @@ def _regularize_stack(vol, pos, r, c, n, dx, dy, s, gaps, pad: float = -1024.0):
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_claimed_size(path, shape, itemsize: int, compressed: bool) -> None:
+    """Refuses a header whose image size the file cannot hold (truncated file or a forged header),
+    before any memory is allocated for it."""
+    voxels = int(np.prod([int(s) for s in shape], dtype=np.float64)) if len(shape) else 0
+    need = voxels * int(itemsize)
+    have = os.path.getsize(path)
+    # raw data is at most the file size; compressed CT shrinks far less than 1000x
+    if need > have * (1000 if compressed else 1) or voxels > 2**34:
+        raise _fail(path, f"header claims a {' x '.join(str(int(v)) for v in shape)} image ({need / 2**30:.1f} GiB) "
+                    f"but the file holds {have / 2**20:.1f} MiB", "the file is truncated or its header is wrong; re-export it")
+
+
 def _load_nifti(path: str) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
     try:
         img = nib.load(path)
-        data = np.asanyarray(img.dataobj)
+        shape, dtype = img.header.get_data_shape(), img.header.get_data_dtype()
     except Exception as e:  # nibabel raises many types for corrupt or foreign files
-        raise _fail(path, f"not a readable NIfTI file ({type(e).__name__}: {str(e).splitlines()[0][:100]})",
+        raise _fail(path, f"not a readable NIfTI file ({_first_line(e)})",
+                    "check the file is a complete NIfTI image (re-export or re-download it)") from None
+    _check_claimed_size(path, shape, dtype.itemsize, compressed=path.lower().endswith(".gz"))
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:
+        raise _fail(path, f"not a readable NIfTI file ({_first_line(e)})",
                     "check the file is a complete NIfTI image (re-export or re-download it)") from None
     aff = np.asarray(img.affine, dtype=np.float64)
     return data, aff
@@ -381,9 +537,21 @@ def _load_itk(path: str) -> tuple[np.ndarray, np.ndarray]:
 
     try:
         with _quiet_itk():
-            img = sitk.ReadImage(path)
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(path)
+            reader.ReadImageInformation()
     except RuntimeError as e:
-        raise _fail(path, f"not a readable image file ({str(e).strip().splitlines()[-1][:100]})",
+        raise _fail(path, f"not a readable image file ({_last_line(e)})",
+                    "check the file is a complete NRRD/MHA image (re-export it)") from None
+    if not path.lower().endswith((".nhdr", ".mhd")):  # detached data lies in another file
+        bits = re.search(r"(\d+)-bit", sitk.GetPixelIDValueAsString(reader.GetPixelID()))
+        itemsize = int(bits.group(1)) // 8 if bits else 1
+        _check_claimed_size(path, reader.GetSize(), itemsize * reader.GetNumberOfComponents(), compressed=True)
+    try:
+        with _quiet_itk():
+            img = reader.Execute()
+    except (RuntimeError, MemoryError) as e:
+        raise _fail(path, f"not a readable image file ({_last_line(e)})",
                     "check the file is a complete NRRD/MHA image (re-export it)") from None
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise _fail(path, "image has several components per pixel (RGB/vector), not CT HU",
@@ -400,6 +568,11 @@ def _load_itk(path: str) -> tuple[np.ndarray, np.ndarray]:
     aff[:3, :3] = d * np.asarray(img.GetSpacing())[None, :]
     aff[:3, 3] = img.GetOrigin()
     return np.asarray(arr), LPS_TO_RAS @ aff
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[-1][:100] if lines else type(e).__name__
 
 
 def _check_volume(path, data: np.ndarray, check_hu: bool) -> np.ndarray:
@@ -421,7 +594,7 @@ def _check_volume(path, data: np.ndarray, check_hu: bool) -> np.ndarray:
             raise _fail(path, "volume contains NaN or infinite values", "clean the volume before loading")
         if lo > -500 or hi - lo < 200:
             raise _fail(path, f"values {lo:g}..{hi:g} do not look like CT in HU (no air below -500 HU)",
-                        "give a CT in Hounsfield units (apply rescale slope/intercept) or pass check_hu=False")
+                        "give a CT in Hounsfield units (apply rescale slope/intercept; a normalised or 8-bit image cannot be used)")
     return vol
 
 
@@ -456,8 +629,9 @@ def load_ct(path: str | os.PathLike, series_uid: str | None = None, check_hu: bo
     path = Path(path)
     if not path.exists():
         raise _fail(path, "does not exist", "check the path")
+    _check_readable(path)
     kind = _kind(path)
-    meta: dict = {}
+    meta: dict = {"load_warnings": []}
     if kind in ("dicom_dir", "zip", "file"):
         with tempfile.TemporaryDirectory(prefix="ctvq_dicom_") as tmp:
             folder = path
@@ -477,16 +651,25 @@ def load_ct(path: str | os.PathLike, series_uid: str | None = None, check_hu: bo
                 groups = {k: v for k, v in _scan_dicom(path.parent).items() if k == hdr.series_uid}
                 if hdr.series_uid == "":
                     groups = {"": [h for h in groups.get("", []) if h.size[:2] == hdr.size[:2]]}
-                headers = _choose_series(path, groups, None)
+                headers, left = _choose_series(path, groups, None)
                 headers = [h for h in headers if h.iop is not None and hdr.iop is not None
                            and np.allclose(h.iop, hdr.iop, atol=1e-3)] or [hdr]
                 data, aff, meta = _read_dicom_stack(path, headers)
             if kind != "file":
                 groups = _scan_dicom(folder)
-                headers = _choose_series(path, groups, series_uid)
+                headers, left = _choose_series(path, groups, series_uid)
                 data, aff, meta = _read_dicom_stack(path, headers)
                 meta["dicom_series_uid"] = headers[0].series_uid
                 meta["dicom_series_found"] = len(groups)
+            others = {h.series_uid for hs in groups.values() for h in hs if h.modality == "CT" and not _is_localizer(h)}
+            others.discard(headers[0].series_uid)
+            if others and series_uid is None:
+                meta["load_warnings"].append(f"{len(others)} other CT series in it were not loaded (the one with most "
+                                             "slices was); put each series in its own folder to use them all")
+            if left:
+                meta["load_warnings"].append(
+                    f"{left} slice(s) of series {headers[0].series_uid or '(no UID)'} have another size, spacing or "
+                    "orientation and were left out")
     elif kind == "nifti":
         data, aff = _load_nifti(str(path))
     else:
