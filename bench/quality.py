@@ -102,6 +102,13 @@ def train_ctvq(args, resolution: int, device: torch.device) -> dict:
         common += ["--override", f"{key}=100000000"]
     for item in args.ctvq_override:
         common += ["--override", item]
+    settings = {"minutes": args.minutes, "stage_split": args.split, "ctvq_override": args.ctvq_override,
+                "window": args.window, "small": args.small, "train": str(args.train)}
+    record = args.work / "ctvq" / "settings.json"
+    if record.is_file() and json.loads(record.read_text()) != settings:
+        raise SystemExit(f"quality: {record.parent} was trained with other settings ({record.read_text().strip()}); "
+                         "pass another --work or delete that folder")
+    C.write_json(record, settings)
     steps, seconds = [], []
     for stage, share in enumerate(args.split):
         run = args.work / "ctvq" / f"stage{stage}"
