@@ -403,7 +403,8 @@ class ResidualQuantizer(nn.Module):
     The reconstruction of the first ``d`` levels is the sum of their code vectors, so one model
     decodes at any depth <= ``depth``. In training each step uses a random depth in [1, depth]
     (depth dropout, from torch's global generator, which ``set_determinism`` seeds alike on every
-    rank), so every prefix is trained to stand on its own. Losses are the means over the levels used.
+    rank), so every prefix is trained to stand on its own; a level with k-means initialisation is
+    used only once the levels before it are initialised. Losses are the means over the levels used.
 
     Args:
         levels: the quantizers, coarsest first.
@@ -422,6 +423,9 @@ class ResidualQuantizer(nn.Module):
         d = self.depth
         if self.training and self.depth_dropout and d > 1:
             d = int(torch.randint(1, d + 1, ()))
+        if self.training:  # a level waits for the k-means of the levels before it: its inputs depend on them
+            ready = [getattr(q, "_py_initialized", True) for q in self.levels]
+            d = min(d, ready.index(False) + 1 if False in ready else d)
         residual, total, idx = z, torch.zeros_like(z), []
         losses = {"vq": z.new_zeros((), dtype=torch.float32), "commitment": z.new_zeros((), dtype=torch.float32)}
         for q in self.levels[:d]:

@@ -2,7 +2,7 @@
 
 Two layouts share the quantizer, the latent transformers and the tiling:
 
-- ``layout="patch"`` (default, chosen by ``bench/quality.py``): full resolution is touched once on
+- ``layout="patch"`` (default; its ``bench/quality.py`` runs are in bench/README.md): full resolution is touched once on
   the way in (a kernel-2 stride-2 conv, :func:`~networks.ops.patchify` + linear) and once on the
   way out (linear + :func:`~networks.ops.unpatchify`, a transposed conv), and the work happens
   at 1/2, 1/4 and 1/8 resolution in residual blocks of 3^3 submanifold convs, which span cell
@@ -279,7 +279,7 @@ class PatchDecoder(_LatentTransformer):
 
 
 #: network layouts: ``patch`` (default) and ``direct3d`` (loads Direct3D-S2 weights)
-LAYOUTS = {"patch": (PatchEncoder, PatchDecoder), "direct3d": (SparseEncoder, SparseDecoder)}
+LAYOUTS = ("patch", "direct3d")
 
 
 def _occupied_tiles(cells: torch.Tensor, tile: int) -> torch.Tensor:

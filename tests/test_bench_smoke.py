@@ -219,3 +219,16 @@ def test_quality_refuses_a_bad_stage_split(quality_data):
 
     with pytest.raises(SystemExit):
         quality.parse_args(["--train", "a", "--eval", "b", "--minutes", "1", "--stage-split", "0.5,0.5"])
+
+
+def test_quality_reports_every_residual_depth(quality_data, tmp_path):
+    from bench import quality
+
+    argv = ["--train", str(quality_data / "train"), "--eval", str(quality_data / "eval"), "--minutes", "0.03", "--small",
+            "--device", "cpu", "--workers", "0", "--models", "ctvq", "--out", str(tmp_path / "q.json")]
+    res = quality.main(argv + ["--ctvq-override", "network_def#vq_depth=2"])
+    rows = res["ctvq"]["per_depth"]
+    assert [r["depth"] for r in rows] == [1, 2] and "monai_vqvae" not in res
+    assert all(np.isfinite(r["psnr_body"]) and r["codes_used"] > 0 for r in rows)
+    with pytest.raises(SystemExit, match="trained with other settings"):  # never reported under another name
+        quality.main(argv)

@@ -134,6 +134,15 @@ def test_split_deterministic(synth):
     assert not keys_tr & keys_va and len(keys_va) == 1
 
 
+def test_num_val_zero_trains_on_every_case(synth):
+    """A small collection gives all its cases to training (quality runs, two-scan datasets)."""
+    every = {c["key"] for c in CTWindowSparseDataset(synth, "lung", split="all").cases}
+    assert len(every) >= 2
+    assert {c["key"] for c in CTWindowSparseDataset(synth, "lung", split="train", num_val=0).cases} == every
+    held_out = {c["key"] for c in CTWindowSparseDataset(synth, "lung", split="val", num_val=0).cases}
+    assert held_out == every  # nothing held out: validation runs on the training cases
+
+
 def test_collate_and_split(synth):
     ds = CTWindowSparseDataset(synth, "lung", split="all", max_points=3000)
     batch = sparse_collate([ds[(0, 0)], ds[(1, 0)], ds[(2, 0)]])

@@ -265,3 +265,18 @@ def test_unknown_quantizer_settings_are_refused():
         build_quantizer("vq", depth=0)
     with pytest.raises(ValueError, match="fsq_levels"):
         FSQuantizer(4, levels=(8, 1))
+
+
+def test_residual_levels_wait_for_the_k_means_of_earlier_levels():
+    rq = build_quantizer("vq", depth=2, num_embeddings=16, embedding_dim=8, kmeans_init=True, kmeans_init_points=256,
+                         reservoir_size=256, depth_dropout=False)
+    rq.train()
+    z = clustered(n_clusters=16, dim=8, per=8)[0]  # 128 vectors a step
+    _, idx, _ = rq(z)
+    assert idx.shape[1] == 1 and rq.levels[1].reservoir.shape[0] == 0  # level 1 sees no residuals yet
+    rq(z)  # level 0's reservoir is full: k-means
+    assert bool(rq.levels[0].initialized) and rq.levels[1].reservoir.shape[0] == 0
+    rq(z)  # now level 1 collects the residuals of the initialised level 0
+    assert rq.levels[1].reservoir.shape[0] > 0 and not bool(rq.levels[1].initialized)
+    rq(z)
+    assert bool(rq.levels[1].initialized) and rq(z)[1].shape[1] == 2
