@@ -19,7 +19,7 @@ Usage: ./run.sh <command> [args...]
   train --config CFG --output_dir DIR --data_dir DATA [--num_gpus N ...] [--load_dir D --ckpt latest]
   evaluate --ckpt CKPT|--bundle DIR --data_dir DATA --out REPORT_DIR
   encode SCAN OUT.npz --bundle DIR
-  decode IN.npz OUT.nii.gz --bundle DIR [--original-grid]
+  decode IN.npz OUT.nii.gz --bundle DIR [--original-grid] [--depth D]
   export --run RUN_DIR [--ckpt CKPT] --out dist/ct_vqvae
   bench <train_step|inference|dataloader|preprocess|profile_step|sparse_ops> [args]
                             benchmarks (bench/README.md; bench/real_scans.sh runs the model on real scans)

@@ -2,10 +2,12 @@
 DataLoader workers, set against the training step rate, to show the GPU is never waiting.
 
 Uses the training dataset itself (``pipeline.dataset.CTWindowSparseDataset`` with its
-``StepSampler`` and ``sparse_collate``): memory-mapped window, random 8-aligned crop with at most
-``--max-points`` support voxels, sparse collate, and (on CUDA) the copy to the GPU.
+``StepSampler`` and ``sparse_collate``): the window of a random 8-aligned crop with at most
+``--max-points`` support voxels (decoded from the compact layout's chunks and windowed, or read
+from the guide layout's memory-mapped window), sparse collate, and (on CUDA) the copy to the GPU.
 
-    python bench/dataloader.py --data-dir processed_dataset --train-json bench/results/train_step.json
+    python bench/dataloader.py --nifti scan.nii.gz [--layout compact|guide] --train-json bench/results/train_step.json
+    python bench/dataloader.py --data-dir processed_dataset --step-rate 15.6
     python bench/dataloader.py --case processed_dataset/<name>/processed/<case_id> --step-rate 2.5
     python bench/dataloader.py --small --device cpu      # smoke run
 """
@@ -38,10 +40,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, default=None,
                    help="root of processed datasets (searched recursively); default: the dataset holding --case "
                         "(or the case built from --nifti / the phantom)")
+    p.add_argument("--layout", choices=["compact", "guide"], default="compact",
+                   help="layout of the case built from --nifti or the phantom: compact (default, ./run.sh preprocess "
+                        "on the scan) or guide")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="DataLoader worker counts (default 1 2 4)")
     p.add_argument("--batch-size", type=int, default=1, help="samples per batch (default 1, as train_step)")
     p.add_argument("--max-points", type=int, default=None,
-                   help="crop budget in support voxels (default 300000 as the dataset, or 4096 with --small)")
+                   help="crop budget in support voxels (default: the shipped training crop, dataset#args#max_points of "
+                        "bundles/ct_vqvae/stage0.json; 4096 with --small)")
     p.add_argument("--num-crops", type=int, default=None,
                    help="crops timed per worker count after the first batch (default 200, or 8 with --small)")
     p.add_argument("--max-seconds", type=float, default=None,
@@ -53,6 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            "(default: bench/results/train_step.json when it exists)")
     p.set_defaults(default_budget=30.0)
     return p.parse_args(argv)
+
+
+def shipped_max_points() -> int:
+    """The training crop budget the bundle configs ship (``dataset#args#max_points`` of stage 0)."""
+    cfg = json.loads((Path(__file__).resolve().parents[1] / "bundles" / "ct_vqvae" / "stage0.json").read_text())
+    return int(cfg["dataset"]["args"]["max_points"])
 
 
 def step_rate_from_json(path: Path, max_points: int) -> tuple[float | None, str]:
@@ -68,6 +80,33 @@ def step_rate_from_json(path: Path, max_points: int) -> tuple[float | None, str]
     return 1.0 / float(best["median_s"]), (f"{path.name}: ctvq fp16 at crop {best['crop']} "
                                           f"({best.get('support_voxels')} support voxels), "
                                           f"median step {C.fmt_seconds(best['median_s'])}")
+
+
+def compact_dataset(args) -> Path:
+    """A compact processed dataset of ``--nifti`` (or a phantom scan) made by ``pipeline.preprocess``
+    once under ``--cache`` (a rerun finds it complete and skips it)."""
+    from pipeline import preprocess
+
+    res = args.resolution or (64 if args.small else 512)
+    if args.nifti is not None:
+        stem = Path(args.nifti).name.split(".")[0]
+        raw = Path(args.cache) / f"raw_{stem}" / stem
+        raw.mkdir(parents=True, exist_ok=True)
+        link = raw / Path(args.nifti).name
+        if not link.exists():
+            link.symlink_to(Path(args.nifti).resolve())
+    else:
+        from pipeline.phantom import write_phantom_dataset
+
+        stem, raw = "phantom", Path(args.cache) / "raw_phantom"
+        if not raw.is_dir():
+            write_phantom_dataset(raw, seeds=[0], shape=(96, 96, 72), spacing=4.0)
+    out = Path(args.cache) / f"compact_{stem}_{res}"
+    print(f"preprocessing {raw} into {out} (compact layout, {res}^3; skipped when complete) ...", flush=True)
+    s = preprocess.run(raw.parent, out, None, 0, res, [args.window], progress=False, log=lambda *a, **k: None)
+    if not s["ok"] + s["skipped"]:
+        raise SystemExit(f"preprocessing {raw} failed; see {out}/*/metadata.csv")
+    return out
 
 
 def bench_workers(ds, sampler_cls, collate, workers: int, args, device, cap: float) -> dict[str, Any]:
@@ -104,14 +143,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = C.resolve_device(args.device)
     C.seed_all(args.seed)
-    args.max_points = args.max_points or (4096 if args.small else 300000)
+    args.max_points = args.max_points or (4096 if args.small else shipped_max_points())
     args.num_crops = args.num_crops or (8 if args.small else 200)
     cap = args.max_seconds if args.max_seconds is not None else 10.0
     window = C.parse_window(args.window)[0]
 
     data_dir = args.data_dir
-    if data_dir is None:
-        data_dir = C.prepare_case(args).parent.parent  # <dataset>/processed/<case_id> -> <dataset>
+    if data_dir is None and args.case is not None:
+        data_dir = Path(args.case).parent.parent  # <dataset>/processed/<case_id> -> <dataset>, either layout
+    elif data_dir is None and args.layout == "compact":
+        data_dir = compact_dataset(args)
+    elif data_dir is None:
+        data_dir = C.prepare_case(args).parent.parent
     print(f"data: {data_dir}; window {window}; max_points {args.max_points}; device {device}", flush=True)
 
     step_rate, rate_src = args.step_rate, "--step-rate" if args.step_rate else ""

@@ -5,9 +5,10 @@ resampled trilinearly onto that grid; a code phantom when the data is absent), w
 int16 once (cached), then run through ``pipeline.preprocess.process_case`` in a fresh worker
 process, as the job does: load, orient (RAS), resample into the cube, clip, normalise, windows,
 body mask, write. For comparison the same resampling is timed with ``scipy.ndimage.zoom``
-(order 1) in the same worker.
+(order 1) in the same worker. Then the shared scans are preprocessed in both layouts and the
+bytes of each case folder are set side by side (compact against ``--layout guide``).
 
-    python bench/preprocess.py [--shape 512 512 300] [--resolution 512] [--repeats 3] [--gz]
+    python bench/preprocess.py [--layout compact|guide] [--threads 1] [--shape 512 512 300] [--resolution 512]
     python bench/preprocess.py --small        # CPU smoke run in seconds (CI)
 """
 
@@ -29,7 +30,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, add_common_args, fmt_bytes, fmt_seconds, finish, markdown_table  # noqa: E402
 
-STAGES = ["load", "orient", "resample", "normalize", "windows", "body_mask", "bbox", "labels", "write", "write_bg"]
+STAGES = ["load", "orient", "resample", "body_mask", "bbox", "clip", "normalize", "windows", "labels", "write",
+          "write_bg"]
 LABELS = {"write": "write (main thread blocked)", "write_bg": "write_bg (writer threads, overlapped)"}
 TARGET_S = 3.0
 
@@ -72,7 +74,7 @@ def synthesize(path: Path, shape: tuple[int, int, int], gz: bool) -> dict:
     return {"origin": origin, "shape": list(shape), "spacing": [float(s) for s in np.sqrt((new_aff[:3, :3] ** 2).sum(0))]}
 
 
-def _worker(scan: str, out_dir: str, resolution: int, repeats: int, zoom: bool, threads: int) -> dict:
+def _worker(scan: str, out_dir: str, resolution: int, repeats: int, zoom: bool, threads: int, layout: str) -> dict:
     """Runs in a fresh process: the job's case function ``repeats`` times, then scipy zoom."""
     import torch
 
@@ -80,7 +82,7 @@ def _worker(scan: str, out_dir: str, resolution: int, repeats: int, zoom: bool, 
     from pipeline.discovery import Case
     from pipeline.preprocess import PreprocessConfig, process_case
 
-    cfg = PreprocessConfig(resolution=resolution)
+    cfg = PreprocessConfig(resolution=resolution, layout=layout)
     runs = []
     for r in range(repeats):
         case = Case("bench", f"case{r}", Path(scan), "volume", Path(scan).name)
@@ -88,7 +90,7 @@ def _worker(scan: str, out_dir: str, resolution: int, repeats: int, zoom: bool, 
         res = process_case({"case": case, "cfg": cfg, "case_dir": str(case_dir), "key": "bench"})
         if res["row"]["status"] != "ok":
             return {"error": res["row"]["error"]}
-        runs.append({"wall": res["timings"], "cpu": res["cpu_timings"]})
+        runs.append({"wall": res["timings"], "cpu": res["cpu_timings"], "bytes": _folder_bytes(case_dir)})
         shutil.rmtree(case_dir, ignore_errors=True)  # keep disk use at one case
     out = {"runs": runs, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
            "threads": torch.get_num_threads()}
@@ -110,6 +112,26 @@ def _worker(scan: str, out_dir: str, resolution: int, repeats: int, zoom: bool, 
     return out
 
 
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def _sizes_worker(raw: str, out: str, resolution: int) -> list[dict]:
+    """Runs in a fresh process: the shared scans in both layouts; bytes per case folder."""
+    from pipeline import preprocess
+
+    rows = []
+    for layout in ("compact", "guide"):
+        preprocess.run(raw, Path(out) / layout, None, 0, resolution, progress=False, log=lambda *a, **k: None,
+                       layout=layout)
+    for case in sorted((Path(out) / "compact").glob("*/processed/*")):
+        rel = case.relative_to(Path(out) / "compact")
+        guide = Path(out) / "guide" / rel
+        compact_b, guide_b = _folder_bytes(case), _folder_bytes(guide) if guide.is_dir() else 0
+        rows.append({"case": f"{rel.parts[0]}/{rel.parts[2]}", "compact_bytes": compact_b, "guide_bytes": guide_b})
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, "preprocess")
@@ -121,6 +143,8 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", type=Path, default=None, help="where the case is written (default: a temp folder)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="torch threads of the worker (the job gives each worker cpu_count // workers)")
+    p.add_argument("--layout", choices=["compact", "guide"], default="compact", help="layout of the timed case")
+    p.add_argument("--no-sizes", action="store_true", help="skip the bytes per case of both layouts on the shared scans")
     args = p.parse_args(argv)
     shape = tuple(args.shape or ((128, 128, 75) if args.small else (512, 512, 300)))
     R = args.resolution or (128 if args.small else 512)
@@ -135,8 +159,12 @@ def main(argv=None) -> int:
         scan_info["synth_s"] = round(time.perf_counter() - t0, 2)
         scan_info["file_bytes"] = scan.stat().st_size
         ctx = mp.get_context("spawn")
+        raw = _shared_scan()
         with ctx.Pool(1) as pool:
-            res = pool.apply(_worker, (str(scan), str(work / "out"), R, repeats, not args.no_zoom, args.threads))
+            res = pool.apply(_worker, (str(scan), str(work / "out"), R, repeats, not args.no_zoom, args.threads,
+                                       args.layout))
+            sizes = [] if args.no_sizes or raw is None else pool.apply(
+                _sizes_worker, (str(raw.parent.parent), str(work / "sizes"), 64 if args.small else R))
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -160,9 +188,12 @@ def main(argv=None) -> int:
                      "cpu_seconds": round(res["zoom_cpu_s"], 4)})
     table = markdown_table(rows, [("stage", "stage"), ("median", f"wall, median of {repeats}"),
                                   ("cpu", "CPU (all threads)"), ("share", "share of wall")])
+    what = ("int16 HU, body mask cropped to the body (compressed chunks)" if args.layout == "compact" else
+            "4 windows + ct_normalized (float16), body mask")
+    case_bytes = statistics.median(r["bytes"] for r in res["runs"])
     notes = [
         f"scan {shape} ({scan_info['origin']}, {ext}, {fmt_bytes(scan_info['file_bytes'])}) -> {R}^3 cube, "
-        f"4 windows + ct_normalized (float16), body mask, one worker with {res['threads']} torch threads",
+        f"--layout {args.layout}: {what}, {fmt_bytes(case_bytes)} per case; one worker with {res['threads']} torch threads",
         f"per case total {med['total']:.2f} s" + (
             f" (target <= {TARGET_S:.0f} s: {'met' if med['total'] <= TARGET_S else 'NOT met'})"
             if shape == (512, 512, 300) and R == 512 else " (the 3 s target is for 512x512x300 -> 512^3)"),
@@ -172,10 +203,21 @@ def main(argv=None) -> int:
     if "zoom_s" in res:
         notes.append(f"scipy.ndimage.zoom(order=1) of the same scan to the cube spacing: {res['zoom_s']:.2f} s "
                      f"(output {res['zoom_shape']}) vs resample stage {med['resample']:.2f} s")
+    if sizes:
+        for r in sizes:
+            r["compact"], r["guide"] = f"{r['compact_bytes'] / 1e6:.2f} MB", f"{r['guide_bytes'] / 1e6:.1f} MB"
+            r["ratio"] = f"{r['guide_bytes'] / r['compact_bytes']:.1f}x" if r["compact_bytes"] else "-"
+        worst = min(r["guide_bytes"] / r["compact_bytes"] for r in sizes if r["compact_bytes"])
+        table += "\n\n" + markdown_table(sizes, [("case", f"shared scan at {64 if args.small else R}^3"),
+                                                  ("compact", "compact (default)"), ("guide", "--layout guide"),
+                                                  ("ratio", "guide / compact")])
+        notes.append(f"bytes per case folder: compact is at least {worst:.1f}x smaller than guide "
+                     f"(target >= 8x: {'met' if worst >= 8 else 'NOT met'})")
     import torch
 
     finish("preprocess", args, torch.device("cpu"), rows, table, notes,
-           extra={"scan": scan_info, "resolution": R, "repeats": repeats, "median_s": med,
+           extra={"scan": scan_info, "resolution": R, "repeats": repeats, "median_s": med, "layout": args.layout,
+                  "case_bytes": case_bytes, "sizes": sizes,
                   "runs": res["runs"], "zoom_s": res.get("zoom_s"), "peak_rss_bytes": res["peak_rss_bytes"],
                   "target_s": TARGET_S})
     return 0

@@ -102,6 +102,13 @@ def train_ctvq(args, resolution: int, device: torch.device) -> dict:
         common += ["--override", f"{key}=100000000"]
     for item in args.ctvq_override:
         common += ["--override", item]
+    settings = {"minutes": args.minutes, "stage_split": args.split, "ctvq_override": args.ctvq_override,
+                "window": args.window, "small": args.small, "train": str(args.train)}
+    record = args.work / "ctvq" / "settings.json"
+    if record.is_file() and json.loads(record.read_text()) != settings:
+        raise SystemExit(f"quality: {record.parent} was trained with other settings ({record.read_text().strip()}); "
+                         "pass another --work or delete that folder")
+    C.write_json(record, settings)
     steps, seconds = [], []
     for stage, share in enumerate(args.split):
         run = args.work / "ctvq" / f"stage{stage}"
@@ -229,6 +236,7 @@ def evaluate_models(args, ctvq: dict | None, vqvae: dict | None, device: torch.d
     rows = {"ctvq": [], "monai_vqvae": []}
     indices = {"ctvq": [], "monai_vqvae": []}
     pictures = args.out.parent / f"{args.out.stem}_pictures"
+    depth_rows = []
     for case in cases:
         data = _load_case(case)
         win, mask = data["window"], data["mask"]
@@ -238,6 +246,11 @@ def evaluate_models(args, ctvq: dict | None, vqvae: dict | None, device: torch.d
             tokens = tok.encode_arrays(win, mask, **_geometry(data["info"]))
             recons["ctvq"] = tok.decode(tokens)
             indices["ctvq"].append(np.asarray(tokens.indices))
+            for d in range(1, tokens.depth + 1):  # residual codes: quality at every depth
+                recon = recons["ctvq"] if d == tokens.depth else tok.decode(tokens, depth=d)
+                m = volume_metrics(recon, target, tok.window, mask, ssim=False)
+                depth_rows.append({"case": case["case"], "depth": d, "psnr_body": m["psnr_body"],
+                                   "mae_hu_body": m["mae_hu_body"]})
         if net is not None:
             recon, idx = vqvae_reconstruct(net, target, device)
             recons["monai_vqvae"] = recon
@@ -266,6 +279,7 @@ def evaluate_models(args, ctvq: dict | None, vqvae: dict | None, device: torch.d
         if name == "ctvq":
             out[name]["stage_steps"] = trained["stage_steps"]
             out[name]["stage_seconds"] = trained["stage_seconds"]
+            out[name]["per_depth"] = per_depth(depth_rows, indices[name], k)
     return out
 
 
@@ -277,6 +291,20 @@ def display_row(name: str, result: dict) -> dict:
         if isinstance(row.get(key), (int, float)):
             row[key] = f"{row[key]:.{n}f}"
     return row
+
+
+def per_depth(rows: list[dict], indices: list[np.ndarray], num_embeddings: int) -> list[dict]:
+    """Means over the cases at each residual depth, with the codes used at that level."""
+    from pipeline.metrics import codebook_usage
+
+    out = []
+    for d in sorted({r["depth"] for r in rows}):
+        at = [r for r in rows if r["depth"] == d]
+        level = np.concatenate([np.asarray(i).reshape(len(i), -1)[:, d - 1] for i in indices])
+        out.append({"depth": d, "psnr_body": float(np.mean([r["psnr_body"] for r in at])),
+                    "mae_hu_body": float(np.mean([r["mae_hu_body"] for r in at])),
+                    "codes_used": codebook_usage(level, num_embeddings)["codes_used"]})
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:

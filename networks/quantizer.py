@@ -15,6 +15,13 @@ How the trainer uses it:
 - Usage: ``usage_stats()`` -> perplexity, share of codes used and count used since
   ``reset_usage()``.
 
+Variants (``build_quantizer``): the plain lookup above (``vq_type="vq"``, codebook
+``embeddings.weight`` [K, D]); a factorised lookup (``"factorized"``: project D -> ``lookup_dim``,
+l2-normalise, look up in an l2-normalised codebook [K, lookup_dim], project back; k-means, restarts
+and the reservoir live in the lookup space); finite scalar quantisation (``"fsq"``,
+:class:`FSQuantizer`: no codebook, no auxiliary loss); and residual depth
+(:class:`ResidualQuantizer`: D quantizers, each on what the earlier ones left, codes [N, D]).
+
 Distances and losses are computed in fp32 with autocast off. Under ``torch.distributed`` the
 usage counts and EMA statistics are all-reduced, and k-means / restarts run on rank 0 and are
 broadcast, so every rank keeps the same codebook.
@@ -29,7 +36,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["VectorQuantizer", "kmeans"]
+__all__ = ["VectorQuantizer", "FSQuantizer", "ResidualQuantizer", "build_quantizer", "kmeans", "QUANTIZERS"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +84,17 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 10, generator: torch.Generator 
     return c
 
 
+def perplexity_of(counts: torch.Tensor) -> dict:
+    """``{"perplexity", "usage", "codes_used"}`` of a code-count vector (floats)."""
+    total = counts.sum()
+    if float(total) == 0:
+        return {"perplexity": 0.0, "usage": 0.0, "codes_used": 0}
+    p = counts / total
+    p = p[p > 0]
+    used = int((counts > 0).sum())
+    return {"perplexity": float((-(p * p.log()).sum()).exp()), "usage": used / counts.numel(), "codes_used": used}
+
+
 class VectorQuantizer(nn.Module):
     """Codebook ``embeddings.weight`` [K, D] with straight-through quantisation.
 
@@ -91,6 +109,8 @@ class VectorQuantizer(nn.Module):
         reservoir_size: capacity of the reservoir of recent encoder outputs.
         restart_every: check for dead codes every this many training steps (0: never).
         dead_code_steps: a code unused this many steps is dead.
+        lookup_dim: factorised lookup in an l2-normalised space of this size (None: plain lookup
+            of the D-dimensional vectors, the default).
     """
 
     def __init__(
@@ -106,6 +126,7 @@ class VectorQuantizer(nn.Module):
         restart_every: int = 0,
         dead_code_steps: int = 1000,
         eps: float = 1e-5,
+        lookup_dim: int | None = None,
     ):
         super().__init__()
         if codebook_update not in ("gradient", "ema"):
@@ -121,8 +142,14 @@ class VectorQuantizer(nn.Module):
         self.restart_every = restart_every
         self.dead_code_steps = dead_code_steps
         self.eps = eps
+        self.lookup_dim = lookup_dim
+        if lookup_dim:
+            self.in_proj = nn.Linear(embedding_dim, lookup_dim)
+            self.out_proj = nn.Linear(lookup_dim, embedding_dim)
+        dim = lookup_dim or embedding_dim
+        self.code_dim = dim
 
-        self.embeddings = nn.Embedding(num_embeddings, embedding_dim)
+        self.embeddings = nn.Embedding(num_embeddings, dim)
         nn.init.uniform_(self.embeddings.weight, -1.0 / num_embeddings, 1.0 / num_embeddings)
         if codebook_update == "ema":
             self.embeddings.weight.requires_grad_(False)
@@ -134,7 +161,7 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
         # reservoir of recent encoder outputs: a plain attribute, not a buffer, so that DDP's
         # buffer broadcast never sees its rank-dependent size (not saved in checkpoints)
-        self.reservoir = torch.zeros(0, embedding_dim)
+        self.reservoir = torch.zeros(0, dim)
         self._py_step = 0
         self._py_initialized = not kmeans_init
 
@@ -148,7 +175,7 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def collect(self, z: torch.Tensor) -> None:
         """Offer encoder outputs [N, D] to the reservoir (random subset once full)."""
-        z = z.detach().float().reshape(-1, self.embedding_dim)
+        z = z.detach().float().reshape(-1, self.code_dim)
         if z.shape[0] == 0:
             return
         cap = self.reservoir_size
@@ -220,48 +247,57 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def usage_stats(self) -> dict:
         """``{"perplexity", "usage", "codes_used"}`` since the last :meth:`reset_usage` (floats)."""
-        c = self.usage_counts
-        total = c.sum()
-        if float(total) == 0:
-            return {"perplexity": 0.0, "usage": 0.0, "codes_used": 0}
-        p = c / total
-        ent = -(p[p > 0] * p[p > 0].log()).sum()
-        used = int((c > 0).sum())
-        return {"perplexity": float(ent.exp()), "usage": used / self.num_embeddings, "codes_used": used}
+        return perplexity_of(self.usage_counts)
 
     # ------------------------------------------------------------------ forward
+    def codes(self) -> torch.Tensor:
+        """The codebook as looked up: [K, code_dim] fp32 (rows l2-normalised when factorised)."""
+        w = self.embeddings.weight.float()
+        return F.normalize(w, dim=1) if self.lookup_dim else w
+
+    def to_lookup(self, z: torch.Tensor) -> torch.Tensor:
+        """Encoder vectors [N, D] -> the space codes are looked up in (fp32)."""
+        z = z.float()
+        return F.normalize(self.in_proj(z), dim=1) if self.lookup_dim else z
+
+    def from_lookup(self, e: torch.Tensor) -> torch.Tensor:
+        """Looked-up vectors -> decoder inputs [N, D]."""
+        return self.out_proj(e) if self.lookup_dim else e
+
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Code vectors [M, D] of ``indices`` [M]."""
-        return self.embeddings.weight[indices.long()]
+        with torch.autocast(device_type=indices.device.type, enabled=False):
+            return self.from_lookup(self.codes()[indices.long()])
 
     def quantize_indices(self, z: torch.Tensor) -> torch.Tensor:
         """Nearest code index [N] of each row of ``z`` [N, D] (fp32)."""
         with torch.autocast(device_type=z.device.type, enabled=False):
-            return nearest_code(z, self.embeddings.weight)
+            return nearest_code(self.to_lookup(z), self.codes())
 
     def forward(self, z: torch.Tensor):
         """Quantise ``z`` [N, D].
 
         Returns:
             z_q [N, D] (straight-through: forward = codes, gradient flows to ``z``), indices [N]
-            int64, losses ``{"vq", "commitment"}`` (0-dim fp32, unweighted).
+            int64, losses ``{"vq", "commitment"}`` (0-dim fp32, unweighted, in the lookup space).
         """
         with torch.autocast(device_type=z.device.type, enabled=False):
-            zf = z.float()
+            zl = self.to_lookup(z)
             if self.training and not self._py_initialized:
-                self.collect(zf)
+                self.collect(zl)
                 if self._reservoir_ready():
                     self.kmeans_init_from_reservoir()
-            idx = nearest_code(zf.detach(), self.embeddings.weight)
-            e = self.embeddings.weight.float()[idx]
-            commitment = F.mse_loss(zf, e.detach())
+            codes = self.codes()
+            idx = nearest_code(zl.detach(), codes)
+            e = codes[idx]
+            commitment = F.mse_loss(zl, e.detach())
             if self.codebook_update == "gradient":
-                vq_loss = F.mse_loss(e, zf.detach())
+                vq_loss = F.mse_loss(e, zl.detach())
             else:
-                vq_loss = zf.new_zeros(())
+                vq_loss = zl.new_zeros(())
             if self.training:
-                self._train_step(zf.detach(), idx)
-            z_q = zf + (e - zf).detach()
+                self._train_step(zl.detach(), idx)
+            z_q = self.from_lookup(zl + (e - zl).detach())
         return z_q.to(z.dtype), idx, {"vq": vq_loss, "commitment": commitment}
 
     @torch.no_grad()
@@ -271,7 +307,7 @@ class VectorQuantizer(nn.Module):
         counts = torch.zeros(k, dtype=torch.float64, device=idx.device).index_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
         ema = self.codebook_update == "ema"
         if ema:
-            sums = torch.zeros(k, self.embedding_dim, device=z.device).index_add_(0, idx, z)
+            sums = torch.zeros(k, self.code_dim, device=z.device).index_add_(0, idx, z)
         if _dist():
             dist.all_reduce(counts)
             if ema:
@@ -293,3 +329,159 @@ class VectorQuantizer(nn.Module):
         elif self.restart_every:
             # keep recent outputs around for restarts (cheap: a random subset)
             self.collect(z[torch.randint(z.shape[0], (min(z.shape[0], 4096),), device=z.device)] if z.shape[0] else z)
+
+
+class FSQuantizer(nn.Module):
+    """Finite scalar quantisation: project D -> len(levels), bound each dimension to its number of
+    levels, round (straight-through), project back. The code index is the mixed-radix number of the
+    rounded digits: ``prod(levels)`` codes ((8, 8, 8, 4, 4): 8192), no codebook to learn, collapse
+    or restart, no auxiliary loss (``losses`` are zeros).
+
+    Args:
+        embedding_dim: D (the encoder's latent channels).
+        levels: levels per scalar dimension.
+    """
+
+    kmeans_init = False  # nothing to initialise: the grid of codes is fixed
+
+    def __init__(self, embedding_dim: int = 32, levels=(8, 8, 8, 4, 4)):
+        super().__init__()
+        lv = torch.tensor([int(v) for v in levels], dtype=torch.long)
+        if (lv < 2).any():
+            raise ValueError(f"fsq_levels={list(levels)}: every dimension needs at least 2 levels.")
+        self.embedding_dim = embedding_dim
+        self.num_embeddings = int(lv.prod())
+        self.in_proj = nn.Linear(embedding_dim, len(lv))
+        self.out_proj = nn.Linear(len(lv), embedding_dim)
+        self.register_buffer("levels", lv, persistent=False)
+        self.register_buffer("basis", torch.cumprod(torch.cat([lv.new_ones(1), lv[:-1]]), 0), persistent=False)
+        self.register_buffer("usage_counts", torch.zeros(self.num_embeddings, dtype=torch.float64))
+
+    def _digits(self, z: torch.Tensor) -> torch.Tensor:
+        """Rounded (straight-through) digits centred on 0: [N, len(levels)] fp32."""
+        lv = self.levels.float()
+        half = (lv - 1) * (1 + 1e-3) / 2
+        offset = torch.where(self.levels % 2 == 0, 0.5, 0.0)
+        bounded = torch.tanh(self.in_proj(z.float()) + torch.atanh(offset / half)) * half - offset
+        return bounded + (bounded.round() - bounded).detach()
+
+    def _value(self, digits: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(digits / (self.levels // 2).float())
+
+    def _index(self, digits: torch.Tensor) -> torch.Tensor:
+        return ((digits.round().long() + self.levels // 2) * self.basis).sum(1)
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=indices.device.type, enabled=False):
+            digits = (indices.long()[:, None] // self.basis) % self.levels - self.levels // 2
+            return self._value(digits.float())
+
+    def quantize_indices(self, z: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return self._index(self._digits(z))
+
+    def forward(self, z: torch.Tensor):
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            digits = self._digits(z)
+            idx = self._index(digits.detach())
+            if self.training:
+                self.usage_counts.index_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
+            zero = z.new_zeros((), dtype=torch.float32)
+            return self._value(digits).to(z.dtype), idx, {"vq": zero, "commitment": zero.clone()}
+
+    def reset_usage(self) -> None:
+        self.usage_counts.zero_()
+
+    @torch.no_grad()
+    def usage_stats(self) -> dict:
+        return perplexity_of(self.usage_counts)
+
+
+class ResidualQuantizer(nn.Module):
+    """``depth`` quantizers, each quantising what the earlier ones left: codes [N, depth].
+
+    The reconstruction of the first ``d`` levels is the sum of their code vectors, so one model
+    decodes at any depth <= ``depth``. In training each step uses a random depth in [1, depth]
+    (depth dropout, from torch's global generator, which ``set_determinism`` seeds alike on every
+    rank), so every prefix is trained to stand on its own; a level with k-means initialisation is
+    used only once the levels before it are initialised. Losses are the means over the levels used.
+
+    Args:
+        levels: the quantizers, coarsest first.
+        depth_dropout: train on a random prefix of the levels.
+    """
+
+    def __init__(self, levels, depth_dropout: bool = True):
+        super().__init__()
+        self.levels = nn.ModuleList(levels)
+        self.depth = len(self.levels)
+        self.depth_dropout = depth_dropout
+        self.num_embeddings = self.levels[0].num_embeddings
+        self.kmeans_init = any(getattr(q, "kmeans_init", False) for q in self.levels)
+
+    def forward(self, z: torch.Tensor):
+        d = self.depth
+        if self.training and self.depth_dropout and d > 1:
+            d = int(torch.randint(1, d + 1, ()))
+        if self.training:  # a level waits for the k-means of the levels before it: its inputs depend on them
+            ready = [getattr(q, "_py_initialized", True) for q in self.levels]
+            d = min(d, ready.index(False) + 1 if False in ready else d)
+        residual, total, idx = z, torch.zeros_like(z), []
+        losses = {"vq": z.new_zeros((), dtype=torch.float32), "commitment": z.new_zeros((), dtype=torch.float32)}
+        for q in self.levels[:d]:
+            zq, i, level_losses = q(residual)
+            residual = residual - zq.detach()
+            total = total + zq  # straight-through per level, as in residual VQ (SoundStream)
+            idx.append(i)
+            for k in losses:
+                losses[k] = losses[k] + level_losses[k] / d
+        return total, torch.stack(idx, 1), losses
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Sum of the code vectors of the levels given: ``indices`` [M, d], d <= depth."""
+        if indices.dim() == 1:
+            indices = indices[:, None]
+        return sum(q.lookup(indices[:, l]) for l, q in enumerate(self.levels[: indices.shape[1]]))
+
+    def quantize_indices(self, z: torch.Tensor) -> torch.Tensor:
+        """Codes [N, depth]: level by level on the residual."""
+        residual, idx = z.float(), []
+        for q in self.levels:
+            i = q.quantize_indices(residual)
+            residual = residual - q.lookup(i)
+            idx.append(i)
+        return torch.stack(idx, 1)
+
+    def reset_usage(self) -> None:
+        for q in self.levels:
+            q.reset_usage()
+
+    @torch.no_grad()
+    def usage_stats(self) -> dict:
+        """The first level's usage, and every level's under ``"levels"``."""
+        per_level = [q.usage_stats() for q in self.levels]
+        return {**per_level[0], "levels": per_level}
+
+
+#: quantizer kinds of ``network_def#vq_type``
+QUANTIZERS = ("vq", "factorized", "fsq")
+
+
+def build_quantizer(vq_type: str = "vq", depth: int = 1, num_embeddings: int = 8192, embedding_dim: int = 32,
+                    lookup_dim: int = 8, fsq_levels=(8, 8, 8, 4, 4), depth_dropout: bool = True, **vq_kwargs):
+    """The model's ``vq``: one quantizer of ``vq_type``, or a :class:`ResidualQuantizer` of ``depth``
+    of them. ``vq_kwargs`` go to :class:`VectorQuantizer` (k-means, restarts, EMA)."""
+    if vq_type not in QUANTIZERS:
+        raise ValueError(f"vq_type={vq_type!r} is not one of {list(QUANTIZERS)}; set network_def#vq_type to one of those.")
+    if int(depth) < 1:
+        raise ValueError(f"vq_depth={depth}: needs at least 1 level.")
+
+    def one():
+        if vq_type == "fsq":
+            return FSQuantizer(embedding_dim, fsq_levels)
+        return VectorQuantizer(num_embeddings, embedding_dim, lookup_dim=lookup_dim if vq_type == "factorized" else None,
+                               **vq_kwargs)
+
+    if int(depth) == 1:
+        return one()
+    return ResidualQuantizer([one() for _ in range(int(depth))], depth_dropout)

@@ -2,7 +2,7 @@
 
 Two layouts share the quantizer, the latent transformers and the tiling:
 
-- ``layout="patch"`` (default, chosen by ``bench/quality.py``): full resolution is touched once on
+- ``layout="patch"`` (default; its ``bench/quality.py`` runs are in bench/README.md): full resolution is touched once on
   the way in (a kernel-2 stride-2 conv, :func:`~networks.ops.patchify` + linear) and once on the
   way out (linear + :func:`~networks.ops.unpatchify`, a transposed conv), and the work happens
   at 1/2, 1/4 and 1/8 resolution in residual blocks of 3^3 submanifold convs, which span cell
@@ -37,7 +37,7 @@ from .attention import AbsolutePositionEmbedder, SparseTransformerBlock, window_
 from .backend import SparseConvTensor, make_sparse
 from .blocks import PatchDownBlock3d, PatchUpBlock3d, SparseConv3d, SparseDownBlock3d, SparseSubdivideBlock3d
 from .ops import SparseLinear, crop_indices, in_box, layer_norm, linearize, replace
-from .quantizer import VectorQuantizer
+from .quantizer import build_quantizer
 
 __all__ = ["Tokens", "SparseEncoder", "SparseDecoder", "PatchEncoder", "PatchDecoder", "SparseVQVAE", "Direct3DS2_VQVAE",
            "count_parameters", "LAYOUTS"]
@@ -49,7 +49,8 @@ class Tokens:
 
     Attributes:
         coords: [M, 4] int32 (batch, latent i, j, k), sorted by (batch, i, j, k).
-        indices: [M] int64 code indices into ``vq.embeddings``.
+        indices: int64 code indices: [M] for a single-level quantizer, [M, D] (one column per
+            residual level, coarsest first) for ``vq_depth`` D > 1.
         batch_size: number of samples.
         latent_shape: latent grid (e.g. (64, 64, 64)).
     """
@@ -278,7 +279,7 @@ class PatchDecoder(_LatentTransformer):
 
 
 #: network layouts: ``patch`` (default) and ``direct3d`` (loads Direct3D-S2 weights)
-LAYOUTS = {"patch": (PatchEncoder, PatchDecoder), "direct3d": (SparseEncoder, SparseDecoder)}
+LAYOUTS = ("patch", "direct3d")
 
 
 def _occupied_tiles(cells: torch.Tensor, tile: int) -> torch.Tensor:
@@ -339,6 +340,11 @@ class SparseVQVAE(nn.Module):
         num_groups: groups of the group norms.
         vq_kmeans_init, vq_kmeans_init_points, vq_reservoir_size, vq_restart_every,
         vq_dead_code_steps, vq_ema_decay: see :class:`~networks.quantizer.VectorQuantizer`.
+        vq_type: ``"vq"`` (plain lookup, ``vq.embeddings.weight`` [K, latent_channels]),
+            ``"factorized"`` (l2-normalised lookup in ``vq_lookup_dim`` dimensions) or ``"fsq"``
+            (finite scalar quantisation with ``fsq_levels``, prod(levels) codes).
+        vq_depth: residual levels D (1: one code per latent cell); ``vq_depth_dropout`` trains
+            on a random prefix of the levels so any depth <= D decodes.
         attn_max_tokens: bound on padded window tokens per attention call (None: one call).
         child_embedding: learned position-in-parent embeddings in the down and subdivide blocks
             of the ``direct3d`` layout (zero at init; False gives exactly the Direct3D-S2 layout).
@@ -373,6 +379,11 @@ class SparseVQVAE(nn.Module):
         child_embedding: bool = True,
         layout: str = "patch",
         num_res_blocks: int = 1,
+        vq_type: str = "vq",
+        vq_depth: int = 1,
+        vq_lookup_dim: int = 8,
+        fsq_levels: Sequence[int] = (8, 8, 8, 4, 4),
+        vq_depth_dropout: bool = True,
     ):
         super().__init__()
         if layout not in LAYOUTS:
@@ -401,9 +412,14 @@ class SparseVQVAE(nn.Module):
         else:
             self.Encoder = SparseEncoder(in_channels, **common, norm=norm, num_groups=num_groups, child_embedding=child_embedding)
             self.Decoder = SparseDecoder(out_channels, **common, child_embedding=child_embedding)
-        self.vq = VectorQuantizer(
+        self.vq = build_quantizer(
+            vq_type,
+            vq_depth,
             num_embeddings,
             latent_channels,
+            lookup_dim=vq_lookup_dim,
+            fsq_levels=fsq_levels,
+            depth_dropout=vq_depth_dropout,
             codebook_update=codebook_update,
             ema_decay=vq_ema_decay,
             kmeans_init=vq_kmeans_init,
@@ -412,6 +428,8 @@ class SparseVQVAE(nn.Module):
             restart_every=vq_restart_every,
             dead_code_steps=vq_dead_code_steps,
         )
+        self.num_embeddings = self.vq.num_embeddings
+        self.vq_depth = int(vq_depth)
         self.factor = self.Encoder.factor
         self.last_indices: torch.Tensor | None = None
         for name, mod in self.named_modules():
@@ -500,7 +518,6 @@ class SparseVQVAE(nn.Module):
         idx = self.vq.quantize_indices(h.features)
         return Tokens(h.indices.to(torch.int32), idx, int(x.batch_size), tuple(int(s) for s in h.spatial_shape))
 
-    encode_tiled = Encode
 
     @torch.no_grad()
     def decode_latent(self, z: SparseConvTensor, tile: int | None = None) -> SparseConvTensor:
@@ -522,18 +539,24 @@ class SparseVQVAE(nn.Module):
         return _run_tiles(h, h.indices[:, 1:].long(), tile, self.Decoder.halo, run, out_shape, self.Decoder.out_channels)
 
     @torch.no_grad()
-    def Decode(self, tokens: Tokens, tile: int | None = None) -> SparseConvTensor:
+    def Decode(self, tokens: Tokens, tile: int | None = None, depth: int | None = None) -> SparseConvTensor:
         """:class:`Tokens` -> reconstruction (all 8^3 children of every token, features [M*512, 1]).
 
         Args:
             tokens: codes and latent coordinates.
             tile: latent tile edge for whole volumes (e.g. 16); None runs in one piece.
+            depth: decode the first ``depth`` residual levels (None: all the tokens hold).
         """
-        z = self.vq.lookup(tokens.indices.to(self.vq.embeddings.weight.device))
+        idx = tokens.indices
+        if depth is not None:
+            if idx.dim() == 1 or not 1 <= int(depth) <= idx.shape[1]:
+                held = 1 if idx.dim() == 1 else idx.shape[1]
+                raise ValueError(f"depth {depth}: these tokens hold {held} level(s); pass a depth from 1 to {held}.")
+            idx = idx[:, : int(depth)]
+        z = self.vq.lookup(idx.to(next(self.parameters()).device))
         lat = make_sparse(z, tokens.coords.to(z.device), tokens.latent_shape, tokens.batch_size)
         return self.decode_latent(lat, tile)
 
-    decode_tiled = Decode
 
 
 #: name kept from the original seed code

@@ -40,7 +40,7 @@ def check_data(data_dir: str, window: str = "lung", min_points: int = 100, max_p
     usable = len(ds.cases)
     total = usable + len(ds.failed) + len(ds.missing) + len(ds.skipped)
     out(f"Cases listed: {total}  usable: {usable}  failed: {len(ds.failed)}  "
-        f"without '{window}' window: {len(ds.missing)}  below min_points={min_points}: {len(ds.skipped)}")
+        f"incomplete or without the '{window}' window file: {len(ds.missing)}  below min_points={min_points}: {len(ds.skipped)}")
     for f in ds.failed:
         out(f"  failed   {f['case']}: {f['error']}")
     for m in ds.missing:

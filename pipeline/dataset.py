@@ -1,8 +1,9 @@
 """Training dataset over processed CT datasets: one window, sparse support, 8-aligned crops.
 
 ``CTWindowSparseDataset`` finds every processed dataset (a folder holding ``metadata.csv``,
-``dataset_config.json`` and ``processed/``) under one or more roots, memory-maps the chosen
-window of each usable case and returns sparse samples::
+``dataset_config.json`` and ``processed/``) under one or more roots, reads the chosen window
+of each usable case (``pipeline.processed``: either layout, the one usable-case rule) and
+returns sparse samples::
 
     {"coords": int32 [N, 3] (i, j, k) in the full grid, "feats": float32 [N, 1],
      "case_id": str, "box": int [6] (lo, hi) of the crop, "spatial_shape": [R, R, R]}
@@ -11,14 +12,12 @@ Support = body mask AND window > 0. Cases above ``max_points`` support voxels ar
 a random box aligned to ``block`` (8) holding at most ``max_points`` voxels
 (``transforms.RandSparseCrop``), chosen from a per-case count of support voxels per 8^3 block
 (computed once, cached in the case's ``.cache/`` folder or in memory). Only the box is read
-from the memory map. ``sparse_collate`` adds the batch column.
+(a memory map, or the compressed chunks it touches). ``sparse_collate`` adds the batch column.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 import logging
 import math
 import os
@@ -31,11 +30,10 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from pipeline.io_utils import DataFileError, load_npy
+from pipeline.processed import ProcessedCase, find_datasets, usable_cases
 
 __all__ = [
-    "WINDOW_FILES",
     "find_datasets",
-    "resolve_window_file",
     "split_cases",
     "block_counts",
     "CTWindowSparseDataset",
@@ -47,64 +45,7 @@ __all__ = [
 
 logger = logging.getLogger("ctvq.dataset")
 
-#: standard window files (``transforms.WINDOW_PRESETS`` names), used when dataset_config.json
-#: does not list the window.
-WINDOW_FILES = {
-    "lung": "windows/lung_w1500_l-600.npy",
-    "bone": "windows/bone_w1500_l300.npy",
-    "soft_tissue": "windows/soft_tissue_w400_l50.npy",
-    "brain": "windows/brain_w80_l35.npy",
-}
-WINDOW_WL = {"lung": (1500.0, -600.0), "bone": (1500.0, 300.0), "soft_tissue": (400.0, 50.0), "brain": (80.0, 35.0)}
 CACHE_VERSION = 1
-
-
-def _roots(data_dir: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    if isinstance(data_dir, (str, os.PathLike)):
-        parts = [p.strip() for p in os.fspath(data_dir).split(",") if p.strip()]
-    else:
-        parts = [os.fspath(p) for p in data_dir]
-    return [Path(p).expanduser() for p in parts]
-
-
-def find_datasets(data_dir: str | os.PathLike | Sequence[str]) -> list[Path]:
-    """Processed dataset folders under one or more roots (searched recursively).
-
-    Args:
-        data_dir: a folder, a comma-separated list of folders, or a list of folders.
-    """
-    found: list[Path] = []
-    for root in _roots(data_dir):
-        if not root.is_dir():
-            raise FileNotFoundError(f"data_dir '{root}' is not a folder; pass the output folder of ./run.sh preprocess")
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            if "metadata.csv" in filenames and "dataset_config.json" in filenames:
-                found.append(Path(dirpath))
-                dirnames[:] = [d for d in dirnames if d != "processed"]
-    return sorted(set(found))
-
-
-def resolve_window_file(dataset_config: dict, window_type: str) -> tuple[str, float, float]:
-    """Relative window file, width and level of ``window_type`` in one dataset.
-
-    Args:
-        dataset_config: content of dataset_config.json.
-        window_type: lung | bone | soft_tissue | brain | a custom name listed in the config.
-    """
-    windows = dataset_config.get("windows") or {}
-    if window_type in windows:
-        w = windows[window_type]
-        width, level = float(w["width"]), float(w["level"])
-        rel = w.get("file") or f"windows/{window_type}_w{width:g}_l{level:g}.npy"
-        return rel, width, level
-    if window_type in WINDOW_FILES:
-        width, level = WINDOW_WL[window_type]
-        return WINDOW_FILES[window_type], width, level
-    raise KeyError(
-        f"window_type '{window_type}' is neither a preset ({', '.join(WINDOW_FILES)}) nor listed in "
-        f"dataset_config.json windows ({', '.join(windows) or 'none'}); preprocess with that window or pick another"
-    )
 
 
 def split_cases(keys: Sequence[str], split: str, val_fraction: float = 0.05, num_val: int | None = None, seed: int = 0):
@@ -168,30 +109,6 @@ def block_counts(window: np.ndarray, mask: np.ndarray | None, block: int = 8, sl
     return out
 
 
-def _read_csv(path: Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def _load_body_mask_from_ct(case_dir: Path, hu_min: float, hu_max: float) -> np.ndarray:
-    """Body mask from ct_normalized when body_mask_512.npy is absent (largest CC above -500 HU, filled)."""
-    ct = np.load(case_dir / "ct_normalized_512.npy", mmap_mode="r")
-    hu = np.asarray(ct, dtype=np.float32) * (hu_max - hu_min) + hu_min
-    try:
-        from transforms import BodyMask
-
-        return np.asarray(BodyMask()(hu[None]))[0].astype(bool)
-    except ImportError:
-        from scipy import ndimage
-
-        fg = hu > -500
-        lab, n = ndimage.label(fg)
-        if n == 0:
-            return fg
-        sizes = ndimage.sum(fg, lab, index=np.arange(1, n + 1))
-        return ndimage.binary_fill_holes(lab == (1 + int(np.argmax(sizes))))
-
-
 class CTWindowSparseDataset(Dataset):
     """Sparse samples of one CT window from processed datasets.
 
@@ -247,29 +164,19 @@ class CTWindowSparseDataset(Dataset):
         self.skipped: list[dict] = []
         cases = []
         for ds in self.datasets:
-            cfg = json.loads((ds / "dataset_config.json").read_text())
-            rel, width, level = resolve_window_file(cfg, window_type)
-            hu = (float(cfg.get("hu_min", -1024)), float(cfg.get("hu_max", 3071)))
-            for row in _read_csv(ds / "metadata.csv"):
-                cid = str(row.get("case_id", "")).strip()
-                key = f"{ds.name}/{cid}"
-                if str(row.get("status", "ok")).strip().lower() != "ok":
-                    self.failed.append({"case": key, "error": row.get("error", "")})
-                    continue
-                case_dir = ds / "processed" / cid
-                wfile = case_dir / rel
-                if not wfile.is_file():
-                    self.missing.append({"case": key, "file": str(wfile)})
-                    continue
-                cases.append(
-                    {"key": key, "dataset": str(ds), "case_id": cid, "dir": str(case_dir), "window_file": str(wfile),
-                     "width": width, "level": level, "hu_min": hu[0], "hu_max": hu[1],
-                     "resolution": int(cfg.get("resolution", 512))}
-                )
+            found = usable_cases(ds, window_type)
+            self.failed += found.failed
+            self.missing += found.missing
+            hu = (float(found.config.get("hu_min", -1024)), float(found.config.get("hu_max", 3071)))
+            for c in found.cases:
+                cases.append({**c, "dir": str(c["dir"]), "dataset": str(ds), "window": found.window,
+                              "window_file": str(c["dir"] / found.window_file), "width": found.window.width,
+                              "level": found.window.level, "hu_min": hu[0], "hu_max": hu[1]})
         if self.failed:
             logger.info(f"skipping {len(self.failed)} failed case(s) listed in metadata.csv")
         if self.missing:
-            logger.warning(f"skipping {len(self.missing)} case(s) without the '{window_type}' window file, e.g. {self.missing[0]['file']}")
+            logger.warning(f"skipping {len(self.missing)} incomplete case(s) or case(s) without the '{window_type}' "
+                           f"window file, e.g. {self.missing[0]['file']}")
         keys = split_cases([c["key"] for c in cases], split, val_fraction, num_val, self.seed)
         wanted = set(keys)
         self.cases = []
@@ -294,41 +201,53 @@ class CTWindowSparseDataset(Dataset):
         )
 
     # -- per-case helpers -------------------------------------------------------------------
+    def _case(self, c: dict) -> ProcessedCase:
+        """The case's reader, opened once per process (DataLoader workers open their own)."""
+        opened = self.__dict__.setdefault("_opened", {})
+        key = (os.getpid(), c["key"])
+        if key not in opened:
+            opened[key] = ProcessedCase(c["dir"], c["hu_min"], c["hu_max"])
+        return opened[key]
+
     def _cache_path(self, c: dict) -> Path | None:
         if self.cache == "memory":
             return None
-        name = f"support_blocks{self.block}_{Path(c['window_file']).stem}.npy"
+        name = f"support_blocks{self.block}_{c['window'].stem}.npy"
         if self.cache == "auto":
             return Path(c["dir"]) / ".cache" / name
         digest = hashlib.sha1(c["dir"].encode()).hexdigest()[:12]
         return Path(self.cache) / f"{digest}_{name}"
 
-    def _mask(self, c: dict) -> np.ndarray | None:
-        path = Path(c["dir"]) / "body_mask_512.npy"
-        if path.is_file():
-            return load_npy(path, mmap_mode="r")
+    def _mask(self, c: dict, box=None) -> np.ndarray | None:
+        """Body mask of ``box``; a guide case without one gets it computed from its HU once (cached)."""
+        case = self._case(c)
+        mask = case.body_mask(box)
+        if mask is not None or case.layout != "guide":
+            return mask
+        sl = (slice(None),) * 3 if box is None else tuple(slice(int(a), int(b)) for a, b in box)
         cached = Path(c["dir"]) / ".cache" / "body_mask_512.npy"
         if self.cache != "memory" and cached.is_file():
-            return np.load(cached, mmap_mode="r")
+            return np.asarray(load_npy(cached, mmap_mode="r")[sl])
         masks = self.__dict__.setdefault("_masks", {})
         if c["key"] not in masks:
-            if not (Path(c["dir"]) / "ct_normalized_512.npy").is_file():
+            try:
+                hu = case.hu()
+            except FileNotFoundError:
                 return None
-            logger.warning(f"{c['key']}: body_mask_512.npy missing, computing the body mask from ct_normalized_512.npy")
-            mask = _load_body_mask_from_ct(Path(c["dir"]), c["hu_min"], c["hu_max"])
+            from transforms import BodyMask
+
+            logger.warning(f"{c['key']}: no body mask stored, computing it from ct_normalized_512.npy")
+            mask = np.asarray(BodyMask()(hu[None]))[0].astype(bool)
             if self.cache != "memory":
                 try:
                     from pipeline.io_utils import save_npy
 
                     save_npy(cached, mask)
-                    return np.load(cached, mmap_mode="r")
+                    return mask[sl]
                 except OSError:
                     pass  # read-only dataset: keep it in memory
             masks[c["key"]] = mask
-        return masks[c["key"]]
-
-    def _window(self, c: dict) -> np.ndarray:
-        return load_npy(c["window_file"], mmap_mode="r")
+        return masks[c["key"]][sl]
 
     def _block_counts(self, c: dict) -> np.ndarray:
         """Support voxels per block of one case: from the disk cache, else computed once (and cached)."""
@@ -336,13 +255,16 @@ class CTWindowSparseDataset(Dataset):
         if c["key"] in mem:
             return mem[c["key"]]
         path = self._cache_path(c)
-        wfile = Path(c["window_file"])
-        if path is not None and path.is_file() and path.stat().st_mtime >= wfile.stat().st_mtime:
+        case = self._case(c)
+        if path is not None and path.is_file() and path.stat().st_mtime >= case.stamp():
             try:
                 return np.load(path)  # 512 KB for a 512^3 case: read per item, not kept in memory
             except (OSError, ValueError):
                 pass
-        counts = block_counts(self._window(c), self._mask(c), self.block)
+        box = case.content_box(self.block)  # support is empty outside it
+        counts = np.zeros([case.resolution // self.block] * 3, dtype=np.uint16 if self.block**3 < 65536 else np.uint32)
+        counts[tuple(slice(a // self.block, b // self.block) for a, b in box)] = block_counts(
+            case.window(c["window"], box, c["window_file"]), self._mask(c, box), self.block)
         if path is not None:
             try:
                 from pipeline.io_utils import save_npy
@@ -385,10 +307,8 @@ class CTWindowSparseDataset(Dataset):
     def load_region(self, index: int, box: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
         """Dense window values and body mask inside ``box`` (only that region is read)."""
         c = self.cases[index]
-        sl = tuple(slice(int(box[i]), int(box[i + 3])) for i in range(3))
-        win = np.asarray(self._window(c)[sl], dtype=np.float32)
-        mask = self._mask(c)
-        return win, (None if mask is None else np.asarray(mask[sl], dtype=bool))
+        region = [(int(box[i]), int(box[i + 3])) for i in range(3)]
+        return self._case(c).window(c["window"], region, c["window_file"]), self._mask(c, region)
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
         index, draw = (int(item[0]), int(item[1])) if isinstance(item, (tuple, list)) else (int(item), None)

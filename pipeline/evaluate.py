@@ -6,12 +6,12 @@
                                 --data_dir processed_dataset [--window lung] --out report_dir
                                 [--max_cases N] [--cases ID ...] [--tile N] [--device cuda] [--no-ssim]
 
-Every complete case of every processed dataset under ``--data_dir`` goes whole (not cropped)
-through the same tiled Encode/Decode as ``pipeline.infer``. The reference is the case's window
+Every usable case (``pipeline.processed``: either layout) of every processed dataset under
+``--data_dir`` goes whole (not cropped) through the same tiled Encode/Decode as ``pipeline.infer``. The reference is the case's window
 volume restricted to the body mask (what the sparse input holds; 0 elsewhere). Per case and
 overall: PSNR and 3D SSIM on the window's [0, 1] range inside the body and over the whole cube,
-MAE and RMSE in HU inside the body, per-organ MAE when ``labels_512.npy`` and an organ mapping
-exist, codebook usage (codes used, perplexity, tokens per scan), encode/decode time and peak
+MAE and RMSE in HU inside the body, per-organ MAE when the case has labels and an organ mapping
+exists, codebook usage (codes used, perplexity, tokens per scan), encode/decode time and peak
 memory. Writes ``metrics.csv`` (one row per case), ``organs.csv``, ``summary.json``,
 ``cases/<case>.png`` (three planes) and ``report.html``.
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import html
-import json
 import math
 import os
 import resource
@@ -112,17 +111,18 @@ class PeakMemory:
 
 
 def find_cases(data_dir: str | os.PathLike, window: Any, resolution: int | None = None) -> list[dict]:
-    """Complete cases of every processed dataset under ``data_dir`` that hold ``window``.
+    """Usable cases (``pipeline.processed.usable_cases``) of every processed dataset under
+    ``data_dir`` for ``window``.
 
     Args:
         data_dir: output folder of ``./run.sh preprocess`` (searched recursively).
-        window: the model's window (its name picks the window file).
+        window: the model's window (its name picks the window file of the guide layout).
         resolution: expected cube side (a dataset at another resolution is an error).
 
     Returns:
-        [{"case", "dataset", "case_id", "dir", "window_file", "organ_mapping"}] sorted by case.
+        [{"case", "dataset", "case_id", "dir", "window", "window_file", "organ_mapping"}] sorted by case.
     """
-    from pipeline.dataset import find_datasets, resolve_window_file
+    from pipeline.processed import find_datasets, usable_cases
 
     w = parse_window(window)
     cases = []
@@ -130,52 +130,36 @@ def find_cases(data_dir: str | os.PathLike, window: Any, resolution: int | None 
     if not datasets:
         raise TokenizerError(f"{data_dir}: no processed dataset (metadata.csv + dataset_config.json); run ./run.sh preprocess first")
     for ds in datasets:
-        cfg = json.loads((ds / "dataset_config.json").read_text())
+        try:
+            found = usable_cases(ds, w)
+        except KeyError as e:
+            raise TokenizerError(f"{ds}: {e.args[0]}") from None
+        cfg = found.config
         if resolution is not None and int(cfg.get("resolution", 512)) != int(resolution):
             raise TokenizerError(
                 f"{ds}: preprocessed at {cfg.get('resolution')}^3 but the model works on {resolution}^3; "
                 f"preprocess with --resolution {resolution} or evaluate a matching model"
             )
-        try:
-            rel, width, level = resolve_window_file(cfg, w.name)
-        except KeyError as e:
-            raise TokenizerError(f"{ds}: {e.args[0]}") from None
-        if abs(width - w.width) > 1e-6 or abs(level - w.level) > 1e-6:
+        if not found.window.same_as(w):
             raise TokenizerError(
-                f"{ds}: window {w.name} is W{width:g}/L{level:g} there but the model's is W{w.width:g}/L{w.level:g}; "
-                "preprocess with the model's window"
+                f"{ds}: window {w.name} is W{found.window.width:g}/L{found.window.level:g} there but the model's is "
+                f"W{w.width:g}/L{w.level:g}; preprocess with the model's window"
             )
         mapping = normalize_organ_mapping(cfg.get("organ_mapping"))
-        proc = ds / "processed"
-        if not proc.is_dir():
-            continue
-        for case_dir in sorted(p for p in proc.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if not (case_dir / ".complete").is_file() or not (case_dir / rel).is_file():
-                continue
-            cases.append(
-                {
-                    "case": f"{ds.name}/{case_dir.name}",
-                    "dataset": ds.name,
-                    "case_id": case_dir.name,
-                    "dir": case_dir,
-                    "window_file": case_dir / rel,
-                    "organ_mapping": mapping,
-                }
-            )
+        for c in found.cases:
+            cases.append({"case": c["key"], "dataset": ds.name, "case_id": c["case_id"], "dir": c["dir"],
+                          "window": found.window, "window_file": found.window_file, "organ_mapping": mapping})
     return sorted(cases, key=lambda c: c["case"])
 
 
 def _load_case(case: Mapping) -> dict:
-    d = Path(case["dir"])
-    win = np.load(case["window_file"], mmap_mode="r").astype(np.float32)
-    mask_file = d / "body_mask_512.npy"
-    mask = np.load(mask_file).astype(bool) if mask_file.is_file() else np.ones(win.shape, bool)
-    labels = np.load(d / "labels_512.npy") if (d / "labels_512.npy").is_file() else None
-    info = {}
-    if (d / "case.json").is_file():
-        with contextlib.suppress(Exception):
-            info = json.loads((d / "case.json").read_text())
-    return {"window": win, "mask": mask, "labels": labels, "info": info}
+    from pipeline.processed import ProcessedCase
+
+    pc = ProcessedCase(case["dir"])
+    win = pc.window(case["window"], window_file=case["window_file"])
+    mask = pc.body_mask()
+    return {"window": win, "mask": np.ones(win.shape, bool) if mask is None else mask, "labels": pc.labels(),
+            "info": pc.info}
 
 
 def _geometry(info: Mapping) -> dict:
@@ -392,6 +376,8 @@ def _short_path(path: Any, base: Path) -> str:
 
 def training_cases(model_source: Any) -> list[str] | None:
     """Cases the model was trained on: ``cases.json`` of the run that wrote the checkpoint, or None."""
+    import json
+
     p = Path(str(model_source or ""))
     for run in (p.parent.parent, p.parent, p):
         f = run / "cases.json"

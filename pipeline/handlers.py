@@ -136,6 +136,9 @@ class StepLogHandler:
             w.add_scalar("codebook/perplexity", usage["perplexity"], step)
             w.add_scalar("codebook/usage", usage["usage"], step)
             w.add_scalar("codebook/codes_used", usage["codes_used"], step)
+            for level, u in enumerate(usage.get("levels", [])):  # residual quantizers: every level
+                for key in ("perplexity", "usage", "codes_used"):
+                    w.add_scalar(f"codebook/level{level}/{key}", u[key], step)
 
 
 class KMeansProgressHandler:
@@ -156,7 +159,10 @@ class KMeansProgressHandler:
 
     @staticmethod
     def _vq(engine):
-        return getattr(engine.model, "vq", None)
+        """The first codebook still waiting for k-means (the last one once all are initialised)."""
+        vq = getattr(engine.model, "vq", None)
+        levels = [m for m in vq.modules() if hasattr(m, "_py_initialized") and hasattr(m, "reservoir")] if vq is not None else []
+        return next((m for m in levels if not m._py_initialized), levels[-1] if levels else None)
 
     def _started(self, engine) -> None:
         vq = self._vq(engine)

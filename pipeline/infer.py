@@ -3,7 +3,7 @@
 Command line (``./run.sh encode`` / ``./run.sh decode``)::
 
     python -m pipeline.infer encode SCAN OUT.npz --bundle DIR [--ckpt CKPT] [--tile 16] [--device cpu]
-    python -m pipeline.infer decode IN.npz OUT.nii.gz --bundle DIR [--original-grid]
+    python -m pipeline.infer decode IN.npz OUT.nii.gz --bundle DIR [--original-grid] [--depth D]
 
 ``SCAN`` is anything the preprocessing accepts (DICOM folder or .zip, NIfTI, NRRD, MHA). It goes
 through the same transforms as training data (``LoadCT``, ``Orientation`` RAS,
@@ -383,8 +383,11 @@ def load_weights(net: torch.nn.Module, ckpt: str | os.PathLike, config_path: Any
 
 
 def _codebook_id(net: torch.nn.Module) -> str:
-    w = net.vq.embeddings.weight.detach().float().cpu().contiguous().numpy()
-    return hashlib.sha1(w.tobytes()).hexdigest()[:16]
+    """Short hash of what maps codes to vectors: the quantizer's parameters (codebooks, projections)."""
+    h = hashlib.sha1()
+    for _, w in sorted(net.vq.named_parameters()):
+        h.update(w.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------- preprocessing
@@ -432,8 +435,12 @@ def sparsify(window: Any, mask: Any, device: str | torch.device | None = None) -
     """
     from transforms import Sparsify
 
-    win = torch.as_tensor(np.asarray(window) if not isinstance(window, torch.Tensor) else window)
-    msk = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
+    import warnings
+
+    with warnings.catch_warnings():  # read-only (memory-mapped) arrays: these tensors are only read
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        win = torch.as_tensor(np.asarray(window) if not isinstance(window, torch.Tensor) else window)
+        msk = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
     if device is not None:
         win, msk = win.to(device), msk.to(device)
     if win.ndim == 3:
@@ -459,7 +466,7 @@ class CTTokens:
 
     Attributes:
         coords: [M, 3] int latent cell (i, j, k) of each token.
-        indices: [M] int code index of each token.
+        indices: int code indices, [M] (one level) or [M, D] (residual levels, coarsest first).
         window: the window the codes describe.
         resolution: cube side R of the processed grid.
         latent_shape: latent grid (R / 8 per axis).
@@ -488,6 +495,11 @@ class CTTokens:
     def __len__(self) -> int:
         return int(len(self.indices))
 
+    @property
+    def depth(self) -> int:
+        """Residual levels the tokens hold (1 for single-level codes)."""
+        return 1 if np.ndim(self.indices) == 1 else int(np.shape(self.indices)[1])
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write the tokens as a compressed .npz (atomically)."""
         from pipeline.io_utils import atomic_path
@@ -505,6 +517,7 @@ class CTTokens:
             "source": np.array(str(self.source)),
             "num_embeddings": np.array(int(self.num_embeddings)),
             "codebook": np.array(str(self.codebook)),
+            "depth": np.array(self.depth),
         }
         for key in ("source_affine", "original_affine"):
             if getattr(self, key) is not None:
@@ -603,7 +616,8 @@ class Tokenizer:
         self.source = source
         self._preprocessing = preprocessing
         self.codebook = _codebook_id(network)
-        self.num_embeddings = int(network.vq.embeddings.weight.shape[0])
+        self.num_embeddings = int(network.vq.num_embeddings)
+        self.depth = int(getattr(network, "vq_depth", 1))
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -894,6 +908,9 @@ class Tokenizer:
         if tuple(int(v) for v in tokens.latent_shape) != latent:
             raise TokenizerError(f"{tokens.source or 'tokens'}: latent grid {tuple(tokens.latent_shape)} but the model's is {latent}; "
                                  "decode with the model that encoded them")
+        if tokens.depth > self.depth:
+            raise TokenizerError(f"{tokens.source or 'tokens'}: {tokens.depth} code levels but the model has {self.depth}; "
+                                 "decode with the model that encoded them")
         coords, idx = np.asarray(tokens.coords), np.asarray(tokens.indices)
         if coords.ndim != 2 or coords.shape[1] != 3 or len(coords) != len(idx):
             raise TokenizerError(f"{tokens.source or 'tokens'}: coords {coords.shape} do not match indices {idx.shape}; "
@@ -904,15 +921,19 @@ class Tokenizer:
                                  "(or have negative codes); the token file is damaged, encode the scan again")
 
     @torch.no_grad()
-    def decode(self, tokens: CTTokens | str | os.PathLike) -> np.ndarray:
+    def decode(self, tokens: CTTokens | str | os.PathLike, depth: int | None = None) -> np.ndarray:
         """Tokens -> window values (R, R, R) float32 in [0, 1] (0 outside the decoded cells).
 
         Args:
             tokens: :class:`CTTokens` or a token file path.
+            depth: decode only the first ``depth`` residual levels (None: all the tokens hold).
         """
         if not isinstance(tokens, CTTokens):
             tokens = CTTokens.load(tokens)
         self._check_tokens(tokens)
+        if depth is not None and not 1 <= int(depth) <= tokens.depth:
+            raise TokenizerError(f"--depth {depth}: {tokens.source or 'the tokens'} hold {tokens.depth} level(s); "
+                                 f"pass a depth from 1 to {tokens.depth}")
         R = self.resolution
         if len(tokens) == 0:
             return np.zeros((R, R, R), np.float32)
@@ -923,7 +944,7 @@ class Tokenizer:
         coords = torch.cat([torch.zeros(len(coords), 1, dtype=torch.int32), coords], 1)
         tok = Tokens(coords.to(self.device), torch.as_tensor(tokens.indices, dtype=torch.int64).to(self.device), 1, tuple(tokens.latent_shape))
         with self._autocast():
-            rec = self.network.Decode(tok, tile=self.tile)
+            rec = self.network.Decode(tok, tile=self.tile, depth=None if tokens.depth == 1 else depth)
         # scattered into the cube where the reconstruction is (the GPU), one copy to the host;
         # voxels outside the cube go to one spare element at the end
         inside = in_box(rec.indices[:, 1:], (0, 0, 0), (R, R, R))
@@ -939,16 +960,18 @@ class Tokenizer:
         """Window values -> HU: ``level - width / 2 + v * width``."""
         return (self.window.lower + window_values * self.window.width).astype(np.float32)
 
-    def decode_hu(self, tokens: CTTokens | str | os.PathLike, original_grid: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def decode_hu(self, tokens: CTTokens | str | os.PathLike, original_grid: bool = False,
+                  depth: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Tokens -> (HU volume, 4x4 RAS affine), on the cube grid or the scan's original grid.
 
         Args:
             tokens: :class:`CTTokens` or a token file path.
             original_grid: resample onto the grid and affine of the scan as loaded.
+            depth: decode only the first ``depth`` residual levels (None: all).
         """
         if not isinstance(tokens, CTTokens):
             tokens = CTTokens.load(tokens)
-        hu = self.to_hu(self.decode(tokens))
+        hu = self.to_hu(self.decode(tokens, depth))
         if not original_grid:
             return hu, np.asarray(tokens.cube_affine, np.float64)
         target_aff = tokens.original_affine if tokens.original_affine is not None else tokens.source_affine
@@ -1044,6 +1067,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("tokens", help="token file from encode")
     d.add_argument("out", help="output .nii.gz")
     d.add_argument("--original-grid", action="store_true", help="resample onto the scan's own grid and affine")
+    d.add_argument("--depth", type=int, default=None,
+                   help="decode the first DEPTH residual code levels (default: all the token file holds)")
     model_args(d)
     a = p.parse_args(argv)
     with cli_errors():
@@ -1055,7 +1080,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{out}: {len(tokens)} tokens on a {'x'.join(map(str, tokens.latent_shape))} grid, window "
                   f"{tokens.window.name}, {time.perf_counter() - t0:.1f} s")
         else:
-            hu, affine = tok.decode_hu(a.tokens, original_grid=a.original_grid)
+            hu, affine = tok.decode_hu(a.tokens, original_grid=a.original_grid, depth=a.depth)
             out = save_nifti(a.out, hu, affine)
             print(f"{out}: {'x'.join(map(str, hu.shape))} HU volume ({'original' if a.original_grid else 'cube'} grid), "
                   f"{time.perf_counter() - t0:.1f} s")

@@ -2,21 +2,20 @@
 
 For every case found by :mod:`pipeline.discovery` the job loads the scan (``transforms.LoadCT``),
 orients it to RAS, resamples it into an isotropic R^3 cube (``transforms.ResampleToCube``,
-air padding), and writes, each file atomically and as soon as it is computed::
+air padding), computes the body mask (``transforms.BodyMask``), rounds the HU clipped to
+[hu_min, hu_max] to integers and writes, each file atomically, one case folder in the layout
+asked for (``pipeline.processed`` owns both)::
 
-    OUT_DIR/<dataset>/metadata.csv, dataset_config.json
+    OUT_DIR/<dataset>/metadata.csv, dataset_config.json, logs/<case_id>.log
     OUT_DIR/<dataset>/processed/<case_id>/
-        ct_normalized_512.npy     float16 (R,R,R): (HU - hu_min) / (hu_max - hu_min)
-        windows/<name>_w<W>_l<L>.npy   float16 (R,R,R) in [0, 1]
-        body_mask_512.npy         bool (R,R,R)
-        labels_512.npy            uint8/int16 (R,R,R), nearest in world space (when a label map exists)
-        case.json                 geometry, body bbox, timings, the metadata row
+        hu.chunks, body_mask.chunks, labels.chunks     --layout compact (default), cropped to the body
+        ct_normalized_512.npy, windows/*.npy, body_mask_512.npy, labels_512.npy    --layout guide
+        case.json                 geometry, body bbox, crop, timings, the metadata row
         .complete                 written last; a rerun skips a case only when it is valid
 
-The ``_512`` file names are kept for any ``--resolution R`` (R is recorded in the JSON files).
-Arrays keep the memory order the resampler produced (C or Fortran; the ``.npy`` header says
-which): ``np.load`` returns the same logical (i, j, k) array either way, and no 512^3
-transposing copy is paid.
+``--shard K/N`` processes every N-th case (:func:`shard_of`), so N commands (a SLURM array,
+an indexed job, ssh loops) share one OUT_DIR: each holds its own lock file, and
+``metadata.csv`` is rewritten under ``<dataset>/.metadata.lock`` with the rows of every shard.
 
 Run ``python -m pipeline.preprocess --help`` for the command line.
 """
@@ -25,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import ctypes
 import hashlib
 import json
@@ -44,17 +44,10 @@ import torch
 
 from pipeline import discovery
 from pipeline.discovery import Case, Dataset
-from pipeline.io_utils import (
-    FolderLock,
-    load_json,
-    remove_stale_tmp,
-    rmtree_quiet,
-    save_csv,
-    save_json,
-    save_npy,
-    save_text,
-)
-from transforms import HU_MAX, HU_MIN, WINDOW_PRESETS, WindowSpec, parse_window
+from pipeline.chunked import save_chunked
+from pipeline.io_utils import TMP_TAG, load_json, rmtree_quiet, save_csv, save_json, save_npy, save_text
+from pipeline.processed import CASE_JSON, COMPACT_FILES, GUIDE_FILES, LAYOUTS, MARKER, marker_is_valid
+from transforms import HU_MAX, HU_MIN, WINDOW_PRESETS, WindowSpec, apply_window, normalize_hu, parse_window
 
 __all__ = [
     "HU_MIN",
@@ -71,9 +64,7 @@ __all__ = [
     "main",
 ]
 
-FORMAT_VERSION = 1
-MARKER = ".complete"
-CASE_JSON = "case.json"
+FORMAT_VERSION = 2
 METADATA_COLUMNS = [
     "case_id", "status", "error", "source_path", "rel_path", "source_kind", "label_path",
     "original_shape", "original_spacing", "spacing_512", "spacing_cube", "resolution",
@@ -87,8 +78,9 @@ _WRITER_THREADS = int(os.environ.get("CTVQ_WRITER_THREADS", "2"))  # background 
 # ---------------------------------------------------------------------------------------- config
 
 
-def _window_config(w: WindowSpec) -> dict:
-    return {"width": float(w.width), "level": float(w.level), "file": f"windows/{w.filename}"}
+def _window_config(w: WindowSpec, layout: str) -> dict:
+    out = {"width": float(w.width), "level": float(w.level)}
+    return {**out, "file": f"windows/{w.filename}"} if layout == "guide" else out
 
 
 def _parse_window(text: str) -> WindowSpec:
@@ -192,6 +184,8 @@ class PreprocessConfig:
         hu_max: HU mapped to 1 by the normalisation (and the clip ceiling).
         organ_mapping: label id -> organ name (copied to dataset_config.json).
         overwrite: reprocess cases even when complete.
+        layout: "compact" (int16 HU, mask and labels cropped to the body, compressed chunks) or
+            "guide" (float16 normalised HU and windows, whole cube; see ``pipeline.processed``).
     """
 
     resolution: int = 512
@@ -200,33 +194,27 @@ class PreprocessConfig:
     hu_max: float = HU_MAX
     organ_mapping: dict | None = None
     overwrite: bool = False
+    layout: str = "compact"
 
     def key_dict(self) -> dict:
         return {
             "format": FORMAT_VERSION,
+            "layout": self.layout,
             "resolution": int(self.resolution),
             "hu": [float(self.hu_min), float(self.hu_max)],
             "windows": [[w.name, float(w.width), float(w.level)] for w in self.windows],
         }
 
 
-def output_files(resolution: int = 512) -> dict[str, str]:
-    """File names inside a case folder.
+def output_files(layout: str = "compact") -> dict[str, str]:
+    """Array files of a case folder in ``layout`` (``pipeline.processed``), besides the windows
+    of the guide layout (``windows/<name>_w<W>_l<L>.npy``), ``case.json`` and ``.complete``.
 
-    The names keep the ``_512`` of the original layout whatever the resolution (the arrays are
-    (R, R, R); R is ``resolution`` in dataset_config.json and case.json), so readers need one
-    set of names.
-
-    Args:
-        resolution: cube side R (not part of the names).
+    The guide's names keep their ``_512`` at any ``--resolution`` (R is in the JSON files).
     """
-    return {
-        "ct_normalized": "ct_normalized_512.npy",
-        "body_mask": "body_mask_512.npy",
-        "labels": "labels_512.npy",
-        "case_json": CASE_JSON,
-        "marker": MARKER,
-    }
+    if layout not in LAYOUTS:
+        raise ValueError(f"--layout {layout!r} unknown; use one of {', '.join(LAYOUTS)}")
+    return dict(COMPACT_FILES if layout == "compact" else GUIDE_FILES)
 
 
 def _versions() -> dict:
@@ -253,9 +241,11 @@ def dataset_config(cfg: PreprocessConfig, ds: Dataset) -> dict:
         "hu_max": float(cfg.hu_max),
         "normalization": "(HU - hu_min) / (hu_max - hu_min), HU clipped to [hu_min, hu_max]",
         "window_formula": "clip((HU - (level - width / 2)) / width, 0, 1)",
-        "windows": {w.name: _window_config(w) for w in cfg.windows},
-        "files": output_files(cfg.resolution),
-        "dtypes": {"ct_normalized": "float16", "windows": "float16", "body_mask": "bool", "labels": "uint8|int16"},
+        "layout": cfg.layout,
+        "windows": {w.name: _window_config(w, cfg.layout) for w in cfg.windows},
+        "files": output_files(cfg.layout),
+        "dtypes": ({"hu": "int16", "body_mask": "bool", "labels": "uint8|int16"} if cfg.layout == "compact" else
+                   {"ct_normalized": "float16", "windows": "float16", "body_mask": "bool", "labels": "uint8|int16"}),
         "organ_mapping": cfg.organ_mapping,
         "raw_dir": str(ds.root.resolve()),
         "unpaired_labels": [str(p) for p in ds.unpaired_labels],
@@ -301,30 +291,6 @@ def case_key(cfg: PreprocessConfig, case: Case) -> str:
         "label_fp": _fingerprint(case.label),
     }
     return hashlib.sha1(json.dumps(blob, sort_keys=True).encode()).hexdigest()
-
-
-def marker_is_valid(case_dir: str | os.PathLike, key: str | None = None) -> bool:
-    """True when ``case_dir/.complete`` exists, parses, matches ``key`` and every file it lists
-    exists with the recorded size.
-
-    Args:
-        case_dir: processed case folder.
-        key: expected :func:`case_key` (None: do not compare).
-    """
-    case_dir = Path(case_dir)
-    try:
-        marker = load_json(case_dir / MARKER)
-        if key is not None and marker.get("key") != key:
-            return False
-        files = marker["files"]
-        if not files:
-            return False
-        for rel, size in files.items():
-            if (case_dir / rel).stat().st_size != int(size):
-                return False
-        return True
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
 
 
 # ---------------------------------------------------------------------------------------- worker
@@ -383,14 +349,14 @@ class _BackgroundWriter:
 
         self.lock = threading.Lock()
 
-    def _save(self, path: Path, array: np.ndarray) -> None:
+    def _save(self, path: Path, array: np.ndarray, saver) -> None:
         t0 = time.perf_counter()
-        save_npy(path, array)
+        saver(path, array)
         with self.lock:
             self.timer.t["write_bg"] = self.timer.t.get("write_bg", 0.0) + time.perf_counter() - t0
 
-    def save(self, path: Path, array: np.ndarray, owner: Any = None) -> None:
-        fut = self.pool.submit(self._save, Path(path), array)
+    def save(self, path: Path, array: np.ndarray, owner: Any = None, saver=save_npy) -> None:
+        fut = self.pool.submit(self._save, Path(path), array, saver)
         self.futures.append(fut)
         if owner is not None:
             self.by_owner[id(owner)] = fut
@@ -410,29 +376,19 @@ class _BackgroundWriter:
         self.pool.shutdown(wait=True)  # never leave a thread writing into a folder being removed
 
 
-def _affine_clip_into(hu: torch.Tensor, out: torch.Tensor, hu_min: float, hu_max: float, low: float,
-                      width: float) -> None:
-    """out[...] = clip((clip(hu, hu_min, hu_max) - low) / width, 0, 1), stored as out.dtype.
-
-    The formula of ``transforms.apply_window`` (window: low = L - W/2) and
-    ``transforms.normalize_hu`` (low = hu_min, width = hu_max - hu_min) on HU clipped like
-    ``transforms.ClipHU``, fused in place over slabs of a few slices taken along the slowest
+def _scale_into(hu: torch.Tensor, out: torch.Tensor, fn) -> None:
+    """out[...] = fn(hu) stored as out.dtype, over slabs of a few slices taken along the slowest
     memory axis (``hu`` and ``out`` share one memory layout, C or Fortran): the float32
-    temporary stays in cache and the float16 store uses torch's vectorised conversion.
-    """
+    temporary stays in cache. ``fn`` is ``transforms.apply_window`` or ``normalize_hu``."""
     ax = int(np.argmax(hu.stride()))
     n = hu.shape[ax]
     step = max(1, _SLAB_VOXELS // max(1, hu.numel() // n))
-    tmp = torch.empty_like(hu.narrow(ax, 0, min(step, n)), dtype=torch.float32)
-    inv = 1.0 / float(width)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # memory-bound: one thread is as fast, and immune to OpenMP stalls on a busy CPU
     try:
         for s in range(0, n, step):
             k = min(step, n - s)
-            t = tmp.narrow(ax, 0, k)
-            torch.clamp(hu.narrow(ax, s, k), hu_min, hu_max, out=t).sub_(low).mul_(inv).clamp_(0.0, 1.0)
-            out.narrow(ax, s, k).copy_(t)
+            out.narrow(ax, s, k).copy_(fn(hu.narrow(ax, s, k)))
     finally:
         torch.set_num_threads(threads)
 
@@ -514,6 +470,30 @@ def _body_mask(cube) -> np.ndarray:
     return mask.reshape(mask.shape[-3:])
 
 
+def _save_int16_chunks(path: Path, hu: np.ndarray) -> int:
+    return save_chunked(path, hu, dtype=np.int16)
+
+
+def _write_guide_volumes(writer, timer, hu: torch.Tensor, mask: np.ndarray, cfg: PreprocessConfig,
+                         case_dir: Path, written: list[str]) -> None:
+    """The guide layout's float16 volumes (normalised HU, windows) and body mask; two float16
+    buffers take turns between computing and the background writer."""
+    bufs = [torch.empty_like(hu, dtype=torch.float16) for _ in range(2)]
+    jobs = [("normalize", GUIDE_FILES["ct_normalized"], lambda x: normalize_hu(x, cfg.hu_min, cfg.hu_max))]
+    jobs += [("windows", f"windows/{w.filename}", lambda x, w=w: apply_window(x, w.width, w.level))
+             for w in cfg.windows]
+    for n, (stage, rel, fn) in enumerate(jobs):
+        buf = bufs[n % 2]
+        writer.wait_for(buf)  # the buffer's previous content is on disk
+        with timer(stage):
+            _scale_into(hu, buf, fn)
+        writer.save(case_dir / rel, buf.numpy(), owner=buf)
+        written.append(rel)
+    writer.save(case_dir / GUIDE_FILES["body_mask"], mask)
+    written.append(GUIDE_FILES["body_mask"])
+    writer.wait_all()  # the buffers are freed after this
+
+
 def process_case(task: dict) -> dict:
     """Preprocess one case (runs in a worker process). Never raises for a bad input.
 
@@ -528,7 +508,7 @@ def process_case(task: dict) -> dict:
     cfg: PreprocessConfig = task["cfg"]
     case_dir = Path(task["case_dir"])
     R = int(cfg.resolution)
-    files = output_files(R)
+    files = output_files(cfg.layout)
     timer = _Timer()
     t_start, c_start = time.perf_counter(), time.process_time()
     row: dict[str, Any] = {
@@ -573,48 +553,45 @@ def process_case(task: dict) -> dict:
             hu = hu.float()
         spacing_cube = _spacing(cube_affine)
         case_dir.mkdir(parents=True, exist_ok=True)
-        written: list[str] = []
-
-        # Outputs keep the cube's memory order (C or Fortran, as the resampler returns it): a
-        # transposing copy of a 512^3 volume costs about 2 s of CPU. np.save records the order
-        # in the .npy header and np.load returns the same logical (i, j, k) array either way.
-        # Files are written by a background thread while the next output is computed (two
-        # float16 buffers take turns), so the write overlaps the compute.
+        with timer("body_mask"):
+            mask = _body_mask(cube)
+            if mask.shape != (R, R, R):
+                raise ValueError(f"BodyMask returned shape {mask.shape}, expected {(R, R, R)}")
+        with timer("bbox"):
+            body_voxels, bbox = _count_and_bbox(mask)
+        del cube
+        crop = [[0, 0]] * 3 if bbox is None else bbox
+        region = hu if cfg.layout == "guide" else hu[tuple(slice(a, b) for a, b in crop)]
+        with timer("clip"):
+            region.clamp_(cfg.hu_min, cfg.hu_max).round_()  # both layouts hold the same integer HU
+        # Files are written by background threads while the next output is computed. Arrays
+        # keep the cube's memory order (C or Fortran, as the resampler returns it): a transposing
+        # copy of a 512^3 volume costs about 2 s of CPU; np.save records the order in the .npy
+        # header, and the compact chunks are copied out one by one.
         writer = _BackgroundWriter(timer)
+        written: list[str] = []
         try:
-            bufs = [torch.empty_like(hu, dtype=torch.float16) for _ in range(2 if cfg.windows else 1)]
-            jobs = [("normalize", files["ct_normalized"], cfg.hu_min, cfg.hu_max - cfg.hu_min)]
-            jobs += [("windows", f"windows/{w.filename}", w.low, w.width) for w in cfg.windows]
-            for n, (stage, rel, low, width) in enumerate(jobs):
-                buf = bufs[n % len(bufs)]
-                writer.wait_for(buf)  # the buffer's previous content is on disk
-                with timer(stage):
-                    _affine_clip_into(hu, buf, cfg.hu_min, cfg.hu_max, low, width)
-                writer.save(case_dir / rel, buf.numpy(), owner=buf)
-                written.append(rel)
-
-            # the body mask is computed while the last windows are still being written
-            with timer("body_mask"):
-                mask = _body_mask(cube)
-                if mask.shape != (R, R, R):
-                    raise ValueError(f"BodyMask returned shape {mask.shape}, expected {(R, R, R)}")
-            with timer("bbox"):
-                body_voxels, bbox = _count_and_bbox(mask)
-            writer.save(case_dir / files["body_mask"], mask)
-            written.append(files["body_mask"])
-            del cube, hu
-
+            if cfg.layout == "compact":
+                crop_sl = tuple(slice(a, b) for a, b in crop)
+                writer.save(case_dir / files["hu"], region.numpy(), saver=_save_int16_chunks)
+                writer.save(case_dir / files["body_mask"], mask[crop_sl], saver=save_chunked)
+                written += [files["hu"], files["body_mask"]]
+            else:
+                _write_guide_volumes(writer, timer, hu, mask, cfg, case_dir, written)
             label_ids = None
             if case.label is not None:
                 with timer("labels"):
                     lab_cube = _labels_to_cube(case.label, cube_affine, R)
                     label_ids = _label_ids(lab_cube)
-                writer.save(case_dir / files["labels"], lab_cube)
+                if cfg.layout == "compact":
+                    writer.save(case_dir / files["labels"], lab_cube[crop_sl], saver=save_chunked)
+                else:
+                    writer.save(case_dir / files["labels"], lab_cube)
                 written.append(files["labels"])
             writer.wait_all()
         finally:
             writer.close()
-        del bufs, mask
+        del hu, region, mask
         spacing_text = json.dumps([round(v, 6) for v in spacing_cube])
         row.update({
             "status": "ok",
@@ -643,9 +620,12 @@ def process_case(task: dict) -> dict:
             "original_spacing": _spacing(original_affine),
             "hu_min": cfg.hu_min,
             "hu_max": cfg.hu_max,
-            "windows": {w.name: _window_config(w) for w in cfg.windows},
-            "files": {"ct_normalized": files["ct_normalized"], "body_mask": files["body_mask"],
+            "windows": {w.name: _window_config(w, cfg.layout) for w in cfg.windows},
+            "layout": cfg.layout,
+            "files": {**{k: v for k, v in files.items() if k != "labels"},
                       "labels": files["labels"] if case.label is not None else None},
+            **({"crop": {"offset": [a for a, _ in crop], "shape": [b - a for a, b in crop]}}
+               if cfg.layout == "compact" else {}),
             "body_bbox": bbox,
             "body_voxels": body_voxels,
             "label_ids": label_ids,
@@ -693,23 +673,154 @@ def _worker_init(threads: int, parent_pid: int) -> None:
 
 
 class _Lock:
-    """Exclusive lock on OUT_DIR (released by the OS when the process dies; the file is removed on exit)."""
+    """Exclusive ``flock`` on a file (released by the OS when the process dies, even by kill -9).
 
-    def __init__(self, out_dir: Path):
-        self.lock = FolderLock(out_dir, ".preprocess.lock", f"another preprocess run is writing into {out_dir}; "
-                               "wait for it to finish or use another OUT_DIR")
+    Args:
+        path: the lock file (created).
+        wait: block until the lock is free; otherwise raise ``RuntimeError(busy)`` at once.
+        busy: the message when the lock is held elsewhere.
+    """
+
+    def __init__(self, path: Path, wait: bool = False, busy: str = ""):
+        self.path, self.wait, self.busy = Path(path), wait, busy
+        self.fd = None
 
     def __enter__(self):
-        self.lock.acquire()
-        return self
+        import fcntl
+
+        while True:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(self.fd)
+                raise RuntimeError(self.busy) from None
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                    return self
+            os.close(self.fd)  # the holder released (and removed) the file meanwhile: lock the new one
 
     def __exit__(self, *exc):
-        self.lock.release()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)  # while still holding it: no zero-byte lock file stays
+        os.close(self.fd)
         return False
 
 
-def _metadata_rows(rows: dict[str, dict]) -> list[dict]:
-    return [rows[k] for k in sorted(rows)]
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``"K/N"`` -> (K, N) with 1 <= K <= N; None -> (1, 1).
+
+    Raises:
+        ValueError: not of that form.
+    """
+    if text is None:
+        return 1, 1
+    try:
+        k, n = (int(v) for v in str(text).split("/"))
+    except ValueError:
+        k = n = 0
+    if not 1 <= k <= n:
+        raise ValueError(f"--shard {text!r} must be K/N with 1 <= K <= N, e.g. --shard 3/8 "
+                         "(in a SLURM array: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT with --array=1-N)")
+    return k, n
+
+
+def shard_of(keys: Sequence[tuple[str, str]], num_shards: int) -> dict[tuple[str, str], int]:
+    """The shard (1..N) of every (dataset, case id): round robin over them sorted, so shards
+    get equal shares; every shard must see the same RAW_DIR."""
+    return {key: n % num_shards + 1 for n, key in enumerate(sorted(keys))}
+
+
+class _Metadata:
+    """``metadata.csv`` of one dataset, shared by shards running at once.
+
+    Each write takes ``<dataset>/.metadata.lock``, reads the file, keeps the rows of the other
+    shards' cases (only those still found), puts this shard's rows in, and replaces the file
+    atomically; a shard's cases without a row yet (being processed) have none.
+    """
+
+    def __init__(self, ds_dir: Path, all_ids: set[str], own_ids: set[str]):
+        self.ds_dir, self.all_ids, self.own_ids = ds_dir, all_ids, own_ids
+        self.rows: dict[str, dict] = {}
+
+    def lock(self) -> _Lock:
+        return _Lock(self.ds_dir / ".metadata.lock", wait=True)
+
+    def write(self) -> None:
+        path = self.ds_dir / "metadata.csv"
+        with self.lock():
+            merged = {}
+            if path.is_file():
+                with open(path, newline="", encoding="utf-8") as f:
+                    for row in csv.DictReader(f):
+                        cid = row.get("case_id", "")
+                        if cid in self.all_ids and cid not in self.own_ids:
+                            merged[cid] = row
+            merged.update(self.rows)
+            save_csv(path, [merged[k] for k in sorted(merged)], METADATA_COLUMNS)
+
+
+def _remove_own_tmp(ds_dir: Path, own_ids: set[str]) -> None:
+    """Temporary files left by a killed run, in the folders this run alone writes: the
+    dataset folder (written under the metadata lock, held here) and its own cases' logs."""
+    for folder, owned in ((ds_dir, None), (ds_dir / "logs", own_ids)):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            name = p.name
+            if p.is_file() and name.startswith(".") and TMP_TAG in name:
+                if owned is None or name[1:].split(".log" + TMP_TAG)[0] in owned:
+                    with contextlib.suppress(OSError):
+                        p.unlink()
+
+
+class _Progress:
+    """Cases done, cases/s and ETA: a tqdm bar on a terminal, else a line every 30 s (and at
+    the end) for batch-job logs."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.done, self.ok, self.failed = total, 0, 0, 0
+        self.t0 = self.last = time.perf_counter()
+        self.bar = None
+        self.enabled = enabled and total > 0
+        if self.enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            tqdm.monitor_interval = 0  # no monitor thread in a process that forks workers
+            self.bar = tqdm(total=total, desc="preprocess", unit="case", file=sys.stderr, dynamic_ncols=True,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
+                                       "[{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]")
+
+    def write(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def line(self) -> str:
+        dt = time.perf_counter() - self.t0
+        rate = self.done / dt if dt > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "?"
+        return (f"preprocess: {self.done}/{self.total} cases ({self.ok} ok, {self.failed} failed), "
+                f"{rate:.3g} cases/s, ETA {eta_text}")
+
+    def update(self, ok: bool) -> None:
+        self.done += 1
+        self.ok += ok
+        self.failed += not ok
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix(ok=self.ok, failed=self.failed, refresh=False)
+            self.bar.update(1)
+        elif self.done == self.total or time.perf_counter() - self.last >= 30:
+            self.last = time.perf_counter()
+            self.write(self.line())
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def run(
@@ -723,6 +834,9 @@ def run(
     overwrite: bool = False,
     progress: bool = True,
     log=print,
+    layout: str = "compact",
+    shard: str | tuple[int, int] | None = None,
+    dry_run: bool = False,
 ) -> dict:
     """Preprocess every case under ``raw_dir`` into ``out_dir`` (see module docstring).
 
@@ -735,14 +849,19 @@ def run(
         windows: window specs (None: the four presets).
         max_depth: deepest folder level searched below ``raw_dir``.
         overwrite: reprocess complete cases.
-        progress: show a tqdm progress bar.
+        progress: show progress (cases/s, ETA).
         log: function used for messages.
+        layout: "compact" or "guide" (``pipeline.processed``).
+        shard: "K/N" or (K, N): process only the cases of shard K of N (:func:`shard_of`).
+        dry_run: list what would be processed, skipped and refused; write nothing.
 
     Returns:
-        summary ``{"ok", "failed", "skipped", "total", "datasets", "seconds", "failed_cases"}``.
+        summary ``{"ok", "failed", "skipped", "total", "datasets", "seconds", "failed_cases"}``
+        (dry run: ``{"process", "skip", "refuse", "other_shards", "total", "datasets"}``).
     """
     t0 = time.perf_counter()
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    k, n = shard if isinstance(shard, tuple) else parse_shard(shard)
     mapping, extra_windows = load_organ_mapping(organ_mapping)
     wins = parse_windows(windows)
     names = {w.name for w in wins}
@@ -752,68 +871,82 @@ def run(
         wins.append(w)
     if resolution < 8 or resolution > 2048:
         raise ValueError(f"--resolution {resolution} out of range; use 8..2048 (default 512)")
-    cfg = PreprocessConfig(resolution=int(resolution), windows=wins, organ_mapping=mapping, overwrite=overwrite)
+    output_files(layout)  # checks the name
+    cfg = PreprocessConfig(resolution=int(resolution), windows=wins, organ_mapping=mapping, overwrite=overwrite,
+                           layout=layout)
     datasets = discovery.discover(raw_dir, max_depth=max_depth, exclude=[out_dir])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary = {"ok": 0, "failed": 0, "skipped": 0, "total": 0, "datasets": len(datasets), "failed_cases": []}
     if not datasets:
         log(f"preprocess: no CT cases found under {raw_dir} (volumes .nii/.nii.gz/.nrrd/.mha/.mhd, DICOM folders, DICOM .zip)")
-    with _Lock(out_dir):
-        rows: dict[str, dict[str, dict]] = {}
+    plan = []  # (dataset, case, case_dir, key, action)
+    shards = shard_of([(ds.name, c.case_id) for ds in datasets for c in ds.cases], n)
+    for ds in datasets:
+        for case in ds.cases:
+            case_dir = out_dir / ds.name / "processed" / case.case_id
+            key = case_key(cfg, case)
+            if shards[(ds.name, case.case_id)] != k:
+                action = "other_shard"
+            elif not overwrite and marker_is_valid(case_dir, key):
+                action = "skip"
+            else:
+                action = "refuse" if case.error else "process"
+            plan.append((ds, case, case_dir, key, action))
+    if dry_run:
+        return _dry_run(plan, datasets, (k, n), log)
+
+    summary = {"ok": 0, "failed": 0, "skipped": 0, "total": 0, "datasets": len(datasets), "failed_cases": []}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock_name = ".preprocess.lock" if n == 1 else f".preprocess-shard-{k}-of-{n}.lock"
+    busy = (f"another preprocess run{'' if n == 1 else f' of shard {k}/{n}'} is writing into {out_dir}; "
+            "wait for it to finish or use another OUT_DIR")
+    with _Lock(out_dir / lock_name, busy=busy):
+        meta: dict[str, _Metadata] = {}
         tasks: list[dict] = []
         for ds in datasets:
             ds_dir = out_dir / ds.name
             (ds_dir / "processed").mkdir(parents=True, exist_ok=True)
-            remove_stale_tmp(ds_dir)  # leftovers of a killed run (we hold the lock)
-            save_json(ds_dir / "dataset_config.json", dataset_config(cfg, ds))
+            own = {c.case_id for d, c, *_, a in plan if d is ds and a != "other_shard"}
+            meta[ds.name] = _Metadata(ds_dir, {c.case_id for c in ds.cases}, own)
+            with meta[ds.name].lock():
+                _remove_own_tmp(ds_dir, own)
+                save_json(ds_dir / "dataset_config.json", dataset_config(cfg, ds))
             for p in ds.unpaired_labels:
                 log(f"preprocess: warning: label map {p} was not paired with an image (see --help: label pairing)")
             if ds.ignored:
                 log(f"preprocess: {ds.name}: {len(ds.ignored)} file(s) or folder(s) are not cases, e.g. {ds.ignored[0]} "
                     f"(all in {ds_dir / 'dataset_config.json'}, 'ignored')")
-            rows[ds.name] = {}
-            for case in ds.cases:
-                case_dir = ds_dir / "processed" / case.case_id
-                key = case_key(cfg, case)
-                summary["total"] += 1
-                if not overwrite and marker_is_valid(case_dir, key):
-                    with contextlib.suppress(Exception):
-                        row = load_json(case_dir / CASE_JSON)["metadata"]
-                        rows[ds.name][case.case_id] = row
-                        summary["skipped"] += 1
-                        continue
-                tasks.append({"case": case, "cfg": cfg, "case_dir": str(case_dir), "key": key,
-                              "log_dir": str(ds_dir / "logs")})
-        for ds in datasets:
-            save_csv(out_dir / ds.name / "metadata.csv", _metadata_rows(rows[ds.name]), METADATA_COLUMNS)
+        for ds, case, case_dir, key, action in plan:
+            if action == "other_shard":
+                continue
+            summary["total"] += 1
+            if action == "skip":
+                with contextlib.suppress(Exception):
+                    meta[ds.name].rows[case.case_id] = load_json(case_dir / CASE_JSON)["metadata"]
+                    summary["skipped"] += 1
+                    continue
+            tasks.append({"case": case, "cfg": cfg, "case_dir": str(case_dir), "key": key,
+                          "log_dir": str(out_dir / ds.name / "logs")})
+        for m in meta.values():
+            m.write()
+
+        bar = _Progress(len(tasks), progress)
 
         def record(result: dict) -> None:
             row = result["row"]
-            rows[result["dataset"]][row["case_id"]] = row
+            meta[result["dataset"]].rows[row["case_id"]] = row
             if row.get("warning"):
-                (bar.write if bar is not None else log)(f"preprocess: warning: {result['dataset']}/{row['case_id']}: {row['warning']}")
-            if row["status"] == "ok":
+                msg = f"preprocess: warning: {result['dataset']}/{row['case_id']}: {row['warning']}"
+                bar.write(msg) if bar.enabled else log(msg)
+            ok = row["status"] == "ok"
+            if ok:
                 summary["ok"] += 1
             else:
                 summary["failed"] += 1
                 summary["failed_cases"].append(f"{result['dataset']}/{row['case_id']}")
                 msg = f"preprocess: FAILED {result['dataset']}/{row['case_id']}: {row['error']}"
-                if bar is not None:
-                    bar.write(msg, file=sys.stderr)
-                else:
-                    log(msg)
-            save_csv(out_dir / result["dataset"] / "metadata.csv", _metadata_rows(rows[result["dataset"]]),
-                     METADATA_COLUMNS)
-            if bar is not None:
-                bar.set_postfix(ok=summary["ok"], failed=summary["failed"], refresh=False)
-                bar.update(1)
+                bar.write(msg) if bar.enabled else log(msg)
+            meta[result["dataset"]].write()
+            bar.update(ok)
 
-        bar = None
-        if progress and tasks:
-            from tqdm import tqdm
-
-            tqdm.monitor_interval = 0  # no monitor thread in a process that forks workers
-            bar = tqdm(total=len(tasks), desc="preprocess", unit="case", file=sys.stderr, dynamic_ncols=True)
         try:
             if num_workers <= 0:
                 for task in tasks:
@@ -821,10 +954,28 @@ def run(
             else:
                 _run_pool(tasks, num_workers, record)
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary
+
+
+def _dry_run(plan: list, datasets: list, shard: tuple[int, int], log) -> dict:
+    """Prints one line per case of this shard (process / skip / refuse) and the counts."""
+    counts = {"process": 0, "skip": 0, "refuse": 0, "other_shard": 0}
+    words = {"process": "would process", "skip": "would skip (complete)", "refuse": "would refuse"}
+    for ds, case, _case_dir, _key, action in plan:
+        counts[action] += 1
+        if action != "other_shard":
+            why = f": {case.error}" if action == "refuse" else ""
+            log(f"{words[action]:<22} {ds.name}/{case.case_id}  <- {case.source}{why}")
+    k, n = shard
+    log(f"preprocess --dry-run{'' if n == 1 else f' (shard {k}/{n})'}: {counts['process']} to process, "
+        f"{counts['skip']} to skip, {counts['refuse']} to refuse"
+        + (f", {counts['other_shard']} in other shards" if n > 1 else "")
+        + f"; {len(datasets)} datasets; nothing written")
+    return {"process": counts["process"], "skip": counts["skip"], "refuse": counts["refuse"],
+            "other_shards": counts["other_shard"], "total": counts["process"] + counts["skip"] + counts["refuse"],
+            "datasets": len(datasets)}
 
 
 def _run_pool(tasks: list[dict], num_workers: int, record) -> None:
@@ -911,15 +1062,24 @@ label pairing:
 
 output (OUT_DIR/<dataset>/):
   metadata.csv (one row per case, status ok|failed and a one-line error), dataset_config.json,
-  processed/<case_id>/{ct_normalized_512.npy, windows/<name>_w<W>_l<L>.npy, body_mask_512.npy,
-  labels_512.npy, case.json, .complete}, logs/<case_id>.log (traceback of a failed case).
-  Arrays are (R,R,R) for --resolution R; the "_512" file names stay the same for any R.
+  logs/<case_id>.log (traceback of a failed case), processed/<case_id>/ with case.json, .complete and
+    --layout compact (default): hu.chunks (int16 HU), body_mask.chunks, labels.chunks, cropped to
+      the body's box (offset in case.json), Blosc-compressed 32^3 chunks; windows are computed when
+      training or evaluation reads them
+    --layout guide: ct_normalized_512.npy, windows/<name>_w<W>_l<L>.npy (float16), body_mask_512.npy,
+      labels_512.npy, the whole (R,R,R) cube (the "_512" names stay the same for any R)
   Case ids come from the path relative to the dataset folder (folders joined by "__").
 
 rerun / resume:
   Every file is written under a temporary name then renamed; .complete is written last and
   records the settings and the source's size/mtime. A rerun skips cases with a valid marker and
   redoes the rest (a changed source or setting makes the marker invalid). Safe to kill.
+
+several machines (--shard K/N):
+  Each of N commands processes every N-th case (all cases sorted by dataset/case id), into
+  the same OUT_DIR (a shared file system with flock: NFSv4, Lustre mounted with -o flock, local
+  disks). metadata.csv is rewritten under a lock with every shard's rows; rerun a shard to resume it.
+  SLURM:  sbatch --array=1-16 --wrap './run.sh preprocess raw_ct/ processed_dataset/ - 4 --shard $SLURM_ARRAY_TASK_ID/16'
 
 exit status: 0 all cases ok or skipped, 1 some case failed, 2 bad arguments."""
 
@@ -929,8 +1089,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="./run.sh preprocess",
         description="Turn raw CT collections into processed cube datasets: RAS orientation, isotropic "
-        "resampling into an R^3 cube (air padding), normalised HU, display windows, body mask and "
-        "labels, as float16/bool .npy files, with parallel workers and resumable runs.",
+        "resampling into an R^3 cube (air padding), body mask, and integer HU, mask and labels cropped to the "
+        "body in compressed chunks (or the older guide's float16 .npy volumes), with parallel workers, resumable "
+        "runs and shards for several machines.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -944,13 +1105,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="same as NUM_WORKERS (default: %(default)s)")
     p.add_argument("--resolution", type=int, default=512, help="cube side R in voxels (default: %(default)s)")
     p.add_argument("--windows", nargs="+", default=None, metavar="WINDOW",
-                   help="windows to write: preset names (lung bone soft_tissue brain) or custom 'name:WIDTH:LEVEL', "
+                   help="windows of the dataset (the guide layout writes their files; compact cases compute any "
+                   "window when read, these are listed in dataset_config.json): preset names (lung bone soft_tissue "
+                   "brain) or custom 'name:WIDTH:LEVEL', "
                    "space- or comma-separated (default: the four presets: lung 1500/-600, bone 1500/300, "
                    "soft_tissue 400/50, brain 80/35)")
     p.add_argument("--max-depth", type=int, default=None,
                    help="deepest folder level searched, RAW_DIR = 0, dataset folders = 1 (default: no limit)")
+    p.add_argument("--layout", choices=["compact", "guide"], default="compact",
+                   help="compact (default): int16 HU, body mask and labels cropped to the body, compressed chunks, "
+                   "windows computed when read; guide: the older guide's float16 ct_normalized_512.npy and "
+                   "windows/*.npy of the whole cube (17-290x the bytes on the shared scans)")
+    p.add_argument("--shard", metavar="K/N", default=None,
+                   help="process only shard K of N (every N-th case, sorted by dataset/case id): one command per node "
+                   "into one shared OUT_DIR, e.g. a SLURM array --shard $SLURM_ARRAY_TASK_ID/N with --array=1-N")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list what would be processed, skipped (complete) and refused; write nothing")
     p.add_argument("--overwrite", action="store_true", help="reprocess cases that are already complete")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress (default: a bar with cases/s and ETA on a "
+                   "terminal, a line every 30 s otherwise)")
     return p
 
 
@@ -980,6 +1153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parse_windows(args.windows)
         load_organ_mapping(mapping)
+        parse_shard(args.shard)
     except ValueError as e:
         parser.error(str(e))
     if not Path(args.raw_dir).is_dir():
@@ -993,22 +1167,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _term)
     try:
         s = run(args.raw_dir, args.out_dir, mapping, workers, args.resolution, args.windows, args.max_depth,
-                args.overwrite, progress=not args.no_progress)
+                args.overwrite, progress=not args.no_progress, layout=args.layout, shard=args.shard,
+                dry_run=args.dry_run)
     except KeyboardInterrupt:
         print("preprocess: interrupted; rerun the same command to finish (complete cases are kept)", file=sys.stderr)
         return 130
     except (RuntimeError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"preprocess: error: {e}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        return 0
     for name in s["failed_cases"][:20]:
         print(f"preprocess: failed: {name} (see metadata.csv)", file=sys.stderr)
-    print(summary_line(s, args.out_dir))
+    print(summary_line(s, args.out_dir, args.shard))
     return 1 if s["failed"] else 0
 
 
-def summary_line(s: dict, out_dir: str | os.PathLike) -> str:
+def summary_line(s: dict, out_dir: str | os.PathLike, shard: str | None = None) -> str:
     """The last line of a preprocessing run: cases ok / failed / skipped, time and where they went."""
-    return (f"preprocess: {s['total']} cases in {s['datasets']} datasets: {s['ok']} ok, {s['failed']} failed, "
+    where = f" (shard {shard})" if shard else ""
+    return (f"preprocess: {s['total']} cases in {s['datasets']} datasets{where}: {s['ok']} ok, {s['failed']} failed, "
             f"{s['skipped']} skipped in {s['seconds']:.1f} s -> {out_dir}")
 
 

@@ -620,9 +620,10 @@ def prepare_network(
             new = list(report.get("missing", [])) + [str(k).split(" ")[0] for k in report.get("reinitialized", [])]
             keep = [k for k in new if not k.startswith("vq.")]
             vq = getattr(network, "vq", None)
-            if stage == 1 and vq is not None and getattr(vq, "kmeans_init", False) and hasattr(vq, "initialized"):
-                vq.initialized.fill_(False)  # codebook of a stage-0 / foreign checkpoint: k-means it again
-                vq._py_initialized = False
+            for q in vq.modules() if stage == 1 and vq is not None else ():  # every level of a residual quantizer
+                if getattr(q, "kmeans_init", False) and hasattr(q, "initialized"):
+                    q.initialized.fill_(False)  # codebook of a stage-0 / foreign checkpoint: k-means it again
+                    q._py_initialized = False
             logger.info(f"Loaded weights from {src} (missing {len(report.get('missing', []))}, unexpected {len(report.get('unexpected', []))})")
             if keep:
                 logger.info(f"{len(keep)} parameter tensor(s) absent from the checkpoint were initialised anew "

@@ -178,7 +178,8 @@ class SparseVQVAETrainer(SupervisedTrainer):
         self.started_at: float | None = None
         if train_handlers:
             self._register_handlers(list(train_handlers))
-        if self.quantize and not getattr(getattr(self.model, "vq", None), "_py_initialized", True):
+        vq = getattr(self.model, "vq", None)
+        if self.quantize and vq is not None and any(not getattr(m, "_py_initialized", True) for m in vq.modules()):
             from pipeline.handlers import KMeansProgressHandler
 
             KMeansProgressHandler().attach(self)

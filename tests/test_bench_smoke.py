@@ -84,7 +84,7 @@ def test_phantom_case_layout(cache):
     assert 0 < crop.occupancy <= 1 and np.isclose(crop.occupancy, crop.coords.shape[0] / 16**3)
 
 
-@pytest.mark.parametrize("script", ["train_step", "inference", "dataloader", "sparse_ops", "profile_step"])
+@pytest.mark.parametrize("script", ["train_step", "inference", "dataloader", "sparse_ops", "profile_step", "quality"])
 def test_help(script, capsys):
     mod = __import__(f"bench.{script}", fromlist=["parse_args"])
     with pytest.raises(SystemExit) as e:
@@ -170,3 +170,65 @@ def test_profile_step_smoke(cache, tmp_path):
     regions = {r["region"] for r in row["regions"]}
     assert {"Encoder.downsample.0", "vq", "Decoder.upsample.2"} <= regions and row["wall_ms"] > 0
     assert row["ops_by_cpu"] and row["ops_by_cpu"][0]["self_cpu_ms"] > 0
+
+
+@pytest.fixture(scope="module")
+def quality_data(tmp_path_factory) -> Path:
+    """Processed phantom training (2 cases) and evaluation (1 other case) folders at 32^3, lung window."""
+    from pipeline import preprocess
+    from pipeline.phantom import write_phantom_dataset
+
+    tmp = tmp_path_factory.mktemp("quality_data")
+    for name, seeds in (("train", [0, 1]), ("eval", [7])):
+        write_phantom_dataset(tmp / f"raw_{name}", seeds=seeds, shape=(40, 40, 30), spacing=8.0)
+        summary = preprocess.run(tmp / f"raw_{name}", tmp / name, tmp / f"raw_{name}" / "organ_mapping.json",
+                                 num_workers=0, resolution=32, windows=["lung"], progress=False, log=lambda *a, **k: None)
+        assert summary["ok"] == len(seeds)
+    return tmp
+
+
+def test_quality_smoke(quality_data, tmp_path):
+    """Both models trained for the same (tiny) time on the training cases, scored on the unseen case;
+    a second call evaluates the kept weights without training again."""
+    from bench import quality
+
+    out = tmp_path / "q.json"
+    argv = ["--train", str(quality_data / "train"), "--eval", str(quality_data / "eval"), "--minutes", "0.05",
+            "--small", "--device", "cpu", "--workers", "0", "--out", str(out)]
+    res = quality.main(argv)
+    saved = json.loads(out.read_text())
+    assert set(saved) >= {"ctvq", "monai_vqvae", "env"} and saved["env"]["device"] == "cpu"
+    for name in ("ctvq", "monai_vqvae"):
+        r = saved[name]
+        assert {"psnr_body", "ssim_body", "mae_hu_body", "codes_used", "perplexity", "train_steps", "train_seconds"} <= set(r)
+        assert r["train_steps"] > 0 and 0 < r["train_seconds"] < 60 and np.isfinite(r["psnr_body"])
+        assert [c["case"] for c in r["cases"]] == ["phantom/phantom_007"]  # never a training case
+        assert r["cases"][0]["organ_mae_hu"]  # the phantom has organ labels
+    assert saved["ctvq"]["tokens"] < saved["monai_vqvae"]["tokens"]  # tokens only inside the body
+    assert len(saved["ctvq"]["stage_steps"]) == 3 and all(s > 0 for s in saved["ctvq"]["stage_steps"])
+    assert (tmp_path / "q_pictures" / "phantom__phantom_007.png").stat().st_size > 10_000
+    assert out.with_suffix(".md").read_text().startswith("| model |")
+    again = quality.main(argv)  # weights kept in q_work: evaluated again, not retrained
+    for name in ("ctvq", "monai_vqvae"):
+        assert again[name]["train_steps"] == res[name]["train_steps"]
+        assert again[name]["psnr_body"] == pytest.approx(res[name]["psnr_body"], abs=1e-4)
+
+
+def test_quality_refuses_a_bad_stage_split(quality_data):
+    from bench import quality
+
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--train", "a", "--eval", "b", "--minutes", "1", "--stage-split", "0.5,0.5"])
+
+
+def test_quality_reports_every_residual_depth(quality_data, tmp_path):
+    from bench import quality
+
+    argv = ["--train", str(quality_data / "train"), "--eval", str(quality_data / "eval"), "--minutes", "0.03", "--small",
+            "--device", "cpu", "--workers", "0", "--models", "ctvq", "--out", str(tmp_path / "q.json")]
+    res = quality.main(argv + ["--ctvq-override", "network_def#vq_depth=2"])
+    rows = res["ctvq"]["per_depth"]
+    assert [r["depth"] for r in rows] == [1, 2] and "monai_vqvae" not in res
+    assert all(np.isfinite(r["psnr_body"]) and r["codes_used"] > 0 for r in rows)
+    with pytest.raises(SystemExit, match="trained with other settings"):  # never reported under another name
+        quality.main(argv)

@@ -24,7 +24,7 @@ LUNG = "windows/lung_w1500_l-600.npy"
 
 def write_processed_dataset(root: Path, name: str = "synth", num_cases: int = 3, resolution: int = 32,
                             failed: int = 1, body_mask: bool = True, seed: int = 0, empty: int = 0) -> Path:
-    """Writes a processed dataset in the layout of pipeline.preprocess (tiny ellipsoid 'bodies')."""
+    """Writes a processed dataset in the older guide's layout, without .complete markers (tiny ellipsoid 'bodies')."""
     rng = np.random.default_rng(seed)
     ds = Path(root) / name
     rows = []
@@ -54,7 +54,6 @@ def write_processed_dataset(root: Path, name: str = "synth", num_cases: int = 3,
         if body_mask:
             np.save(cdir / "body_mask_512.npy", body)
         (cdir / "case.json").write_text(json.dumps({"case_id": cid, "affine_512": np.eye(4).tolist()}))
-        (cdir / ".complete").write_text("")
         rows.append({"case_id": cid, "source_path": f"raw/{cid}", "label_path": "", "status": "ok", "error": "",
                      "body_voxels": int(body.sum())})
     with open(ds / "metadata.csv", "w", newline="") as f:
@@ -135,6 +134,15 @@ def test_split_deterministic(synth):
     assert not keys_tr & keys_va and len(keys_va) == 1
 
 
+def test_num_val_zero_trains_on_every_case(synth):
+    """A small collection gives all its cases to training (quality runs, two-scan datasets)."""
+    every = {c["key"] for c in CTWindowSparseDataset(synth, "lung", split="all").cases}
+    assert len(every) >= 2
+    assert {c["key"] for c in CTWindowSparseDataset(synth, "lung", split="train", num_val=0).cases} == every
+    held_out = {c["key"] for c in CTWindowSparseDataset(synth, "lung", split="val", num_val=0).cases}
+    assert held_out == every  # nothing held out: validation runs on the training cases
+
+
 def test_collate_and_split(synth):
     ds = CTWindowSparseDataset(synth, "lung", split="all", max_points=3000)
     batch = sparse_collate([ds[(0, 0)], ds[(1, 0)], ds[(2, 0)]])
@@ -172,3 +180,37 @@ def test_check_data_report(synth, capsys):
     assert "Sample " in out and "loaded in" in out
     assert main([str(synth), "--window", "brain"]) == 1  # no brain window files: nothing usable
 
+
+
+def test_compact_and_guide_layouts_give_the_same_crops(tmp_path):
+    """Training samples from the compact layout and from --layout guide of the same scans: same
+    cases, crop boxes and support voxels; window values equal up to the guide's float16; the
+    same model step gives the same loss."""
+    from helpers import tiny_net
+    from pipeline import preprocess
+    from pipeline.dataset import to_sparse_tensor
+    from pipeline.phantom import write_phantom_dataset
+    from pipeline.trainer import SparseReconLoss
+
+    write_phantom_dataset(tmp_path / "raw", seeds=[0, 1], shape=(40, 40, 30), spacing=8.0)
+    sets = {}
+    for layout in ("compact", "guide"):
+        s = preprocess.run(tmp_path / "raw", tmp_path / layout, None, 0, 32, ["lung"], progress=False,
+                           log=lambda *a, **k: None, layout=layout)
+        assert s["ok"] == 2
+        sets[layout] = CTWindowSparseDataset(tmp_path / layout, "lung", split="all", max_points=3000, cache="memory")
+    a, b = sets["compact"], sets["guide"]
+    assert [c["key"] for c in a.cases] == [c["key"] for c in b.cases] and len(a) == 2
+    assert [c["num_points"] for c in a.cases] == [c["num_points"] for c in b.cases]
+    assert all(c["num_points"] > 3000 for c in a.cases)  # every sample is a crop
+    net, recon_loss = tiny_net(0), SparseReconLoss("l1")
+    for draw in range(6):
+        sa, sb = a[(draw % 2, draw)], b[(draw % 2, draw)]
+        assert torch.equal(sa["box"], sb["box"]) and torch.equal(sa["coords"], sb["coords"])
+        assert torch.allclose(sa["feats"], sb["feats"], atol=2.0**-11)
+        losses = []
+        for s in (sa, sb):
+            x = to_sparse_tensor(sparse_collate([s]))
+            recon, terms = net(x)
+            losses.append([float(recon_loss(recon, x)), float(terms["vq"]), float(terms["commitment"])])
+        assert losses[0] == pytest.approx(losses[1], rel=1e-2, abs=1e-4)

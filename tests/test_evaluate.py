@@ -4,13 +4,13 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from helpers import TINY, tiny_net
 from pipeline.evaluate import evaluate, find_cases, main
 from pipeline.infer import Tokenizer, TokenizerError
+from pipeline.processed import ProcessedCase
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,17 +24,46 @@ def make_run(folder: Path, window="soft_tissue") -> Path:
 
 
 @pytest.fixture(scope="module")
-def processed(tmp_path_factory):
-    from pipeline import preprocess
+def raw_phantoms(tmp_path_factory):
     from pipeline.phantom import write_phantom_dataset
 
-    tmp = tmp_path_factory.mktemp("eval_data")
-    write_phantom_dataset(tmp / "raw", seeds=[0, 1], shape=(40, 40, 30), spacing=8.0)
-    summary = preprocess.run(tmp / "raw", tmp / "processed", tmp / "raw" / "organ_mapping.json", num_workers=0,
-                             resolution=32, windows=["soft_tissue"], progress=False, log=lambda *a, **k: None)
+    raw = tmp_path_factory.mktemp("eval_raw")
+    write_phantom_dataset(raw, seeds=[0, 1], shape=(40, 40, 30), spacing=8.0)
+    return raw
+
+
+def _preprocess(raw: Path, out: Path, layout: str) -> Path:
+    from pipeline import preprocess
+
+    summary = preprocess.run(raw, out, raw / "organ_mapping.json", num_workers=0, resolution=32,
+                             windows=["soft_tissue"], progress=False, log=lambda *a, **k: None, layout=layout)
     assert summary["ok"] == 2
-    assert not (tmp / "processed" / ".preprocess.lock").exists()  # no zero-byte lock file stays
-    return tmp / "processed"
+    assert not (out / ".preprocess.lock").exists()  # no zero-byte lock file stays
+    return out
+
+
+@pytest.fixture(scope="module")
+def processed(raw_phantoms, tmp_path_factory):
+    return _preprocess(raw_phantoms, tmp_path_factory.mktemp("eval_compact") / "processed", "compact")
+
+
+def test_compact_and_guide_layouts_give_the_same_metrics(raw_phantoms, processed, tmp_path):
+    """The same cases evaluated from the compact layout and from --layout guide: same support,
+    tokens and codes; metrics equal up to the guide's float16 windows."""
+    guide = _preprocess(raw_phantoms, tmp_path / "guide", "guide")
+    assert not list(processed.rglob("*.npy")) and list(guide.rglob("windows/*.npy"))
+    tok = Tokenizer.from_checkpoint(make_run(tmp_path / "run") / "ckpts" / "vqvae_ema0.9999_step0000005.pt", device="cpu")
+    a = evaluate(tok, processed, tmp_path / "a", pictures=False, log=lambda *a: None)
+    b = evaluate(tok, guide, tmp_path / "b", pictures=False, log=lambda *a: None)
+    assert [r["case"] for r in a["cases"]] == [r["case"] for r in b["cases"]] == ["phantom/phantom_000", "phantom/phantom_001"]
+    for ra, rb in zip(a["cases"], b["cases"]):
+        for k in ("support_voxels", "body_voxels", "tokens"):
+            assert ra[k] == rb[k], k
+        for k in ("psnr_body", "psnr", "ssim_body", "ssim"):
+            assert ra[k] == pytest.approx(rb[k], abs=0.05), k
+        for k in ("mae_hu_body", "rmse_hu_body"):
+            assert ra[k] == pytest.approx(rb[k], abs=0.5), k
+    assert a["organ_mae_hu"].keys() == b["organ_mae_hu"].keys()
 
 
 def test_cli_report(processed, tmp_path):
@@ -67,8 +96,8 @@ def test_metrics_match_direct_computation(processed, tmp_path):
     tok = Tokenizer.from_checkpoint(make_run(tmp_path / "run") / "ckpts" / "vqvae_ema0.9999_step0000005.pt", device="cpu")
     s = evaluate(tok, processed, tmp_path / "r", max_cases=1, ssim=False, pictures=False, log=lambda *a: None)
     case = find_cases(processed, tok.window, 32)[0]
-    win = np.load(case["window_file"]).astype(np.float32)
-    mask = np.load(case["dir"] / "body_mask_512.npy")
+    pc = ProcessedCase(case["dir"])
+    win, mask = pc.window(tok.window), pc.body_mask()
     recon = tok.decode(tok.encode_arrays(win, mask))
     assert s["cases"][0]["psnr_body"] == pytest.approx(psnr(recon, win, mask), abs=1e-6)
     assert s["cases"][0]["ssim_body"] is None and s["num_cases"] == 1
@@ -88,7 +117,7 @@ def test_bundle_config_workflow(processed, tmp_path):
     assert json.loads((tmp_path / "wf" / "summary.json").read_text())["num_cases"] == 1
 
 
-def test_errors(processed, tmp_path, capsys):
+def test_errors(raw_phantoms, processed, tmp_path, capsys):
     run = make_run(tmp_path / "run")
     ck = str(run / "ckpts" / "vqvae_ema0.9999_step0000005.pt")
 
@@ -103,8 +132,10 @@ def test_errors(processed, tmp_path, capsys):
     assert "preprocess" in one_line(["--ckpt", ck, "--data_dir", str(tmp_path), "--out", str(tmp_path / "o")])
     assert "--ckpt" in one_line(["--data_dir", str(processed), "--out", str(tmp_path / "o")])
     lung = make_run(tmp_path / "lung", window="lung")
-    assert "lung" in one_line(["--ckpt", str(lung / "ckpts" / "vqvae_ema0.9999_step0000005.pt"), "--data_dir", str(processed),
+    guide = _preprocess(raw_phantoms, tmp_path / "guide", "guide")  # soft_tissue files only
+    assert "lung" in one_line(["--ckpt", str(lung / "ckpts" / "vqvae_ema0.9999_step0000005.pt"), "--data_dir", str(guide),
                                "--out", str(tmp_path / "o")])
+    assert len(find_cases(processed, "lung", 32)) == 2  # compact cases compute any window
     with pytest.raises(TokenizerError, match="resolution"):
         find_cases(processed, "soft_tissue", resolution=64)
 
@@ -158,6 +189,8 @@ def test_report_fits_a_1280px_browser(tmp_path):
 
     out = tmp_path / "work" / "eval"
     summary = _report_summary(tmp_path)
+    import numpy as np
+
     vol = np.random.default_rng(0).random((32, 32, 32)).astype(np.float32)
     for r in summary["cases"]:
         save_three_plane(out / r["picture"], vol, vol * 0.9, title=r["case"])

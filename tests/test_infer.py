@@ -167,3 +167,26 @@ def test_cli_subprocess_no_traceback(run_dir, tmp_path):
     assert r.returncode != 0
     lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and "missing_scan.nii.gz" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_residual_tokens_round_trip_and_decode_by_depth(tmp_path):
+    """A vq_depth=2 model: token files keep both levels and their depth; decode --depth 1 gives the
+    coarse volume, --depth 3 is refused in one line."""
+    run = make_run(tmp_path / "run", vq_depth=2)
+    tok = Tokenizer.from_checkpoint(run, device="cpu", tile=None)
+    rng = np.random.default_rng(1)
+    w = np.zeros((32, 32, 32), np.float32)
+    w[4:28, 6:26, 3:29] = rng.random((24, 20, 26))
+    tokens = tok.encode_arrays(w, w > 0)
+    assert tokens.indices.shape == (len(tokens), 2) and tokens.depth == 2
+    path = tokens.save(tmp_path / "t.npz")
+    back = CTTokens.load(path)
+    assert back.depth == 2 and np.array_equal(back.indices, tokens.indices)
+    full, coarse = tok.decode(back), tok.decode(back, depth=1)
+    assert np.abs(full - coarse).max() > 1e-3
+    with pytest.raises(TokenizerError, match="--depth 3: .*hold 2 level"):
+        tok.decode(back, depth=3)
+    out = tmp_path / "coarse.nii.gz"
+    assert main(["decode", str(path), str(out), "--ckpt", str(run / "ckpts" / "vqvae_step0000010.pt"), "--device", "cpu",
+                 "--depth", "1"]) == 0
+    assert nib.load(out).shape == (32, 32, 32)

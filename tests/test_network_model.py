@@ -307,3 +307,23 @@ def test_overfit_one_real_crop(ct_data_dir, layout):
         final = (recon.features - sparse_lookup(x, recon.indices)).abs().mean().item()
     print(f"overfit: L1 {first:.4f} -> {final:.4f} in {time.time() - t0:.1f}s")
     assert final * 5 <= first
+
+
+@pytest.mark.parametrize("vq_type", ["vq", "factorized", "fsq"])
+@pytest.mark.parametrize("depth", [1, 3])
+def test_quantizer_variants_encode_decode(ct32, vq_type, depth):
+    """Every quantizer kind and depth: Encode gives one code per level, Decode of all levels equals the
+    quantised forward pass, and any prefix of the levels decodes."""
+    model = small_model(vq_type=vq_type, vq_depth=depth, fsq_levels=(4, 4, 4)).eval()
+    wake_zero_weights(model)
+    tokens = model.Encode(ct32)
+    assert tokens.indices.shape == ((len(tokens),) if depth == 1 else (len(tokens), depth))
+    assert int(tokens.indices.max()) < model.num_embeddings == 64
+    a, b = sort_sparse(model.Decode(tokens)), sort_sparse(model(ct32)[0])
+    assert torch.equal(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1], atol=1e-4, rtol=1e-4)
+    if depth > 1:
+        coarse = sort_sparse(model.Decode(tokens, depth=1))
+        assert torch.equal(coarse[0], a[0]) and not torch.allclose(coarse[1], a[1])
+        with pytest.raises(ValueError, match="depth 4: these tokens hold 3"):
+            model.Decode(tokens, depth=4)

@@ -58,7 +58,7 @@ def run_all(ct_data_dir, tmp_path_factory):
     labels = json.loads((ct_data_dir / "totalsegmentator_v2_total_labels.json").read_text())
     mapping.write_text(json.dumps({"labels": labels, "windows": ["liver:150:60"]}))
     out = root / "out"
-    code = pp.main([str(raw), str(out), str(mapping), "2", "--resolution", str(R), "--no-progress"])
+    code = pp.main([str(raw), str(out), str(mapping), "2", "--resolution", str(R), "--no-progress", "--layout", "guide"])
     return {"raw": raw, "out": out, "code": code, "labels": labels}
 
 
@@ -159,9 +159,10 @@ def test_hu_roundtrip_and_windows(run_all, ds, case):
     ct = np.load(d / "ct_normalized_512.npy").astype(np.float32)
     hu = ct * (HU_MAX - HU_MIN) + HU_MIN
     assert np.abs(hu - ref).max() <= F16_HU
+    integer_hu = np.rint(np.clip(ref, HU_MIN, HU_MAX))  # what both layouts store
     for name, w in info["windows"].items():
         win = np.load(d / w["file"]).astype(np.float32)
-        expect = np.clip((ref - (w["level"] - w["width"] / 2)) / w["width"], 0, 1)
+        expect = np.clip((integer_hu - (w["level"] - w["width"] / 2)) / w["width"], 0, 1)
         assert np.abs(win - expect).max() <= 2.0**-11 + 1e-6, name
     mask = np.load(d / "body_mask_512.npy")
     assert ref[mask].mean() > -500 > ref[~mask].mean()
@@ -252,18 +253,18 @@ def test_rerun_skips_then_redoes_invalid(run_all):
     shared_only.mkdir(exist_ok=True)
     (shared_only / "abdomen_nifti").symlink_to(raw / "abdomen_nifti", target_is_directory=True)
     before = (out / "abdomen_nifti" / "processed" / "example_ct" / "ct_normalized_512.npy").stat().st_mtime_ns
-    args = [str(shared_only), str(out), "-", "0", "--resolution", str(R), "--no-progress",
+    args = [str(shared_only), str(out), "-", "0", "--resolution", str(R), "--no-progress", "--layout", "guide",
             "--windows", "lung", "bone", "soft_tissue", "brain", "liver:150:60"]
     assert pp.main(args) == 0
     after = (out / "abdomen_nifti" / "processed" / "example_ct" / "ct_normalized_512.npy").stat().st_mtime_ns
     assert after == before  # skipped
     # a folder without a valid marker is redone: drop one window file
     (out / "abdomen_nifti" / "processed" / "example_ct" / "windows" / "brain_w80_l35.npy").unlink()
-    s = pp.run(shared_only, out, None, 0, R, ["lung", "bone", "soft_tissue", "brain", "liver:150:60"], progress=False)
+    s = pp.run(shared_only, out, None, 0, R, ["lung", "bone", "soft_tissue", "brain", "liver:150:60"], progress=False, layout="guide")
     assert (s["ok"], s["skipped"], s["failed"]) == (1, 1, 0)
     assert (out / "abdomen_nifti" / "processed" / "example_ct" / "windows" / "brain_w80_l35.npy").exists()
     # other settings (a window less) invalidate the marker
-    s = pp.run(shared_only, out, None, 0, R, ["lung"], progress=False)
+    s = pp.run(shared_only, out, None, 0, R, ["lung"], progress=False, layout="guide")
     assert (s["ok"], s["skipped"]) == (2, 0)
     rows = read_rows(out / "abdomen_nifti" / "metadata.csv")
     assert sorted(r["case_id"] for r in rows) == ["example_ct", "example_ct_sm"]
@@ -323,7 +324,7 @@ def test_full_resolution_512_case(ct_data_dir, tmp_path):
     for name in ("example_ct_sm.nii.gz", "example_seg.nii.gz"):
         (raw / name).symlink_to(ct_data_dir / "abdomen_nifti" / name)
     out = tmp_path / "out"
-    s = pp.run(raw.parent, out, None, 0, 512, ["lung"], progress=False)
+    s = pp.run(raw.parent, out, None, 0, 512, ["lung"], progress=False, layout="guide")
     assert (s["ok"], s["failed"]) == (1, 0)
     d = out / "nifti" / "processed" / "example_ct_sm"
     info = json.loads((d / "case.json").read_text())

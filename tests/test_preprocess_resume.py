@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.preprocess import marker_is_valid
+from pipeline.processed import ProcessedCase, marker_is_valid
 
 ROOT = Path(__file__).resolve().parents[1]
-R = 128
+R = 160  # a case takes long enough to write for the kill to land in one
 
 
 def _case_dirs(out: Path) -> list[Path]:
@@ -21,7 +21,8 @@ def _case_dirs(out: Path) -> list[Path]:
 
 
 def _started_writing(out: Path) -> bool:
-    return any(any(d.iterdir()) and not (d / ".complete").exists() for d in _case_dirs(out))
+    """A case folder exists (made once the scan is resampled) and is not complete yet."""
+    return any(not (d / ".complete").exists() for d in _case_dirs(out))
 
 
 def _group_alive(pgid: int) -> bool:
@@ -48,7 +49,7 @@ def test_kill_mid_case_then_resume(ct_data_dir, tmp_path):
     while not _started_writing(out):
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline, "no case started writing within 180 s"
-        time.sleep(0.01)
+        time.sleep(0.002)
     # Kill only the parent, hard: its worker must die with it (no orphan keeps writing).
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
@@ -71,15 +72,15 @@ def test_kill_mid_case_then_resume(ct_data_dir, tmp_path):
         marker = json.loads((d / ".complete").read_text())
         on_disk = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != ".complete")
         assert on_disk == sorted(marker["files"]), d  # no leftovers, no temporary files
-        ct = np.load(d / "ct_normalized_512.npy", mmap_mode="r")
-        assert ct.shape == (R, R, R) and ct.dtype == np.float16
+        case = ProcessedCase(d)
+        assert case.layout == "compact" and case.hu().shape == (R, R, R) and case.hu().dtype == np.int16
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
     with open(out / "ds" / "metadata.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     ids = [r["case_id"] for r in rows]
     assert len(ids) == len(set(ids)) == 3
     assert all(r["status"] == "ok" for r in rows)
-    assert (out / "ds" / "processed" / "example_ct_sm" / "labels_512.npy").is_file()
+    assert ProcessedCase(out / "ds" / "processed" / "example_ct_sm").labels().any()
 
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "3 skipped" in again.stdout, again.stdout

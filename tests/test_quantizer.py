@@ -174,3 +174,109 @@ def test_ddp_ranks_keep_one_codebook(tmp_path):
     assert res["init"]
     torch.testing.assert_close(res["codebooks"][0], res["codebooks"][1], atol=0, rtol=0)
     torch.testing.assert_close(res["counts"][0], res["counts"][1], atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------- variants
+from networks.quantizer import FSQuantizer, ResidualQuantizer, build_quantizer  # noqa: E402  (the variants' own block)
+
+
+def test_factorized_lookup_is_normalised_and_k_means_initialised():
+    vq = build_quantizer("factorized", num_embeddings=64, embedding_dim=16, lookup_dim=4, kmeans_init=True,
+                         kmeans_init_points=2048, reservoir_size=2048)
+    assert tuple(vq.embeddings.weight.shape) == (64, 4) and vq.reservoir.shape[1] == 4
+    z = clustered(n_clusters=32, dim=16, per=128)[0].requires_grad_(True)
+    vq.train()
+    zq, idx, losses = vq(z)  # fills the reservoir and runs k-means in the 4-d lookup space
+    assert bool(vq.initialized) and vq.usage_stats()["codes_used"] > 16
+    torch.testing.assert_close(vq.codes().norm(dim=1), torch.ones(64))
+    (zq.square().sum() + losses["commitment"]).backward()
+    assert z.grad is not None and vq.in_proj.weight.grad is not None and vq.out_proj.weight.grad is not None
+    vq.eval()
+    idx2 = vq.quantize_indices(z.detach())
+    torch.testing.assert_close(vq.lookup(idx2), vq(z.detach())[0])
+
+
+def test_factorized_dead_codes_restart_in_lookup_space():
+    torch.manual_seed(0)
+    vq = build_quantizer("factorized", num_embeddings=32, embedding_dim=8, lookup_dim=4, restart_every=1000,
+                         dead_code_steps=2, reservoir_size=512)
+    vq.train()
+    z = clustered(n_clusters=4, dim=8, per=128)[0]
+    for _ in range(3):
+        vq(z)
+    dead = (vq.step - vq.last_used) >= vq.dead_code_steps
+    assert int(dead.sum()) > 0
+    vq.collect(vq.to_lookup(z))
+    assert vq.restart_dead_codes() == int(dead.sum())
+    # the restarted codes sit on the data, in the normalised lookup space
+    data = vq.to_lookup(z).detach()
+    gap = torch.cdist(vq.codes()[dead].detach(), data).min(1).values
+    assert float(gap.max()) < 0.1
+
+
+def test_fsq_codes_round_trip_and_cover_the_grid():
+    fsq = FSQuantizer(embedding_dim=6, levels=(8, 5, 4))
+    assert fsq.num_embeddings == 160
+    every = torch.arange(160)
+    values = fsq.lookup(every)
+    assert torch.unique(values, dim=0).shape[0] == 160  # every index is a distinct vector
+    z = torch.randn(2048, 6) * 3
+    fsq.train()
+    zq, idx, losses = fsq(z.requires_grad_(True))
+    assert float(losses["vq"]) == 0 and float(losses["commitment"]) == 0
+    assert int(idx.min()) >= 0 and int(idx.max()) < 160 and fsq.usage_stats()["codes_used"] > 100
+    torch.testing.assert_close(fsq.lookup(idx), zq.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fsq.quantize_indices(z.detach()), idx)
+    zq.sum().backward()
+    assert fsq.in_proj.weight.grad.abs().sum() > 0  # straight-through rounding passes gradients
+
+
+def test_residual_levels_refine_and_decode_any_prefix():
+    torch.manual_seed(0)
+    rq = build_quantizer("vq", depth=3, num_embeddings=32, embedding_dim=8)
+    assert isinstance(rq, ResidualQuantizer) and rq.depth == 3
+    z = torch.randn(4096, 8)
+    with torch.no_grad():  # codebooks fitted level by level, as k-means would
+        residual = z.clone()
+        for q in rq.levels:
+            from networks.quantizer import kmeans
+
+            q.embeddings.weight.copy_(kmeans(residual, 32, iters=5))
+            residual = residual - q.lookup(q.quantize_indices(residual))
+    rq.eval()
+    idx = rq.quantize_indices(z)
+    assert idx.shape == (4096, 3)
+    errors = [float((rq.lookup(idx[:, :d]) - z).square().mean()) for d in (1, 2, 3)]
+    assert errors[0] > errors[1] > errors[2], errors
+    zq, idx_fwd, _ = rq(z)
+    assert torch.equal(idx_fwd, idx)
+    torch.testing.assert_close(zq, rq.lookup(idx))
+    rq.train()
+    depths = {rq(z)[1].shape[1] for _ in range(30)}
+    assert depths == {1, 2, 3}  # depth dropout trains every prefix
+    stats = rq.usage_stats()
+    assert len(stats["levels"]) == 3 and stats["codes_used"] == stats["levels"][0]["codes_used"]
+
+
+def test_unknown_quantizer_settings_are_refused():
+    with pytest.raises(ValueError, match="vq_type"):
+        build_quantizer("lfq")
+    with pytest.raises(ValueError, match="vq_depth"):
+        build_quantizer("vq", depth=0)
+    with pytest.raises(ValueError, match="fsq_levels"):
+        FSQuantizer(4, levels=(8, 1))
+
+
+def test_residual_levels_wait_for_the_k_means_of_earlier_levels():
+    rq = build_quantizer("vq", depth=2, num_embeddings=16, embedding_dim=8, kmeans_init=True, kmeans_init_points=256,
+                         reservoir_size=256, depth_dropout=False)
+    rq.train()
+    z = clustered(n_clusters=16, dim=8, per=8)[0]  # 128 vectors a step
+    _, idx, _ = rq(z)
+    assert idx.shape[1] == 1 and rq.levels[1].reservoir.shape[0] == 0  # level 1 sees no residuals yet
+    rq(z)  # level 0's reservoir is full: k-means
+    assert bool(rq.levels[0].initialized) and rq.levels[1].reservoir.shape[0] == 0
+    rq(z)  # now level 1 collects the residuals of the initialised level 0
+    assert rq.levels[1].reservoir.shape[0] > 0 and not bool(rq.levels[1].initialized)
+    rq(z)
+    assert bool(rq.levels[1].initialized) and rq(z)[1].shape[1] == 2
