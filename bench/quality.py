@@ -219,7 +219,7 @@ def body_cells(mask: np.ndarray, factor: int = 8) -> np.ndarray:
 
 
 def evaluate_models(args, ctvq: dict | None, vqvae: dict | None, device: torch.device, resolution: int) -> dict:
-    from pipeline.evaluate import _geometry, _load_case, find_cases
+    from pipeline.evaluate import _geometry, _load_case, depth_metrics, find_cases, per_depth_summary
     from pipeline.infer import Tokenizer
     from pipeline.metrics import codebook_usage, volume_metrics
     from pipeline.visualize import save_three_plane
@@ -246,11 +246,7 @@ def evaluate_models(args, ctvq: dict | None, vqvae: dict | None, device: torch.d
             tokens = tok.encode_arrays(win, mask, **_geometry(data["info"]))
             recons["ctvq"] = tok.decode(tokens)
             indices["ctvq"].append(np.asarray(tokens.indices))
-            for d in range(1, tokens.depth + 1):  # residual codes: quality at every depth
-                recon = recons["ctvq"] if d == tokens.depth else tok.decode(tokens, depth=d)
-                m = volume_metrics(recon, target, tok.window, mask, ssim=False)
-                depth_rows.append({"case": case["case"], "depth": d, "psnr_body": m["psnr_body"],
-                                   "mae_hu_body": m["mae_hu_body"]})
+            depth_rows += depth_metrics(tok, tokens, recons["ctvq"], target, mask, case["case"])
         if net is not None:
             recon, idx = vqvae_reconstruct(net, target, device)
             recons["monai_vqvae"] = recon
@@ -279,7 +275,7 @@ def evaluate_models(args, ctvq: dict | None, vqvae: dict | None, device: torch.d
         if name == "ctvq":
             out[name]["stage_steps"] = trained["stage_steps"]
             out[name]["stage_seconds"] = trained["stage_seconds"]
-            out[name]["per_depth"] = per_depth(depth_rows, indices[name], k)
+            out[name]["per_depth"] = per_depth_summary(depth_rows, indices[name], k)
     return out
 
 
@@ -291,20 +287,6 @@ def display_row(name: str, result: dict) -> dict:
         if isinstance(row.get(key), (int, float)):
             row[key] = f"{row[key]:.{n}f}"
     return row
-
-
-def per_depth(rows: list[dict], indices: list[np.ndarray], num_embeddings: int) -> list[dict]:
-    """Means over the cases at each residual depth, with the codes used at that level."""
-    from pipeline.metrics import codebook_usage
-
-    out = []
-    for d in sorted({r["depth"] for r in rows}):
-        at = [r for r in rows if r["depth"] == d]
-        level = np.concatenate([np.asarray(i).reshape(len(i), -1)[:, d - 1] for i in indices])
-        out.append({"depth": d, "psnr_body": float(np.mean([r["psnr_body"] for r in at])),
-                    "mae_hu_body": float(np.mean([r["mae_hu_body"] for r in at])),
-                    "codes_used": codebook_usage(level, num_embeddings)["codes_used"]})
-    return out
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -192,6 +192,31 @@ def _safe_name(case: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in case.replace("/", "__"))
 
 
+def depth_metrics(tokenizer: Tokenizer, tokens, recon: np.ndarray, target: np.ndarray, mask: np.ndarray,
+                  case: str) -> list[dict]:
+    """PSNR and MAE inside the body decoding the first d residual code levels, d = 1 .. the tokens'
+    depth (``recon`` is the decode of all of them)."""
+    rows = []
+    for d in range(1, tokens.depth + 1):
+        volume = recon if d == tokens.depth else tokenizer.decode(tokens, depth=d)
+        m = volume_metrics(volume, target, tokenizer.window, mask, ssim=False)
+        rows.append({"case": case, "depth": d, "psnr_body": m["psnr_body"], "mae_hu_body": m["mae_hu_body"]})
+    return rows
+
+
+def per_depth_summary(rows: Sequence[Mapping], indices: Sequence[np.ndarray], num_embeddings: int) -> list[dict]:
+    """Means over the cases at each depth, with the usage of that depth's code level."""
+    out = []
+    for d in sorted({r["depth"] for r in rows}):
+        at = [r for r in rows if r["depth"] == d]
+        level = np.concatenate([np.asarray(i).reshape(len(i), -1)[:, d - 1] for i in indices])
+        use = codebook_usage(level, num_embeddings)
+        out.append({"depth": d, "psnr_body": _nanmean([r["psnr_body"] for r in at]),
+                     "mae_hu_body": _nanmean([r["mae_hu_body"] for r in at]),
+                     "codes_used": use["codes_used"], "perplexity": use["perplexity"]})
+    return out
+
+
 def evaluate(
     tokenizer: Tokenizer,
     data_dir: str | os.PathLike,
@@ -240,7 +265,7 @@ def evaluate(
         raise TokenizerError(f"{data_dir}: no complete case with the {w.name} window; run ./run.sh preprocess (with that window) first")
     out = Path(out)
     (out / "cases").mkdir(parents=True, exist_ok=True)
-    rows, organ_rows, all_indices = [], [], []
+    rows, organ_rows, all_indices, depth_rows = [], [], [], []
     for n, case in enumerate(found, 1):
         data = _load_case(case)
         win, mask = data["window"], data["mask"]
@@ -256,6 +281,7 @@ def evaluate(
         m = volume_metrics(recon, target, w, mask, data["labels"], case["organ_mapping"] or None, ssim=ssim)
         use = codebook_usage(tokens.indices, tokenizer.num_embeddings)
         all_indices.append(tokens.indices)
+        depth_rows += depth_metrics(tokenizer, tokens, recon, target, mask, case["case"])
         row = {
             "case": case["case"],
             "dataset": case["dataset"],
@@ -309,8 +335,9 @@ def evaluate(
         "tile": tokenizer.tile,
         "overall": overall,
         "organ_mae_hu": {k: _nanmean(v) for k, v in sorted(organs.items())},
-        "code_counts": np.bincount(np.concatenate(all_indices).astype(np.int64),
-                                   minlength=tokenizer.num_embeddings).tolist(),
+        "per_depth": per_depth_summary(depth_rows, all_indices, tokenizer.num_embeddings),
+        "code_counts": np.bincount(np.concatenate([np.asarray(x).reshape(len(x), -1)[:, 0] for x in all_indices]).astype(np.int64),
+                                   minlength=tokenizer.num_embeddings).tolist(),  # first code level
         "training_cases": training_cases(tokenizer.source),
         "cases": rows,
         "reference": "window volume inside the body mask (0 outside), window range [0, 1]",

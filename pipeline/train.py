@@ -18,6 +18,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -166,7 +167,29 @@ def main(argv: list[str] | None = None) -> int:
     world = args.num_gpus * args.num_nodes
     if world > 1 and "LOCAL_RANK" not in os.environ:
         return _launch_torchrun(args, argv)
-    os.environ.setdefault("CTVQ_COMMAND", "./run.sh train " + shlex.join(argv))
+    with _recorded_command(argv):
+        return _run(files, args)
+
+
+@contextlib.contextmanager
+def _recorded_command(argv: list[str]):
+    """``CTVQ_COMMAND`` (what ``command.txt`` records) for this call: a torchrun worker keeps its
+    launcher's; an in-process call (``bench/quality.py`` runs three) sets its own and restores the old."""
+    if "LOCAL_RANK" in os.environ and "CTVQ_COMMAND" in os.environ:
+        yield
+        return
+    previous = os.environ.get("CTVQ_COMMAND")
+    os.environ["CTVQ_COMMAND"] = "./run.sh train " + shlex.join(argv)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("CTVQ_COMMAND", None)
+        else:
+            os.environ["CTVQ_COMMAND"] = previous
+
+
+def _run(files: list[str], args) -> int:
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         overlay = str(BUNDLE_DIR / "multi_gpu.json")
         if overlay not in [str(Path(f).resolve()) for f in files]:

@@ -196,6 +196,8 @@ def test_quality_smoke(quality_data, tmp_path):
     argv = ["--train", str(quality_data / "train"), "--eval", str(quality_data / "eval"), "--minutes", "0.05",
             "--small", "--device", "cpu", "--workers", "0", "--out", str(out)]
     res = quality.main(argv)
+    assert "CTVQ_COMMAND" not in __import__("os").environ  # each in-process stage recorded its own command
+    assert "stage2.json" in (tmp_path / "q_work" / "ctvq" / "stage2" / "command.txt").read_text()
     saved = json.loads(out.read_text())
     assert set(saved) >= {"ctvq", "monai_vqvae", "env"} and saved["env"]["device"] == "cpu"
     for name in ("ctvq", "monai_vqvae"):

@@ -15,10 +15,10 @@ from pipeline.processed import ProcessedCase
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_run(folder: Path, window="soft_tissue") -> Path:
-    net = tiny_net(0)
+def make_run(folder: Path, window="soft_tissue", **over) -> Path:
+    net = tiny_net(0, **over)
     (folder / "ckpts").mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({"window_type": window, "network_def": TINY}))
+    (folder / "config.json").write_text(json.dumps({"window_type": window, "network_def": {**TINY, **over}}))
     torch.save(net.state_dict(), folder / "ckpts" / "vqvae_ema0.9999_step0000005.pt")
     return folder
 
@@ -205,3 +205,16 @@ def test_report_fits_a_1280px_browser(tmp_path):
     shot = tmp_path / "report.png"
     subprocess.run(args + [f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
     assert shot.stat().st_size > 10000
+
+
+def test_residual_model_is_scored_at_every_depth(processed, tmp_path):
+    """summary.json gives PSNR / MAE for each decoding depth and the usage of each code level."""
+    tok = Tokenizer.from_checkpoint(make_run(tmp_path / "run", vq_depth=2), device="cpu", tile=None)
+    summary = evaluate(tok, processed, tmp_path / "report", pictures=False, ssim=False, log=lambda *a: None)
+    rows = summary["per_depth"]
+    assert [r["depth"] for r in rows] == [1, 2]
+    assert rows[1]["psnr_body"] == pytest.approx(summary["overall"]["psnr_body"])  # the full depth is the headline
+    assert rows[0]["psnr_body"] != pytest.approx(rows[1]["psnr_body"]) and all(r["codes_used"] > 0 for r in rows)
+    single = evaluate(Tokenizer.from_checkpoint(make_run(tmp_path / "one"), device="cpu", tile=None), processed,
+                      tmp_path / "report1", pictures=False, ssim=False, log=lambda *a: None)
+    assert [r["depth"] for r in single["per_depth"]] == [1]
