@@ -21,6 +21,7 @@ import hashlib
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -180,7 +181,12 @@ class CTWindowSparseDataset(Dataset):
         keys = split_cases([c["key"] for c in cases], split, val_fraction, num_val, self.seed)
         wanted = set(keys)
         self.cases = []
-        for c in cases:
+        started = shown = time.perf_counter()
+        for n, c in enumerate(cases):
+            if time.perf_counter() - shown > 10:  # the first use reads every case once (then cached)
+                shown = time.perf_counter()
+                logger.info(f"CTWindowSparseDataset[{split}]: counting support voxels, {n} of {len(cases)} cases "
+                            f"({shown - started:.0f} s; once, then cached)")
             if c["key"] not in wanted:
                 continue
             try:

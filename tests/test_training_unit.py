@@ -186,3 +186,18 @@ def test_lock_files_do_not_stay(tmp_path):
     assert not (tmp_path / ".train.lock").exists()
     FolderLock(tmp_path, ".train.lock", "busy").acquire().release()  # and it can be taken again
     assert list(tmp_path.iterdir()) == []
+
+
+def test_first_pass_over_the_scans_shows_progress(tmp_path, monkeypatch, caplog):
+    """Counting the support of every case (the first use of a dataset) logs its progress."""
+    import itertools
+
+    import pipeline.dataset as dsmod
+    from test_dataset import write_processed_dataset
+
+    write_processed_dataset(tmp_path, "synth", num_cases=3, resolution=32, failed=0)
+    clock = itertools.count(0, 6.0)  # every reading of the clock: 6 s later
+    monkeypatch.setattr(dsmod.time, "perf_counter", lambda: next(clock))
+    with caplog.at_level("INFO"):
+        CTWindowSparseDataset(tmp_path, "lung", split="all", max_points=1500, min_points=10)
+    assert "counting support voxels, 1 of 3 cases" in caplog.text and "once, then cached" in caplog.text
