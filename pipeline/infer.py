@@ -786,7 +786,7 @@ class Tokenizer:
         steps = list(getattr(pre, "transforms", [pre]))
         if steps and type(steps[0]).__name__ in ("LoadCTd", "LoadImaged"):
             steps = steps[1:]
-        meta = dict(scan.meta)
+        meta = {k: v for k, v in scan.meta.items() if k != "affine"}  # given as affine= below
         meta.setdefault("original_affine", scan.affine.clone())
         meta.setdefault("original_shape", [int(s) for s in scan.shape[-3:]])
         scan = MetaTensor(scan.as_tensor().float(), affine=scan.affine, meta=meta)
