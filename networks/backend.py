@@ -9,6 +9,11 @@ On import this module
   kernels (backward included); without CUDA the stub answers stream 0, so forward and backward
   both run on CPU.
 
+Before spconv is imported it installs :class:`CpuSpconvAlgo`: on a machine without CUDA, spconv's
+``spconv.algo`` (descriptions of its ~2,300 CUDA kernels, built at import: 6-10 s on 2 cores) is
+replaced by the empty tuners its CPU path needs (same outputs and gradients, ``tests/test_startup.py``);
+``CTVQ_SPCONV_FULL=1`` keeps the original.
+
 It also owns the guard for spconv's int32 indexing (:func:`check_int32_limit`): a feature
 buffer of ``N x C x bytes >= 2 GiB`` overflows spconv's kernels, so layers check before they run
 and fail with an error that names the layer and the setting to lower.
@@ -17,12 +22,43 @@ and fail with an error that names the layer and the setting to lower.
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.util
 import os
+import sys
 from typing import Iterator, Sequence
 
 import warnings
 
 import torch
+
+
+class CpuSpconvAlgo(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Import hook for ``spconv.algo`` without CUDA: ``GEMM``/``CONV`` None (as in spconv's CPU-only build)
+    and empty C++ tuners ``GEMM_CPP``/``CONV_CPP`` (consulted for CUDA kernels only)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "spconv.algo" or os.environ.get("CTVQ_SPCONV_FULL"):
+            return None
+        if torch.cuda.is_available():
+            return None
+        return importlib.util.spec_from_loader(name, self)
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module) -> None:
+        from spconv.core_cc.csrc.sparse.convops.convops import ConvTunerSimple
+        from spconv.core_cc.csrc.sparse.convops.gemmops import GemmTunerSimple
+
+        module.GEMM = module.CONV = None
+        module.GEMM_CPP = GemmTunerSimple([])
+        module.CONV_CPP = ConvTunerSimple([])
+
+
+if not any(isinstance(f, CpuSpconvAlgo) for f in sys.meta_path):
+    sys.meta_path.insert(0, CpuSpconvAlgo())
+
 
 with warnings.catch_warnings():
     # spconv 2.3 uses the deprecated torch.cuda.amp decorators; nothing to act on here

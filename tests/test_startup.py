@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
 import json, sys, time
 t0 = time.perf_counter()
-import pipeline, torch
+import networks.backend, torch
 import spconv.pytorch, spconv.algo
 took = time.perf_counter() - t0
 sys.path.insert(0, "tests")
