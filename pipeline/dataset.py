@@ -361,7 +361,11 @@ class StepSampler(Sampler):
 
         self.n = len(dataset)
         if self.n == 0:
-            raise ValueError("the training dataset is empty; run ./run.sh check-data on data_dir to see why")
+            window = getattr(dataset, "window_type", None)
+            which = f" for window '{window}'" if window else ""
+            raise ValueError(f"the training dataset is empty{which}; run ./run.sh check-data DATA_DIR"
+                             f"{f' --window {window}' if window else ''} to see why (a window_type the data was "
+                             "not preprocessed with? set window_type to one it has)")
         dist_on = dist.is_available() and dist.is_initialized()
         self.num_replicas = num_replicas if num_replicas is not None else (dist.get_world_size() if dist_on else 1)
         self.rank = rank if rank is not None else (dist.get_rank() if dist_on else 0)

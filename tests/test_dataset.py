@@ -215,3 +215,14 @@ def test_compact_and_guide_layouts_give_the_same_crops(tmp_path):
                 recon, terms = net(x)
             losses.append([float(recon_loss(recon, x)), float(terms["vq"]), float(terms["commitment"])])
         assert losses[0] == pytest.approx(losses[1], rel=1e-2, abs=1e-4)
+
+
+def test_empty_training_set_names_the_window():
+    class Empty:
+        window_type = "lung"
+
+        def __len__(self):
+            return 0
+
+    with pytest.raises(ValueError, match=r"empty for window 'lung'; run ./run.sh check-data DATA_DIR --window lung"):
+        StepSampler(Empty())
