@@ -141,7 +141,7 @@ def test_errors(raw_phantoms, processed, tmp_path, capsys):
 
 
 def _report_summary(tmp_path):
-    """The summary of a real evaluation, written under tmp_path/work/eval, from a run that trained on phantom_000."""
+    """The summary of a real evaluation, written under tmp_path / "work" / "eval", from a run that trained on phantom_000."""
     return {
         "model": str(tmp_path / "work" / "runs" / "s2" / "ckpts" / "vqvae_step0000400.pt"),
         "data_dir": str(tmp_path / "work" / "processed_dataset"),
