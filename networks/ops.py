@@ -182,25 +182,31 @@ def per_child(table: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype) ->
     return one_hot @ table.to(dtype)
 
 
+def _parents(x: SparseConvTensor, factor: int) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """The parent cells of ``x``'s rows: (inverse [N]: each row's parent, parent indices [M, 4] sorted
+    by linearised key, the parents' spatial shape)."""
+    idx = x.indices.long()
+    parents = torch.cat([idx[:, :1], idx[:, 1:] // factor], dim=1)
+    shape = [-(-int(s) // factor) for s in x.spatial_shape]
+    uniq, inverse = torch.unique(linearize(parents, shape), return_inverse=True)
+    out_idx = torch.empty(uniq.numel(), 4, dtype=torch.long, device=idx.device)
+    out_idx[inverse] = parents
+    return inverse, out_idx, shape
+
+
 def downsample(x: SparseConvTensor, factor: int = 2) -> SparseConvTensor:
     """Pool by ``factor`` per axis: parent cell ``coords // factor``, features = mean of the children.
 
     The result is a new tensor (no rulebooks) with ``spatial_shape // factor``; its rows are
     sorted by linearised key.
     """
-    idx = x.indices.long()
-    parents = torch.cat([idx[:, :1], idx[:, 1:] // factor], dim=1)
-    shape = [-(-int(s) // factor) for s in x.spatial_shape]
-    keys = linearize(parents, shape)
-    uniq, inverse = torch.unique(keys, return_inverse=True)
-    m = uniq.numel()
+    inverse, out_idx, shape = _parents(x, factor)
+    m = out_idx.shape[0]
     feats = x.features
     summed = torch.zeros(m, feats.shape[1], dtype=feats.dtype, device=feats.device).index_add_(0, inverse, feats)
     count = torch.zeros(m, dtype=feats.dtype, device=feats.device).index_add_(
         0, inverse, torch.ones_like(inverse, dtype=feats.dtype)
     )
-    out_idx = torch.empty(m, 4, dtype=torch.long, device=idx.device)
-    out_idx[inverse] = parents
     return make_sparse(summed / count[:, None], out_idx, shape, x.batch_size)
 
 
@@ -232,15 +238,10 @@ def patchify(x: SparseConvTensor) -> SparseConvTensor:
     With a linear layer after it this is a kernel-2, stride-2 conv (children in
     :data:`CHILD_OFFSETS` order, channels child-major). Rows sorted by linearised key.
     """
-    idx = x.indices.long()
-    parents = torch.cat([idx[:, :1], idx[:, 1:] // 2], dim=1)
-    shape = [-(-int(s) // 2) for s in x.spatial_shape]
-    uniq, inverse = torch.unique(linearize(parents, shape), return_inverse=True)
-    m, c = uniq.numel(), x.features.shape[1]
-    slots = inverse * 8 + child_index(idx)
+    inverse, out_idx, shape = _parents(x, 2)
+    m, c = out_idx.shape[0], x.features.shape[1]
+    slots = inverse * 8 + child_index(x.indices)
     feats = x.features.new_zeros(m * 8, c).index_copy(0, slots, x.features)
-    out_idx = torch.empty(m, 4, dtype=torch.long, device=idx.device)
-    out_idx[inverse] = parents
     return make_sparse(feats.view(m, 8 * c), out_idx, shape, x.batch_size)
 
 
