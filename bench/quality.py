@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -68,8 +67,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if len(args.split) != 3 or abs(sum(args.split) - 1) > 1e-6:
         p.error(f"--stage-split {args.stage_split!r} needs three shares that sum to 1, e.g. 0.45,0.1,0.45")
     if args.workers is None:
-        import os
-
         args.workers = min(8, len(os.sched_getaffinity(0)))
     return args
 
@@ -296,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.backends.cudnn.benchmark = False
     resolution = resolution_of(args.train)
     if resolution_of(args.eval) != resolution:
-        raise SystemExit(f"quality: --train and --eval were preprocessed at different resolutions; use one --resolution")
+        raise SystemExit("quality: --train and --eval were preprocessed at different resolutions; use one --resolution")
     ctvq = train_ctvq(args, resolution, device) if "ctvq" in args.models else None
     vqvae = train_vqvae(args, resolution, device) if "monai_vqvae" in args.models else None
     if args.train_only:
