@@ -21,7 +21,7 @@ Usage: ./run.sh <command> [args...]
   encode SCAN OUT.npz --bundle DIR
   decode IN.npz OUT.nii.gz --bundle DIR [--original-grid] [--depth D]
   export --run RUN_DIR [--ckpt CKPT] --out dist/ct_vqvae
-  bench <train_step|inference|dataloader|preprocess|profile_step|sparse_ops> [args]
+  bench <train_step|inference|dataloader|preprocess|profile_step|sparse_ops|quality> [args]
                             benchmarks (bench/README.md; bench/real_scans.sh runs the model on real scans)
 
 Every command takes --help.
