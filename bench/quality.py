@@ -15,6 +15,11 @@ training (delete its folder to train it anew).
 
     python bench/quality.py --train DIR --eval DIR --minutes 4 [--window lung] [--out FILE.json]
     python bench/quality.py --train DIR --eval DIR --minutes 0.2 --small --device cpu   # smoke run
+    python bench/quality.py ... --variant fsq:network_def#vq_type='"fsq"' --variant d4:network_def#vq_depth=4
+
+Each ``--variant NAME:KEY=VALUE`` trains one more ctvq with that override on top of the shipped
+recipe (repeat a NAME to give it several), for the same minutes, into ``--work/ctvq_NAME``; the
+JSON gets ``"variants": {NAME: {...}}`` with the fields of ``"ctvq"``, the table a row each.
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stage-split", default="0.6,0.05,0.35", help="shares of --minutes for ctvq's stages 0, 1, 2")
     p.add_argument("--ctvq-override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for every ctvq stage (e.g. network_def#vq_depth=4)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE",
+                   help="train and score one more ctvq with this override (repeat NAME for several overrides)")
     p.add_argument("--models", nargs="+", default=["ctvq", "monai_vqvae"], choices=["ctvq", "monai_vqvae"])
     p.add_argument("--workers", type=int, default=None, help="data loader workers (default: up to 8, the CPUs there are)")
     p.add_argument("--crop", type=int, default=128, help="VQVAE crop edge (default 128)")
@@ -68,6 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--stage-split {args.stage_split!r} needs three shares that sum to 1, e.g. 0.45,0.1,0.45")
     if args.workers is None:
         args.workers = min(8, len(os.sched_getaffinity(0)))
+    args.variants = {}
+    for item in args.variant:
+        name, sep, override = item.partition(":")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_-]+", name) or "=" not in override:
+            p.error(f"--variant {item!r} is not NAME:KEY=VALUE (NAME of letters, digits, - and _), "
+                    "e.g. d4:network_def#vq_depth=4")
+        args.variants.setdefault(name, []).append(override)
     return args
 
 
@@ -88,7 +102,16 @@ def _finished(run: Path) -> tuple[int, float] | None:
     return (int(hits[-1][0]), float(hits[-1][1])) if hits else None
 
 
-def train_ctvq(args, resolution: int, device: torch.device) -> dict:
+def ctvq_models(args) -> dict[str, list[str]]:
+    """ctvq models of this run: ``{"ctvq": shared overrides, "ctvq_NAME": shared + variant's}``."""
+    models = {"ctvq": list(args.ctvq_override)}
+    for name, extra in args.variants.items():
+        models[f"ctvq_{name}"] = [*args.ctvq_override, *extra]
+    return models
+
+
+def train_ctvq(args, resolution: int, device: torch.device, name: str = "ctvq", overrides: list[str] | None = None) -> dict:
+    """Train (or find finished in ``--work/name``) one ctvq through the shipped stage configs."""
     from pipeline import train
     from pipeline.infer import find_checkpoint
 
@@ -97,18 +120,20 @@ def train_ctvq(args, resolution: int, device: torch.device) -> dict:
               "--override", f"num_workers={args.workers}", "--override", f"seed={args.seed}"]
     for key in ("max_steps", "i_save", "i_val", "i_sample"):
         common += ["--override", f"{key}=100000000"]
-    for item in args.ctvq_override:
+    overrides = list(args.ctvq_override if overrides is None else overrides)
+    for item in overrides:
         common += ["--override", item]
-    settings = {"minutes": args.minutes, "stage_split": args.split, "ctvq_override": args.ctvq_override,
+    settings = {"minutes": args.minutes, "stage_split": args.split, "ctvq_override": overrides,
                 "window": args.window, "small": args.small, "train": str(args.train)}
-    record = args.work / "ctvq" / "settings.json"
+    home = args.work / name
+    record = home / "settings.json"
     if record.is_file() and json.loads(record.read_text()) != settings:
         raise SystemExit(f"quality: {record.parent} was trained with other settings ({record.read_text().strip()}); "
                          "pass another --work or delete that folder")
     C.write_json(record, settings)
     steps, seconds = [], []
     for stage, share in enumerate(args.split):
-        run = args.work / "ctvq" / f"stage{stage}"
+        run = home / f"stage{stage}"
         done = _finished(run)
         if done is None:
             configs = ["--config", str(BUNDLE / f"stage{stage}.json")]
@@ -116,20 +141,20 @@ def train_ctvq(args, resolution: int, device: torch.device) -> dict:
                 configs += ["--config", str(BUNDLE / "demo.json")]
             extra = []
             if stage == 1:
-                extra = ["--override", f'pretrained_vae_path="{find_checkpoint(args.work / "ctvq" / "stage0", weights="model")}"']
+                extra = ["--override", f'pretrained_vae_path="{find_checkpoint(home / "stage0", weights="model")}"']
             elif stage == 2:
-                extra = ["--load_dir", str(args.work / "ctvq" / "stage1"), "--ckpt", "latest"]
+                extra = ["--load_dir", str(home / "stage1"), "--ckpt", "latest"]
             argv = [*configs, "--output_dir", str(run), *common, "--override", f"max_minutes={args.minutes * share}", *extra]
-            print(f"ctvq stage {stage}: {args.minutes * share:.2f} min", flush=True)
+            print(f"{name} stage {stage}: {args.minutes * share:.2f} min", flush=True)
             if train.main(argv) != 0:
-                raise SystemExit(f"quality: ctvq stage {stage} failed; see {run / 'log.txt'}")
+                raise SystemExit(f"quality: {name} stage {stage} failed; see {run / 'log.txt'}")
             done = _finished(run)
             if done is None:
-                raise SystemExit(f"quality: ctvq stage {stage} wrote no 'Training finished' line; see {run / 'log.txt'}")
+                raise SystemExit(f"quality: {name} stage {stage} wrote no 'Training finished' line; see {run / 'log.txt'}")
         steps.append(done[0])
         seconds.append(done[1])
-    return {"run": args.work / "ctvq" / "stage2", "train_steps": sum(steps), "train_seconds": sum(seconds),
-            "stage_steps": steps, "stage_seconds": seconds}
+    return {"run": home / "stage2", "train_steps": sum(steps), "train_seconds": sum(seconds),
+            "stage_steps": steps, "stage_seconds": seconds, "overrides": overrides}
 
 
 # ----------------------------------------------------------------------------------- MONAI VQVAE
@@ -215,64 +240,68 @@ def body_cells(mask: np.ndarray, factor: int = 8) -> np.ndarray:
     return mask.reshape(r, factor, r, factor, r, factor).any(axis=(1, 3, 5))
 
 
-def evaluate_models(args, ctvq: dict | None, vqvae: dict | None, device: torch.device, resolution: int) -> dict:
+def evaluate_models(args, trained: dict[str, dict], device: torch.device, resolution: int) -> dict:
+    """Score every trained model (``{name: train result}``; ctvq models have a ``"run"``) on the
+    whole evaluation scans; ``{name: means, usage, training figures and per-case rows}``."""
     from pipeline.evaluate import _geometry, _load_case, depth_metrics, find_cases, per_depth_summary
     from pipeline.infer import Tokenizer
     from pipeline.metrics import codebook_usage, volume_metrics
     from pipeline.visualize import save_three_plane
+    from transforms import parse_window
 
-    tok = Tokenizer.from_checkpoint(ctvq["run"], device=device) if ctvq else None
+    toks = {name: Tokenizer.from_checkpoint(t["run"], device=device) for name, t in trained.items() if "run" in t}
+    codebook = {name: tok.num_embeddings for name, tok in toks.items()}
     net = None
-    if vqvae:
+    if "monai_vqvae" in trained:
         net = C.build_vqvae(args.small, device)
-        net.load_state_dict(torch.load(vqvae["weights"], map_location=device, weights_only=True))
+        net.load_state_dict(torch.load(trained["monai_vqvae"]["weights"], map_location=device, weights_only=True))
         net.eval()
+        codebook["monai_vqvae"] = int(net.num_embeddings)
+    window = parse_window(args.window)
     cases = find_cases(args.eval, args.window, resolution)
     if not cases:
         raise SystemExit(f"quality: {args.eval} holds no complete case with the {args.window} window")
-    rows = {"ctvq": [], "monai_vqvae": []}
-    indices = {"ctvq": [], "monai_vqvae": []}
+    rows = {name: [] for name in trained}
+    indices = {name: [] for name in trained}
+    depth_rows = {name: [] for name in toks}
     pictures = args.out.parent / f"{args.out.stem}_pictures"
-    depth_rows = []
     for case in cases:
         data = _load_case(case)
         win, mask = data["window"], data["mask"]
         target = np.where(mask, win, 0.0).astype(np.float32)
         recons = {}
-        if tok is not None:
+        for name, tok in toks.items():
             tokens = tok.encode_arrays(win, mask, **_geometry(data["info"]))
-            recons["ctvq"] = tok.decode(tokens)
-            indices["ctvq"].append(np.asarray(tokens.indices))
-            depth_rows += depth_metrics(tok, tokens, recons["ctvq"], target, mask, case["case"])
+            recons[name] = tok.decode(tokens)
+            indices[name].append(np.asarray(tokens.indices))
+            depth_rows[name] += depth_metrics(tok, tokens, recons[name], target, mask, case["case"])
         if net is not None:
             recon, idx = vqvae_reconstruct(net, target, device)
             recons["monai_vqvae"] = recon
             indices["monai_vqvae"].append(idx[body_cells(mask)])
         for name, recon in recons.items():
-            m = volume_metrics(recon, target, tok.window if tok else args.window, mask, data["labels"],
-                               case["organ_mapping"] or None)
-            use = codebook_usage(indices[name][-1], tok.num_embeddings if name == "ctvq" else int(net.num_embeddings))
-            tokens_per_scan = len(indices[name][-1]) if name == "ctvq" else int(np.prod(body_cells(mask).shape))
+            m = volume_metrics(recon, target, window, mask, data["labels"], case["organ_mapping"] or None, device=device)
+            use = codebook_usage(indices[name][-1], codebook[name])
+            tokens_per_scan = len(indices[name][-1]) if name in toks else int(np.prod(body_cells(mask).shape))
             rows[name].append({"case": case["case"], **{k: m.get(k) for k in METRICS[:3]},
                                "organ_mae_hu": m.get("organ_mae_hu"), "codes_used": use["codes_used"],
                                "perplexity": use["perplexity"], "tokens": tokens_per_scan})
             print(f"{name} {case['case']}: PSNR body {m['psnr_body']:.2f} dB, MAE {m['mae_hu_body']:.1f} HU", flush=True)
-        save_three_plane(pictures / f"{case['case'].replace('/', '__')}.png", target, recons, mask=mask, title=case["case"])
+        shown = {k: v for k, v in recons.items() if k in ("ctvq", "monai_vqvae")} or recons
+        save_three_plane(pictures / f"{case['case'].replace('/', '__')}.png", target, shown, mask=mask, title=case["case"])
     out = {}
-    for name, trained in (("ctvq", ctvq), ("monai_vqvae", vqvae)):
-        if not trained:
-            continue
-        k = tok.num_embeddings if name == "ctvq" else int(net.num_embeddings)
-        pooled = codebook_usage(np.concatenate(indices[name]) if indices[name] else np.zeros(0, int), k)
+    for name, result in trained.items():
+        pooled = codebook_usage(np.concatenate(indices[name]) if indices[name] else np.zeros(0, int), codebook[name])
         mean = {m: float(np.mean([r[m] for r in rows[name]])) for m in METRICS[:3]}
         out[name] = {**mean, "codes_used": pooled["codes_used"], "codebook_usage": pooled["usage"],
                      "perplexity": pooled["perplexity"], "tokens": float(np.mean([r["tokens"] for r in rows[name]])),
-                     "train_steps": trained["train_steps"], "train_seconds": trained["train_seconds"],
+                     "train_steps": result["train_steps"], "train_seconds": result["train_seconds"],
                      "cases": rows[name]}
-        if name == "ctvq":
-            out[name]["stage_steps"] = trained["stage_steps"]
-            out[name]["stage_seconds"] = trained["stage_seconds"]
-            out[name]["per_depth"] = per_depth_summary(depth_rows, indices[name], k)
+        if name in toks:
+            out[name]["stage_steps"] = result["stage_steps"]
+            out[name]["stage_seconds"] = result["stage_seconds"]
+            out[name]["overrides"] = result["overrides"]
+            out[name]["per_depth"] = per_depth_summary(depth_rows[name], indices[name], codebook[name])
     return out
 
 
@@ -294,16 +323,26 @@ def main(argv: list[str] | None = None) -> dict:
     resolution = resolution_of(args.train)
     if resolution_of(args.eval) != resolution:
         raise SystemExit("quality: --train and --eval were preprocessed at different resolutions; use one --resolution")
-    ctvq = train_ctvq(args, resolution, device) if "ctvq" in args.models else None
-    vqvae = train_vqvae(args, resolution, device) if "monai_vqvae" in args.models else None
+    trained = {}
+    if "ctvq" in args.models:
+        for name, overrides in ctvq_models(args).items():
+            trained[name] = train_ctvq(args, resolution, device, name, overrides)
+    if "monai_vqvae" in args.models:
+        trained["monai_vqvae"] = train_vqvae(args, resolution, device)
     if args.train_only:
         return {}
-    results = evaluate_models(args, ctvq, vqvae, device, resolution)
+    results = evaluate_models(args, trained, device, resolution)
+    variants = {name[len("ctvq_"):]: results.pop(name) for name in list(results) if name.startswith("ctvq_")}
     payload = {**results, "env": C.env_info(device), "minutes": args.minutes, "window": args.window,
                "train_dir": args.train.name, "eval_dir": args.eval.name, "resolution": resolution,
                "stage_split": args.split, "ctvq_overrides": args.ctvq_override, "small": args.small}
+    if variants:
+        payload["variants"] = variants
+    rows = [display_row(k, v) for k, v in results.items() if k == "ctvq"]
+    rows += [display_row(f"ctvq {k} ({'; '.join(args.variants[k])})", v) for k, v in variants.items()]
+    rows += [display_row(k, v) for k, v in results.items() if k != "ctvq"]
     C.write_json(args.out, payload)
-    table = C.markdown_table([display_row(k, v) for k, v in results.items()], COLUMNS)
+    table = C.markdown_table(rows, COLUMNS)
     args.out.with_suffix(".md").write_text(table + "\n")
     print(table)
     return payload

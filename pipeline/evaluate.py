@@ -199,7 +199,7 @@ def depth_metrics(tokenizer: Tokenizer, tokens, recon: np.ndarray, target: np.nd
     rows = []
     for d in range(1, tokens.depth + 1):
         volume = recon if d == tokens.depth else tokenizer.decode(tokens, depth=d)
-        m = volume_metrics(volume, target, tokenizer.window, mask, ssim=False)
+        m = volume_metrics(volume, target, tokenizer.window, mask, ssim=False, device=tokenizer.device)
         rows.append({"case": case, "depth": d, "psnr_body": m["psnr_body"], "mae_hu_body": m["mae_hu_body"]})
     return rows
 
@@ -278,7 +278,8 @@ def evaluate(
             t0 = time.perf_counter()
             recon = tokenizer.decode(tokens)
             dec_s = time.perf_counter() - t0
-        m = volume_metrics(recon, target, w, mask, data["labels"], case["organ_mapping"] or None, ssim=ssim)
+        m = volume_metrics(recon, target, w, mask, data["labels"], case["organ_mapping"] or None, ssim=ssim,
+                           device=tokenizer.device)
         use = codebook_usage(tokens.indices, tokenizer.num_embeddings)
         all_indices.append(tokens.indices)
         depth_rows += depth_metrics(tokenizer, tokens, recon, target, mask, case["case"])

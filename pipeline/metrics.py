@@ -157,6 +157,13 @@ def ssim3d(
         slab: output slices along the first axis computed at once (bounds memory).
     """
     p, t, m = _pair(pred, target, mask)
+    return _ssim_means(p, t, m, data_range, kernel_size, kernel_sigma, kernel_type, k1, k2, slab)[1 if m is not None else 0]
+
+
+def _ssim_means(p: torch.Tensor, t: torch.Tensor, m: torch.Tensor | None, data_range: float = 1.0,
+                kernel_size: int = 11, kernel_sigma: float = 1.5, kernel_type: str = "gaussian",
+                k1: float = 0.01, k2: float = 0.03, slab: int = 32) -> tuple[float, float]:
+    """(mean SSIM over the whole map, mean inside ``m`` or NaN) from one pass over the volumes."""
     if kernel_size % 2 != 1:
         raise ValueError(f"ssim3d kernel_size must be odd, got {kernel_size}")
     if min(p.shape) < kernel_size:
@@ -171,7 +178,7 @@ def ssim3d(
     c2 = (k2 * data_range) ** 2
     h = kernel_size // 2
     nx = p.shape[0] - kernel_size + 1
-    total, count = 0.0, 0
+    total, count, total_m, count_m = 0.0, 0, 0.0, 0
     for a in range(0, nx, max(1, slab)):
         b = min(nx, a + slab)
         x = p[a : b + kernel_size - 1]
@@ -183,14 +190,13 @@ def ssim3d(
         sigma_xy = mu_xy - mu_x * mu_y
         cs = (2 * sigma_xy + c2) / (sigma_x + sigma_y + c2)
         smap = ((2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)) * cs
+        total += float(smap.double().sum())
+        count += smap.numel()
         if m is not None:
             mm = m[a + h : b + h, h : m.shape[1] - h, h : m.shape[2] - h]
-            total += float(smap[mm].double().sum())
-            count += int(mm.sum())
-        else:
-            total += float(smap.double().sum())
-            count += smap.numel()
-    return total / count if count else float("nan")
+            total_m += float(smap[mm].double().sum())
+            count_m += int(mm.sum())
+    return total / count if count else float("nan"), total_m / count_m if count_m else float("nan")
 
 
 def mae_rmse_hu(pred: Any, target: Any, window: Any, mask: Any | None = None) -> tuple[float, float]:
@@ -313,6 +319,7 @@ def volume_metrics(
     labels: Any | None = None,
     organ_mapping: Mapping | None = None,
     ssim: bool = True,
+    device: torch.device | str | None = None,
 ) -> dict[str, Any]:
     """All reconstruction metrics of one volume, as used by validation and evaluation.
 
@@ -324,15 +331,19 @@ def volume_metrics(
         labels: optional organ label map (adds "organ_mae_hu").
         organ_mapping: optional {name: id} or {id: name}.
         ssim: compute the SSIM values (the slowest part).
+        device: where to compute (e.g. "cuda": a 512^3 volume then takes about a second, against
+            about 40 s on two CPU cores); default: where ``pred`` is.
 
     Returns:
         {"psnr", "psnr_body", "ssim", "ssim_body", "mae_hu_body", "rmse_hu_body"[, "organ_mae_hu"]}.
     """
+    if device is not None:
+        pred = _as_tensor(pred, torch.device(device))
+    pred, target, body_mask = _pair(pred, target, body_mask)
     out: dict[str, Any] = {"psnr": psnr(pred, target)}
     out["psnr_body"] = psnr(pred, target, body_mask) if body_mask is not None else float("nan")
     if ssim:
-        out["ssim"] = ssim3d(pred, target)
-        out["ssim_body"] = ssim3d(pred, target, body_mask) if body_mask is not None else float("nan")
+        out["ssim"], out["ssim_body"] = _ssim_means(pred, target, body_mask)
     if body_mask is not None:
         out["mae_hu_body"], out["rmse_hu_body"] = mae_rmse_hu(pred, target, window, body_mask)
     else:

@@ -224,13 +224,19 @@ def test_quality_refuses_a_bad_stage_split(quality_data):
 
 
 def test_quality_reports_every_residual_depth(quality_data, tmp_path):
+    """A variant is trained beside the default in one run and reported under its name, each level scored."""
     from bench import quality
 
     argv = ["--train", str(quality_data / "train"), "--eval", str(quality_data / "eval"), "--minutes", "0.03", "--small",
             "--device", "cpu", "--workers", "0", "--models", "ctvq", "--out", str(tmp_path / "q.json")]
-    res = quality.main(argv + ["--ctvq-override", "network_def#vq_depth=2"])
-    rows = res["ctvq"]["per_depth"]
-    assert [r["depth"] for r in rows] == [1, 2] and "monai_vqvae" not in res
+    res = quality.main(argv + ["--variant", "d2:network_def#vq_depth=2"])
+    assert "monai_vqvae" not in res and set(res["variants"]) == {"d2"}
+    assert [r["depth"] for r in res["ctvq"]["per_depth"]] == [1]
+    rows = res["variants"]["d2"]["per_depth"]
+    assert [r["depth"] for r in rows] == [1, 2] and res["variants"]["d2"]["overrides"] == ["network_def#vq_depth=2"]
     assert all(np.isfinite(r["psnr_body"]) and r["codes_used"] > 0 for r in rows)
+    assert "| ctvq d2 (network_def#vq_depth=2) |" in (tmp_path / "q.md").read_text()
     with pytest.raises(SystemExit, match="trained with other settings"):  # never reported under another name
-        quality.main(argv)
+        quality.main(argv + ["--ctvq-override", "network_def#vq_depth=2"])
+    with pytest.raises(SystemExit):
+        quality.parse_args(argv + ["--variant", "no-override"])
