@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from pipeline import quiet_fx_notice
-from transforms import WINDOW_PRESETS, WindowSpec
+from transforms import WindowSpec
 from transforms import parse_window as _parse_window
 
 __all__ = [
@@ -91,40 +91,16 @@ def _last_line(e: BaseException) -> str:
 # --------------------------------------------------------------------------------------- windows
 
 
-def _window(name: str, width: float, level: float) -> WindowSpec:
-    try:
-        return WindowSpec(name, width, level)
-    except ValueError as e:
-        raise TokenizerError(str(e)) from None
-
-
 def parse_window(spec: Any) -> WindowSpec:
-    """A preset name, ``"name:W:L"``, a {"name", "width", "level"} mapping or a WindowSpec-like object.
-
-    Same forms as ``transforms.parse_window`` plus mappings without a name and objects with ``width`` and
-    ``level``; errors raise :class:`TokenizerError`.
+    """``transforms.parse_window`` (the one parser of windows), failing with :class:`TokenizerError`.
 
     Args:
         spec: the window description.
     """
-    if isinstance(spec, WindowSpec):
-        return spec
-    if hasattr(spec, "width") and hasattr(spec, "level"):
-        return _window(str(getattr(spec, "name", "custom")), float(spec.width), float(spec.level))
-    if isinstance(spec, Mapping):
-        if "width" in spec and "level" in spec:
-            return _window(str(spec.get("name", "custom")), float(spec["width"]), float(spec["level"]))
-        if "name" in spec:
-            return parse_window(spec["name"])
-    if isinstance(spec, str):
-        try:
-            if spec == spec.strip():  # transforms.parse_window strips blanks; a window here never had them
-                w = _parse_window(spec)
-                return WindowSpec(w.name, float(w.width), float(w.level))
-        except ValueError:
-            pass
-        raise TokenizerError(f"window {spec!r} is unknown; use one of {sorted(WINDOW_PRESETS)} or 'name:WIDTH:LEVEL'")
-    raise TokenizerError(f"window {spec!r} is not a window; use a preset name or 'name:WIDTH:LEVEL'")
+    try:
+        return _parse_window(spec)
+    except ValueError as e:
+        raise TokenizerError(str(e)) from None
 
 
 def window_from_config(cfg: Mapping) -> WindowSpec:

@@ -47,6 +47,9 @@ __all__ = [
     "DatasetCases",
     "usable_cases",
     "ProcessedCase",
+    "layout_files",
+    "load_case",
+    "case_geometry",
 ]
 
 LAYOUTS = ("compact", "guide")
@@ -54,8 +57,23 @@ MARKER = ".complete"
 CASE_JSON = "case.json"
 GUIDE_FILES = {"ct_normalized": "ct_normalized_512.npy", "body_mask": "body_mask_512.npy", "labels": "labels_512.npy"}
 COMPACT_FILES = {"hu": "hu.chunks", "body_mask": "body_mask.chunks", "labels": "labels.chunks"}
+# case.json and metadata.csv name the cube's affine and spacing with the guide's "_512" at any
+# resolution; files written between format 1 and 2 also hold (or only hold) the "_cube" names.
+CUBE_AFFINE_KEYS = ("affine_512", "affine_cube")
 
 Box = Sequence[Sequence[int]]
+
+
+def layout_files(layout: str) -> dict[str, str]:
+    """Array files of a case folder in ``layout``, besides the guide layout's windows
+    (``windows/<name>_w<W>_l<L>.npy``), ``case.json`` and ``.complete``.
+
+    Raises:
+        ValueError: an unknown layout.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"--layout {layout!r} unknown; use one of {', '.join(LAYOUTS)}")
+    return dict(COMPACT_FILES if layout == "compact" else GUIDE_FILES)
 
 
 def _roots(data_dir: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
@@ -306,3 +324,37 @@ class ProcessedCase:
             if (self.dir / rel).exists():
                 return (self.dir / rel).stat().st_mtime
         return 0.0
+
+
+def load_case(case: dict) -> dict:
+    """The whole cube of one usable case: ``{"window", "mask", "labels", "info"}`` (window values,
+    the body mask (all True when a guide case has none), labels or None, case.json).
+
+    Args:
+        case: an entry of ``pipeline.evaluate.find_cases``: ``dir``, ``window`` (WindowSpec) and
+            ``window_file`` (the guide layout's file of that window).
+    """
+    pc = ProcessedCase(case["dir"])
+    win = pc.window(case["window"], window_file=case["window_file"])
+    mask = pc.body_mask()
+    return {"window": win, "mask": np.ones(win.shape, bool) if mask is None else mask, "labels": pc.labels(),
+            "info": pc.info}
+
+
+def case_geometry(info: dict) -> dict:
+    """The geometry in ``case.json`` as ``Tokenizer.encode_arrays`` takes it: ``cube_affine``,
+    ``source_affine`` / ``source_shape``, ``original_affine`` / ``original_shape`` and ``source``
+    (each only when recorded)."""
+    g: dict[str, Any] = {}
+    cube = next((info[k] for k in CUBE_AFFINE_KEYS if info.get(k) is not None), None)
+    if cube is not None:
+        g["cube_affine"] = np.asarray(cube, np.float64)
+    for key in ("source_affine", "original_affine"):
+        if info.get(key) is not None:
+            g[key] = np.asarray(info[key], np.float64)
+    for key in ("source_shape", "original_shape"):
+        if info.get(key) is not None:
+            g[key] = info[key]
+    if info.get("source"):
+        g["source"] = str(info["source"])
+    return g

@@ -62,11 +62,13 @@ class WindowSpec:
             raise ValueError(f"window name {self.name!r} must be letters, digits, '_' or '-'")
         if not float(self.width) > 0:
             raise ValueError(f"window {self.name!r}: width must be > 0 HU, got {self.width}")
+        object.__setattr__(self, "width", float(self.width))
+        object.__setattr__(self, "level", float(self.level))
 
     @property
     def low(self) -> float:
         """Lowest HU of the window (maps to 0)."""
-        return float(self.level) - float(self.width) / 2.0
+        return self.level - self.width / 2.0
 
     @property
     def lower(self) -> float:
@@ -76,7 +78,7 @@ class WindowSpec:
     @property
     def high(self) -> float:
         """Highest HU of the window (maps to 1)."""
-        return float(self.level) + float(self.width) / 2.0
+        return self.level + self.width / 2.0
 
     @property
     def stem(self) -> str:
@@ -89,7 +91,7 @@ class WindowSpec:
         return self.stem + ".npy"
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "width": float(self.width), "level": float(self.level)}
+        return {"name": self.name, "width": self.width, "level": self.level}
 
     def same_as(self, other: "WindowSpec") -> bool:
         """Same width and level (within 1e-6 HU), whatever the names."""
@@ -97,32 +99,39 @@ class WindowSpec:
 
 
 def parse_window(window: str | WindowSpec | Sequence | Mapping) -> WindowSpec:
-    """Builds a :class:`WindowSpec` from a preset name, ``"name:W:L"``, a (name, W, L) tuple or a dict.
+    """The one parser of windows: user text, config values and objects -> :class:`WindowSpec`.
 
     Args:
-        window: "lung" | "bone" | "soft_tissue" | "brain" | "name:width:level" (e.g. "liver:150:60")
-            | WindowSpec | (name, width, level) | {"name", "width", "level"}.
+        window: a preset name ("lung" | "bone" | "soft_tissue" | "brain"), "name:width:level" (e.g.
+            "liver:150:60"), a WindowSpec or an object with ``width`` and ``level`` (and ``name``),
+            (name, width, level), (width, level), {"name", "width", "level"} (name optional) or
+            {"name": preset}.
 
     Raises:
         ValueError: unknown preset or malformed custom window (message lists the accepted forms).
     """
     if isinstance(window, WindowSpec):
         return window
-    if isinstance(window, Mapping):
-        return WindowSpec(str(window["name"]), float(window["width"]), float(window["level"]))
-    if isinstance(window, (tuple, list)) and len(window) == 3:
-        return WindowSpec(str(window[0]), float(window[1]), float(window[2]))
-    if isinstance(window, str):
-        text = window.strip()
-        if text in WINDOW_PRESETS:
-            w, l = WINDOW_PRESETS[text]
-            return WindowSpec(text, w, l)
-        parts = text.split(":")
-        if len(parts) == 3:
-            try:
+    try:
+        if hasattr(window, "width") and hasattr(window, "level"):
+            return WindowSpec(str(getattr(window, "name", "custom")), float(window.width), float(window.level))
+        if isinstance(window, Mapping):
+            if "width" in window and "level" in window:
+                return WindowSpec(str(window.get("name", "custom")), float(window["width"]), float(window["level"]))
+            if "name" in window:
+                return parse_window(window["name"])
+        if isinstance(window, (tuple, list)) and len(window) in (2, 3):
+            name, width, level = ("custom", *window) if len(window) == 2 else window
+            return WindowSpec(str(name), float(width), float(level))
+        if isinstance(window, str):
+            text = window.strip()
+            if text in WINDOW_PRESETS:
+                return WindowSpec(text, *WINDOW_PRESETS[text])
+            parts = text.split(":")
+            if len(parts) == 3:
                 return WindowSpec(parts[0], float(parts[1]), float(parts[2]))
-            except ValueError as e:
-                raise ValueError(f"window {window!r}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"window {window!r}: {e}") from None
     raise ValueError(
         f"window {window!r} not understood; use a preset {sorted(WINDOW_PRESETS)} or 'name:width:level'"
     )
@@ -203,7 +212,7 @@ class Window(Transform):
             if width is None or level is None:
                 raise ValueError("give both width and level for a custom window")
             name = window if isinstance(window, str) and window not in WINDOW_PRESETS else "custom"
-            self.spec = WindowSpec(name or "custom", float(width), float(level))
+            self.spec = WindowSpec(name or "custom", width, level)
         else:
             self.spec = parse_window(window)
 
