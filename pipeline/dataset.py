@@ -153,7 +153,6 @@ class CTWindowSparseDataset(Dataset):
         self.epoch = 0
         self._counts: dict[str, np.ndarray] = {}
         self._masks: dict[str, np.ndarray] = {}
-        import transforms  # noqa: F401  (import cost paid here, not in the first __getitem__)
 
         self.datasets = find_datasets(data_dir)
         if not self.datasets:

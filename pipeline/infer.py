@@ -103,6 +103,10 @@ def parse_window(spec: Any) -> WindowSpec:
         raise TokenizerError(str(e)) from None
 
 
+def _window(name: str, width: float, level: float) -> WindowSpec:
+    return parse_window((name, width, level))
+
+
 def window_from_config(cfg: Mapping) -> WindowSpec:
     """The model's window from a run or bundle config (``window`` or ``window_type``).
 
@@ -370,34 +374,16 @@ def _codebook_id(net: torch.nn.Module) -> str:
 
 
 def preprocessing_transforms(window: Any, resolution: int = 512):
-    """The dictionary transforms from a scan path (key ``"image"``) to the model input.
-
-    Output keys: ``"image"`` (window values (1, R, R, R) MetaTensor on the cube grid, meta with
-    ``cube_affine``, ``source_affine``, ``source_shape``, ``original_affine``, ``original_shape``),
-    ``"body_mask"`` (bool (1, R, R, R)), ``"coords"`` [N, 3] int32 and ``"feats"`` [N, 1] (the support:
-    body mask and window > 0).
+    """``transforms.CTModelInputd``, the one preprocessing chain, for the model's window: a scan path
+    (key ``"image"``) -> window values, ``"body_mask"``, ``"coords"`` and ``"feats"``.
 
     Args:
         window: the model's window (WindowSpec, preset name, "name:W:L" or mapping).
         resolution: cube side R.
     """
-    from monai.transforms import Compose, Orientationd
+    from transforms import CTModelInputd
 
-    import transforms as T
-
-    w = parse_window(window)
-    return Compose(
-        [
-            T.LoadCTd(keys="image"),
-            # labels as pipeline.preprocess passes them: the training data's RAS, without MONAI's FutureWarning
-            Orientationd(keys="image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-            T.ResampleToCubed(keys="image", resolution=int(resolution)),
-            T.ClipHUd(keys="image"),
-            T.BodyMaskd(keys="image", output_keys="body_mask"),
-            T.Windowd(keys="image", window=w.name, width=w.width, level=w.level),
-            T.Sparsifyd(keys="image", mask_key="body_mask"),
-        ]
-    )
+    return CTModelInputd(parse_window(window), int(resolution))
 
 
 def sparsify(window: Any, mask: Any, device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:

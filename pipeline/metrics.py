@@ -13,7 +13,7 @@ fits in a few hundred MB; it can also average the SSIM map inside a mask.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np

@@ -39,6 +39,8 @@ __all__ = [
     "LAYOUTS",
     "MARKER",
     "CASE_JSON",
+    "METADATA_CSV",
+    "DATASET_CONFIG",
     "GUIDE_FILES",
     "COMPACT_FILES",
     "find_datasets",
@@ -55,10 +57,12 @@ __all__ = [
 LAYOUTS = ("compact", "guide")
 MARKER = ".complete"
 CASE_JSON = "case.json"
+METADATA_CSV = "metadata.csv"
+DATASET_CONFIG = "dataset_config.json"
 GUIDE_FILES = {"ct_normalized": "ct_normalized_512.npy", "body_mask": "body_mask_512.npy", "labels": "labels_512.npy"}
 COMPACT_FILES = {"hu": "hu.chunks", "body_mask": "body_mask.chunks", "labels": "labels.chunks"}
 # case.json and metadata.csv name the cube's affine and spacing with the guide's "_512" at any
-# resolution; files written between format 1 and 2 also hold (or only hold) the "_cube" names.
+# resolution; earlier case.json files may hold the same values under "_cube" names too.
 CUBE_AFFINE_KEYS = ("affine_512", "affine_cube")
 
 Box = Sequence[Sequence[int]]
@@ -97,7 +101,7 @@ def find_datasets(data_dir: str | os.PathLike | Sequence[str]) -> list[Path]:
             raise FileNotFoundError(f"data_dir '{root}' is not a folder; pass the output folder of ./run.sh preprocess")
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            if "metadata.csv" in filenames and "dataset_config.json" in filenames:
+            if METADATA_CSV in filenames and DATASET_CONFIG in filenames:
                 found.append(Path(dirpath))
                 dirnames[:] = [d for d in dirnames if d != "processed"]
     return sorted(set(found))
@@ -187,10 +191,10 @@ def usable_cases(dataset_dir: str | os.PathLike, window: str | WindowSpec) -> Da
         KeyError: the window is unknown to the dataset (see :func:`resolve_window`).
     """
     ds = Path(dataset_dir)
-    cfg = load_json(ds / "dataset_config.json")
+    cfg = load_json(ds / DATASET_CONFIG)
     spec, rel = resolve_window(cfg, window)
     out = DatasetCases(ds, cfg, spec, rel)
-    for row in _read_csv(ds / "metadata.csv"):
+    for row in _read_csv(ds / METADATA_CSV):
         cid = str(row.get("case_id", "")).strip()
         key = f"{ds.name}/{cid}"
         if str(row.get("status", "ok")).strip().lower() != "ok":

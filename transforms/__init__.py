@@ -7,6 +7,7 @@ Every transform has an array form and a dictionary (``...d``) form and can be us
 
 from monai.transforms import Orientation, Orientationd
 
+from .chain import CUBE_STEPS, CTModelInputd, cube_transforms
 from .geometry import (
     ResampleToCube,
     ResampleToCubed,
@@ -56,4 +57,5 @@ __all__ = [
     "BodyMask", "BodyMaskd", "body_mask", "body_bbox",
     "Sparsify", "Sparsifyd", "Densify", "Densifyd", "RandSparseCrop", "RandSparseCropd", "block_counts",
     "choose_crop_box", "support_mask",
+    "CUBE_STEPS", "cube_transforms", "CTModelInputd",
 ]

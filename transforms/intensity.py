@@ -6,6 +6,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
@@ -29,6 +30,7 @@ __all__ = [
 
 HU_MIN = -1024.0
 HU_MAX = 3071.0
+_SLAB_VOXELS = 1 << 20  # voxels per slab of a scale into a buffer (4 MiB of float32: stays in cache)
 
 #: Standard display windows: name -> (width, level) in HU.
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {
@@ -145,8 +147,11 @@ def _as_float(img):
     return img
 
 
-def _scale_shift(img, scale: float, shift: float, clip: bool):
-    """img * scale + shift as float32 (a new tensor or array), clipped to [0, 1] when ``clip``."""
+def _scale_shift(img, scale: float, shift: float, clip: bool, out=None):
+    """img * scale + shift as float32 (a new tensor or array), clipped to [0, 1] when ``clip``;
+    with ``out`` (a tensor), written into it instead (:func:`_scale_shift_into`)."""
+    if out is not None:
+        return _scale_shift_into(img, out, scale, shift, clip)
     x = _as_float(img)
     if isinstance(x, np.ndarray):
         out = x * np.float32(scale)
@@ -156,16 +161,35 @@ def _scale_shift(img, scale: float, shift: float, clip: bool):
     return out.clamp_(0.0, 1.0) if clip else out
 
 
-def apply_window(img, width: float, level: float):
-    """clip((HU - (L - W/2)) / W, 0, 1) as float32 (tensor or array, metadata kept)."""
+def _scale_shift_into(x: torch.Tensor, out: torch.Tensor, scale: float, shift: float, clip: bool) -> torch.Tensor:
+    """The fast path of a whole volume into a buffer of another dtype (e.g. float16 for the guide
+    layout): slabs of a few slices along the slowest memory axis (``x`` and ``out`` share one
+    memory layout, C or Fortran), so the float32 temporary stays in cache."""
+    ax = int(np.argmax(x.stride()))
+    n = x.shape[ax]
+    step = max(1, _SLAB_VOXELS // max(1, x.numel() // n))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # memory-bound: one thread is as fast, and immune to OpenMP stalls on a busy CPU
+    try:
+        for s in range(0, n, step):
+            k = min(step, n - s)
+            out.narrow(ax, s, k).copy_(_scale_shift(x.narrow(ax, s, k), scale, shift, clip))
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def apply_window(img, width: float, level: float, out=None):
+    """clip((HU - (L - W/2)) / W, 0, 1) as float32 (tensor or array, metadata kept), or into the
+    tensor ``out`` (any dtype)."""
     lo = float(level) - float(width) / 2.0
-    return _scale_shift(img, 1.0 / float(width), -lo / float(width), clip=True)
+    return _scale_shift(img, 1.0 / float(width), -lo / float(width), clip=True, out=out)
 
 
-def normalize_hu(img, hu_min: float = HU_MIN, hu_max: float = HU_MAX, clip: bool = True):
-    """(HU - hu_min) / (hu_max - hu_min), clipped to [0, 1] when ``clip``."""
+def normalize_hu(img, hu_min: float = HU_MIN, hu_max: float = HU_MAX, clip: bool = True, out=None):
+    """(HU - hu_min) / (hu_max - hu_min), clipped to [0, 1] when ``clip``, or into the tensor ``out``."""
     scale = 1.0 / (float(hu_max) - float(hu_min))
-    return _scale_shift(img, scale, -float(hu_min) * scale, clip)
+    return _scale_shift(img, scale, -float(hu_min) * scale, clip, out=out)
 
 
 def denormalize_hu(x, hu_min: float = HU_MIN, hu_max: float = HU_MAX):
