@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from transforms import parse_window
 
 __all__ = [
-    "window_to_hu",
     "psnr",
     "ssim3d",
     "mae_rmse_hu",
@@ -66,17 +65,6 @@ def _pair(pred: Any, target: Any, mask: Any | None):
         if m.shape != p.shape:
             raise ValueError(f"mask shape {tuple(m.shape)} != volume shape {tuple(p.shape)}")
     return p, t, m
-
-
-def window_to_hu(values: Any, width: float, level: float) -> Any:
-    """Window values in [0, 1] -> HU: ``level - width / 2 + v * width``.
-
-    Args:
-        values: numpy array, torch tensor or float.
-        width: window width in HU.
-        level: window level (centre) in HU.
-    """
-    return (level - width / 2.0) + values * width
 
 
 def psnr(pred: Any, target: Any, mask: Any | None = None, data_range: float = 1.0) -> float:

@@ -26,6 +26,7 @@ __all__ = [
     "normalize_hu",
     "denormalize_hu",
     "apply_window",
+    "window_to_hu",
 ]
 
 HU_MIN = -1024.0
@@ -184,6 +185,17 @@ def apply_window(img, width: float, level: float, out=None):
     tensor ``out`` (any dtype)."""
     lo = float(level) - float(width) / 2.0
     return _scale_shift(img, 1.0 / float(width), -lo / float(width), clip=True, out=out)
+
+
+def window_to_hu(values, width: float, level: float):
+    """Inverse of :func:`apply_window` inside the window: ``level - width / 2 + v * width`` HU.
+
+    Args:
+        values: window values (numpy array, torch tensor or float).
+        width: window width in HU.
+        level: window level (centre) in HU.
+    """
+    return (float(level) - float(width) / 2.0) + values * float(width)
 
 
 def normalize_hu(img, hu_min: float = HU_MIN, hu_max: float = HU_MAX, clip: bool = True, out=None):
