@@ -120,9 +120,8 @@ def resolve_window(dataset_config: dict, window: str | WindowSpec) -> tuple[Wind
     listed = dataset_config.get("windows") or {}
     name = window.name if isinstance(window, WindowSpec) else str(window)
     if name in listed:
-        w = listed[name]
-        spec = WindowSpec(name, float(w["width"]), float(w["level"]))
-        return spec, w.get("file") or f"windows/{spec.filename}"
+        spec = parse_window({**listed[name], "name": name})
+        return spec, listed[name].get("file") or f"windows/{spec.filename}"
     try:
         spec = parse_window(window)
     except ValueError:
