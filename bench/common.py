@@ -33,13 +33,11 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from pipeline.io_utils import save_npy, save_text  # noqa: E402
+from pipeline.processed import CASE_JSON, GUIDE_FILES, MARKER  # noqa: E402
+from transforms import HU_MAX, HU_MIN, WindowSpec, apply_window, normalize_hu  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench" / "results"
 CACHE_DIR = Path(tempfile.gettempdir()) / "ctvq_bench_cache"  # 512^3 cases are ~0.7 GB: never in the tree
-
-# (width, level) of the standard windows; kept here so the synthetic phantom needs no other package.
-WINDOW_PRESETS = {"lung": (1500, -600), "bone": (1500, 300), "soft_tissue": (400, 50), "brain": (80, 35)}
-HU_MIN, HU_MAX = -1024.0, 3071.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,21 +420,14 @@ def finish(name: str, args: argparse.Namespace, device: torch.device, rows: list
 # --------------------------------------------------------------------------------------------
 
 
-def parse_window(spec: str) -> tuple[str, float, float]:
-    """``lung`` or ``name:W:L`` -> (name, width, level)."""
-    if ":" in spec:
-        parts = spec.split(":")
-        if len(parts) != 3:
-            raise SystemExit(f"--window {spec!r}: use a preset name or name:WIDTH:LEVEL, e.g. lung:1500:-600")
-        return parts[0], float(parts[1]), float(parts[2])
-    if spec not in WINDOW_PRESETS:
-        raise SystemExit(f"--window {spec!r}: unknown preset; choose one of {sorted(WINDOW_PRESETS)} or name:W:L")
-    w, l = WINDOW_PRESETS[spec]
-    return spec, float(w), float(l)
+def parse_window(spec: str) -> WindowSpec:
+    """``--window``: ``transforms.parse_window``; a bad value ends the script with one line."""
+    import transforms
 
-
-def window_filename(name: str, width: float, level: float) -> str:
-    return f"{name}_w{width:g}_l{level:g}.npy"
+    try:
+        return transforms.parse_window(spec)
+    except ValueError as e:
+        raise SystemExit(f"--window: {e}") from None
 
 
 @dataclass
@@ -454,9 +445,10 @@ class Scan:
         return int(self.window.shape[0])
 
 
-def write_case(case_dir: Path, hu_or_norm: np.ndarray | None, windows: dict[str, np.ndarray], body: np.ndarray,
-               case_info: dict[str, Any], normalized: np.ndarray | None = None) -> Path:
-    """Write one case folder in the processed layout (the subset the benchmarks and dataset read).
+def write_case(case_dir: Path, hu: np.ndarray, windows: dict[str, np.ndarray], body: np.ndarray,
+               case_info: dict[str, Any]) -> Path:
+    """Write one case folder in the guide layout (``pipeline.processed``: the subset the benchmarks and
+    dataset read); ``windows`` maps window file names to window values.
 
     A dataset root two levels up gets ``dataset_config.json`` and ``metadata.csv`` so the training
     dataset can discover it.
@@ -464,15 +456,12 @@ def write_case(case_dir: Path, hu_or_norm: np.ndarray | None, windows: dict[str,
     case_dir = Path(case_dir)
     (case_dir / "windows").mkdir(parents=True, exist_ok=True)
     res = int(body.shape[0])
-    if normalized is None and hu_or_norm is not None:
-        normalized = ((np.clip(hu_or_norm, HU_MIN, HU_MAX) - HU_MIN) / (HU_MAX - HU_MIN)).astype(np.float16)
-    if normalized is not None:
-        save_npy(case_dir / "ct_normalized_512.npy", normalized.astype(np.float16, copy=False))
+    save_npy(case_dir / GUIDE_FILES["ct_normalized"], normalize_hu(hu).astype(np.float16))
     for fname, arr in windows.items():
         save_npy(case_dir / "windows" / fname, arr.astype(np.float16, copy=False))
-    save_npy(case_dir / "body_mask_512.npy", body.astype(bool, copy=False))
+    save_npy(case_dir / GUIDE_FILES["body_mask"], body.astype(bool, copy=False))
     info = {"case_id": case_dir.name, "resolution": res, **case_info}
-    (case_dir / "case.json").write_text(json.dumps(info, indent=2, default=_jsonable))
+    (case_dir / CASE_JSON).write_text(json.dumps(info, indent=2, default=_jsonable))
     dataset_root = case_dir.parent.parent
     win_cfg = {}
     for fname in windows:
@@ -486,7 +475,7 @@ def write_case(case_dir: Path, hu_or_norm: np.ndarray | None, windows: dict[str,
         "case_id,source_path,label_path,status,error,original_shape,original_spacing,spacing_512,body_voxels,seconds\n"
         f"{case_dir.name},{case_info.get('source', '')},,ok,,\"{case_info.get('source_shape', '')}\",,,"
         f"{int(body.sum())},0\n")
-    (case_dir / ".complete").write_text("ok\n")
+    (case_dir / MARKER).write_text("ok\n")  # no manifest: taken on its files, as the older guide's tools wrote it
     return case_dir
 
 
@@ -514,60 +503,46 @@ def phantom_hu(resolution: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return hu, body
 
 
-def apply_window(hu: np.ndarray, width: float, level: float) -> np.ndarray:
-    return np.clip((hu - (level - width / 2)) / width, 0, 1).astype(np.float32)
-
-
 def _find_window_file(case_dir: Path, name: str) -> Path | None:
     hits = sorted((case_dir / "windows").glob(f"{name}_w*_l*.npy"))
     return hits[0] if hits else None
 
 
-def _build_from_nifti(path: Path, resolution: int, win: tuple[str, float, float], case_dir: Path) -> None:
-    """Run the project's transforms on a raw scan and write a case folder."""
-    try:
-        from monai.transforms import Orientation
+def _build_from_nifti(path: Path, resolution: int, win: WindowSpec, case_dir: Path) -> None:
+    """Run the project's preprocessing chain (``transforms.cube_transforms``) on a raw scan and write a case folder."""
+    from monai.transforms import Compose
 
-        from transforms import BodyMask, LoadCT, ResampleToCube, Window
-    except ImportError as exc:
-        raise SystemExit(f"--nifti needs the project's transforms package ({exc}); pass --case with a "
-                         "processed case folder instead (pipeline.preprocess writes them)") from exc
-    name, width, level = win
+    from transforms import cube_transforms
+
     t0 = time.perf_counter()
-    img = LoadCT()(str(path))
-    img = Orientation(axcodes="RAS")(img)
-    cube = ResampleToCube(resolution=resolution)(img)
-    windowed = Window(name, width=width, level=level)(cube)
-    body = BodyMask()(cube)
-    hu = np.asarray(cube[0].detach().cpu().numpy() if hasattr(cube, "detach") else cube[0], dtype=np.float32)
-    win_arr = np.asarray(windowed[0].detach().cpu().numpy() if hasattr(windowed, "detach") else windowed[0])
-    body_arr = np.asarray(body[0].detach().cpu().numpy() if hasattr(body, "detach") else body[0]).astype(bool)
-    write_case(case_dir, hu, {window_filename(name, width, level): win_arr}, body_arr,
-               {"source": str(path.name), "source_shape": list(img.shape[1:]),
+    d = Compose(cube_transforms("image", resolution))({"image": str(path)})
+    hu = np.asarray(d["image"][0].numpy(), dtype=np.float32).clip(HU_MIN, HU_MAX)
+    write_case(case_dir, hu, {win.filename: apply_window(hu, win.width, win.level)}, d["body_mask"][0].numpy(),
+               {"source": str(path.name), "source_shape": list(d["image"].meta["source_shape"]),
                 "timings": {"build_s": round(time.perf_counter() - t0, 2)}})
 
 
 def prepare_case(args: argparse.Namespace) -> Path:
     """The case folder to benchmark on: ``--case``, or one built (once, cached) from ``--nifti`` or a phantom."""
-    name, width, level = parse_window(args.window)
+    win = parse_window(args.window)
     if args.case is not None:
         case = Path(args.case)
-        if not (case / "body_mask_512.npy").exists():
-            raise SystemExit(f"--case {case}: no body_mask_512.npy there; pass a processed case folder "
+        if not (case / GUIDE_FILES["body_mask"]).exists():
+            raise SystemExit(f"--case {case}: no {GUIDE_FILES['body_mask']} there; pass a processed case folder "
                              "(processed_dataset/<name>/processed/<case_id>)")
         return case
     res = args.resolution or (64 if args.small else 512)
     if args.nifti is not None:
         stem = Path(args.nifti).name.split(".")[0]
         case = Path(args.cache) / f"{stem}_{res}" / "processed" / stem
-        if not (case / ".complete").exists() or _find_window_file(case, name) is None:
+        if not (case / MARKER).exists() or _find_window_file(case, win.name) is None:
             print(f"building {res}^3 case from {args.nifti} through transforms (cached in {case}) ...", flush=True)
-            _build_from_nifti(Path(args.nifti), res, (name, width, level), case)
+            _build_from_nifti(Path(args.nifti), res, win, case)
         return case
     case = Path(args.cache) / f"phantom_{res}" / "processed" / "phantom"
-    if not (case / ".complete").exists() or _find_window_file(case, name) is None:
+    if not (case / MARKER).exists() or _find_window_file(case, win.name) is None:
         hu, body = phantom_hu(res, seed=0)
-        write_case(case, hu, {window_filename(name, width, level): apply_window(hu, width, level)}, body,
+        write_case(case, hu, {win.filename: apply_window(hu, win.width, win.level)}, body,
                    {"source": "synthetic phantom", "source_shape": [res] * 3})
     return case
 
@@ -575,20 +550,20 @@ def prepare_case(args: argparse.Namespace) -> Path:
 def load_scan(args: argparse.Namespace) -> Scan:
     """Memory-map the chosen window and body mask of the benchmark case."""
     case = prepare_case(args)
-    name, width, level = parse_window(args.window)
-    wfile = case / "windows" / window_filename(name, width, level)
+    win = parse_window(args.window)
+    wfile = case / "windows" / win.filename
     if not wfile.exists():
-        wfile = _find_window_file(case, name)
+        wfile = _find_window_file(case, win.name)
     if wfile is None or not wfile.exists():
-        raise SystemExit(f"{case}: no windows/{name}_w*_l*.npy; preprocess that window or pass --window with one "
+        raise SystemExit(f"{case}: no windows/{win.name}_w*_l*.npy; preprocess that window or pass --window with one "
                          f"of {[p.name for p in (case / 'windows').glob('*.npy')]}")
     window = np.load(wfile, mmap_mode="r")
-    body = np.load(case / "body_mask_512.npy", mmap_mode="r")
+    body = np.load(case / GUIDE_FILES["body_mask"], mmap_mode="r")
     if window.shape != body.shape or window.ndim != 3:
         raise SystemExit(f"{case}: window {window.shape} and body mask {body.shape} differ; re-run preprocessing")
     info = {}
     with contextlib.suppress(Exception):
-        info = json.loads((case / "case.json").read_text())
+        info = json.loads((case / CASE_JSON).read_text())
     return Scan(window=window, body=body, window_name=wfile.stem, source=str(info.get("source", case.name)),
                 case_dir=case)
 

@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.max_points = args.max_points or (4096 if args.small else shipped_max_points())
     args.num_crops = args.num_crops or (8 if args.small else 200)
     cap = args.max_seconds if args.max_seconds is not None else 10.0
-    window = C.parse_window(args.window)[0]
+    window = C.parse_window(args.window).name
 
     data_dir = args.data_dir
     if data_dir is None and args.case is not None:

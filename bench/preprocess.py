@@ -2,7 +2,7 @@
 
 A 512x512x300 CT is synthesised from a real scan (``example_ct.nii.gz`` of the shared data,
 resampled trilinearly onto that grid; a code phantom when the data is absent), written as NIfTI
-int16 once (cached), then run through ``pipeline.preprocess.process_case`` in a fresh worker
+int16 once (cached), then run through ``pipeline.preprocess.case.process_case`` in a fresh worker
 process, as the job does: load, orient (RAS), resample into the cube, clip, normalise, windows,
 body mask, write. For comparison the same resampling is timed with ``scipy.ndimage.zoom``
 (order 1) in the same worker. Then the shared scans are preprocessed in both layouts and the
@@ -80,7 +80,8 @@ def _worker(scan: str, out_dir: str, resolution: int, repeats: int, zoom: bool, 
 
     torch.set_num_threads(threads)
     from pipeline.discovery import Case
-    from pipeline.preprocess import PreprocessConfig, process_case
+    from pipeline.preprocess.case import process_case
+    from pipeline.preprocess.config import PreprocessConfig
 
     cfg = PreprocessConfig(resolution=resolution, layout=layout)
     runs = []

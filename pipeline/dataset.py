@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from pipeline.io_utils import DataFileError, load_npy
-from pipeline.processed import ProcessedCase, find_datasets, usable_cases
+from pipeline.io_utils import DataFileError, load_npy, save_npy
+from pipeline.processed import GUIDE_FILES, ProcessedCase, find_datasets, usable_cases
+from transforms import HU_MAX, HU_MIN, BodyMask
 
 __all__ = [
     "find_datasets",
@@ -153,7 +154,6 @@ class CTWindowSparseDataset(Dataset):
         self.epoch = 0
         self._counts: dict[str, np.ndarray] = {}
         self._masks: dict[str, np.ndarray] = {}
-        import transforms  # noqa: F401  (import cost paid here, not in the first __getitem__)
 
         self.datasets = find_datasets(data_dir)
         if not self.datasets:
@@ -168,11 +168,10 @@ class CTWindowSparseDataset(Dataset):
             found = usable_cases(ds, window_type)
             self.failed += found.failed
             self.missing += found.missing
-            hu = (float(found.config.get("hu_min", -1024)), float(found.config.get("hu_max", 3071)))
+            hu = (float(found.config.get("hu_min", HU_MIN)), float(found.config.get("hu_max", HU_MAX)))
             for c in found.cases:
                 cases.append({**c, "dir": str(c["dir"]), "dataset": str(ds), "window": found.window,
-                              "window_file": str(c["dir"] / found.window_file), "width": found.window.width,
-                              "level": found.window.level, "hu_min": hu[0], "hu_max": hu[1]})
+                              "window_file": str(c["dir"] / found.window_file), "hu_min": hu[0], "hu_max": hu[1]})
         if self.failed:
             logger.info(f"skipping {len(self.failed)} failed case(s) listed in metadata.csv")
         if self.missing:
@@ -231,7 +230,7 @@ class CTWindowSparseDataset(Dataset):
         if mask is not None or case.layout != "guide":
             return mask
         sl = (slice(None),) * 3 if box is None else tuple(slice(int(a), int(b)) for a, b in box)
-        cached = Path(c["dir"]) / ".cache" / "body_mask_512.npy"
+        cached = Path(c["dir"]) / ".cache" / GUIDE_FILES["body_mask"]
         if self.cache != "memory" and cached.is_file():
             return np.asarray(load_npy(cached, mmap_mode="r")[sl])
         masks = self.__dict__.setdefault("_masks", {})
@@ -240,14 +239,10 @@ class CTWindowSparseDataset(Dataset):
                 hu = case.hu()
             except FileNotFoundError:
                 return None
-            from transforms import BodyMask
-
             logger.warning(f"{c['key']}: no body mask stored, computing it from ct_normalized_512.npy")
             mask = np.asarray(BodyMask()(hu[None]))[0].astype(bool)
             if self.cache != "memory":
                 try:
-                    from pipeline.io_utils import save_npy
-
                     save_npy(cached, mask)
                     return mask[sl]
                 except OSError:
@@ -334,7 +329,7 @@ class CTWindowSparseDataset(Dataset):
             "case_id": c["key"],
             "box": torch.as_tensor(box),
             "spatial_shape": [r, r, r],
-            "window": (c["width"], c["level"]),
+            "window": (c["window"].width, c["window"].level),  # (width, level): what validation reads
         }
 
 

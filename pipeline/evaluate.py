@@ -35,6 +35,10 @@ import torch
 
 from pipeline.infer import Tokenizer, TokenizerError, cli_errors, parse_window
 from pipeline.metrics import codebook_usage, normalize_organ_mapping, volume_metrics
+from pipeline.processed import case_geometry, find_datasets, load_case, usable_cases
+
+# bench/quality.py still imports the old private names; delete this line when it imports from pipeline.processed
+_load_case, _geometry = load_case, case_geometry
 
 __all__ = ["find_cases", "evaluate", "write_report", "main"]
 
@@ -122,8 +126,6 @@ def find_cases(data_dir: str | os.PathLike, window: Any, resolution: int | None 
     Returns:
         [{"case", "dataset", "case_id", "dir", "window", "window_file", "organ_mapping"}] sorted by case.
     """
-    from pipeline.processed import find_datasets, usable_cases
-
     w = parse_window(window)
     cases = []
     datasets = find_datasets(data_dir)
@@ -150,33 +152,6 @@ def find_cases(data_dir: str | os.PathLike, window: Any, resolution: int | None 
             cases.append({"case": c["key"], "dataset": ds.name, "case_id": c["case_id"], "dir": c["dir"],
                           "window": found.window, "window_file": found.window_file, "organ_mapping": mapping})
     return sorted(cases, key=lambda c: c["case"])
-
-
-def _load_case(case: Mapping) -> dict:
-    from pipeline.processed import ProcessedCase
-
-    pc = ProcessedCase(case["dir"])
-    win = pc.window(case["window"], window_file=case["window_file"])
-    mask = pc.body_mask()
-    return {"window": win, "mask": np.ones(win.shape, bool) if mask is None else mask, "labels": pc.labels(),
-            "info": pc.info}
-
-
-def _geometry(info: Mapping) -> dict:
-    g: dict[str, Any] = {}
-    if info.get("affine_512") is not None:
-        g["cube_affine"] = np.asarray(info["affine_512"], np.float64)
-    if info.get("source_affine") is not None:
-        g["source_affine"] = np.asarray(info["source_affine"], np.float64)
-    if info.get("source_shape") is not None:
-        g["source_shape"] = info["source_shape"]
-    if info.get("original_affine") is not None:
-        g["original_affine"] = np.asarray(info["original_affine"], np.float64)
-    if info.get("original_shape") is not None:
-        g["original_shape"] = info["original_shape"]
-    if info.get("source"):
-        g["source"] = str(info["source"])
-    return g
 
 
 # -------------------------------------------------------------------------------------- evaluate
@@ -267,12 +242,12 @@ def evaluate(
     (out / "cases").mkdir(parents=True, exist_ok=True)
     rows, organ_rows, all_indices, depth_rows = [], [], [], []
     for n, case in enumerate(found, 1):
-        data = _load_case(case)
+        data = load_case(case)
         win, mask = data["window"], data["mask"]
         target = np.where(mask, win, 0.0).astype(np.float32)
         with PeakMemory(tokenizer.device) as pm_enc:
             t0 = time.perf_counter()
-            tokens = tokenizer.encode_arrays(win, mask, **_geometry(data["info"]))
+            tokens = tokenizer.encode_arrays(win, mask, **case_geometry(data["info"]))
             enc_s = time.perf_counter() - t0
         with PeakMemory(tokenizer.device) as pm_dec:
             t0 = time.perf_counter()

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from pipeline import quiet_fx_notice
-from transforms import WINDOW_PRESETS, WindowSpec
+from transforms import WindowSpec
 from transforms import parse_window as _parse_window
 
 __all__ = [
@@ -91,40 +91,20 @@ def _last_line(e: BaseException) -> str:
 # --------------------------------------------------------------------------------------- windows
 
 
-def _window(name: str, width: float, level: float) -> WindowSpec:
-    try:
-        return WindowSpec(name, width, level)
-    except ValueError as e:
-        raise TokenizerError(str(e)) from None
-
-
 def parse_window(spec: Any) -> WindowSpec:
-    """A preset name, ``"name:W:L"``, a {"name", "width", "level"} mapping or a WindowSpec-like object.
-
-    Same forms as ``transforms.parse_window`` plus mappings without a name and objects with ``width`` and
-    ``level``; errors raise :class:`TokenizerError`.
+    """``transforms.parse_window`` (the one parser of windows), failing with :class:`TokenizerError`.
 
     Args:
         spec: the window description.
     """
-    if isinstance(spec, WindowSpec):
-        return spec
-    if hasattr(spec, "width") and hasattr(spec, "level"):
-        return _window(str(getattr(spec, "name", "custom")), float(spec.width), float(spec.level))
-    if isinstance(spec, Mapping):
-        if "width" in spec and "level" in spec:
-            return _window(str(spec.get("name", "custom")), float(spec["width"]), float(spec["level"]))
-        if "name" in spec:
-            return parse_window(spec["name"])
-    if isinstance(spec, str):
-        try:
-            if spec == spec.strip():  # transforms.parse_window strips blanks; a window here never had them
-                w = _parse_window(spec)
-                return WindowSpec(w.name, float(w.width), float(w.level))
-        except ValueError:
-            pass
-        raise TokenizerError(f"window {spec!r} is unknown; use one of {sorted(WINDOW_PRESETS)} or 'name:WIDTH:LEVEL'")
-    raise TokenizerError(f"window {spec!r} is not a window; use a preset name or 'name:WIDTH:LEVEL'")
+    try:
+        return _parse_window(spec)
+    except ValueError as e:
+        raise TokenizerError(str(e)) from None
+
+
+def _window(name: str, width: float, level: float) -> WindowSpec:
+    return parse_window((name, width, level))
 
 
 def window_from_config(cfg: Mapping) -> WindowSpec:
@@ -394,34 +374,16 @@ def _codebook_id(net: torch.nn.Module) -> str:
 
 
 def preprocessing_transforms(window: Any, resolution: int = 512):
-    """The dictionary transforms from a scan path (key ``"image"``) to the model input.
-
-    Output keys: ``"image"`` (window values (1, R, R, R) MetaTensor on the cube grid, meta with
-    ``cube_affine``, ``source_affine``, ``source_shape``, ``original_affine``, ``original_shape``),
-    ``"body_mask"`` (bool (1, R, R, R)), ``"coords"`` [N, 3] int32 and ``"feats"`` [N, 1] (the support:
-    body mask and window > 0).
+    """``transforms.CTModelInputd``, the one preprocessing chain, for the model's window: a scan path
+    (key ``"image"``) -> window values, ``"body_mask"``, ``"coords"`` and ``"feats"``.
 
     Args:
         window: the model's window (WindowSpec, preset name, "name:W:L" or mapping).
         resolution: cube side R.
     """
-    from monai.transforms import Compose, Orientationd
+    from transforms import CTModelInputd
 
-    import transforms as T
-
-    w = parse_window(window)
-    return Compose(
-        [
-            T.LoadCTd(keys="image"),
-            # labels as pipeline.preprocess passes them: the training data's RAS, without MONAI's FutureWarning
-            Orientationd(keys="image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-            T.ResampleToCubed(keys="image", resolution=int(resolution)),
-            T.ClipHUd(keys="image"),
-            T.BodyMaskd(keys="image", output_keys="body_mask"),
-            T.Windowd(keys="image", window=w.name, width=w.width, level=w.level),
-            T.Sparsifyd(keys="image", mask_key="body_mask"),
-        ]
-    )
+    return CTModelInputd(parse_window(window), int(resolution))
 
 
 def sparsify(window: Any, mask: Any, device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:

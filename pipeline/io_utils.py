@@ -386,19 +386,22 @@ def load_torch(path: str | os.PathLike, fix: str = "resume from an earlier step 
 
 class FolderLock:
     """Exclusive advisory lock on a folder (``flock`` on ``folder/name``), released by the OS when the
-    process ends. Taking a lock this process already holds on the same folder is a no-op.
+    process ends, even by kill -9. Taking a lock this process already holds on the same folder is a
+    no-op. Use ``acquire()`` / ``release()`` or ``with FolderLock(...):``.
 
     Args:
         folder: the folder to lock (created).
         name: lock file name inside it.
-        busy: message when another process holds the lock.
+        busy: message of the ``FileExistsError`` raised when another process holds the lock.
+        wait: block until the lock is free instead of raising.
     """
 
     _held: dict[str, int] = {}
 
-    def __init__(self, folder: str | os.PathLike, name: str, busy: str):
+    def __init__(self, folder: str | os.PathLike, name: str, busy: str = "", wait: bool = False):
         self.path = Path(folder) / name
         self.busy = busy
+        self.wait = wait
 
     def acquire(self) -> "FolderLock":
         import fcntl
@@ -410,7 +413,7 @@ class FolderLock:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
             except BlockingIOError:
                 os.close(fd)
                 raise FileExistsError(self.busy) from None
@@ -430,3 +433,10 @@ class FolderLock:
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
             os.close(fd)
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> bool:
+        self.release()
+        return False

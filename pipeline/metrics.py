@@ -13,15 +13,16 @@ fits in a few hundred MB; it can also average the SSIM map inside a mask.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from transforms import parse_window
+
 __all__ = [
-    "window_to_hu",
     "psnr",
     "ssim3d",
     "mae_rmse_hu",
@@ -64,27 +65,6 @@ def _pair(pred: Any, target: Any, mask: Any | None):
         if m.shape != p.shape:
             raise ValueError(f"mask shape {tuple(m.shape)} != volume shape {tuple(p.shape)}")
     return p, t, m
-
-
-def window_to_hu(values: Any, width: float, level: float) -> Any:
-    """Window values in [0, 1] -> HU: ``level - width / 2 + v * width``.
-
-    Args:
-        values: numpy array, torch tensor or float.
-        width: window width in HU.
-        level: window level (centre) in HU.
-    """
-    return (level - width / 2.0) + values * width
-
-
-def _window_wl(window: Any) -> tuple[float, float]:
-    """(width, level) from a WindowSpec-like object, a mapping or a (width, level) pair."""
-    if hasattr(window, "width") and hasattr(window, "level"):
-        return float(window.width), float(window.level)
-    if isinstance(window, Mapping):
-        return float(window["width"]), float(window["level"])
-    width, level = window
-    return float(width), float(level)
 
 
 def psnr(pred: Any, target: Any, mask: Any | None = None, data_range: float = 1.0) -> float:
@@ -211,7 +191,7 @@ def mae_rmse_hu(pred: Any, target: Any, window: Any, mask: Any | None = None) ->
         window: WindowSpec, {"width", "level"} mapping or (width, level).
         mask: optional boolean mask (the body); an empty mask gives NaN.
     """
-    width, _ = _window_wl(window)
+    width = parse_window(window).width
     p, t, m = _pair(pred, target, mask)
     d = p - t
     if m is not None:
@@ -259,7 +239,7 @@ def organ_mae_hu(
         organ_mapping: {name: id} or {id: name}; labels without a name are called "label_<id>".
         mask: optional boolean mask to intersect with each organ.
     """
-    width, _ = _window_wl(window)
+    width = parse_window(window).width
     p, t, m = _pair(pred, target, mask)
     lab = _as_tensor(labels, device=p.device, dtype=torch.int32)
     if lab.shape != p.shape:

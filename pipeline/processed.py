@@ -39,6 +39,8 @@ __all__ = [
     "LAYOUTS",
     "MARKER",
     "CASE_JSON",
+    "METADATA_CSV",
+    "DATASET_CONFIG",
     "GUIDE_FILES",
     "COMPACT_FILES",
     "find_datasets",
@@ -47,15 +49,35 @@ __all__ = [
     "DatasetCases",
     "usable_cases",
     "ProcessedCase",
+    "layout_files",
+    "load_case",
+    "case_geometry",
 ]
 
 LAYOUTS = ("compact", "guide")
 MARKER = ".complete"
 CASE_JSON = "case.json"
+METADATA_CSV = "metadata.csv"
+DATASET_CONFIG = "dataset_config.json"
 GUIDE_FILES = {"ct_normalized": "ct_normalized_512.npy", "body_mask": "body_mask_512.npy", "labels": "labels_512.npy"}
 COMPACT_FILES = {"hu": "hu.chunks", "body_mask": "body_mask.chunks", "labels": "labels.chunks"}
+# case.json and metadata.csv name the cube's affine and spacing with the guide's "_512" at any
+# resolution; earlier case.json files may hold the same values under "_cube" names too.
+CUBE_AFFINE_KEYS = ("affine_512", "affine_cube")
 
 Box = Sequence[Sequence[int]]
+
+
+def layout_files(layout: str) -> dict[str, str]:
+    """Array files of a case folder in ``layout``, besides the guide layout's windows
+    (``windows/<name>_w<W>_l<L>.npy``), ``case.json`` and ``.complete``.
+
+    Raises:
+        ValueError: an unknown layout.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"--layout {layout!r} unknown; use one of {', '.join(LAYOUTS)}")
+    return dict(COMPACT_FILES if layout == "compact" else GUIDE_FILES)
 
 
 def _roots(data_dir: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
@@ -79,7 +101,7 @@ def find_datasets(data_dir: str | os.PathLike | Sequence[str]) -> list[Path]:
             raise FileNotFoundError(f"data_dir '{root}' is not a folder; pass the output folder of ./run.sh preprocess")
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            if "metadata.csv" in filenames and "dataset_config.json" in filenames:
+            if METADATA_CSV in filenames and DATASET_CONFIG in filenames:
                 found.append(Path(dirpath))
                 dirnames[:] = [d for d in dirnames if d != "processed"]
     return sorted(set(found))
@@ -98,9 +120,8 @@ def resolve_window(dataset_config: dict, window: str | WindowSpec) -> tuple[Wind
     listed = dataset_config.get("windows") or {}
     name = window.name if isinstance(window, WindowSpec) else str(window)
     if name in listed:
-        w = listed[name]
-        spec = WindowSpec(name, float(w["width"]), float(w["level"]))
-        return spec, w.get("file") or f"windows/{spec.filename}"
+        spec = parse_window({**listed[name], "name": name})
+        return spec, listed[name].get("file") or f"windows/{spec.filename}"
     try:
         spec = parse_window(window)
     except ValueError:
@@ -169,10 +190,10 @@ def usable_cases(dataset_dir: str | os.PathLike, window: str | WindowSpec) -> Da
         KeyError: the window is unknown to the dataset (see :func:`resolve_window`).
     """
     ds = Path(dataset_dir)
-    cfg = load_json(ds / "dataset_config.json")
+    cfg = load_json(ds / DATASET_CONFIG)
     spec, rel = resolve_window(cfg, window)
     out = DatasetCases(ds, cfg, spec, rel)
-    for row in _read_csv(ds / "metadata.csv"):
+    for row in _read_csv(ds / METADATA_CSV):
         cid = str(row.get("case_id", "")).strip()
         key = f"{ds.name}/{cid}"
         if str(row.get("status", "ok")).strip().lower() != "ok":
@@ -306,3 +327,37 @@ class ProcessedCase:
             if (self.dir / rel).exists():
                 return (self.dir / rel).stat().st_mtime
         return 0.0
+
+
+def load_case(case: dict) -> dict:
+    """The whole cube of one usable case: ``{"window", "mask", "labels", "info"}`` (window values,
+    the body mask (all True when a guide case has none), labels or None, case.json).
+
+    Args:
+        case: an entry of ``pipeline.evaluate.find_cases``: ``dir``, ``window`` (WindowSpec) and
+            ``window_file`` (the guide layout's file of that window).
+    """
+    pc = ProcessedCase(case["dir"])
+    win = pc.window(case["window"], window_file=case["window_file"])
+    mask = pc.body_mask()
+    return {"window": win, "mask": np.ones(win.shape, bool) if mask is None else mask, "labels": pc.labels(),
+            "info": pc.info}
+
+
+def case_geometry(info: dict) -> dict:
+    """The geometry in ``case.json`` as ``Tokenizer.encode_arrays`` takes it: ``cube_affine``,
+    ``source_affine`` / ``source_shape``, ``original_affine`` / ``original_shape`` and ``source``
+    (each only when recorded)."""
+    g: dict[str, Any] = {}
+    cube = next((info[k] for k in CUBE_AFFINE_KEYS if info.get(k) is not None), None)
+    if cube is not None:
+        g["cube_affine"] = np.asarray(cube, np.float64)
+    for key in ("source_affine", "original_affine"):
+        if info.get(key) is not None:
+            g[key] = np.asarray(info[key], np.float64)
+    for key in ("source_shape", "original_shape"):
+        if info.get(key) is not None:
+            g[key] = info[key]
+    if info.get("source"):
+        g["source"] = str(info["source"])
+    return g

@@ -57,8 +57,8 @@ def test_layout_and_metadata(exported):
     assert "lung" in readme and "30.5" in readme and "TorchScript" in readme and "ONNX" in readme
     inf = json.loads((b / "configs" / "inference.json").read_text())
     assert inf["network_def"]["lambda_vq"] == 1.0 and inf["window"]["name"] == "lung" and inf["resolution"] == 32
-    names = [t["_target_"] for t in inf["preprocessing"]["transforms"]]
-    assert names[0] == "transforms.LoadCTd" and "Orientationd" in names and "transforms.Sparsifyd" in names
+    assert inf["preprocessing"] == {"_target_": "transforms.CTModelInputd", "window": "@window",
+                                    "resolution": "@resolution"}
     # EMA weights of the latest step by default
     sd = torch.load(b / "models" / "model.pt", weights_only=True)
     ema = torch.load(run / "ckpts" / "vqvae_ema0.9999_step0000020.pt", weights_only=True)

@@ -296,7 +296,8 @@ def test_bundle_expressions_are_not_run(bundle, tmp_path):
         cfg["network_def"]["command"] = f"touch {marker}"
 
     def in_preprocessing(cfg):
-        cfg["preprocessing"]["transforms"].insert(0, {"_target_": "os.system", "command": f"touch {marker}"})
+        cfg["preprocessing"] = {"_target_": "Compose", "transforms": [
+            {"_target_": "os.system", "command": f"touch {marker}"}, cfg["preprocessing"]]}
 
     def in_window(cfg):
         cfg["resolution"] = cmd

@@ -14,9 +14,9 @@ from pipeline.metrics import (
     psnr,
     ssim3d,
     volume_metrics,
-    window_to_hu,
 )
 from pipeline.visualize import choose_center, plane_slices, save_three_plane, three_plane_image
+from transforms import window_to_hu
 
 
 @pytest.fixture(scope="module")

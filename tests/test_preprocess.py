@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from pipeline import preprocess as pp
+from pipeline.preprocess import cli, config, pool
+from transforms import HU_MAX, HU_MIN
 
 R = 96
-HU_MIN, HU_MAX = pp.HU_MIN, pp.HU_MAX
 F16_HU = (HU_MAX - HU_MIN) * 2.0**-11  # float16 step near 1, in HU
 SHARED = ["abdomen_dicom_j2k", "abdomen_nifti", "head_dicom_zip"]
 BAD = {"truncated", "mr_series", "notes", "empty", "slice2d"}
@@ -76,7 +77,7 @@ def cube_hu_reference(source, info) -> np.ndarray:
 
     img = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(load_ct(source))
     cube = ResampleToCube(resolution=info["resolution"])(img)
-    np.testing.assert_allclose(cube.meta["cube_affine"].numpy(), info["affine_cube"], atol=1e-6)
+    np.testing.assert_allclose(cube.meta["cube_affine"].numpy(), info["affine_512"], atol=1e-6)
     return np.clip(cube[0].numpy(), HU_MIN, HU_MAX)
 
 
@@ -143,7 +144,7 @@ def test_files_shapes_dtypes(run_all):
     for key in ("case_id", "source", "affine_512", "spacing_512", "source_affine", "source_shape", "body_bbox",
                 "timings"):
         assert key in info, key
-    assert np.asarray(info["affine_cube"]).shape == (4, 4)
+    assert np.asarray(info["affine_512"]).shape == (4, 4)
     (i0, i1), (j0, j1), (k0, k1) = info["body_bbox"]
     assert mask[:, :, :k0].sum() == 0 and mask[:, :, k1:].sum() == 0 and mask[i0:i1, j0:j1, k0:k1].any()
     assert not list(d.rglob(".*tmp-*"))
@@ -195,7 +196,7 @@ def read_rows_by_id(out: Path, ds: str) -> dict:
 
 
 def test_geometry_maps_back_to_source_nifti(run_all, ct_data_dir):
-    """Cube voxel -> world (affine_cube) -> source voxel (the file's own affine, via nibabel)."""
+    """Cube voxel -> world (affine_512) -> source voxel (the file's own affine, via nibabel)."""
     from scipy.ndimage import map_coordinates
 
     c = load_case(run_all["out"], "abdomen_nifti", "example_ct")
@@ -208,7 +209,7 @@ def test_geometry_maps_back_to_source_nifti(run_all, ct_data_dir):
     rng = np.random.default_rng(0)
     ijk = np.argwhere(np.load(c["dir"] / "body_mask_512.npy"))
     ijk = ijk[rng.choice(len(ijk), 2000, replace=False)]
-    world = ijk @ np.asarray(info["affine_cube"])[:3, :3].T + np.asarray(info["affine_cube"])[:3, 3]
+    world = ijk @ np.asarray(info["affine_512"])[:3, :3].T + np.asarray(info["affine_512"])[:3, 3]
     inv = np.linalg.inv(src.affine)
     vox = world @ inv[:3, :3].T + inv[:3, 3]
     inside = np.all((vox >= 0) & (vox <= np.asarray(vol.shape) - 1), axis=1)
@@ -233,7 +234,7 @@ def test_geometry_maps_back_to_source_dicom(run_all, ct_data_dir):
     rng = np.random.default_rng(1)
     ijk = np.argwhere(np.load(c["dir"] / "body_mask_512.npy"))
     ijk = ijk[rng.choice(len(ijk), 1000, replace=False)]
-    aff = np.asarray(info["affine_cube"])
+    aff = np.asarray(info["affine_512"])
     ras = ijk @ aff[:3, :3].T + aff[:3, 3]
     got, expect = [], []
     for p, (i, j, k) in zip(ras, ijk):
@@ -290,30 +291,30 @@ def test_cli_help_and_errors(tmp_path, capsys):
 
 
 def test_window_and_mapping_parsing(tmp_path):
-    ws = pp.parse_windows(["lung,bone", "liver:150:60.5"])
+    ws = config.parse_windows(["lung,bone", "liver:150:60.5"])
     assert [w.filename for w in ws] == ["lung_w1500_l-600.npy", "bone_w1500_l300.npy", "liver_w150_l60.5.npy"]
     with pytest.raises(ValueError, match="twice"):
-        pp.parse_windows(["lung", "lung"])
+        config.parse_windows(["lung", "lung"])
     f = tmp_path / "m.json"
     f.write_text(json.dumps({"1": "spleen", "5": "liver"}))
-    assert pp.load_organ_mapping(f) == ({"1": "spleen", "5": "liver"}, [])
+    assert config.load_organ_mapping(f) == ({"1": "spleen", "5": "liver"}, [])
     f.write_text(json.dumps({"organ_mapping": {"5": {"name": "liver", "window": [150, 60]}},
                              "windows": {"liver": {"width": 150, "level": 60}}}))
-    mapping, wins = pp.load_organ_mapping(f)
+    mapping, wins = config.load_organ_mapping(f)
     assert mapping["5"]["name"] == "liver" and wins[0].filename == "liver_w150_l60.npy"
     f.write_text(json.dumps({"spleen": 1}))
     with pytest.raises(ValueError, match="not an integer label id"):
-        pp.load_organ_mapping(f)
+        config.load_organ_mapping(f)
 
 
 def test_positional_workers(tmp_path):
-    parser = pp.build_parser()
+    parser = cli.build_parser()
     args = parser.parse_args(["raw", "out", "3"])
-    assert pp._resolve_positionals(args, parser) == (None, 3)
+    assert cli._resolve_positionals(args, parser) == (None, 3)
     args = parser.parse_args(["raw", "out", "-", "0"])
-    assert pp._resolve_positionals(args, parser) == (None, 0)
+    assert cli._resolve_positionals(args, parser) == (None, 0)
     args = parser.parse_args(["raw", "out", "m.json"])
-    assert pp._resolve_positionals(args, parser)[0] == "m.json"
+    assert cli._resolve_positionals(args, parser)[0] == "m.json"
 
 
 @pytest.mark.slow
@@ -359,11 +360,11 @@ def _crashing_case(task):
 def test_worker_crash_fails_only_its_case(monkeypatch, tmp_path):
     from pipeline.discovery import Case
 
-    monkeypatch.setattr(pp, "process_case", _crashing_case)  # workers are forked: they see it too
+    monkeypatch.setattr(pool, "process_case", _crashing_case)  # workers are forked: they see it too
     tasks = [{"case": Case("d", cid, tmp_path / cid, "volume", cid), "case_dir": str(tmp_path / cid)}
              for cid in ("a", "crash", "b", "c")]
     got = []
-    pp._run_pool(tasks, 2, got.append)
+    pool.run_pool(tasks, 2, got.append)
     status = {r["row"]["case_id"]: r["row"]["status"] for r in got}
     assert status == {"a": "ok", "b": "ok", "c": "ok", "crash": "failed"}
     err = next(r["row"]["error"] for r in got if r["row"]["case_id"] == "crash")

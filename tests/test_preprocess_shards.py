@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.preprocess import shard_of
+from pipeline.preprocess.markers import shard_of
 from pipeline.processed import ProcessedCase, marker_is_valid
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.chunked import ChunkedArray, save_chunked
 from pipeline.io_utils import DataFileError, save_json
-from pipeline.processed import COMPACT_FILES, ProcessedCase, marker_is_valid, usable_cases
+from pipeline.processed import COMPACT_FILES, ProcessedCase, case_geometry, marker_is_valid, usable_cases
 from transforms import apply_window, parse_window
 
 
@@ -94,3 +94,12 @@ def test_usable_case_rule(tmp_path):
     assert found.window.width == 400 and usable_cases(ds, "liver:150:60").window.level == 60
     with pytest.raises(KeyError, match="preset"):
         usable_cases(ds, "liver")
+
+
+def test_case_geometry_reads_either_affine_name():
+    """case.json names the cube affine affine_512; earlier files may hold it as affine_cube only."""
+    aff = np.diag([0.7, 0.7, 0.7, 1.0])
+    for key in ("affine_512", "affine_cube"):
+        g = case_geometry({key: aff.tolist(), "source_shape": [4, 5, 6], "source": "s.nii.gz"})
+        assert np.array_equal(g["cube_affine"], aff) and g["source_shape"] == [4, 5, 6] and g["source"] == "s.nii.gz"
+    assert case_geometry({}) == {}

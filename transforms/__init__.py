@@ -7,6 +7,7 @@ Every transform has an array form and a dictionary (``...d``) form and can be us
 
 from monai.transforms import Orientation, Orientationd
 
+from .chain import CUBE_STEPS, CTModelInputd, cube_transforms
 from .geometry import (
     ResampleToCube,
     ResampleToCubed,
@@ -31,6 +32,7 @@ from .intensity import (
     denormalize_hu,
     normalize_hu,
     parse_window,
+    window_to_hu,
 )
 from .io import CTLoadError, LoadCT, LoadCTd, find_dicom_series, load_ct
 from .mask import BodyMask, BodyMaskd, body_bbox, body_mask
@@ -52,8 +54,9 @@ __all__ = [
     "ResampleToCube", "ResampleToCubed", "cube_affine_for", "resample_to_grid", "resample_to_source",
     "voxel_to_world", "world_to_voxel",
     "HU_MIN", "HU_MAX", "WINDOW_PRESETS", "WindowSpec", "parse_window", "ClipHU", "ClipHUd", "Window", "Windowd",
-    "NormalizeHU", "NormalizeHUd", "apply_window", "normalize_hu", "denormalize_hu",
+    "NormalizeHU", "NormalizeHUd", "apply_window", "window_to_hu", "normalize_hu", "denormalize_hu",
     "BodyMask", "BodyMaskd", "body_mask", "body_bbox",
     "Sparsify", "Sparsifyd", "Densify", "Densifyd", "RandSparseCrop", "RandSparseCropd", "block_counts",
     "choose_crop_box", "support_mask",
+    "CUBE_STEPS", "cube_transforms", "CTModelInputd",
 ]

@@ -295,7 +295,6 @@ def resample_to_grid(img, src_affine, dst_affine, dst_shape: Sequence[int], mode
         padding_value = AIR_HU if linear else 0
     m = np.linalg.inv(_np_affine(src_affine)) @ _np_affine(dst_affine)  # target voxel -> source voxel
     dst_shape = [int(s) for s in dst_shape[-3:]]
-    lead = x.shape[:-3]
     perm = _signed_permutation(m[:3, :3])
     if perm is not None:
         out = _resample_separable(x, m, perm, dst_shape, linear, padding_value, out_dtype)

@@ -6,6 +6,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
@@ -25,10 +26,12 @@ __all__ = [
     "normalize_hu",
     "denormalize_hu",
     "apply_window",
+    "window_to_hu",
 ]
 
 HU_MIN = -1024.0
 HU_MAX = 3071.0
+_SLAB_VOXELS = 1 << 20  # voxels per slab of a scale into a buffer (4 MiB of float32: stays in cache)
 
 #: Standard display windows: name -> (width, level) in HU.
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {
@@ -62,11 +65,13 @@ class WindowSpec:
             raise ValueError(f"window name {self.name!r} must be letters, digits, '_' or '-'")
         if not float(self.width) > 0:
             raise ValueError(f"window {self.name!r}: width must be > 0 HU, got {self.width}")
+        object.__setattr__(self, "width", float(self.width))
+        object.__setattr__(self, "level", float(self.level))
 
     @property
     def low(self) -> float:
         """Lowest HU of the window (maps to 0)."""
-        return float(self.level) - float(self.width) / 2.0
+        return self.level - self.width / 2.0
 
     @property
     def lower(self) -> float:
@@ -76,7 +81,7 @@ class WindowSpec:
     @property
     def high(self) -> float:
         """Highest HU of the window (maps to 1)."""
-        return float(self.level) + float(self.width) / 2.0
+        return self.level + self.width / 2.0
 
     @property
     def stem(self) -> str:
@@ -89,7 +94,7 @@ class WindowSpec:
         return self.stem + ".npy"
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "width": float(self.width), "level": float(self.level)}
+        return {"name": self.name, "width": self.width, "level": self.level}
 
     def same_as(self, other: "WindowSpec") -> bool:
         """Same width and level (within 1e-6 HU), whatever the names."""
@@ -97,32 +102,39 @@ class WindowSpec:
 
 
 def parse_window(window: str | WindowSpec | Sequence | Mapping) -> WindowSpec:
-    """Builds a :class:`WindowSpec` from a preset name, ``"name:W:L"``, a (name, W, L) tuple or a dict.
+    """The one parser of windows: user text, config values and objects -> :class:`WindowSpec`.
 
     Args:
-        window: "lung" | "bone" | "soft_tissue" | "brain" | "name:width:level" (e.g. "liver:150:60")
-            | WindowSpec | (name, width, level) | {"name", "width", "level"}.
+        window: a preset name ("lung" | "bone" | "soft_tissue" | "brain"), "name:width:level" (e.g.
+            "liver:150:60"), a WindowSpec or an object with ``width`` and ``level`` (and ``name``),
+            (name, width, level), (width, level), {"name", "width", "level"} (name optional) or
+            {"name": preset}.
 
     Raises:
         ValueError: unknown preset or malformed custom window (message lists the accepted forms).
     """
     if isinstance(window, WindowSpec):
         return window
-    if isinstance(window, Mapping):
-        return WindowSpec(str(window["name"]), float(window["width"]), float(window["level"]))
-    if isinstance(window, (tuple, list)) and len(window) == 3:
-        return WindowSpec(str(window[0]), float(window[1]), float(window[2]))
-    if isinstance(window, str):
-        text = window.strip()
-        if text in WINDOW_PRESETS:
-            w, l = WINDOW_PRESETS[text]
-            return WindowSpec(text, w, l)
-        parts = text.split(":")
-        if len(parts) == 3:
-            try:
+    try:
+        if hasattr(window, "width") and hasattr(window, "level"):
+            return WindowSpec(str(getattr(window, "name", "custom")), float(window.width), float(window.level))
+        if isinstance(window, Mapping):
+            if "width" in window and "level" in window:
+                return WindowSpec(str(window.get("name", "custom")), float(window["width"]), float(window["level"]))
+            if "name" in window:
+                return parse_window(window["name"])
+        if isinstance(window, (tuple, list)) and len(window) in (2, 3):
+            name, width, level = ("custom", *window) if len(window) == 2 else window
+            return WindowSpec(str(name), float(width), float(level))
+        if isinstance(window, str):
+            text = window.strip()
+            if text in WINDOW_PRESETS:
+                return WindowSpec(text, *WINDOW_PRESETS[text])
+            parts = text.split(":")
+            if len(parts) == 3:
                 return WindowSpec(parts[0], float(parts[1]), float(parts[2]))
-            except ValueError as e:
-                raise ValueError(f"window {window!r}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"window {window!r}: {e}") from None
     raise ValueError(
         f"window {window!r} not understood; use a preset {sorted(WINDOW_PRESETS)} or 'name:width:level'"
     )
@@ -136,8 +148,11 @@ def _as_float(img):
     return img
 
 
-def _scale_shift(img, scale: float, shift: float, clip: bool):
-    """img * scale + shift as float32 (a new tensor or array), clipped to [0, 1] when ``clip``."""
+def _scale_shift(img, scale: float, shift: float, clip: bool, out=None):
+    """img * scale + shift as float32 (a new tensor or array), clipped to [0, 1] when ``clip``;
+    with ``out`` (a tensor), written into it instead (:func:`_scale_shift_into`)."""
+    if out is not None:
+        return _scale_shift_into(img, out, scale, shift, clip)
     x = _as_float(img)
     if isinstance(x, np.ndarray):
         out = x * np.float32(scale)
@@ -147,16 +162,46 @@ def _scale_shift(img, scale: float, shift: float, clip: bool):
     return out.clamp_(0.0, 1.0) if clip else out
 
 
-def apply_window(img, width: float, level: float):
-    """clip((HU - (L - W/2)) / W, 0, 1) as float32 (tensor or array, metadata kept)."""
+def _scale_shift_into(x: torch.Tensor, out: torch.Tensor, scale: float, shift: float, clip: bool) -> torch.Tensor:
+    """The fast path of a whole volume into a buffer of another dtype (e.g. float16 for the guide
+    layout): slabs of a few slices along the slowest memory axis (``x`` and ``out`` share one
+    memory layout, C or Fortran), so the float32 temporary stays in cache."""
+    ax = int(np.argmax(x.stride()))
+    n = x.shape[ax]
+    step = max(1, _SLAB_VOXELS // max(1, x.numel() // n))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # memory-bound: one thread is as fast, and immune to OpenMP stalls on a busy CPU
+    try:
+        for s in range(0, n, step):
+            k = min(step, n - s)
+            out.narrow(ax, s, k).copy_(_scale_shift(x.narrow(ax, s, k), scale, shift, clip))
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def apply_window(img, width: float, level: float, out=None):
+    """clip((HU - (L - W/2)) / W, 0, 1) as float32 (tensor or array, metadata kept), or into the
+    tensor ``out`` (any dtype)."""
     lo = float(level) - float(width) / 2.0
-    return _scale_shift(img, 1.0 / float(width), -lo / float(width), clip=True)
+    return _scale_shift(img, 1.0 / float(width), -lo / float(width), clip=True, out=out)
 
 
-def normalize_hu(img, hu_min: float = HU_MIN, hu_max: float = HU_MAX, clip: bool = True):
-    """(HU - hu_min) / (hu_max - hu_min), clipped to [0, 1] when ``clip``."""
+def window_to_hu(values, width: float, level: float):
+    """Inverse of :func:`apply_window` inside the window: ``level - width / 2 + v * width`` HU.
+
+    Args:
+        values: window values (numpy array, torch tensor or float).
+        width: window width in HU.
+        level: window level (centre) in HU.
+    """
+    return (float(level) - float(width) / 2.0) + values * float(width)
+
+
+def normalize_hu(img, hu_min: float = HU_MIN, hu_max: float = HU_MAX, clip: bool = True, out=None):
+    """(HU - hu_min) / (hu_max - hu_min), clipped to [0, 1] when ``clip``, or into the tensor ``out``."""
     scale = 1.0 / (float(hu_max) - float(hu_min))
-    return _scale_shift(img, scale, -float(hu_min) * scale, clip)
+    return _scale_shift(img, scale, -float(hu_min) * scale, clip, out=out)
 
 
 def denormalize_hu(x, hu_min: float = HU_MIN, hu_max: float = HU_MAX):
@@ -203,7 +248,7 @@ class Window(Transform):
             if width is None or level is None:
                 raise ValueError("give both width and level for a custom window")
             name = window if isinstance(window, str) and window not in WINDOW_PRESETS else "custom"
-            self.spec = WindowSpec(name or "custom", float(width), float(level))
+            self.spec = WindowSpec(name or "custom", width, level)
         else:
             self.spec = parse_window(window)
 

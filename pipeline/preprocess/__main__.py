@@ -1,0 +1,5 @@
+import sys
+
+from pipeline.preprocess.cli import main
+
+sys.exit(main())
