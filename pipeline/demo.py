@@ -37,7 +37,7 @@ DEMO_CONFIG = BUNDLE_DIR / "demo.json"
 
 
 def _latest(run_dir: Path, ema: bool = False) -> Path:
-    from pipeline.infer import find_checkpoint
+    from pipeline.runs import find_checkpoint
 
     return find_checkpoint(run_dir, None, "ema" if ema else "model")
 
