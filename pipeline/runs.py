@@ -403,6 +403,13 @@ def _extract_state_dict(obj: Any, path: Path) -> dict:
     return sd
 
 
+def _mismatches(own: Mapping, sd: Mapping, required) -> tuple[list, list, list]:
+    """(key, checkpoint shape, model shape) of each shape difference, the ``required`` keys ``sd`` lacks,
+    and the keys of ``sd`` the model lacks."""
+    shaped = [(k, list(sd[k].shape), list(v.shape)) for k, v in own.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    return shaped, [k for k in required if k not in sd], [k for k in sd if k not in own]
+
+
 def load_weights(net: torch.nn.Module, ckpt: str | os.PathLike, config_path: Any = "the config") -> dict:
     """Load a checkpoint into ``net``, refusing one of another model size with one clear line.
 
@@ -425,17 +432,14 @@ def load_weights(net: torch.nn.Module, ckpt: str | os.PathLike, config_path: Any
     except CheckpointError as e:
         raise TokenizerError(str(e)) from None
     sd = _extract_state_dict(obj, path)
-    own = net.state_dict()
     params = {n for n, _ in net.named_parameters()}
-    shape_diff = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in own.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    shape_diff, missing, extra = _mismatches(net.state_dict(), sd, params)
     shape_diff.sort(key=lambda d: (d[0] not in params, d[0]))  # name a weight before a buffer
-    missing = [k for k in params if k not in sd]
-    extra = [k for k in sd if k not in own]
     if shape_diff or missing or extra:
         parts = []
         if shape_diff:
             k, a, b = shape_diff[0]
-            parts.append(f"{len(shape_diff)} shape mismatches, e.g. {k} {list(a)} vs model {list(b)}")
+            parts.append(f"{len(shape_diff)} shape mismatches, e.g. {k} {a} vs model {b}")
         if missing:
             parts.append(f"{len(missing)} missing weights, e.g. {sorted(missing)[0]}")
         if extra:
@@ -451,9 +455,7 @@ def load_weights(net: torch.nn.Module, ckpt: str | os.PathLike, config_path: Any
 def load_matching(target, sd: dict, path: Path) -> None:
     """``target.load_state_dict(sd)`` after checking names and shapes (one line naming ``path`` when they differ)."""
     own = target.state_dict()
-    diff = [(k, list(sd[k].shape), list(v.shape)) for k, v in own.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
-    missing = [k for k in own if k not in sd]
-    extra = [k for k in sd if k not in own]
+    diff, missing, extra = _mismatches(own, sd, own)
     if diff or missing or extra:
         what = (f"{len(diff)} shape mismatches, e.g. {diff[0][0]} {diff[0][1]} vs model {diff[0][2]}" if diff
                 else f"{len(missing)} missing and {len(extra)} unexpected entries, e.g. {(missing or extra)[0]}")

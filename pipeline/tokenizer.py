@@ -3,6 +3,9 @@
 A scan goes through the preprocessing transforms (``pipeline.infer.preprocessing_transforms``)
 and the model's tiled ``Encode``; tokens go through the tiled ``Decode`` into the cube, and back
 to HU (``HU = level - width / 2 + v * width``) on the cube grid or the scan's own grid.
+
+The window parsing and the preprocessing transforms are imported from ``pipeline.infer`` where they
+are used: ``pipeline.infer`` (the command line) imports this module.
 """
 
 from __future__ import annotations

@@ -122,6 +122,9 @@ class SparseVQVAETrainer(SupervisedTrainer):
         amp_dtype: "float16" (with GradScaler) or "bfloat16".
         train_handlers: ignite / MONAI handlers.
         seed: recorded for reproducibility.
+        run_folder: the ``pipeline.run_folder.RunFolder`` of this run (what :meth:`resume` restores; its lock is
+            released after :meth:`run`). The bundle configs name it first among the arguments, so the run
+            folder and its log exist before the data loader reads the dataset.
     """
 
     def __init__(
@@ -143,6 +146,7 @@ class SparseVQVAETrainer(SupervisedTrainer):
         train_handlers: Sequence | None = None,
         seed: int = 0,
         max_minutes: float | None = None,
+        run_folder=None,
     ) -> None:
         device = torch.device(device)
         super().__init__(
@@ -173,7 +177,7 @@ class SparseVQVAETrainer(SupervisedTrainer):
         self.state.nonfinite_steps = 0
         self.ema = None  # set by EMAHandler
         self.run_dir: Path | None = None
-        self.run_folder = None  # pipeline.run_folder.RunFolder given to resume(); its lock is released after run()
+        self.run_folder = run_folder
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.max_seconds = float(max_minutes) * 60.0 if max_minutes else None
         self.started_at: float | None = None
@@ -288,7 +292,7 @@ class SparseVQVAETrainer(SupervisedTrainer):
             "world_size": D.world_size(),
         }
 
-    def resume(self, run) -> int:
+    def resume(self, run=None) -> int:
         """Restores weights, EMA, optimizer, scaler, scheduler, sampler position and RNG.
 
         Every file is read with ``weights_only=True``; an unreadable file or one of another model
@@ -296,12 +300,15 @@ class SparseVQVAETrainer(SupervisedTrainer):
         run folder changes (``config.json`` is written only after a successful resume).
 
         Args:
-            run: ``pipeline.run_folder.RunFolder`` (no-op unless it resumes) or a checkpoint path.
+            run: ``pipeline.run_folder.RunFolder`` (no-op unless it resumes) or a checkpoint path
+                (default: the trainer's ``run_folder``).
 
         Returns:
             the step training continues from.
         """
-        if hasattr(run, "release"):
+        if run is None:
+            run = self.run_folder
+        elif hasattr(run, "release"):
             self.run_folder = run
         path = getattr(run, "resume_ckpt", run)
         if path is None:
