@@ -455,14 +455,11 @@ def export_bundle(
         the bundle folder.
     """
     from pipeline.infer import window_from_config
-    from pipeline.runs import build_network, find_checkpoint, load_run_config, load_weights, resolved_network_def
+    from pipeline.runs import load_run
 
     run_dir = Path(run_dir)
     _check_out(Path(out), run_dir, overwrite)
-    cfg = load_run_config(run_dir)
-    ckpt_path = find_checkpoint(run_dir, ckpt, weights)
-    net = build_network(cfg, source=run_dir / "config.json")
-    load_weights(net, ckpt_path, config_path=run_dir / "config.json")
+    net, cfg, network_def, ckpt_path = load_run(run_dir, ckpt, weights)
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}  # complete: weights and buffers
     window = window_from_config(cfg)
     resolution = int(cfg.get("resolution") or int(getattr(net, "resolution", 64)) * int(getattr(net, "factor", 8)))
@@ -471,7 +468,6 @@ def export_bundle(
     if eval_summary is not None and not isinstance(eval_summary, Mapping):
         eval_summary = load_json(eval_summary)
     data_source = cfg.get("data_source") or (f"the processed datasets in {_short(cfg['data_dir'])}" if cfg.get("data_dir") else None)
-    network_def = resolved_network_def(cfg, run_dir / "config.json")
     if "use_checkpoint" in network_def:
         network_def["use_checkpoint"] = False  # activation checkpointing is a training setting
     meta = make_metadata(network_def, window, resolution, eval_summary, data_source, version)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import re
 from collections.abc import Mapping
@@ -26,6 +25,7 @@ from typing import Any
 
 import torch
 
+from pipeline.config_data import TRUST_HINT, config_value, last_line
 from pipeline.io_utils import CheckpointError, TokenizerError, load_torch
 
 __all__ = [
@@ -38,10 +38,10 @@ __all__ = [
     "run_stage",
     "read_resume_state",
     "load_run_config",
-    "config_value",
     "resolved_network_def",
     "build_network",
     "load_run_model",
+    "load_run",
     "load_bundle",
     "load_weights",
     "load_matching",
@@ -50,16 +50,7 @@ __all__ = [
     "codebook_id",
 ]
 
-logger = logging.getLogger("ctvq.runs")
-
 _CKPT_RE = re.compile(r"^vqvae_(?:(ema[0-9.]+)_)?step(\d+)\.pt$")
-TRUST_HINT = "write plain values, or pass --trust-bundle (trust=True) if you wrote this file yourself"
-
-
-def last_line(e: BaseException) -> str:
-    """Last line of an exception's message (ConfigParser errors end with the cause), or its type name."""
-    text = str(e).strip()
-    return text.splitlines()[-1] if text else type(e).__name__
 
 
 # ----------------------------------------------------------------------------- checkpoint names
@@ -211,51 +202,6 @@ def load_run_config(run_dir: str | os.PathLike) -> dict:
     return cfg
 
 
-
-def _lookup(cfg: Mapping, ref: str) -> Any:
-    node: Any = cfg
-    for part in ref.replace("::", "#").split("#"):
-        if isinstance(node, Mapping) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            raise KeyError(ref)
-    return node
-
-
-def config_value(cfg: Mapping, key: str, source: Any = "config", depth: int = 0) -> Any:
-    """``cfg[key]`` read as data: ``@`` references to other keys are followed, ``$`` / ``%``
-    expressions and nested ``_target_`` objects are refused (never evaluated).
-
-    Args:
-        cfg: config dict (a run's config.json or a bundle's inference.json).
-        key: key path (``a#b`` for nesting).
-        source: where the config came from (for error messages).
-    """
-    try:
-        node = _lookup(cfg, key)
-    except KeyError:
-        raise TokenizerError(f"{source}: has no '{key}'; use a run config.json or a bundle's configs/inference.json") from None
-
-    def plain(v: Any, where: str, depth: int) -> Any:
-        if depth > 20:
-            raise TokenizerError(f"{source}: '{where}' refers to itself through @ references; write its value")
-        if isinstance(v, str) and v.startswith("@"):
-            return config_value(cfg, v[1:], source, depth + 1)
-        if isinstance(v, str) and v.startswith(("$", "%")):
-            raise TokenizerError(f"{source}: '{where}' is an expression ({v[:40]!r}), which is not run from a file; {TRUST_HINT}")
-        if isinstance(v, Mapping):
-            if "_target_" in v and where != "network_def":
-                raise TokenizerError(f"{source}: '{where}' builds an object ({v['_target_']!r}), which is not run from a file; {TRUST_HINT}")
-            return {str(k): plain(x, f"{where}#{k}", depth) for k, x in v.items()}
-        if isinstance(v, list):
-            return [plain(x, f"{where}#{i}", depth) for i, x in enumerate(v)]
-        return v
-
-    return plain(node, key, depth)
-
-
 def resolved_network_def(cfg: Mapping, source: Any = "config", trust: bool = False) -> dict:
     """``network_def`` of a config as plain values (``@`` references filled in).
 
@@ -320,7 +266,6 @@ def build_network(cfg: Mapping, source: Any = "config", trust: bool = False) -> 
         raise TokenizerError(f"{source}: network_def cannot be built ({last_line(e)}); fix network_def or install ctvq") from None
 
 
-
 def load_run_model(ckpt: str | os.PathLike, config: str | os.PathLike | Mapping | None = None,
                    trust: bool = False) -> tuple[torch.nn.Module, dict, Path]:
     """The model of a training run with a checkpoint's weights.
@@ -351,6 +296,26 @@ def load_run_model(ckpt: str | os.PathLike, config: str | os.PathLike | Mapping 
     net = build_network(cfg, cfg_src, trust)
     load_weights(net, ckpt, cfg_src)
     return net, cfg, ckpt
+
+
+def load_run(run_dir: str | os.PathLike, ckpt: str | os.PathLike | None = None,
+             weights: str = "ema") -> tuple[torch.nn.Module, dict, dict, Path]:
+    """A run folder's model with the weights of one checkpoint (what export ships).
+
+    Args:
+        run_dir: the run folder (``config.json``, ``ckpts/``).
+        ckpt: see :func:`find_checkpoint`.
+        weights: "ema" or "model", when ``ckpt`` is not a file.
+
+    Returns:
+        (model, run config, its ``network_def`` as plain values, checkpoint file).
+    """
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    ckpt_path = find_checkpoint(run_dir, ckpt, weights)
+    net = build_network(cfg, source=run_dir / "config.json")
+    load_weights(net, ckpt_path, config_path=run_dir / "config.json")
+    return net, cfg, resolved_network_def(cfg, run_dir / "config.json"), ckpt_path
 
 
 def load_bundle(bundle_dir: str | os.PathLike, trust: bool = False) -> tuple[torch.nn.Module, dict, Path]:

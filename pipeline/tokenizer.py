@@ -22,7 +22,8 @@ import torch
 
 from pipeline import quiet_fx_notice
 from pipeline.io_utils import TokenizerError, save_nifti
-from pipeline.runs import codebook_id, config_value, last_line, load_bundle, load_run_model, load_weights
+from pipeline.config_data import config_value, last_line
+from pipeline.runs import codebook_id, load_bundle, load_run_model, load_weights
 from pipeline.tokens import CTTokens
 
 __all__ = ["DEFAULT_TILE", "DEFAULT_TILE_CUDA", "Tokenizer"]
