@@ -10,7 +10,7 @@ Run folder (``pipeline.train``)::
                                           so a step counts as saved once it exists
 
 An exported bundle (``configs/inference.json`` + ``models/model.pt``) is read here too. Configs
-from elsewhere are read as data (:func:`config_value`); ``trust=True`` evaluates them with MONAI.
+from elsewhere are read as data (``pipeline.config_data``); ``trust=True`` evaluates them with MONAI.
 """
 
 from __future__ import annotations
