@@ -176,7 +176,6 @@ class SparseVQVAETrainer(SupervisedTrainer):
         self.seed = int(seed)
         self.state.nonfinite_steps = 0
         self.ema = None  # set by EMAHandler
-        self.run_dir: Path | None = None
         self.run_folder = run_folder
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.max_seconds = float(max_minutes) * 60.0 if max_minutes else None
