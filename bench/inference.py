@@ -106,7 +106,7 @@ def _decode_row(row: dict[str, Any], encoded: bool, fn, what: str, vol: C.Crop, 
 
 def bench_ours(vol: C.Crop, args, device, amp: bool, cap, budget: C.Budget, variant: str = "") -> list[dict[str, Any]]:
     """Tiled Encode then tiled Decode of the whole scan's support (``variant``: appended to the tiling column)."""
-    from pipeline.infer import DEFAULT_TILE, DEFAULT_TILE_CUDA
+    from pipeline.tokenizer import DEFAULT_TILE, DEFAULT_TILE_CUDA
 
     tile = args.tile or (4 if args.small else DEFAULT_TILE_CUDA if device.type == "cuda" else DEFAULT_TILE)
     prec = "fp16 amp" if amp and device.type == "cuda" else "fp32"

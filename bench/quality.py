@@ -113,7 +113,7 @@ def ctvq_models(args) -> dict[str, list[str]]:
 def train_ctvq(args, resolution: int, device: torch.device, name: str = "ctvq", overrides: list[str] | None = None) -> dict:
     """Train (or find finished in ``--work/name``) one ctvq through the shipped stage configs."""
     from pipeline import train
-    from pipeline.infer import find_checkpoint
+    from pipeline.runs import find_checkpoint
 
     common = ["--data_dir", str(args.train), "--override", f'window_type="{args.window}"',
               "--override", "dataset#args#num_val=0", "--override", f"network_def#resolution={resolution // 8}",
@@ -243,9 +243,10 @@ def body_cells(mask: np.ndarray, factor: int = 8) -> np.ndarray:
 def evaluate_models(args, trained: dict[str, dict], device: torch.device, resolution: int) -> dict:
     """Score every trained model (``{name: train result}``; ctvq models have a ``"run"``) on the
     whole evaluation scans; ``{name: means, usage, training figures and per-case rows}``."""
-    from pipeline.evaluate import _geometry, _load_case, depth_metrics, find_cases, per_depth_summary
+    from pipeline.evaluate import depth_metrics, find_cases, per_depth_summary
     from pipeline.infer import Tokenizer
     from pipeline.metrics import codebook_usage, volume_metrics
+    from pipeline.processed import case_geometry, load_case
     from pipeline.visualize import save_three_plane
     from transforms import parse_window
 
@@ -266,12 +267,12 @@ def evaluate_models(args, trained: dict[str, dict], device: torch.device, resolu
     depth_rows = {name: [] for name in toks}
     pictures = args.out.parent / f"{args.out.stem}_pictures"
     for case in cases:
-        data = _load_case(case)
+        data = load_case(case)
         win, mask = data["window"], data["mask"]
         target = np.where(mask, win, 0.0).astype(np.float32)
         recons = {}
         for name, tok in toks.items():
-            tokens = tok.encode_arrays(win, mask, **_geometry(data["info"]))
+            tokens = tok.encode_arrays(win, mask, **case_geometry(data["info"]))
             recons[name] = tok.decode(tokens)
             indices[name].append(np.asarray(tokens.indices))
             depth_rows[name] += depth_metrics(tok, tokens, recons[name], target, mask, case["case"])

@@ -27,7 +27,6 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 __all__ = ["DEMO_CONFIG", "run_demo", "main"]
 
@@ -37,7 +36,7 @@ DEMO_CONFIG = BUNDLE_DIR / "demo.json"
 
 
 def _latest(run_dir: Path, ema: bool = False) -> Path:
-    from pipeline.infer import find_checkpoint
+    from pipeline.runs import find_checkpoint
 
     return find_checkpoint(run_dir, None, "ema" if ema else "model")
 

@@ -37,8 +37,6 @@ from pipeline.infer import Tokenizer, TokenizerError, cli_errors, parse_window
 from pipeline.metrics import codebook_usage, normalize_organ_mapping, volume_metrics
 from pipeline.processed import case_geometry, find_datasets, load_case, usable_cases
 
-# bench/quality.py still imports the old private names; delete this line when it imports from pipeline.processed
-_load_case, _geometry = load_case, case_geometry
 
 __all__ = ["find_cases", "evaluate", "write_report", "main"]
 

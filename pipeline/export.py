@@ -43,7 +43,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.io_utils import atomic_path, load_json, save_json
+from pipeline.io_utils import TokenizerError, atomic_path, load_json, save_json
 
 __all__ = [
     "MB_METADATA_SCHEMA",
@@ -402,8 +402,6 @@ def _find_eval_summary(run_dir: Path) -> Path | None:
 def _check_out(out: Path, run_dir: Path, overwrite: bool) -> None:
     """Refuses an ``out`` whose replacement would lose data: the run folder or a folder above it, a
     non-empty folder without ``overwrite``, and (even with it) a folder holding files export did not write."""
-    from pipeline.infer import TokenizerError
-
     o, r = out.resolve(), run_dir.resolve()
     if o == r or o in r.parents:
         raise TokenizerError(f"--out {out} is the run folder {run_dir} or holds it; export into another folder, e.g. dist/ct_vqvae")
@@ -456,21 +454,12 @@ def export_bundle(
     Returns:
         the bundle folder.
     """
-    from pipeline.infer import (
-        build_network,
-        find_checkpoint,
-        load_run_config,
-        load_weights,
-        resolved_network_def,
-        window_from_config,
-    )
+    from pipeline.infer import window_from_config
+    from pipeline.runs import load_run
 
     run_dir = Path(run_dir)
     _check_out(Path(out), run_dir, overwrite)
-    cfg = load_run_config(run_dir)
-    ckpt_path = find_checkpoint(run_dir, ckpt, weights)
-    net = build_network(cfg, source=run_dir / "config.json")
-    load_weights(net, ckpt_path, config_path=run_dir / "config.json")
+    net, cfg, network_def, ckpt_path = load_run(run_dir, ckpt, weights)
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}  # complete: weights and buffers
     window = window_from_config(cfg)
     resolution = int(cfg.get("resolution") or int(getattr(net, "resolution", 64)) * int(getattr(net, "factor", 8)))
@@ -479,7 +468,6 @@ def export_bundle(
     if eval_summary is not None and not isinstance(eval_summary, Mapping):
         eval_summary = load_json(eval_summary)
     data_source = cfg.get("data_source") or (f"the processed datasets in {_short(cfg['data_dir'])}" if cfg.get("data_dir") else None)
-    network_def = resolved_network_def(cfg, run_dir / "config.json")
     if "use_checkpoint" in network_def:
         network_def["use_checkpoint"] = False  # activation checkpointing is a training setting
     meta = make_metadata(network_def, window, resolution, eval_summary, data_source, version)
@@ -538,9 +526,7 @@ def verify_bundle(bundle_dir: str | os.PathLike, schema_file: str | os.PathLike 
     try:
         import jsonschema  # noqa: F401  (monai's verify_metadata needs it and fails obscurely without)
     except ImportError:
-        from pipeline.infer import TokenizerError
-
-        raise TokenizerError("verifying bundle metadata needs the jsonschema package: pip install jsonschema (it is in requirements.txt)") from None
+            raise TokenizerError("verifying bundle metadata needs the jsonschema package: pip install jsonschema (it is in requirements.txt)") from None
     bundle_dir = Path(bundle_dir)
     for rel in ("configs/metadata.json", "configs/inference.json", "models/model.pt"):
         if not (bundle_dir / rel).is_file():

@@ -19,6 +19,7 @@ from ignite.engine import Events
 
 from pipeline import distributed as D
 from pipeline.io_utils import atomic_path
+from pipeline.runs import ema_ckpt_name, misc_ckpt_name, model_ckpt_name
 
 __all__ = [
     "tb_writer",
@@ -282,16 +283,16 @@ class CheckpointHandler:
         step = int(engine.state.iteration)
         if D.is_main():
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            if (self.ckpt_dir / f"misc_step{step:07d}.pt").is_file() and (self.ckpt_dir / f"vqvae_step{step:07d}.pt").is_file():
+            if (self.ckpt_dir / misc_ckpt_name(step)).is_file() and (self.ckpt_dir / model_ckpt_name(step)).is_file():
                 pass  # already written at this step (end of training on an i_save step)
             else:
                 misc = engine.misc_state()
                 save_torch({k: v.detach().cpu() for k, v in engine.model.state_dict().items()},
-                           self.ckpt_dir / f"vqvae_step{step:07d}.pt")
+                           self.ckpt_dir / model_ckpt_name(step))
                 if getattr(engine, "ema", None) is not None:
-                    save_torch(engine.ema.state_dict(), self.ckpt_dir / f"vqvae_ema{self.ema_rate:g}_step{step:07d}.pt")
+                    save_torch(engine.ema.state_dict(), self.ckpt_dir / ema_ckpt_name(step, self.ema_rate))
                 # misc last: a step counts as saved once its misc file exists
-                save_torch(misc, self.ckpt_dir / f"misc_step{step:07d}.pt")
+                save_torch(misc, self.ckpt_dir / misc_ckpt_name(step))
                 logger.info(f"Saved checkpoint step {step} to {self.ckpt_dir}")
         D.barrier()
 

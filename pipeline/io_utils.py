@@ -42,9 +42,11 @@ __all__ = [
     "remove_stale_tmp",
     "rmtree_quiet",
     "CheckpointError",
+    "TokenizerError",
     "DataFileError",
     "load_npy",
     "load_torch",
+    "save_nifti",
     "FolderLock",
 ]
 
@@ -351,6 +353,10 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used (message: the file and the fix)."""
 
 
+class TokenizerError(ValueError):
+    """A model, bundle, checkpoint or token file that cannot be used (message: the file and the fix)."""
+
+
 def load_torch(path: str | os.PathLike, fix: str = "resume from an earlier step (--ckpt N) or re-copy the run folder") -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU, errors as one :class:`CheckpointError` line.
 
@@ -382,6 +388,33 @@ def load_torch(path: str | os.PathLike, fix: str = "resume from an earlier step 
                               f"only load files you trust, {fix}") from None
     except Exception as e:  # truncated zip, bad magic number, short read
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: {type(e).__name__}); {fix}") from None
+
+
+def save_nifti(path: str | os.PathLike, volume: np.ndarray, affine: np.ndarray, dtype=np.int16) -> Path:
+    """Write a volume as NIfTI with the given RAS affine (atomically).
+
+    Args:
+        path: output .nii or .nii.gz.
+        volume: (X, Y, Z) array.
+        affine: 4x4 voxel-to-RAS affine.
+        dtype: stored dtype (int16 for HU).
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    arr = np.asarray(volume)
+    if np.issubdtype(np.dtype(dtype), np.integer):
+        info = np.iinfo(dtype)
+        arr = np.clip(np.round(arr), info.min, info.max)
+    img = nib.Nifti1Image(arr.astype(dtype), np.asarray(affine, np.float64))
+    img.set_qform(np.asarray(affine, np.float64), code=1)
+    img.set_sform(np.asarray(affine, np.float64), code=1)
+    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
+    with atomic_path(path) as tmp:
+        t = tmp.with_name(tmp.name + suffix)
+        nib.save(img, str(t))
+        os.replace(t, tmp)
+    return path
 
 
 class FolderLock:

@@ -204,7 +204,7 @@ def _run(files: list[str], args) -> int:
 
     from monai.bundle import run
 
-    from pipeline.stages import discard_new_runs, user_error_line
+    from pipeline.run_folder import discard_new_runs, user_error_line
 
     try:
         with warnings.catch_warnings():

@@ -29,6 +29,7 @@ from pipeline import distributed as D
 from pipeline import quiet_fx_notice
 from pipeline.dataset import batch_split, to_sparse_tensor
 from pipeline.io_utils import CheckpointError
+from pipeline.runs import load_matching, read_resume_state
 
 quiet_fx_notice()
 
@@ -121,6 +122,9 @@ class SparseVQVAETrainer(SupervisedTrainer):
         amp_dtype: "float16" (with GradScaler) or "bfloat16".
         train_handlers: ignite / MONAI handlers.
         seed: recorded for reproducibility.
+        run_folder: the ``pipeline.run_folder.RunFolder`` of this run (what :meth:`resume` restores; its lock is
+            released after :meth:`run`). The bundle configs name it first among the arguments, so the run
+            folder and its log exist before the data loader reads the dataset.
     """
 
     def __init__(
@@ -142,6 +146,7 @@ class SparseVQVAETrainer(SupervisedTrainer):
         train_handlers: Sequence | None = None,
         seed: int = 0,
         max_minutes: float | None = None,
+        run_folder=None,
     ) -> None:
         device = torch.device(device)
         super().__init__(
@@ -171,8 +176,7 @@ class SparseVQVAETrainer(SupervisedTrainer):
         self.seed = int(seed)
         self.state.nonfinite_steps = 0
         self.ema = None  # set by EMAHandler
-        self.run_dir: Path | None = None
-        self.run_folder = None  # pipeline.stages.RunFolder given to resume(); its lock is released after run()
+        self.run_folder = run_folder
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.max_seconds = float(max_minutes) * 60.0 if max_minutes else None
         self.started_at: float | None = None
@@ -287,7 +291,7 @@ class SparseVQVAETrainer(SupervisedTrainer):
             "world_size": D.world_size(),
         }
 
-    def resume(self, run) -> int:
+    def resume(self, run=None) -> int:
         """Restores weights, EMA, optimizer, scaler, scheduler, sampler position and RNG.
 
         Every file is read with ``weights_only=True``; an unreadable file or one of another model
@@ -295,21 +299,22 @@ class SparseVQVAETrainer(SupervisedTrainer):
         run folder changes (``config.json`` is written only after a successful resume).
 
         Args:
-            run: ``pipeline.stages.RunFolder`` (no-op unless it resumes) or a checkpoint path.
+            run: ``pipeline.run_folder.RunFolder`` (no-op unless it resumes) or a checkpoint path
+                (default: the trainer's ``run_folder``).
 
         Returns:
             the step training continues from.
         """
-        from pipeline.stages import read_resume_state
-
-        if hasattr(run, "release"):
+        if run is None:
+            run = self.run_folder
+        elif hasattr(run, "release"):
             self.run_folder = run
         path = getattr(run, "resume_ckpt", run)
         if path is None:
             return 0
         state = getattr(run, "resume_state", None) or read_resume_state(Path(path), getattr(run, "resume_step", 0))
         step, misc = state["step"], state["misc"]
-        _load_matching(self.model, state["model"], state["model_path"])
+        load_matching(self.model, state["model"], state["model_path"])
         try:
             self.optimizer.load_state_dict(misc["optimizer"])
             if misc.get("scaler"):
@@ -323,7 +328,7 @@ class SparseVQVAETrainer(SupervisedTrainer):
             ) from None
         if self.ema is not None:
             if state["ema"] is not None:
-                _load_matching(self.ema, state["ema"], state["ema_path"])
+                load_matching(self.ema, state["ema"], state["ema_path"])
             else:
                 logger.warning(f"no EMA checkpoint for step {step}: EMA restarts from the current weights")
                 self.ema.reset()
@@ -342,7 +347,7 @@ class SparseVQVAETrainer(SupervisedTrainer):
         return self.state.iteration
 
     def run(self) -> None:  # noqa: D102
-        from pipeline.stages import setup_done
+        from pipeline.run_folder import setup_done
 
         setup_done()
         cases = getattr(getattr(self.data_loader, "dataset", None), "cases", None)
@@ -360,17 +365,3 @@ class SparseVQVAETrainer(SupervisedTrainer):
         finally:
             if self.run_folder is not None:
                 self.run_folder.release()
-
-
-def _load_matching(target, sd: dict, path: Path) -> None:
-    """``target.load_state_dict(sd)`` after checking names and shapes (one line naming ``path`` when they differ)."""
-    own = target.state_dict()
-    diff = [(k, list(sd[k].shape), list(v.shape)) for k, v in own.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
-    missing = [k for k in own if k not in sd]
-    extra = [k for k in sd if k not in own]
-    if diff or missing or extra:
-        what = (f"{len(diff)} shape mismatches, e.g. {diff[0][0]} {diff[0][1]} vs model {diff[0][2]}" if diff
-                else f"{len(missing)} missing and {len(extra)} unexpected entries, e.g. {(missing or extra)[0]}")
-        raise CheckpointError(f"{path}: checkpoint of another model ({what}); resume with the network_def of the run "
-                              "that wrote it, or start a new --output_dir")
-    target.load_state_dict(sd)

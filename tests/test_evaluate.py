@@ -9,7 +9,8 @@ import torch
 
 from helpers import TINY, tiny_net
 from pipeline.evaluate import evaluate, find_cases, main
-from pipeline.infer import Tokenizer, TokenizerError
+from pipeline.infer import Tokenizer
+from pipeline.io_utils import TokenizerError
 from pipeline.processed import ProcessedCase
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,8 @@ import torch
 
 from helpers import TINY, tiny_net
 from pipeline.export import MB_METADATA_SCHEMA, export_bundle, main, verify_bundle
-from pipeline.infer import Tokenizer, TokenizerError
+from pipeline.infer import Tokenizer
+from pipeline.io_utils import TokenizerError
 from pipeline.phantom import write_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +139,7 @@ def test_same_tokens_when_copied_alone(exported, tmp_path):
     wf.initialize()
     wf.run()
     wf.finalize()
-    from pipeline.infer import CTTokens
+    from pipeline.tokens import CTTokens
 
     out = CTTokens.load(tmp_path / "out" / f"{scan.name[:-7]}_tokens.npz")
     assert np.array_equal(out.indices, ref.indices)

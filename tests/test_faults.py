@@ -84,7 +84,7 @@ def data(tmp_path_factory):
 def _trainer(ds, out: Path, steps: int, load_dir=None, model=None):
     from pipeline.dataset import StepSampler, sparse_collate
     from pipeline.handlers import CheckpointHandler, EMAHandler
-    from pipeline.stages import prepare_run_folder
+    from pipeline.run_folder import prepare_run_folder
     from pipeline.trainer import SparseVQVAETrainer
 
     run = prepare_run_folder(out, load_dir=load_dir, ckpt="latest" if load_dir else None, training_stage=0,
@@ -223,7 +223,7 @@ def test_export_never_deletes_what_it_did_not_write(tmp_path):
     from test_export import make_run
 
     from pipeline.export import export_bundle
-    from pipeline.infer import TokenizerError
+    from pipeline.io_utils import TokenizerError
 
     run = make_run(tmp_path / "run")
     kept = sorted(p.relative_to(run) for p in run.rglob("*"))
@@ -283,7 +283,8 @@ def _crafted_bundle(bundle: Path, tmp: Path, edit) -> Path:
 
 
 def test_bundle_expressions_are_not_run(bundle, tmp_path):
-    from pipeline.infer import Tokenizer, TokenizerError
+    from pipeline.infer import Tokenizer
+    from pipeline.io_utils import TokenizerError
 
     marker = tmp_path / "pwned"
     cmd = f"$__import__('os').system('touch {marker}') or 2"
@@ -324,7 +325,9 @@ def test_bundle_expressions_are_not_run(bundle, tmp_path):
 def test_decode_refuses_tokens_outside_the_latent_grid(bundle, tmp_path):
     import numpy as np
 
-    from pipeline.infer import CTTokens, Tokenizer, TokenizerError
+    from pipeline.infer import Tokenizer
+    from pipeline.io_utils import TokenizerError
+    from pipeline.tokens import CTTokens
 
     tok = Tokenizer.from_bundle(bundle, device="cpu")
     latent = (tok.resolution // 8,) * 3

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from helpers import TINY, tiny_net
-from pipeline.infer import CTTokens, Tokenizer, TokenizerError, main, parse_window
+from pipeline.infer import Tokenizer, main, parse_window
+from pipeline.io_utils import TokenizerError
+from pipeline.tokens import CTTokens
 from pipeline.phantom import write_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
