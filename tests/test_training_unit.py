@@ -83,6 +83,30 @@ def test_nonfinite_step_is_skipped(data):
             assert torch.equal(v, snaps[0][k]), f"{k} changed on a skipped step"
 
 
+def test_loss_scale_never_falls_below_the_floor():
+    """Recurring non-finite gradients halve the fp16 loss scale each time; it stops at the floor."""
+    from pipeline.trainer import MIN_LOSS_SCALE, update_loss_scale
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4 * MIN_LOSS_SCALE)
+    scales = []
+    for _ in range(5):
+        opt.zero_grad()
+        scaler.scale((w * float("inf")).sum()).backward()
+        scaler.unscale_(opt)
+        scaler.step(opt)  # skipped: the gradient is not finite
+        update_loss_scale(scaler)
+        scales.append(scaler.get_scale())
+    assert scales == [2 * MIN_LOSS_SCALE, MIN_LOSS_SCALE, MIN_LOSS_SCALE, MIN_LOSS_SCALE, MIN_LOSS_SCALE]
+    assert torch.equal(w.detach(), torch.ones(3))  # no step taken
+    opt.zero_grad()
+    scaler.scale(w.sum()).backward()
+    scaler.step(opt)
+    update_loss_scale(scaler)
+    assert scaler.get_scale() == MIN_LOSS_SCALE and not torch.equal(w.detach(), torch.ones(3))
+
+
 def test_batch_split_matches_full_batch(data):
     batch = sparse_collate([data[(0, 0)], data[(1, 1)]])
     grads = []
