@@ -32,7 +32,7 @@ from torch.utils.data import Dataset, Sampler
 
 from pipeline.io_utils import DataFileError, load_npy, save_npy
 from pipeline.processed import GUIDE_FILES, ProcessedCase, find_datasets, usable_cases
-from transforms import HU_MAX, HU_MIN, BodyMask
+from transforms import HU_MAX, HU_MIN, BodyMask, Sparsify
 
 __all__ = [
     "find_datasets",
@@ -316,16 +316,13 @@ class CTWindowSparseDataset(Dataset):
         c = self.cases[index]
         box = self.crop_box(index, draw)
         win, mask = self.load_region(index, box)
-        sup = _support_block(win, mask)
-        local = np.argwhere(sup)
-        feats = win[sup].reshape(-1, 1).astype(np.float32)
-        coords = (local + box[:3]).astype(np.int32)
+        coords, feats = Sparsify()(win, mask, offset=box[:3])
         if len(coords) > self.max_points:  # block counts are exact, so this only guards cache corruption
             raise RuntimeError(f"{c['key']}: crop holds {len(coords)} > max_points voxels; delete its .cache folder")
         r = self._block_counts(c).shape[0] * self.block
         return {
-            "coords": torch.from_numpy(coords),
-            "feats": torch.from_numpy(feats),
+            "coords": coords,
+            "feats": feats,
             "case_id": c["key"],
             "box": torch.as_tensor(box),
             "spatial_shape": [r, r, r],

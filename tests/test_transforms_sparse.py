@@ -43,6 +43,27 @@ def test_sparsify_densify_round_trip(case):
     assert c2.shape[0] == int((win > 0).sum())
 
 
+@pytest.mark.parametrize("order", ["C", "F", "mixed"])
+def test_sparsify_matches_argwhere_in_any_memory_order(case, order):
+    """The points of a crop (numpy arrays in any memory layout, an offset in the full grid) are
+    exactly numpy's: the same coordinates, each with its own window value."""
+    win, mask = case
+    w = np.asarray(win[0].as_tensor())[8:100, 16:120, 4:90]
+    m = np.asarray(mask[0].as_tensor())[8:100, 16:120, 4:90]
+    if order == "F":
+        w, m = np.asfortranarray(w), np.asfortranarray(m)
+    elif order == "mixed":
+        w, m = np.ascontiguousarray(w.transpose(1, 0, 2)).transpose(1, 0, 2), np.ascontiguousarray(m)
+    coords, feats = Sparsify()(w, m, offset=[8, 16, 4])
+    sup = (w > 0) & m
+    ref = np.argwhere(sup)
+    assert coords.dtype == torch.int32 and coords.is_contiguous() and len(ref) > 1000
+    got = coords.numpy() - np.array([8, 16, 4])
+    order_of = np.lexsort(got.T[::-1])  # compare as sets of points, in C order
+    assert np.array_equal(got[order_of], ref)
+    assert np.array_equal(feats.numpy()[order_of, 0], w[sup])
+
+
 def test_dict_forms_round_trip(case):
     win, mask = case
     d = Sparsifyd("lung", mask_key="body_mask")({"lung": win, "body_mask": mask})

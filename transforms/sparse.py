@@ -53,22 +53,48 @@ def _spatial(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _flat_support(s: torch.Tensor) -> torch.Tensor:
+    """int64 positions of the True values of a contiguous bool tensor, in memory order.
+
+    On the CPU through numpy's ``flatnonzero``: about 10x faster there than ``torch.nonzero``
+    (2 ms against 25 ms for 1.8 M of 6 M voxels), which counts in every training crop.
+    """
+    if s.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(s.reshape(-1).numpy()))
+    return torch.nonzero(s.reshape(-1)).squeeze(1)
+
+
+def _unravel(flat: torch.Tensor, shape: Sequence[int], axes: Sequence[int] = (0, 1, 2)) -> torch.Tensor:
+    """[N, 3] coordinates of C-order positions ``flat`` in ``shape``, the coordinate along
+    ``shape``'s axis m in column ``axes[m]``; int32 when the grid fits."""
+    y, z = int(shape[1]), int(shape[2])
+    small = int(np.prod(shape)) < 2**31
+    if flat.device.type == "cpu" and small:  # numpy's int32 divmod: several times torch's on the CPU
+        out = np.empty((flat.numel(), 3), dtype=np.int32)
+        q, out[:, axes[2]] = np.divmod(flat.numpy().astype(np.int32), z)
+        out[:, axes[0]], out[:, axes[1]] = np.divmod(q, y)
+        return torch.from_numpy(out)
+    f = flat.to(torch.int32) if small else flat
+    q = torch.div(f, z, rounding_mode="floor")
+    cols = [torch.div(q, y, rounding_mode="floor"), q % y, f % z]
+    return torch.stack([cols[axes.index(c)] for c in range(3)], 1)
+
+
 def _sparse_from_dense(x: torch.Tensor, s: torch.Tensor, extra: Sequence[torch.Tensor] = ()):
-    """coords [N, 3] int64 (logical i, j, k) and values of ``x`` (and ``extra``) where ``s``.
+    """coords [N, 3] (logical i, j, k; int32 when the grid fits) and values of ``x`` (and
+    ``extra``) where ``s``.
 
     Runs in ``x``'s memory order (no transposing copies for F-ordered volumes); points come in
     memory order.
     """
     perm = _memory_order(x)
     xm = _in_memory_order(x, perm)
-    sm = _in_memory_order(s, perm)
-    flat = torch.nonzero(sm.reshape(-1)).squeeze(1)
-    cm = torch.nonzero(sm)
+    sm = _in_memory_order(s, perm).contiguous()
+    flat = _flat_support(sm)
+    coords = _unravel(flat, sm.shape, list(perm))  # memory axis m is logical axis perm[m]
     vals = [xm.reshape(-1).index_select(0, flat)]
     for e in extra:
         vals.append(_in_memory_order(e, perm).reshape(-1).index_select(0, flat))
-    inv = [perm.index(d) for d in range(3)]
-    coords = cm[:, inv]
     return coords, vals
 
 
