@@ -311,8 +311,8 @@ def volume_metrics(
         labels: optional organ label map (adds "organ_mae_hu").
         organ_mapping: optional {name: id} or {id: name}.
         ssim: compute the SSIM values (the slowest part).
-        device: where to compute (e.g. "cuda": a 512^3 volume then takes about a second, against
-            about 40 s on two CPU cores); default: where ``pred`` is.
+        device: where to compute (e.g. "cuda"; a 512^3 volume takes about 40 s on two CPU
+            cores); default: where ``pred`` is.
 
     Returns:
         {"psnr", "psnr_body", "ssim", "ssim_body", "mae_hu_body", "rmse_hu_body"[, "organ_mae_hu"]}.
