@@ -344,7 +344,7 @@ def _dicom_cases(name: str, folder: Path, rel_path: str, ignored: list[str]) -> 
     A folder without any CT volume series stays one case, so that the loader's refusal (MR,
     localizer only, unreadable) becomes its failed row.
     """
-    from transforms.io import dicom_volume_series
+    from transforms.dicom import dicom_volume_series
 
     uids, notes = dicom_volume_series(folder)
     ignored.extend(f"{folder}: {n}" for n in notes)
