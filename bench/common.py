@@ -72,6 +72,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def seeded_device(args: argparse.Namespace) -> torch.device:
+    """``--device`` resolved (:func:`resolve_device`), with the random state seeded from ``--seed``."""
+    device = resolve_device(args.device)
+    seed_all(args.seed)
+    return device
+
+
 def default_budget(args: argparse.Namespace) -> float:
     if args.budget is not None:
         return float(args.budget)

@@ -143,8 +143,7 @@ def bench_workers(ds, sampler_cls, collate, workers: int, args, device, cap: flo
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    device = C.resolve_device(args.device)
-    C.seed_all(args.seed)
+    device = C.seeded_device(args)
     args.max_points = args.max_points or (4096 if args.small else shipped_max_points())
     args.num_crops = args.num_crops or (8 if args.small else 200)
     cap = args.max_seconds if args.max_seconds is not None else 10.0

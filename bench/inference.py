@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench import common as C  # noqa: E402
-from bench.scan import Crop, add_scan_args, load_scan, only_on_device, sparse_input, whole_scan  # noqa: E402
+from bench.scan import Crop, add_scan_args, load_scan_and_budget, only_on_device, sparse_input, whole_scan  # noqa: E402
 from bench.timing import Budget, measure, run_guarded  # noqa: E402
 
 MODELS = ("ours", "maisi-ae")
@@ -217,13 +217,9 @@ def bench_maisi(vol: Crop, args, device, amp: bool, cap, budget: Budget) -> list
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    device = C.resolve_device(args.device)
-    C.seed_all(args.seed)
+    device = C.seeded_device(args)
     cap = args.max_seconds if args.max_seconds is not None else (15.0 if args.small else 40.0)
-    scan = load_scan(args)
-    budget = Budget(C.default_budget(args))  # after loading (or building) the scan
-    print(f"scan: {scan.source} ({scan.resolution}^3, window {scan.window_name}); device {device}; "
-          f"budget {budget.seconds:.0f} s", flush=True)
+    scan, budget = load_scan_and_budget(args, device)
     vol = whole_scan(scan, device)
     ok_ours, why = C.networks_available()
     rows: list[dict[str, Any]] = []

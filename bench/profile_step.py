@@ -156,8 +156,7 @@ def profile_crop(scan, size: int, args, device) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    device = C.resolve_device(args.device)
-    C.seed_all(args.seed)
+    device = C.seeded_device(args)
     scan = load_scan(args)
     crops = args.crops or ([16] if args.small else [64, 128])
     results, text = [], []

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import free_memory, jsonable
+from bench.common import default_budget, free_memory, jsonable
+from bench.timing import Budget
 from pipeline.io_utils import save_npy
 from pipeline.processed import CASE_JSON, GUIDE_FILES, MARKER
 from transforms import HU_MAX, HU_MIN, WindowSpec, apply_window, normalize_hu
@@ -188,6 +189,15 @@ def load_scan(args: argparse.Namespace) -> Scan:
         info = json.loads((case / CASE_JSON).read_text())
     return Scan(window=window, body=body, window_name=wfile.stem, source=str(info.get("source", case.name)),
                 case_dir=case)
+
+
+def load_scan_and_budget(args: argparse.Namespace, device: torch.device) -> tuple[Scan, Budget]:
+    """The benchmark scan, then the script's time budget, started once the scan is loaded (or built)."""
+    scan = load_scan(args)
+    budget = Budget(default_budget(args))
+    print(f"scan: {scan.source} ({scan.resolution}^3, window {scan.window_name}); device {device}; "
+          f"budget {budget.seconds:.0f} s", flush=True)
+    return scan, budget
 
 
 def body_center(body: np.ndarray) -> tuple[int, int, int]:

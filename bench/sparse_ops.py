@@ -148,8 +148,7 @@ def misc_rows(edge: int, device, dtype, repeats) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    device = C.resolve_device(args.device)
-    C.seed_all(args.seed)
+    device = C.seeded_device(args)
     edge = args.crop or (16 if args.small else 128)
     algos = args.algos or (list(ALGOS) if device.type == "cuda" else ["native"])
     dtype = torch.float16 if device.type == "cuda" else torch.float32

@@ -42,12 +42,28 @@ class Timing:
     capped: bool = False  # fewer than the asked repeats because of the per-configuration time cap
     warmup_only: bool = False  # one call outlasted the cap: the (untuned) warm-up calls are the sample
 
+    @classmethod
+    def of(cls, times: list[float], warmup: int, device: torch.device, **flags: bool) -> "Timing":
+        """Statistics of ``times`` (seconds), with the device's peak memory so far."""
+        return cls(median_s=statistics.median(times), mean_s=statistics.fmean(times), min_s=min(times),
+                   max_s=max(times), n=len(times), warmup=warmup, peak_bytes=peak_bytes(device),
+                   times_s=[round(t, 6) for t in times], **flags)
+
     @property
     def label(self) -> str:
         """The ``n`` column: timed calls, flagged when the cap cut them short."""
         if self.warmup_only:
             return f"{self.n} (warm-up only)"
         return f"{self.n}" + (" (capped)" if self.capped else "")
+
+
+def _timed_call(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds of one call, bracketed by device synchronisation."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def measure(fn: Callable[[], Any], device: torch.device, warmup: int = 3, repeats: int = 20,
@@ -73,21 +89,14 @@ def measure(fn: Callable[[], Any], device: torch.device, warmup: int = 3, repeat
     done = 0
     warm_times = []
     for _ in range(max(0, warmup)):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        last = time.perf_counter() - t0
+        last = _timed_call(fn, device)
         warm_times.append(last)
         done += 1
         if max_seconds is not None and time.perf_counter() - start > max_seconds / 3:
             break  # slow configuration: one warm-up call is enough to compile, tune and allocate
     if max_seconds is not None and warm_times and time.perf_counter() - start > max_seconds:
         # one call is longer than the cap: report the warm-up call itself (an upper bound) and stop
-        return Timing(median_s=statistics.median(warm_times), mean_s=statistics.fmean(warm_times),
-                      min_s=min(warm_times), max_s=max(warm_times), n=len(warm_times), warmup=0,
-                      peak_bytes=peak_bytes(device), times_s=[round(t, 6) for t in warm_times], capped=True,
-                      warmup_only=True)
+        return Timing.of(warm_times, 0, device, capped=True, warmup_only=True)
     n = repeats
     capped = False
     if max_seconds is not None and last > 0:
@@ -96,16 +105,8 @@ def measure(fn: Callable[[], Any], device: torch.device, warmup: int = 3, repeat
         if fit < repeats:
             n = min(repeats, max(min_repeats, fit))
             capped = n < repeats
-    times = []
-    for _ in range(max(1, n)):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return Timing(median_s=statistics.median(times), mean_s=statistics.fmean(times), min_s=min(times),
-                  max_s=max(times), n=len(times), warmup=done, peak_bytes=peak_bytes(device),
-                  times_s=[round(t, 6) for t in times], capped=capped)
+    times = [_timed_call(fn, device) for _ in range(max(1, n))]
+    return Timing.of(times, done, device, capped=capped)
 
 
 def is_oom(exc: BaseException) -> bool:

@@ -24,8 +24,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench import common as C  # noqa: E402
-from bench.scan import Crop, add_scan_args, load_scan, make_crop, only_on_device, sparse_input  # noqa: E402
-from bench.timing import Budget, measure, run_guarded  # noqa: E402
+from bench.scan import Crop, add_scan_args, load_scan_and_budget, make_crop, only_on_device, sparse_input  # noqa: E402
+from bench.timing import measure, run_guarded  # noqa: E402
 
 MODELS = ("ours-fp16", "ours-fp16-dense", "ours-fp16-ckpt", "ours-fp32", "ours-fp16-direct3d", "monai-vqvae", "maisi-ae")
 MODEL_LABELS = {
@@ -71,51 +71,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------
 
 
+def _optimizer_step(loss_of, opt, scaler):
+    """One step: zero the gradients, ``loss_of()`` (forward and loss), scaled backward, optimizer step."""
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss_of()).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    return step
+
+
 def _ours_step(model, x, opt, scaler, device, amp: bool):
     from pipeline.trainer import SparseReconLoss
 
     recon_loss = SparseReconLoss("l1")
 
-    def step():
-        opt.zero_grad(set_to_none=True)
+    def loss():
         with C.autocast(device, amp):
             recon, losses = model(x)
         # as the trainer: L1 on the reconstructed cells + lambda_vq * vq + lambda_commitment * commitment
         loss = recon_loss(recon, x)
-        loss = loss + model.lambda_vq * losses["vq"].float() + model.lambda_commitment * losses["commitment"].float()
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        return loss + model.lambda_vq * losses["vq"].float() + model.lambda_commitment * losses["commitment"].float()
 
-    return step
+    return _optimizer_step(loss, opt, scaler)
 
 
 def _vqvae_step(model, x, opt, scaler, device):
-    def step():
-        opt.zero_grad(set_to_none=True)
+    def loss():
         with C.autocast(device, True):
             recon, q_loss = model(x)
-            loss = F.l1_loss(recon.float(), x) + q_loss.float()
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+            return F.l1_loss(recon.float(), x) + q_loss.float()
 
-    return step
+    return _optimizer_step(loss, opt, scaler)
 
 
 def _maisi_step(model, x, opt, scaler, device):
-    def step():
-        opt.zero_grad(set_to_none=True)
+    def loss():
         with C.autocast(device, True):
             recon, z_mu, z_sigma = model(x)
             mu, sigma = z_mu.float(), z_sigma.float()
             kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-8) - 1).sum(dim=(1, 2, 3, 4)).mean()
-            loss = F.l1_loss(recon.float(), x) + 1e-7 * kl  # MAISI's VAE recipe: L1 + kl_weight 1e-7
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+            return F.l1_loss(recon.float(), x) + 1e-7 * kl  # MAISI's VAE recipe: L1 + kl_weight 1e-7
 
-    return step
+    return _optimizer_step(loss, opt, scaler)
 
 
 def run_config(key: str, crop: Crop, args: argparse.Namespace, device: torch.device, cap: float) -> dict[str, Any]:
@@ -151,15 +151,11 @@ def run_config(key: str, crop: Crop, args: argparse.Namespace, device: torch.dev
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    device = C.resolve_device(args.device)
-    C.seed_all(args.seed)
+    device = C.seeded_device(args)
     cap = args.max_seconds if args.max_seconds is not None else (10.0 if args.small else 20.0)
     crops = args.crops or ([16, 32] if args.small else [64, 128, 256, 512])
-    scan = load_scan(args)
-    budget = Budget(C.default_budget(args))  # after loading (or building) the scan
+    scan, budget = load_scan_and_budget(args, device)
     ok_ours, why = C.networks_available()
-    print(f"scan: {scan.source} ({scan.resolution}^3, window {scan.window_name}); device {device}; "
-          f"budget {budget.seconds:.0f} s", flush=True)
 
     rows: list[dict[str, Any]] = []
     for size in crops:
