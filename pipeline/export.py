@@ -61,81 +61,59 @@ BUNDLE_TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "bundles" / "ct_vqva
 #: list of the files an export wrote, kept in the bundle folder (not in the zip): what --overwrite may replace
 MANIFEST = ".ctvq-export.json"
 
-_TENSOR_FORMAT = {
-    "type": "object",
-    "required": [
-        "type",
-        "format",
-        "num_channels",
-        "spatial_shape",
-        "dtype",
-        "value_range",
-        "is_patch_data",
-        "channel_def",
-    ],
-    "properties": {
-        "type": {"type": "string"},
-        "format": {"type": "string"},
-        "modality": {"type": "string"},
-        "num_channels": {"type": "integer", "minimum": 1},
-        "spatial_shape": {"type": "array", "items": {"type": ["integer", "string"]}},
-        "dtype": {"type": "string"},
-        "value_range": {"type": "array", "items": {"type": "number"}, "maxItems": 2},
-        "is_patch_data": {"type": "boolean"},
-        "channel_def": {"type": "object"},
-    },
-}
+
+def _object_schema(properties: dict[str, Any], optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    """JSON schema of an object with these fields, all required but the ``optional`` ones."""
+    return {"type": "object", "required": [k for k in properties if k not in optional], "properties": properties}
+
+
+_STRING = {"type": "string"}
+_STRING_MAP = {"type": "object", "additionalProperties": _STRING}
+_TENSOR_FORMAT = _object_schema({
+    "type": _STRING,
+    "format": _STRING,
+    "modality": _STRING,
+    "num_channels": {"type": "integer", "minimum": 1},
+    "spatial_shape": {"type": "array", "items": {"type": ["integer", "string"]}},
+    "dtype": _STRING,
+    "value_range": {"type": "array", "items": {"type": "number"}, "maxItems": 2},
+    "is_patch_data": {"type": "boolean"},
+    "channel_def": {"type": "object"},
+}, optional=("modality",))
 
 #: JSON schema of the mandatory metadata fields of the MONAI bundle specification
 #: (docs.monai.io "MONAI Bundle Specification", metadata.json File), for offline checks.
 MB_METADATA_SCHEMA: dict[str, Any] = {
     "$schema": "http://json-schema.org/draft-07/schema#",
     "title": "MONAI bundle metadata (mandatory fields of the bundle specification)",
-    "type": "object",
-    "required": [
-        "schema",
-        "version",
-        "monai_version",
-        "pytorch_version",
-        "numpy_version",
-        "required_packages_version",
-        "task",
-        "description",
-        "authors",
-        "copyright",
-        "network_data_format",
-    ],
-    "properties": {
-        "schema": {"type": "string"},
-        "version": {"type": "string"},
-        "changelog": {"type": "object", "additionalProperties": {"type": "string"}},
-        "monai_version": {"type": "string"},
-        "pytorch_version": {"type": "string"},
-        "numpy_version": {"type": "string"},
-        "optional_packages_version": {"type": "object", "additionalProperties": {"type": "string"}},
-        "required_packages_version": {"type": "object", "additionalProperties": {"type": "string"}},
-        "name": {"type": "string"},
-        "task": {"type": "string"},
-        "description": {"type": "string"},
-        "authors": {"type": "string"},
-        "copyright": {"type": "string"},
-        "data_source": {"type": "string"},
-        "data_type": {"type": "string"},
-        "intended_use": {"type": "string"},
-        "references": {"type": "array", "items": {"type": "string"}},
+    **_object_schema({
+        "schema": _STRING,
+        "version": _STRING,
+        "changelog": _STRING_MAP,
+        "monai_version": _STRING,
+        "pytorch_version": _STRING,
+        "numpy_version": _STRING,
+        "optional_packages_version": _STRING_MAP,
+        "required_packages_version": _STRING_MAP,
+        "name": _STRING,
+        "task": _STRING,
+        "description": _STRING,
+        "authors": _STRING,
+        "copyright": _STRING,
+        "data_source": _STRING,
+        "data_type": _STRING,
+        "intended_use": _STRING,
+        "references": {"type": "array", "items": _STRING},
         "eval_metrics": {"type": "object"},
-        "network_data_format": {
-            "type": "object",
-            "required": ["inputs", "outputs"],
-            "properties": {
-                "inputs": {
-                    "type": "object",
-                    "additionalProperties": {**_TENSOR_FORMAT, "required": _TENSOR_FORMAT["required"] + ["modality"]},
-                },
-                "outputs": {"type": "object", "additionalProperties": _TENSOR_FORMAT},
+        "network_data_format": _object_schema({
+            "inputs": {
+                "type": "object",
+                "additionalProperties": {**_TENSOR_FORMAT, "required": _TENSOR_FORMAT["required"] + ["modality"]},
             },
-        },
-    },
+            "outputs": {"type": "object", "additionalProperties": _TENSOR_FORMAT},
+        }),
+    }, optional=("changelog", "optional_packages_version", "name", "data_source", "data_type", "intended_use",
+                 "references", "eval_metrics")),
 }
 
 _LOGGING_CONF = """[loggers]
