@@ -80,10 +80,16 @@ def _init_linear(module: nn.Module) -> None:
 
 
 class _LatentTransformer(nn.Module):
-    """Input linear, absolute position embedding, windowed transformer blocks."""
+    """Input linear, absolute position embedding, windowed transformer blocks.
 
-    def __init__(self, in_channels, model_channels, num_blocks, num_heads, window_size, mlp_ratio, use_checkpoint):
+    The encoders and decoders below take these settings (``model_channels``, ``num_blocks``,
+    ``num_heads``, ``window_size``, ``mlp_ratio``) as keyword arguments and pass them on.
+    """
+
+    def __init__(self, in_channels: int, model_channels: int = 512, num_blocks: int = 4, num_heads: int = 8,
+                 window_size: int = 8, mlp_ratio: float = 4.0, use_checkpoint: bool = False):
         super().__init__()
+        self.model_channels = model_channels
         self.window_size = window_size
         self.input_layer = SparseLinear(in_channels, model_channels)
         self.pos_embedder = AbsolutePositionEmbedder(model_channels)
@@ -114,28 +120,16 @@ class _LatentTransformer(nn.Module):
 class SparseEncoder(_LatentTransformer):
     """Full-resolution sparse input [N, in_channels] -> latent tokens [M, latent_channels]."""
 
-    def __init__(
-        self,
-        in_channels: int = 1,
-        channels: Sequence[int] = (32, 64, 128, 512),
-        model_channels: int = 512,
-        latent_channels: int = 32,
-        num_blocks: int = 4,
-        num_heads: int = 8,
-        window_size: int = 8,
-        mlp_ratio: float = 4.0,
-        norm: str = "layer",
-        num_groups: int = 32,
-        use_checkpoint: bool = False,
-        child_embedding: bool = True,
-    ):
-        super().__init__(channels[-1], model_channels, num_blocks, num_heads, window_size, mlp_ratio, use_checkpoint)
+    def __init__(self, in_channels: int = 1, channels: Sequence[int] = (32, 64, 128, 512), latent_channels: int = 32,
+                 norm: str = "layer", num_groups: int = 32, use_checkpoint: bool = False, child_embedding: bool = True,
+                 **transformer):
+        super().__init__(channels[-1], use_checkpoint=use_checkpoint, **transformer)
         self.input_layer1 = SparseLinear(in_channels, channels[0])
         self.downsample = nn.ModuleList(
             SparseDownBlock3d(channels[i], channels[i + 1], norm, num_groups, use_checkpoint, child_embedding)
             for i in range(len(channels) - 1)
         )
-        self.out_layer = SparseLinear(model_channels, latent_channels)
+        self.out_layer = SparseLinear(self.model_channels, latent_channels)
         self.norm = norm
         self.factor = 2 ** (len(channels) - 1)
         n = len(self.downsample)
@@ -164,21 +158,10 @@ class SparseEncoder(_LatentTransformer):
 class SparseDecoder(_LatentTransformer):
     """Latent tokens [M, latent_channels] -> all 8^3 children per token at full resolution [M*512, 1]."""
 
-    def __init__(
-        self,
-        out_channels: int = 1,
-        channels: Sequence[int] = (32, 64, 128, 512),
-        model_channels: int = 512,
-        latent_channels: int = 32,
-        num_blocks: int = 4,
-        num_heads: int = 8,
-        window_size: int = 8,
-        mlp_ratio: float = 4.0,
-        use_checkpoint: bool = False,
-        child_embedding: bool = True,
-    ):
-        super().__init__(latent_channels, model_channels, num_blocks, num_heads, window_size, mlp_ratio, use_checkpoint)
-        ups = [model_channels] + list(channels[-2::-1])
+    def __init__(self, out_channels: int = 1, channels: Sequence[int] = (32, 64, 128, 512), latent_channels: int = 32,
+                 use_checkpoint: bool = False, child_embedding: bool = True, **transformer):
+        super().__init__(latent_channels, use_checkpoint=use_checkpoint, **transformer)
+        ups = [self.model_channels] + list(channels[-2::-1])
         self.upsample = nn.ModuleList(
             SparseSubdivideBlock3d(ups[i], ups[i + 1], use_checkpoint, child_embedding) for i in range(len(ups) - 1)
         )
@@ -220,16 +203,15 @@ class PatchEncoder(_LatentTransformer):
     """Full-resolution sparse input -> latent tokens, through kernel-2 stride-2 downsamples and
     residual blocks at 1/2, 1/4, ... resolution (``channels`` are their widths)."""
 
-    def __init__(self, in_channels=1, channels=(32, 64, 128), model_channels=512, latent_channels=32, num_blocks=4,
-                 num_heads=8, window_size=8, mlp_ratio=4.0, norm="layer", num_groups=32, use_checkpoint=False,
-                 num_res_blocks=1):
-        super().__init__(channels[-1], model_channels, num_blocks, num_heads, window_size, mlp_ratio, use_checkpoint)
+    def __init__(self, in_channels=1, channels=(32, 64, 128), latent_channels=32, norm="layer", num_groups=32,
+                 use_checkpoint=False, num_res_blocks=1, **transformer):
+        super().__init__(channels[-1], use_checkpoint=use_checkpoint, **transformer)
         widths = [in_channels, *channels]
         self.downsample = nn.ModuleList(
             PatchDownBlock3d(widths[i], widths[i + 1], num_res_blocks, norm, num_groups, use_checkpoint)
             for i in range(len(channels))
         )
-        self.out_layer = SparseLinear(model_channels, latent_channels)
+        self.out_layer = SparseLinear(self.model_channels, latent_channels)
         self.norm = norm
         n = len(channels)
         self.factor = 2**n
@@ -250,11 +232,10 @@ class PatchDecoder(_LatentTransformer):
     """Latent tokens -> all 8^n children per token at full resolution, through residual blocks
     and kernel-2 stride-2 transposed convs (``channels`` as in :class:`PatchEncoder`)."""
 
-    def __init__(self, out_channels=1, channels=(32, 64, 128), model_channels=512, latent_channels=32, num_blocks=4,
-                 num_heads=8, window_size=8, mlp_ratio=4.0, norm="layer", num_groups=32, use_checkpoint=False,
-                 num_res_blocks=1):
-        super().__init__(latent_channels, model_channels, num_blocks, num_heads, window_size, mlp_ratio, use_checkpoint)
-        self.proj = SparseLinear(model_channels, channels[-1])
+    def __init__(self, out_channels=1, channels=(32, 64, 128), latent_channels=32, norm="layer", num_groups=32,
+                 use_checkpoint=False, num_res_blocks=1, **transformer):
+        super().__init__(latent_channels, use_checkpoint=use_checkpoint, **transformer)
+        self.proj = SparseLinear(self.model_channels, channels[-1])
         widths = [out_channels, *channels][::-1]
         self.upsample = nn.ModuleList(
             PatchUpBlock3d(widths[i], widths[i + 1], num_res_blocks, norm, num_groups, use_checkpoint)
