@@ -36,8 +36,9 @@ import torch.nn as nn
 from .attention import AbsolutePositionEmbedder, SparseTransformerBlock, window_partition
 from .backend import SparseConvTensor, make_sparse
 from .blocks import PatchDownBlock3d, PatchUpBlock3d, SparseConv3d, SparseDownBlock3d, SparseSubdivideBlock3d
-from .ops import SparseLinear, crop_indices, in_box, layer_norm, linearize, replace
+from .ops import SparseLinear, layer_norm, replace
 from .quantizer import build_quantizer
+from .tiling import crop_to_box, remaining_halos, run_tiles, sort_rows
 
 __all__ = ["Tokens", "SparseEncoder", "SparseDecoder", "PatchEncoder", "PatchDecoder", "SparseVQVAE", "Direct3DS2_VQVAE",
            "count_parameters", "LAYOUTS"]
@@ -188,17 +189,6 @@ class SparseDecoder(_LatentTransformer):
         return self.forward_local(self.forward_global(z, partitions))
 
 
-def remaining_halos(radii: Sequence[float]) -> list:
-    """Per up block of a decoder whose block j consumes ``radii[j]`` latent cells of halo: (scale of
-    its output level in voxels per latent cell, margin in those voxels that the later blocks
-    still need), for level-by-level cropping of tiles."""
-    out = []
-    for j in range(len(radii)):
-        scale = 2 ** (j + 1)
-        out.append((scale, math.ceil(sum(radii[j + 1 :]) * scale)))
-    return out
-
-
 class PatchEncoder(_LatentTransformer):
     """Full-resolution sparse input -> latent tokens, through kernel-2 stride-2 downsamples and
     residual blocks at 1/2, 1/4, ... resolution (``channels`` are their widths)."""
@@ -261,38 +251,6 @@ class PatchDecoder(_LatentTransformer):
 
 #: network layouts: ``patch`` (default) and ``direct3d`` (loads Direct3D-S2 weights)
 LAYOUTS = ("patch", "direct3d")
-
-
-def _occupied_tiles(cells: torch.Tensor, tile: int) -> torch.Tensor:
-    """Origins [T, 3] (latent cells) of the tiles holding at least one of ``cells`` [N, 3]."""
-    t = torch.unique(cells.long() // tile, dim=0)
-    return t * tile
-
-
-def _crop(x: SparseConvTensor, lo, hi) -> SparseConvTensor:
-    """Rows of ``x`` whose (i, j, k) lie in the box ``[lo, hi)``."""
-    keep = crop_indices(x.indices, lo, hi)
-    return make_sparse(x.features[keep], x.indices[keep], x.spatial_shape, x.batch_size)
-
-
-def _run_tiles(x: SparseConvTensor, cells: torch.Tensor, tile: int, halo: int, run, out_shape,
-               channels: int) -> SparseConvTensor:
-    """``run(part, origin)`` on the rows of ``x`` whose ``cells`` [N, 3] lie in each occupied tile
-    plus ``halo``, results concatenated (``run`` crops its output to what the tile owns)."""
-    feats, idx = [], []
-    for origin in _occupied_tiles(cells, tile).tolist():  # loop over tiles, not voxels
-        sel = in_box(cells, [o - halo for o in origin], [o + tile + halo for o in origin])
-        out = run(make_sparse(x.features[sel], x.indices[sel], x.spatial_shape, x.batch_size), origin)
-        feats.append(out.features)
-        idx.append(out.indices)
-    if not feats:
-        return make_sparse(x.features.new_zeros(0, channels), x.indices.new_zeros(0, 4), out_shape, x.batch_size)
-    return make_sparse(torch.cat(feats), torch.cat(idx), out_shape, x.batch_size)
-
-
-def _sort_rows(x: SparseConvTensor) -> SparseConvTensor:
-    order = torch.argsort(linearize(x.indices, x.spatial_shape))
-    return make_sparse(x.features[order], x.indices[order], x.spatial_shape, x.batch_size)
 
 
 class SparseVQVAE(nn.Module):
@@ -474,7 +432,7 @@ class SparseVQVAE(nn.Module):
             h = self._encode_local_tiled(x, int(tile))
         else:
             h = self.Encoder.forward_local(x)
-        h = _sort_rows(h)
+        h = sort_rows(h)
         return self.Encoder.forward_global(h)
 
     def _encode_local_tiled(self, x: SparseConvTensor, tile: int) -> SparseConvTensor:
@@ -482,10 +440,10 @@ class SparseVQVAE(nn.Module):
         latent_shape = [-(-int(s) // f) for s in x.spatial_shape]
 
         def run(sub, origin):
-            return _crop(self.Encoder.forward_local(sub), origin, [o + tile for o in origin])
+            return crop_to_box(self.Encoder.forward_local(sub), origin, [o + tile for o in origin])
 
         cells = x.indices[:, 1:].long() // f
-        return _run_tiles(x, cells, tile, self.Encoder.halo, run, latent_shape, self.channels[-1])
+        return run_tiles(x, cells, tile, self.Encoder.halo, run, latent_shape, self.channels[-1])
 
     @torch.no_grad()
     def Encode(self, x: SparseConvTensor, tile: int | None = None) -> Tokens:
@@ -513,11 +471,11 @@ class SparseVQVAE(nn.Module):
             for blk, (scale, margin) in zip(self.Decoder.upsample, shrink):
                 # keep only what the remaining layers still need: the halo shrinks level by level
                 lo, hi = [o * scale - margin for o in origin], [(o + tile) * scale + margin for o in origin]
-                out = _crop(blk(out), lo, hi)
+                out = crop_to_box(blk(out), lo, hi)
             return self.Decoder.out_layer(out)
 
         out_shape = [int(s) * self.Decoder.factor for s in h.spatial_shape]
-        return _run_tiles(h, h.indices[:, 1:].long(), tile, self.Decoder.halo, run, out_shape, self.Decoder.out_channels)
+        return run_tiles(h, h.indices[:, 1:].long(), tile, self.Decoder.halo, run, out_shape, self.Decoder.out_channels)
 
     @torch.no_grad()
     def Decode(self, tokens: Tokens, tile: int | None = None, depth: int | None = None) -> SparseConvTensor:
@@ -537,7 +495,6 @@ class SparseVQVAE(nn.Module):
         z = self.vq.lookup(idx.to(next(self.parameters()).device))
         lat = make_sparse(z, tokens.coords.to(z.device), tokens.latent_shape, tokens.batch_size)
         return self.decode_latent(lat, tile)
-
 
 
 #: name kept from the original seed code
