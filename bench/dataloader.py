@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench import common as C  # noqa: E402
+from bench.scan import add_scan_args, parse_window, prepare_case  # noqa: E402
+from bench.timing import Budget, run_guarded  # noqa: E402
 
 COLUMNS = [
     ("workers", "workers"), ("crops_per_s", "crops/s"), ("points", "support voxels/crop (mean)"),
@@ -36,7 +38,7 @@ COLUMNS = [
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(p, "dataloader")
-    C.add_scan_args(p)
+    add_scan_args(p)
     p.add_argument("--data-dir", type=Path, default=None,
                    help="root of processed datasets (searched recursively); default: the dataset holding --case "
                         "(or the case built from --nifti / the phantom)")
@@ -141,12 +143,11 @@ def bench_workers(ds, sampler_cls, collate, workers: int, args, device, cap: flo
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    device = C.resolve_device(args.device)
-    C.seed_all(args.seed)
+    device = C.seeded_device(args)
     args.max_points = args.max_points or (4096 if args.small else shipped_max_points())
     args.num_crops = args.num_crops or (8 if args.small else 200)
     cap = args.max_seconds if args.max_seconds is not None else 10.0
-    window = C.parse_window(args.window).name
+    window = parse_window(args.window).name
 
     data_dir = args.data_dir
     if data_dir is None and args.case is not None:
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     elif data_dir is None and args.layout == "compact":
         data_dir = compact_dataset(args)
     elif data_dir is None:
-        data_dir = C.prepare_case(args).parent.parent
+        data_dir = prepare_case(args).parent.parent
     print(f"data: {data_dir}; window {window}; max_points {args.max_points}; device {device}", flush=True)
 
     step_rate, rate_src = args.step_rate, "--step-rate" if args.step_rate else ""
@@ -179,14 +180,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if len(ds) == 0:
             rows.append({"workers": "-", "status": f"skipped: no usable case with window '{window}' under {data_dir}"})
             ds = None
-    budget = C.Budget(C.default_budget(args))  # after indexing: the budget is for the loaders
+    budget = Budget(C.default_budget(args))  # after indexing: the budget is for the loaders
     for w in args.workers if ds is not None else []:
         row: dict[str, Any] = {"workers": w}
         if budget.exhausted():
             row["status"] = "skipped: time budget"
         else:
             print(f"[{budget.elapsed():6.1f}s] {w} worker(s) ...", flush=True)
-            row.update(C.run_guarded(lambda: bench_workers(ds, StepSampler, sparse_collate, w, args, device,
+            row.update(run_guarded(lambda: bench_workers(ds, StepSampler, sparse_collate, w, args, device,
                                                            budget.per_config(cap)), device))
         if row.get("crops_per_s_value"):
             cps = row["crops_per_s_value"]

@@ -25,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench import common as C  # noqa: E402
+from bench.scan import Crop, add_scan_args, load_scan_and_budget, only_on_device, sparse_input, whole_scan  # noqa: E402
+from bench.timing import Budget, measure, run_guarded  # noqa: E402
 
 MODELS = ("ours", "maisi-ae")
 COLUMNS = [
@@ -37,7 +39,7 @@ COLUMNS = [
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(p, "inference")
-    C.add_scan_args(p)
+    add_scan_args(p)
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="which models to run")
     p.add_argument("--ours-precision", nargs="+", choices=("fp32", "fp16"), default=["fp16", "fp32"],
                    help="ctvq precisions: fp16 autocast (as pipeline.infer ships on CUDA) and/or fp32 (default: both)")
@@ -69,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _row(model: str, op: str, how: str, prec: str, vol: C.Crop) -> dict[str, Any]:
+def _row(model: str, op: str, how: str, prec: str, vol: Crop) -> dict[str, Any]:
     return {"model": model, "op": op, "how": how, "precision": prec, "volume": f"{vol.size}^3",
             "occupancy_frac": vol.occupancy, "occupancy": C.fmt_pct(vol.occupancy)}
 
@@ -86,14 +88,14 @@ def _fill(row: dict[str, Any], res: dict[str, Any], voxels: int) -> dict[str, An
     return row
 
 
-def _timed_row(row: dict[str, Any], fn, what: str, vol: C.Crop, device, budget: C.Budget) -> dict[str, Any]:
+def _timed_row(row: dict[str, Any], fn, what: str, vol: Crop, device, budget: Budget) -> dict[str, Any]:
     """Prints ``what``, runs ``fn`` guarded against OOM and fills ``row`` with its result."""
     print(f"[{budget.elapsed():6.1f}s] {what} ...", flush=True)
-    return _fill(row, C.run_guarded(fn, device), vol.voxels)
+    return _fill(row, run_guarded(fn, device), vol.voxels)
 
 
-def _decode_row(row: dict[str, Any], encoded: bool, fn, what: str, vol: C.Crop, device,
-                budget: C.Budget) -> dict[str, Any]:
+def _decode_row(row: dict[str, Any], encoded: bool, fn, what: str, vol: Crop, device,
+                budget: Budget) -> dict[str, Any]:
     """As :func:`_timed_row`, but ``row`` is marked skipped when the encode failed or the time budget is spent."""
     if not encoded:
         row["status"] = "skipped: encode failed"
@@ -104,7 +106,7 @@ def _decode_row(row: dict[str, Any], encoded: bool, fn, what: str, vol: C.Crop, 
     return row
 
 
-def bench_ours(vol: C.Crop, args, device, amp: bool, cap, budget: C.Budget, variant: str = "") -> list[dict[str, Any]]:
+def bench_ours(vol: Crop, args, device, amp: bool, cap, budget: Budget, variant: str = "") -> list[dict[str, Any]]:
     """Tiled Encode then tiled Decode of the whole scan's support (``variant``: appended to the tiling column)."""
     from pipeline.tokenizer import DEFAULT_TILE, DEFAULT_TILE_CUDA
 
@@ -117,7 +119,7 @@ def bench_ours(vol: C.Crop, args, device, amp: bool, cap, budget: C.Budget, vari
     def build():
         torch.manual_seed(args.seed)
         state["model"] = C.build_ours(args.small, vol.resolution, device).eval()
-        state["x"] = C.sparse_input(vol)
+        state["x"] = sparse_input(vol)
         return {}
 
     def encode():
@@ -126,7 +128,7 @@ def bench_ours(vol: C.Crop, args, device, amp: bool, cap, budget: C.Budget, vari
 
     def run_encode():
         build()
-        t = C.measure(lambda: state.__setitem__("tokens", encode()), device, args.warmup, args.repeats,
+        t = measure(lambda: state.__setitem__("tokens", encode()), device, args.warmup, args.repeats,
                       budget.per_config(cap), min_repeats=1)
         return {"timing": t, "tokens": len(state["tokens"]), "out": f"{len(state['tokens'])} tokens",
                 "params": C.count_params(state["model"])}
@@ -142,7 +144,7 @@ def bench_ours(vol: C.Crop, args, device, amp: bool, cap, budget: C.Budget, vari
             rec = decode()
             out["voxels"] = int(rec.features.shape[0])
 
-        t = C.measure(call, device, args.warmup, args.repeats, budget.per_config(cap), min_repeats=1)
+        t = measure(call, device, args.warmup, args.repeats, budget.per_config(cap), min_repeats=1)
         return {"timing": t, "out": f"{out['voxels']} voxels (sparse)"}
 
     rows.append(_timed_row(_row("ctvq SparseVQVAE", "encode", how, prec, vol), run_encode,
@@ -154,7 +156,7 @@ def bench_ours(vol: C.Crop, args, device, amp: bool, cap, budget: C.Budget, vari
     return rows
 
 
-def bench_maisi(vol: C.Crop, args, device, amp: bool, cap, budget: C.Budget) -> list[dict[str, Any]]:
+def bench_maisi(vol: Crop, args, device, amp: bool, cap, budget: Budget) -> list[dict[str, Any]]:
     """MAISI encoder and decoder over the whole dense scan with ``SlidingWindowInferer``."""
     from monai.inferers import SlidingWindowInferer
 
@@ -187,7 +189,7 @@ def bench_maisi(vol: C.Crop, args, device, amp: bool, cap, budget: C.Budget) -> 
             with torch.no_grad(), C.autocast(device, amp):
                 state["z"] = enc_inf(vol.dense, enc_fn)
 
-        t = C.measure(call, device, args.warmup, args.repeats, budget.per_config(cap), min_repeats=1)
+        t = measure(call, device, args.warmup, args.repeats, budget.per_config(cap), min_repeats=1)
         return {"timing": t, "out": "latent " + "x".join(str(s) for s in state["z"].shape[1:]),
                 "params": C.count_params(state["model"]), "maisi_num_splits": state["model"].bench_num_splits}
 
@@ -199,7 +201,7 @@ def bench_maisi(vol: C.Crop, args, device, amp: bool, cap, budget: C.Budget) -> 
                 state["rec"] = dec_inf(z, dec_fn)
             state.pop("rec")
 
-        t = C.measure(call, device, args.warmup, args.repeats, budget.per_config(cap), min_repeats=1)
+        t = measure(call, device, args.warmup, args.repeats, budget.per_config(cap), min_repeats=1)
         return {"timing": t, "out": f"dense {vol.size}^3"}
 
     rows.append(_timed_row(_row("MAISI AutoencoderKlMaisi", "encode", f"sliding window {roi}^3, overlap "
@@ -215,14 +217,10 @@ def bench_maisi(vol: C.Crop, args, device, amp: bool, cap, budget: C.Budget) -> 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    device = C.resolve_device(args.device)
-    C.seed_all(args.seed)
+    device = C.seeded_device(args)
     cap = args.max_seconds if args.max_seconds is not None else (15.0 if args.small else 40.0)
-    scan = C.load_scan(args)
-    budget = C.Budget(C.default_budget(args))  # after loading (or building) the scan
-    print(f"scan: {scan.source} ({scan.resolution}^3, window {scan.window_name}); device {device}; "
-          f"budget {budget.seconds:.0f} s", flush=True)
-    vol = C.whole_scan(scan, device)
+    scan, budget = load_scan_and_budget(args, device)
+    vol = whole_scan(scan, device)
     ok_ours, why = C.networks_available()
     rows: list[dict[str, Any]] = []
     # order: ctvq as shipped, MAISI as shipped, then ctvq fp16 (dropped first when the budget runs out)
@@ -243,10 +241,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows.append({"model": "ctvq SparseVQVAE", "status": f"skipped: networks not importable ({why[:80]})"})
         elif key == "ours":
             for convs in args.ours_convs:
-                with C.only_on_device(vol, ("coords", "feats"), device), C.conv_policy(convs):
+                with only_on_device(vol, ("coords", "feats"), device), C.conv_policy(convs):
                     rows += bench_ours(vol, args, device, amp, cap, budget, "" if convs == "auto" else f", {convs} convs")
         else:
-            with C.only_on_device(vol, ("dense",), device):
+            with only_on_device(vol, ("dense",), device):
                 rows += bench_maisi(vol, args, device, amp, cap, budget)
         C.write_partial("inference", args, rows)
     notes = [

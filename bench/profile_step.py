@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 from bench import common as C  # noqa: E402
+from bench.scan import add_scan_args, load_scan, make_crop, sparse_input  # noqa: E402
 from bench.train_step import _ours_step  # noqa: E402
 
 PROJECT = str(Path(__file__).resolve().parents[1])
@@ -41,7 +42,7 @@ PROJECT = str(Path(__file__).resolve().parents[1])
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(p, "profile_step")
-    C.add_scan_args(p)
+    add_scan_args(p)
     p.add_argument("--crops", type=int, nargs="+", default=None, help="crop edges (default 64 128; 16 with --small)")
     p.add_argument("--fp32", action="store_true", help="profile the fp32 step instead of fp16 autocast")
     p.add_argument("--steps", type=int, default=3, help="profiled steps (default 3) after 5 warm-up steps")
@@ -115,12 +116,12 @@ def fmt_table(rows: list[dict[str, Any]], cols: list[str]) -> str:
 
 
 def profile_crop(scan, size: int, args, device) -> dict[str, Any]:
-    crop = C.make_crop(scan, size, device)
+    crop = make_crop(scan, size, device)
     torch.manual_seed(args.seed)
     model = C.build_ours(args.small, crop.resolution, device).train()
     opt = C.adamw(model.parameters(), 1e-4, device)
     amp = not args.fp32 and device.type == "cuda"
-    step = _ours_step(model, C.sparse_input(crop), opt, C.grad_scaler(device, amp), device, amp)
+    step = _ours_step(model, sparse_input(crop), opt, C.grad_scaler(device, amp), device, amp)
     for _ in range(5):
         step()
     C.sync(device)
@@ -155,9 +156,8 @@ def profile_crop(scan, size: int, args, device) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    device = C.resolve_device(args.device)
-    C.seed_all(args.seed)
-    scan = C.load_scan(args)
+    device = C.seeded_device(args)
+    scan = load_scan(args)
     crops = args.crops or ([16] if args.small else [64, 128])
     results, text = [], []
     for size in crops:

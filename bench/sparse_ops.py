@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench import common as C  # noqa: E402
+from bench.timing import measure, run_guarded  # noqa: E402
 
 #: (level divisor, in, out) of every 3^3 conv of the default model, encoder then decoder
 DEFAULT_CONVS = [
@@ -60,7 +61,7 @@ def full_grid(edge: int, device: torch.device, occupancy: float = 1.0, block: in
 
 
 def time_fn(fn, device, repeats: int) -> float:
-    t = C.measure(fn, device, warmup=2, repeats=repeats, max_seconds=10.0)
+    t = measure(fn, device, warmup=2, repeats=repeats, max_seconds=10.0)
     return t.median_s
 
 
@@ -103,7 +104,7 @@ def conv_rows(edge: int, convs, algos, device, dtype, repeats, occupancy: float 
                 conv(x).features.float().sum().backward()
 
             with dense_conv_policy(policy):
-                row.update(C.run_guarded(lambda: {"fwd_s": time_fn(fwd, device, repeats),
+                row.update(run_guarded(lambda: {"fwd_s": time_fn(fwd, device, repeats),
                                                   "fwd_new_s": time_fn(fwd_new, device, repeats),
                                                   "fwd_bwd_s": time_fn(fwd_bwd, device, repeats)}, device))
             rows.append(row)
@@ -131,7 +132,7 @@ def misc_rows(edge: int, device, dtype, repeats) -> list[dict[str, Any]]:
 
         for name, fn in ((f"downsample {c} ch", pool), (f"layer norm {c} ch", normalise)):
             row = {"op": name, "voxels": n, "algo": "-"}
-            row.update(C.run_guarded(lambda: {"fwd_bwd_s": time_fn(fn, device, repeats)}, device))
+            row.update(run_guarded(lambda: {"fwd_bwd_s": time_fn(fn, device, repeats)}, device))
             rows.append(row)
     half = full_grid(edge // 2, device)
     feats = torch.randn(half.shape[0], 32, device=device, dtype=dtype, requires_grad=True)
@@ -140,15 +141,14 @@ def misc_rows(edge: int, device, dtype, repeats) -> list[dict[str, Any]]:
         subdivide(make_sparse(feats, half, [edge // 2] * 3, 1)).features.float().sum().backward()
 
     row = {"op": "subdivide 32 ch", "voxels": n, "algo": "-"}
-    row.update(C.run_guarded(lambda: {"fwd_bwd_s": time_fn(split, device, repeats)}, device))
+    row.update(run_guarded(lambda: {"fwd_bwd_s": time_fn(split, device, repeats)}, device))
     rows.append(row)
     return rows
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    device = C.resolve_device(args.device)
-    C.seed_all(args.seed)
+    device = C.seeded_device(args)
     edge = args.crop or (16 if args.small else 128)
     algos = args.algos or (list(ALGOS) if device.type == "cuda" else ["native"])
     dtype = torch.float16 if device.type == "cuda" else torch.float32

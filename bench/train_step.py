@@ -24,6 +24,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench import common as C  # noqa: E402
+from bench.scan import Crop, add_scan_args, load_scan_and_budget, make_crop, only_on_device, sparse_input  # noqa: E402
+from bench.timing import measure, run_guarded  # noqa: E402
 
 MODELS = ("ours-fp16", "ours-fp16-dense", "ours-fp16-ckpt", "ours-fp32", "ours-fp16-direct3d", "monai-vqvae", "maisi-ae")
 MODEL_LABELS = {
@@ -45,7 +47,7 @@ COLUMNS = [
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(p, "train_step")
-    C.add_scan_args(p)
+    add_scan_args(p)
     p.add_argument("--crops", type=int, nargs="+", default=None,
                    help="crop edge lengths (default: 64 128 256 512, or 16 32 with --small; 64^3 is about the training crop budget of 300k support voxels)")
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="which models to run")
@@ -69,54 +71,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------
 
 
+def _optimizer_step(loss_of, opt, scaler):
+    """One step: zero the gradients, ``loss_of()`` (forward and loss), scaled backward, optimizer step."""
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss_of()).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    return step
+
+
 def _ours_step(model, x, opt, scaler, device, amp: bool):
     from pipeline.trainer import SparseReconLoss
 
     recon_loss = SparseReconLoss("l1")
 
-    def step():
-        opt.zero_grad(set_to_none=True)
+    def loss():
         with C.autocast(device, amp):
             recon, losses = model(x)
         # as the trainer: L1 on the reconstructed cells + lambda_vq * vq + lambda_commitment * commitment
         loss = recon_loss(recon, x)
-        loss = loss + model.lambda_vq * losses["vq"].float() + model.lambda_commitment * losses["commitment"].float()
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        return loss + model.lambda_vq * losses["vq"].float() + model.lambda_commitment * losses["commitment"].float()
 
-    return step
+    return _optimizer_step(loss, opt, scaler)
 
 
 def _vqvae_step(model, x, opt, scaler, device):
-    def step():
-        opt.zero_grad(set_to_none=True)
+    def loss():
         with C.autocast(device, True):
             recon, q_loss = model(x)
-            loss = F.l1_loss(recon.float(), x) + q_loss.float()
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+            return F.l1_loss(recon.float(), x) + q_loss.float()
 
-    return step
+    return _optimizer_step(loss, opt, scaler)
 
 
 def _maisi_step(model, x, opt, scaler, device):
-    def step():
-        opt.zero_grad(set_to_none=True)
+    def loss():
         with C.autocast(device, True):
             recon, z_mu, z_sigma = model(x)
             mu, sigma = z_mu.float(), z_sigma.float()
             kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-8) - 1).sum(dim=(1, 2, 3, 4)).mean()
-            loss = F.l1_loss(recon.float(), x) + 1e-7 * kl  # MAISI's VAE recipe: L1 + kl_weight 1e-7
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+            return F.l1_loss(recon.float(), x) + 1e-7 * kl  # MAISI's VAE recipe: L1 + kl_weight 1e-7
 
-    return step
+    return _optimizer_step(loss, opt, scaler)
 
 
-def run_config(key: str, crop: C.Crop, args: argparse.Namespace, device: torch.device, cap: float) -> dict[str, Any]:
+def run_config(key: str, crop: Crop, args: argparse.Namespace, device: torch.device, cap: float) -> dict[str, Any]:
     """Build the model and its optimizer, time ``--repeats`` steps; returns the row's numbers."""
     small = args.small
     torch.manual_seed(args.seed)
@@ -124,7 +126,7 @@ def run_config(key: str, crop: C.Crop, args: argparse.Namespace, device: torch.d
         amp = key.startswith("ours-fp16")
         layout = "direct3d" if key.endswith("-direct3d") else "patch"
         model = C.build_ours(small, crop.resolution, device, use_checkpoint=key.endswith("-ckpt"), layout=layout).train()
-        x = C.sparse_input(crop)
+        x = sparse_input(crop)
         opt = C.adamw([p for p in model.parameters() if p.requires_grad], args.lr, device)
         scaler = C.grad_scaler(device, amp)
         step = _ours_step(model, x, opt, scaler, device, amp)
@@ -142,22 +144,18 @@ def run_config(key: str, crop: C.Crop, args: argparse.Namespace, device: torch.d
     params = C.count_params(model)
     extra = {"maisi_num_splits": model.bench_num_splits} if hasattr(model, "bench_num_splits") else {}
     with C.conv_policy("dense" if key.endswith("-dense") else "auto"):
-        t = C.measure(step, device, warmup=args.warmup, repeats=args.repeats, max_seconds=cap)
+        t = measure(step, device, warmup=args.warmup, repeats=args.repeats, max_seconds=cap)
     return {"params": params, "timing": t, "median_s": t.median_s, "peak_bytes": t.peak_bytes,
             "voxels_per_s": crop.voxels / t.median_s, **extra}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    device = C.resolve_device(args.device)
-    C.seed_all(args.seed)
+    device = C.seeded_device(args)
     cap = args.max_seconds if args.max_seconds is not None else (10.0 if args.small else 20.0)
     crops = args.crops or ([16, 32] if args.small else [64, 128, 256, 512])
-    scan = C.load_scan(args)
-    budget = C.Budget(C.default_budget(args))  # after loading (or building) the scan
+    scan, budget = load_scan_and_budget(args, device)
     ok_ours, why = C.networks_available()
-    print(f"scan: {scan.source} ({scan.resolution}^3, window {scan.window_name}); device {device}; "
-          f"budget {budget.seconds:.0f} s", flush=True)
 
     rows: list[dict[str, Any]] = []
     for size in crops:
@@ -181,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 row["status"] = f"skipped: about {30 * 64 * 2 * size**3 / 2**30:.0f} GiB of activations (--try-all runs it)"
             else:
                 if crop is None and crop_status == "ok":
-                    built = C.run_guarded(lambda: {"crop": C.make_crop(scan, size, device)}, device)
+                    built = run_guarded(lambda: {"crop": make_crop(scan, size, device)}, device)
                     crop, crop_status = built.get("crop"), built["status"]
                 if crop is None:
                     row["status"] = f"crop not built: {crop_status}"
@@ -190,8 +188,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     row["support_voxels"] = int(crop.coords.shape[0])
                     print(f"[{budget.elapsed():6.1f}s] {key} {size}^3 ...", flush=True)
                     keep = ("coords", "feats") if key.startswith("ours") else ("dense",)
-                    with C.only_on_device(crop, keep, device):  # peak memory: the model's own input only
-                        row.update(C.run_guarded(
+                    with only_on_device(crop, keep, device):  # peak memory: the model's own input only
+                        row.update(run_guarded(
                             lambda: run_config(key, crop, args, device, budget.per_config(cap)), device))
             t = row.pop("timing", None)
             if t is not None:
@@ -205,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"    -> {row.get('status')} {row.get('step', '')} {row.get('peak', '')}", flush=True)
             rows.append(row)
             C.write_partial("train_step", args, rows)
-        del crop
+        crop = None  # freed before the next size
         C.free_memory(device)
 
     notes = [

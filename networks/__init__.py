@@ -1,5 +1,5 @@
 """Sparse VQ-VAE networks on spconv: backend, dense execution of well-filled convs, sparse ops,
-attention, quantizer, model, pretrained weights.
+attention, quantizer, model and its tiling, pretrained weights.
 
 Names are imported lazily (PEP 562), so ``networks.quantizer`` can be used without loading
 spconv; anything that touches sparse tensors imports :mod:`networks.backend` first, which

@@ -24,7 +24,6 @@ __all__ = [
     "WindowPartition",
     "window_partition",
     "windowed_attention",
-    "attention_packed",
     "SparseWindowAttention",
     "SparseTransformerBlock",
     "AbsolutePositionEmbedder",
@@ -77,9 +76,7 @@ def window_partition(indices: torch.Tensor, window_size: int, shift: int = 0,
 
 
 def windowed_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    qkv: torch.Tensor,
     indices: torch.Tensor,
     window_size: int,
     shift: int = 0,
@@ -88,8 +85,14 @@ def windowed_attention(
 ) -> torch.Tensor:
     """Attention of each token to the tokens of its window.
 
+    Tokens move into the padded batch by one ``index_copy`` and back, already in token order,
+    by one ``index_select`` (their backward passes are a gather and an atomic-free add): four
+    copies fewer than sorting tokens, padding, unpadding and unsorting one by one, which
+    counts in a step whose time goes to launching kernels.
+
     Args:
-        q, k, v: [N, H, D] per-token heads.
+        qkv: [N, 3, H, D] packed per-token heads (a fused projection's view; for separate
+            ``q, k, v`` pass ``torch.stack([q, k, v], 1)``).
         indices: [N, 4] absolute coordinates (batch, i, j, k).
         window_size, shift: window cube edge and grid shift.
         max_tokens: optional bound on ``num_windows x length`` per SDPA call (inference).
@@ -97,27 +100,6 @@ def windowed_attention(
 
     Returns:
         [N, H, D] attention output, in token order.
-    """
-    if q.shape[0] == 0:
-        return q
-    qkv = torch.stack([q, k, v], 1)  # [N, 3, H, D]
-    return attention_packed(qkv, indices, window_size, shift, max_tokens, partition)
-
-
-def attention_packed(
-    qkv: torch.Tensor,
-    indices: torch.Tensor,
-    window_size: int,
-    shift: int = 0,
-    max_tokens: int | None = None,
-    partition: WindowPartition | None = None,
-) -> torch.Tensor:
-    """:func:`windowed_attention` on packed heads ``qkv`` [N, 3, H, D] (a fused projection's view).
-
-    Tokens move into the padded batch by one ``index_copy`` and back, already in token order,
-    by one ``index_select`` (their backward passes are a gather and an atomic-free add): four
-    copies fewer than sorting tokens, padding, unpadding and unsorting one by one, which
-    counts in a step whose time goes to launching kernels.
     """
     n, _, h, d = qkv.shape
     if n == 0:
@@ -154,7 +136,7 @@ class SparseWindowAttention(nn.Module):
     def forward(self, feats: torch.Tensor, indices: torch.Tensor, partition: tuple | None = None) -> torch.Tensor:
         n = feats.shape[0]
         qkv = self.to_qkv(feats).view(n, 3, self.num_heads, self.channels // self.num_heads)
-        out = attention_packed(qkv, indices, self.window_size, self.shift, self.max_tokens, partition)
+        out = windowed_attention(qkv, indices, self.window_size, self.shift, self.max_tokens, partition)
         return self.to_out(out.reshape(n, self.channels))
 
 

@@ -36,8 +36,9 @@ import torch.nn as nn
 from .attention import AbsolutePositionEmbedder, SparseTransformerBlock, window_partition
 from .backend import SparseConvTensor, make_sparse
 from .blocks import PatchDownBlock3d, PatchUpBlock3d, SparseConv3d, SparseDownBlock3d, SparseSubdivideBlock3d
-from .ops import SparseLinear, crop_indices, in_box, layer_norm, linearize, replace
+from .ops import SparseLinear, layer_norm, replace
 from .quantizer import build_quantizer
+from .tiling import crop_to_box, remaining_halos, run_tiles, sort_rows
 
 __all__ = ["Tokens", "SparseEncoder", "SparseDecoder", "PatchEncoder", "PatchDecoder", "SparseVQVAE", "Direct3DS2_VQVAE",
            "count_parameters", "LAYOUTS"]
@@ -80,10 +81,16 @@ def _init_linear(module: nn.Module) -> None:
 
 
 class _LatentTransformer(nn.Module):
-    """Input linear, absolute position embedding, windowed transformer blocks."""
+    """Input linear, absolute position embedding, windowed transformer blocks.
 
-    def __init__(self, in_channels, model_channels, num_blocks, num_heads, window_size, mlp_ratio, use_checkpoint):
+    The encoders and decoders below take these settings (``model_channels``, ``num_blocks``,
+    ``num_heads``, ``window_size``, ``mlp_ratio``) as keyword arguments and pass them on.
+    """
+
+    def __init__(self, in_channels: int, model_channels: int = 512, num_blocks: int = 4, num_heads: int = 8,
+                 window_size: int = 8, mlp_ratio: float = 4.0, use_checkpoint: bool = False):
         super().__init__()
+        self.model_channels = model_channels
         self.window_size = window_size
         self.input_layer = SparseLinear(in_channels, model_channels)
         self.pos_embedder = AbsolutePositionEmbedder(model_channels)
@@ -114,28 +121,16 @@ class _LatentTransformer(nn.Module):
 class SparseEncoder(_LatentTransformer):
     """Full-resolution sparse input [N, in_channels] -> latent tokens [M, latent_channels]."""
 
-    def __init__(
-        self,
-        in_channels: int = 1,
-        channels: Sequence[int] = (32, 64, 128, 512),
-        model_channels: int = 512,
-        latent_channels: int = 32,
-        num_blocks: int = 4,
-        num_heads: int = 8,
-        window_size: int = 8,
-        mlp_ratio: float = 4.0,
-        norm: str = "layer",
-        num_groups: int = 32,
-        use_checkpoint: bool = False,
-        child_embedding: bool = True,
-    ):
-        super().__init__(channels[-1], model_channels, num_blocks, num_heads, window_size, mlp_ratio, use_checkpoint)
+    def __init__(self, in_channels: int = 1, channels: Sequence[int] = (32, 64, 128, 512), latent_channels: int = 32,
+                 norm: str = "layer", num_groups: int = 32, use_checkpoint: bool = False, child_embedding: bool = True,
+                 **transformer):
+        super().__init__(channels[-1], use_checkpoint=use_checkpoint, **transformer)
         self.input_layer1 = SparseLinear(in_channels, channels[0])
         self.downsample = nn.ModuleList(
             SparseDownBlock3d(channels[i], channels[i + 1], norm, num_groups, use_checkpoint, child_embedding)
             for i in range(len(channels) - 1)
         )
-        self.out_layer = SparseLinear(model_channels, latent_channels)
+        self.out_layer = SparseLinear(self.model_channels, latent_channels)
         self.norm = norm
         self.factor = 2 ** (len(channels) - 1)
         n = len(self.downsample)
@@ -164,21 +159,10 @@ class SparseEncoder(_LatentTransformer):
 class SparseDecoder(_LatentTransformer):
     """Latent tokens [M, latent_channels] -> all 8^3 children per token at full resolution [M*512, 1]."""
 
-    def __init__(
-        self,
-        out_channels: int = 1,
-        channels: Sequence[int] = (32, 64, 128, 512),
-        model_channels: int = 512,
-        latent_channels: int = 32,
-        num_blocks: int = 4,
-        num_heads: int = 8,
-        window_size: int = 8,
-        mlp_ratio: float = 4.0,
-        use_checkpoint: bool = False,
-        child_embedding: bool = True,
-    ):
-        super().__init__(latent_channels, model_channels, num_blocks, num_heads, window_size, mlp_ratio, use_checkpoint)
-        ups = [model_channels] + list(channels[-2::-1])
+    def __init__(self, out_channels: int = 1, channels: Sequence[int] = (32, 64, 128, 512), latent_channels: int = 32,
+                 use_checkpoint: bool = False, child_embedding: bool = True, **transformer):
+        super().__init__(latent_channels, use_checkpoint=use_checkpoint, **transformer)
+        ups = [self.model_channels] + list(channels[-2::-1])
         self.upsample = nn.ModuleList(
             SparseSubdivideBlock3d(ups[i], ups[i + 1], use_checkpoint, child_embedding) for i in range(len(ups) - 1)
         )
@@ -205,31 +189,19 @@ class SparseDecoder(_LatentTransformer):
         return self.forward_local(self.forward_global(z, partitions))
 
 
-def remaining_halos(radii: Sequence[float]) -> list:
-    """Per up block of a decoder whose block j consumes ``radii[j]`` latent cells of halo: (scale of
-    its output level in voxels per latent cell, margin in those voxels that the later blocks
-    still need), for level-by-level cropping of tiles."""
-    out = []
-    for j in range(len(radii)):
-        scale = 2 ** (j + 1)
-        out.append((scale, math.ceil(sum(radii[j + 1 :]) * scale)))
-    return out
-
-
 class PatchEncoder(_LatentTransformer):
     """Full-resolution sparse input -> latent tokens, through kernel-2 stride-2 downsamples and
     residual blocks at 1/2, 1/4, ... resolution (``channels`` are their widths)."""
 
-    def __init__(self, in_channels=1, channels=(32, 64, 128), model_channels=512, latent_channels=32, num_blocks=4,
-                 num_heads=8, window_size=8, mlp_ratio=4.0, norm="layer", num_groups=32, use_checkpoint=False,
-                 num_res_blocks=1):
-        super().__init__(channels[-1], model_channels, num_blocks, num_heads, window_size, mlp_ratio, use_checkpoint)
+    def __init__(self, in_channels=1, channels=(32, 64, 128), latent_channels=32, norm="layer", num_groups=32,
+                 use_checkpoint=False, num_res_blocks=1, **transformer):
+        super().__init__(channels[-1], use_checkpoint=use_checkpoint, **transformer)
         widths = [in_channels, *channels]
         self.downsample = nn.ModuleList(
             PatchDownBlock3d(widths[i], widths[i + 1], num_res_blocks, norm, num_groups, use_checkpoint)
             for i in range(len(channels))
         )
-        self.out_layer = SparseLinear(model_channels, latent_channels)
+        self.out_layer = SparseLinear(self.model_channels, latent_channels)
         self.norm = norm
         n = len(channels)
         self.factor = 2**n
@@ -250,11 +222,10 @@ class PatchDecoder(_LatentTransformer):
     """Latent tokens -> all 8^n children per token at full resolution, through residual blocks
     and kernel-2 stride-2 transposed convs (``channels`` as in :class:`PatchEncoder`)."""
 
-    def __init__(self, out_channels=1, channels=(32, 64, 128), model_channels=512, latent_channels=32, num_blocks=4,
-                 num_heads=8, window_size=8, mlp_ratio=4.0, norm="layer", num_groups=32, use_checkpoint=False,
-                 num_res_blocks=1):
-        super().__init__(latent_channels, model_channels, num_blocks, num_heads, window_size, mlp_ratio, use_checkpoint)
-        self.proj = SparseLinear(model_channels, channels[-1])
+    def __init__(self, out_channels=1, channels=(32, 64, 128), latent_channels=32, norm="layer", num_groups=32,
+                 use_checkpoint=False, num_res_blocks=1, **transformer):
+        super().__init__(latent_channels, use_checkpoint=use_checkpoint, **transformer)
+        self.proj = SparseLinear(self.model_channels, channels[-1])
         widths = [out_channels, *channels][::-1]
         self.upsample = nn.ModuleList(
             PatchUpBlock3d(widths[i], widths[i + 1], num_res_blocks, norm, num_groups, use_checkpoint)
@@ -280,38 +251,6 @@ class PatchDecoder(_LatentTransformer):
 
 #: network layouts: ``patch`` (default) and ``direct3d`` (loads Direct3D-S2 weights)
 LAYOUTS = ("patch", "direct3d")
-
-
-def _occupied_tiles(cells: torch.Tensor, tile: int) -> torch.Tensor:
-    """Origins [T, 3] (latent cells) of the tiles holding at least one of ``cells`` [N, 3]."""
-    t = torch.unique(cells.long() // tile, dim=0)
-    return t * tile
-
-
-def _crop(x: SparseConvTensor, lo, hi) -> SparseConvTensor:
-    """Rows of ``x`` whose (i, j, k) lie in the box ``[lo, hi)``."""
-    keep = crop_indices(x.indices, lo, hi)
-    return make_sparse(x.features[keep], x.indices[keep], x.spatial_shape, x.batch_size)
-
-
-def _run_tiles(x: SparseConvTensor, cells: torch.Tensor, tile: int, halo: int, run, out_shape,
-               channels: int) -> SparseConvTensor:
-    """``run(part, origin)`` on the rows of ``x`` whose ``cells`` [N, 3] lie in each occupied tile
-    plus ``halo``, results concatenated (``run`` crops its output to what the tile owns)."""
-    feats, idx = [], []
-    for origin in _occupied_tiles(cells, tile).tolist():  # loop over tiles, not voxels
-        sel = in_box(cells, [o - halo for o in origin], [o + tile + halo for o in origin])
-        out = run(make_sparse(x.features[sel], x.indices[sel], x.spatial_shape, x.batch_size), origin)
-        feats.append(out.features)
-        idx.append(out.indices)
-    if not feats:
-        return make_sparse(x.features.new_zeros(0, channels), x.indices.new_zeros(0, 4), out_shape, x.batch_size)
-    return make_sparse(torch.cat(feats), torch.cat(idx), out_shape, x.batch_size)
-
-
-def _sort_rows(x: SparseConvTensor) -> SparseConvTensor:
-    order = torch.argsort(linearize(x.indices, x.spatial_shape))
-    return make_sparse(x.features[order], x.indices[order], x.spatial_shape, x.batch_size)
 
 
 class SparseVQVAE(nn.Module):
@@ -493,7 +432,7 @@ class SparseVQVAE(nn.Module):
             h = self._encode_local_tiled(x, int(tile))
         else:
             h = self.Encoder.forward_local(x)
-        h = _sort_rows(h)
+        h = sort_rows(h)
         return self.Encoder.forward_global(h)
 
     def _encode_local_tiled(self, x: SparseConvTensor, tile: int) -> SparseConvTensor:
@@ -501,10 +440,10 @@ class SparseVQVAE(nn.Module):
         latent_shape = [-(-int(s) // f) for s in x.spatial_shape]
 
         def run(sub, origin):
-            return _crop(self.Encoder.forward_local(sub), origin, [o + tile for o in origin])
+            return crop_to_box(self.Encoder.forward_local(sub), origin, [o + tile for o in origin])
 
         cells = x.indices[:, 1:].long() // f
-        return _run_tiles(x, cells, tile, self.Encoder.halo, run, latent_shape, self.channels[-1])
+        return run_tiles(x, cells, tile, self.Encoder.halo, run, latent_shape, self.channels[-1])
 
     @torch.no_grad()
     def Encode(self, x: SparseConvTensor, tile: int | None = None) -> Tokens:
@@ -532,11 +471,11 @@ class SparseVQVAE(nn.Module):
             for blk, (scale, margin) in zip(self.Decoder.upsample, shrink):
                 # keep only what the remaining layers still need: the halo shrinks level by level
                 lo, hi = [o * scale - margin for o in origin], [(o + tile) * scale + margin for o in origin]
-                out = _crop(blk(out), lo, hi)
+                out = crop_to_box(blk(out), lo, hi)
             return self.Decoder.out_layer(out)
 
         out_shape = [int(s) * self.Decoder.factor for s in h.spatial_shape]
-        return _run_tiles(h, h.indices[:, 1:].long(), tile, self.Decoder.halo, run, out_shape, self.Decoder.out_channels)
+        return run_tiles(h, h.indices[:, 1:].long(), tile, self.Decoder.halo, run, out_shape, self.Decoder.out_channels)
 
     @torch.no_grad()
     def Decode(self, tokens: Tokens, tile: int | None = None, depth: int | None = None) -> SparseConvTensor:
@@ -556,7 +495,6 @@ class SparseVQVAE(nn.Module):
         z = self.vq.lookup(idx.to(next(self.parameters()).device))
         lat = make_sparse(z, tokens.coords.to(z.device), tokens.latent_shape, tokens.batch_size)
         return self.decode_latent(lat, tile)
-
 
 
 #: name kept from the original seed code

@@ -59,30 +59,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-__all__ = [
-    "VOLUME_EXTENSIONS",
-    "Case",
-    "Dataset",
-    "discover",
-    "discover_dataset",
-    "is_dicom_file",
-    "is_dicom_zip",
-    "is_volume_file",
-    "is_label_name",
-    "split_ext",
-    "sanitize_id",
-]
+from pipeline.file_kinds import (
+    DICOM_EXTENSIONS,
+    SKIP_EXTENSIONS,
+    header_size,
+    is_dicom_file,
+    is_dicom_zip,
+    is_label_name,
+    is_volume_file,
+    split_ext,
+)
 
-VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-_DICOM_EXTENSIONS = (".dcm", ".dicom", ".ima")
-_SKIP_EXTENSIONS = (
-    ".raw", ".zraw", ".json", ".txt", ".md", ".csv", ".tsv", ".pdf", ".png", ".jpg", ".jpeg",
-    ".xml", ".html", ".py", ".sh", ".yaml", ".yml", ".npy", ".npz", ".pkl", ".gz", ".tar",
-    ".bz2", ".7z", ".xz",
-)
-_LABEL_RE = re.compile(
-    r"(^|[_\-.])(seg|segmentation|segmentations|label|labels|labelmap|mask|masks|gt)([_\-.]|$)"
-)
+__all__ = ["Case", "Dataset", "discover", "discover_dataset", "sanitize_id"]
+
 _IMAGE_SUFFIX_RE = re.compile(r"([_\-](ct|img|image|volume|vol))+$")
 _CHANNEL_RE = re.compile(r"_\d{4}$")
 _SAFE_RE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -131,110 +120,6 @@ class Dataset:
     cases: list[Case] = field(default_factory=list)
     unpaired_labels: list[Path] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
-
-
-# ----------------------------------------------------------------------------- file tests
-
-
-def split_ext(name: str) -> tuple[str, str]:
-    """Split a file name into stem and (possibly double) extension: ``a.nii.gz -> (a, .nii.gz)``.
-
-    Args:
-        name: file name.
-    """
-    low = name.lower()
-    for ext in VOLUME_EXTENSIONS + (".zip",) + _DICOM_EXTENSIONS:
-        if low.endswith(ext) and len(name) > len(ext):
-            return name[: -len(ext)], name[-len(ext):]
-    stem, ext = os.path.splitext(name)
-    return stem, ext
-
-
-def is_volume_file(path: str | os.PathLike) -> bool:
-    """True for file names with a volume extension (.nii, .nii.gz, .nrrd, .mha, .mhd).
-
-    Args:
-        path: file path.
-    """
-    return str(path).lower().endswith(VOLUME_EXTENSIONS)
-
-
-def is_label_name(path: str | os.PathLike) -> bool:
-    """True when a file name holds a label word (seg, label, mask, gt...) between ``_``/``-``/``.``.
-
-    Args:
-        path: file path.
-    """
-    return bool(_LABEL_RE.search(split_ext(Path(path).name)[0].lower()))
-
-
-_VRS = {
-    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"OB",
-    b"OD", b"OF", b"OL", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"TM", b"UI", b"UL",
-    b"UN", b"US", b"UT", b"UC", b"UR", b"OV", b"SV", b"UV",
-}
-
-
-def _looks_like_dicom(head: bytes) -> bool:
-    if len(head) >= 132 and head[128:132] == b"DICM":
-        return True
-    # Files without the 128-byte preamble start directly with a group 0x0008 (or 0x0002) tag.
-    if len(head) >= 8 and head[0:2] in (b"\x08\x00", b"\x02\x00") and head[3:4] == b"\x00":
-        if head[4:6] in _VRS:  # explicit VR
-            return True
-        length = int.from_bytes(head[4:8], "little")  # implicit VR: a small element length
-        return head[2] < 0x40 and 0 < length < 1024
-    return False
-
-
-def is_dicom_file(path: str | os.PathLike) -> bool:
-    """True when the file's header is DICOM (``DICM`` at byte 128, or a preamble-less start).
-
-    Args:
-        path: file path (the name and extension are not used).
-    """
-    try:
-        with open(path, "rb") as f:
-            return _looks_like_dicom(f.read(132))
-    except OSError:
-        return False
-
-
-def is_dicom_zip(path: str | os.PathLike, max_members: int = 8) -> bool:
-    """True when a zip holds DICOM files (the first ``max_members`` files are checked).
-
-    Raises:
-        zipfile.BadZipFile: when the file is not a readable zip.
-
-    Args:
-        path: zip file.
-        max_members: how many member files to test.
-    """
-    with zipfile.ZipFile(path) as zf:
-        checked = 0
-        for info in zf.infolist():
-            if info.is_dir() or Path(info.filename).name.startswith("."):
-                continue
-            with zf.open(info) as f:
-                if _looks_like_dicom(f.read(132)):
-                    return True
-            checked += 1
-            if checked >= max_members:
-                break
-    return False
-
-
-def _header_size(path: Path) -> tuple[int, ...] | None:
-    """Image size from the file header only (None when unreadable)."""
-    try:
-        import SimpleITK as sitk
-
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()
-        return tuple(int(s) for s in reader.GetSize())
-    except Exception:
-        return None
 
 
 # ----------------------------------------------------------------------------- case ids
@@ -344,7 +229,7 @@ def _dicom_cases(name: str, folder: Path, rel_path: str, ignored: list[str]) -> 
     A folder without any CT volume series stays one case, so that the loader's refusal (MR,
     localizer only, unreadable) becomes its failed row.
     """
-    from transforms.io import dicom_volume_series
+    from transforms.dicom import dicom_volume_series
 
     uids, notes = dicom_volume_series(folder)
     ignored.extend(f"{folder}: {n}" for n in notes)
@@ -366,7 +251,7 @@ def _label_stem(path: Path) -> str:
     return stem
 
 
-def _pair_label(label: Path, candidates: list[Case], header_size=_header_size) -> Case | None:
+def _pair_label(label: Path, candidates: list[Case], header_size=header_size) -> Case | None:
     cands = [c for c in candidates if c.label is None]
     if not cands:
         return None
@@ -447,7 +332,7 @@ def discover_dataset(
                     images.append(Case(name, "", f, "dicom_zip", rel(f)))
                 else:
                     ds.ignored.append(f"{f}: a zip without DICOM files (unzip volume files into the folder to use them)")
-            elif low.endswith(_DICOM_EXTENSIONS) or not low.endswith(_SKIP_EXTENSIONS):
+            elif low.endswith(DICOM_EXTENSIONS) or not low.endswith(SKIP_EXTENSIONS):
                 if has_dicom or is_dicom_file(f):
                     has_dicom = True
                 else:
@@ -469,12 +354,12 @@ def discover_dataset(
         ds.unpaired_labels.extend(sorted(stems.values()))
 
     # Label maps beside images (each image header is read once, however many labels share its folder).
-    header_size = functools.cache(_header_size)
+    cached_size = functools.cache(header_size)
     for label, folder in labels:
         cands = [c for c in images if c.error is None and (
             (c.kind in ("volume", "dicom_zip") and c.source.parent == folder)
             or (c.kind == "dicom_dir" and (c.source == folder or c.source.parent == folder)))]
-        match = _pair_label(label, cands, header_size)
+        match = _pair_label(label, cands, cached_size)
         if match is None:
             ds.unpaired_labels.append(label)
         else:

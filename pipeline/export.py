@@ -25,15 +25,14 @@ Metadata schema check without internet: download the schema named in ``metadata.
 ``"schema"`` once, then ``verify_bundle(DIR, schema_file=PATH)`` or
 ``python -m monai.bundle verify_metadata --meta_file DIR/configs/metadata.json --filepath PATH``
 (an existing ``--filepath`` is used as is, never downloaded). Without it, :func:`verify_bundle`
-checks against :data:`MB_METADATA_SCHEMA`, a local schema of the mandatory fields of the MONAI
-bundle specification.
+checks against ``pipeline.bundle_docs.MB_METADATA_SCHEMA``, a local schema of the mandatory fields of
+the MONAI bundle specification.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import os
 import shutil
 import sys
@@ -43,100 +42,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.bundle_docs import (
+    BUNDLE_TEMPLATE_DIR,
+    LICENSE_TEXT,
+    MB_METADATA_SCHEMA,
+    bundle_readme,
+    folder_names,
+    load_template,
+    make_metadata,
+)
 from pipeline.io_utils import TokenizerError, atomic_path, load_json, save_json
 
-__all__ = [
-    "MB_METADATA_SCHEMA",
-    "BUNDLE_TEMPLATE_DIR",
-    "export_bundle",
-    "verify_bundle",
-    "package_versions",
-    "make_metadata",
-    "make_inference_config",
-    "main",
-]
+__all__ = ["export_bundle", "verify_bundle", "make_inference_config", "main"]
 
-#: the bundle configs of this repository (templates for the exported bundle)
-BUNDLE_TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "bundles" / "ct_vqvae"
 #: list of the files an export wrote, kept in the bundle folder (not in the zip): what --overwrite may replace
 MANIFEST = ".ctvq-export.json"
-
-_TENSOR_FORMAT = {
-    "type": "object",
-    "required": [
-        "type",
-        "format",
-        "num_channels",
-        "spatial_shape",
-        "dtype",
-        "value_range",
-        "is_patch_data",
-        "channel_def",
-    ],
-    "properties": {
-        "type": {"type": "string"},
-        "format": {"type": "string"},
-        "modality": {"type": "string"},
-        "num_channels": {"type": "integer", "minimum": 1},
-        "spatial_shape": {"type": "array", "items": {"type": ["integer", "string"]}},
-        "dtype": {"type": "string"},
-        "value_range": {"type": "array", "items": {"type": "number"}, "maxItems": 2},
-        "is_patch_data": {"type": "boolean"},
-        "channel_def": {"type": "object"},
-    },
-}
-
-#: JSON schema of the mandatory metadata fields of the MONAI bundle specification
-#: (docs.monai.io "MONAI Bundle Specification", metadata.json File), for offline checks.
-MB_METADATA_SCHEMA: dict[str, Any] = {
-    "$schema": "http://json-schema.org/draft-07/schema#",
-    "title": "MONAI bundle metadata (mandatory fields of the bundle specification)",
-    "type": "object",
-    "required": [
-        "schema",
-        "version",
-        "monai_version",
-        "pytorch_version",
-        "numpy_version",
-        "required_packages_version",
-        "task",
-        "description",
-        "authors",
-        "copyright",
-        "network_data_format",
-    ],
-    "properties": {
-        "schema": {"type": "string"},
-        "version": {"type": "string"},
-        "changelog": {"type": "object", "additionalProperties": {"type": "string"}},
-        "monai_version": {"type": "string"},
-        "pytorch_version": {"type": "string"},
-        "numpy_version": {"type": "string"},
-        "optional_packages_version": {"type": "object", "additionalProperties": {"type": "string"}},
-        "required_packages_version": {"type": "object", "additionalProperties": {"type": "string"}},
-        "name": {"type": "string"},
-        "task": {"type": "string"},
-        "description": {"type": "string"},
-        "authors": {"type": "string"},
-        "copyright": {"type": "string"},
-        "data_source": {"type": "string"},
-        "data_type": {"type": "string"},
-        "intended_use": {"type": "string"},
-        "references": {"type": "array", "items": {"type": "string"}},
-        "eval_metrics": {"type": "object"},
-        "network_data_format": {
-            "type": "object",
-            "required": ["inputs", "outputs"],
-            "properties": {
-                "inputs": {
-                    "type": "object",
-                    "additionalProperties": {**_TENSOR_FORMAT, "required": _TENSOR_FORMAT["required"] + ["modality"]},
-                },
-                "outputs": {"type": "object", "additionalProperties": _TENSOR_FORMAT},
-            },
-        },
-    },
-}
 
 _LOGGING_CONF = """[loggers]
 keys=root
@@ -161,115 +81,6 @@ args=(sys.stdout,)
 format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
 """
 
-_LICENSE = """Apache License, Version 2.0 (the "License") applies to the configuration files and the
-model weights in this bundle: you may not use them except in compliance with the License. You
-may obtain a copy of the License at
-
-    http://www.apache.org/licenses/LICENSE-2.0
-
-Unless required by applicable law or agreed to in writing, software distributed under the
-License is distributed on an "AS IS" BASIS, WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND,
-either express or implied. See the License for the specific language governing permissions
-and limitations under the License.
-
-The weights were trained on the CT data named in docs/README.md; the terms of those data sets
-apply in addition. Not for diagnostic use.
-"""
-
-
-def _version(module: str) -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version(module)
-    except Exception:
-        try:
-            mod = __import__(module)
-            return str(getattr(mod, "__version__", None) or "") or None
-        except Exception:
-            return None
-
-
-def package_versions() -> dict[str, str]:
-    """Installed versions of the packages the bundle needs (monai, torch, numpy, spconv, ...)."""
-    import monai
-    import numpy
-    import torch
-
-    out = {"monai": monai.__version__, "torch": torch.__version__.split("+")[0], "numpy": numpy.__version__}
-    try:
-        from networks.backend import SPCONV_VERSION
-
-        out["spconv"] = str(SPCONV_VERSION)
-    except Exception:
-        out["spconv"] = _version("spconv") or "unknown"
-    for name in ("ctvq", "nibabel", "SimpleITK", "scipy"):
-        v = _version(name)
-        if v:
-            out[name] = v
-    return out
-
-
-def _load_template(name: str) -> dict:
-    path = BUNDLE_TEMPLATE_DIR / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: bundle template missing; restore bundles/ct_vqvae/{name} from the repository")
-    return load_json(path)
-
-
-def make_metadata(
-    network_def: Mapping,
-    window: Any,
-    resolution: int,
-    eval_summary: Mapping | None = None,
-    data_source: str | None = None,
-    version: str | None = None,
-    template: Mapping | None = None,
-) -> dict:
-    """Bundle metadata: template ``bundles/ct_vqvae/metadata.json`` + versions + this model's shapes.
-
-    Args:
-        network_def: the model's ``network_def`` (gives the codebook size).
-        window: WindowSpec of the model.
-        resolution: cube side the model works on.
-        eval_summary: optional evaluation summary (``summary.json``) for ``eval_metrics``.
-        data_source: optional text on the training data.
-        version: bundle version (default: the template's).
-        template: metadata to start from (default: the repository template).
-    """
-    meta = copy.deepcopy(dict(template) if template is not None else _load_template("metadata.json"))
-    vers = package_versions()
-    meta["monai_version"] = vers["monai"]
-    meta["pytorch_version"] = vers["torch"]
-    meta["numpy_version"] = vers["numpy"]
-    # MONAI >= 1.4 reads "required_packages_version"; the older "optional_packages_version" is deprecated
-    meta.pop("optional_packages_version", None)
-    meta["required_packages_version"] = {k: vers[k] for k in ("ctvq", "spconv", "nibabel", "SimpleITK", "scipy") if k in vers}
-    if version:
-        meta["version"] = version
-        meta.setdefault("changelog", {}).setdefault(version, "exported from a training run")
-    k = int(network_def.get("num_embeddings", 8192))
-    fmt = meta["network_data_format"]
-    for spec in list(fmt["inputs"].values()) + [fmt["outputs"]["pred"]]:
-        spec["spatial_shape"] = [int(resolution)] * 3
-    fmt["outputs"]["tokens"]["value_range"] = [0, k - 1]
-    meta["window"] = {"name": window.name, "width": float(window.width), "level": float(window.level)}
-    meta["description"] = meta.get("description", "").replace("512^3", f"{int(resolution)}^3")
-    meta["task"] = (
-        f"Turn a CT scan into discrete tokens ({k}-code codebook on a {resolution // 8}^3 latent grid, "
-        f"{window.name} window W{window.width:g}/L{window.level:g}) and reconstruct it"
-    )
-    if data_source:
-        meta["data_source"] = data_source
-    if eval_summary:
-        overall = eval_summary.get("overall", eval_summary)
-        meta["eval_metrics"] = {
-            key: overall[key]
-            for key in ("psnr_body", "ssim_body", "psnr", "ssim", "mae_hu_body", "rmse_hu_body", "perplexity", "codes_used")
-            if key in overall and overall[key] is not None
-        }
-    return meta
-
 
 def make_inference_config(network_def: Mapping, window: Any, resolution: int, template: Mapping | None = None) -> dict:
     """Inference config of the bundle: template ``bundles/ct_vqvae/inference.json`` with this model.
@@ -280,99 +91,12 @@ def make_inference_config(network_def: Mapping, window: Any, resolution: int, te
         resolution: cube side.
         template: config to start from (default: the repository template).
     """
-    cfg = copy.deepcopy(dict(template) if template is not None else _load_template("inference.json"))
+    cfg = copy.deepcopy(dict(template) if template is not None else load_template("inference.json"))
     cfg["network_def"] = copy.deepcopy(dict(network_def))
     cfg["window"] = {"name": window.name, "width": float(window.width), "level": float(window.level)}
     cfg["resolution"] = int(resolution)
     cfg["bundle_root"] = "."
     return cfg
-
-
-def _readme(meta: Mapping, net: Mapping, ckpt: Path, weights: str, eval_summary: Mapping | None) -> str:
-    w = meta["window"]
-    lines = [
-        f"# {meta.get('name', 'CT sparse VQ-VAE tokenizer')}",
-        "",
-        meta.get("description", ""),
-        "",
-        "## What it is",
-        "",
-        f"- Window: **{w['name']}** (width {w['width']:g} HU, level {w['level']:g} HU); window value v maps back to"
-        f" HU = {w['level'] - w['width'] / 2:g} + v * {w['width']:g}.",
-        f"- Grid: scans are resampled into an isotropic {meta['network_data_format']['inputs']['image']['spatial_shape'][0]}^3 cube;"
-        " one token per active 8^3 cell.",
-        f"- Model: `{net.get('_target_', 'networks.SparseVQVAE')}` with "
-        + ", ".join(f"{k}={v}" for k, v in net.items() if not str(k).startswith("_")),
-        f"- Weights: {weights} weights (state dict) from `{ckpt.name}`.",
-        f"- Trained on: {meta.get('data_source', 'see the run configuration')}.",
-        "",
-        "## Use",
-        "",
-        "Needs the `ctvq` package (its `transforms`, `networks` and `pipeline`) and spconv installed. From the",
-        "folder that holds `ct_vqvae/`:",
-        "",
-        "```bash",
-        "# scan -> tokens/scan_tokens.npz (DICOM folder or zip, NIfTI, NRRD, MHA)",
-        "python -m monai.bundle run --config_file ct_vqvae/configs/inference.json \\",
-        "    --bundle_root ct_vqvae --input_files \"['scan.nii.gz']\" --output_dir tokens",
-        "# tokens -> recon/scan_recon.nii.gz in HU, on the scan's own grid",
-        "python -m monai.bundle run --config_file ct_vqvae/configs/inference.json \\",
-        "    --bundle_root ct_vqvae --mode decode --input_files \"['tokens/scan_tokens.npz']\" --output_dir recon \\",
-        "    --original_grid True",
-        "```",
-        "",
-        "```python",
-        "import monai.bundle",
-        "model = monai.bundle.load('ct_vqvae', bundle_dir='.', workflow_type='inference')  # the network with its weights",
-        "",
-        "from pipeline.infer import Tokenizer",
-        "tok = Tokenizer.from_bundle('ct_vqvae')",
-        "tokens = tok.encode('scan.nii.gz')   # latent coords, code indices, window, geometry",
-        "volume = tok.decode(tokens)           # window values on the cube grid",
-        "hu, affine = tok.decode_hu(tokens, original_grid=True)",
-        "```",
-        "",
-        "## Metrics",
-        "",
-    ]
-    if eval_summary:
-        overall = eval_summary.get("overall", eval_summary)
-        from pipeline.evaluate import LABELS
-
-        lines += ["| measure | value |", "|---|---|"]
-        for key, val in overall.items():
-            if isinstance(val, (int, float)):
-                label, _, scale = LABELS.get(key, (key, key, 1))
-                lines.append(f"| {label} | {val * scale:.4g} |")
-        n = eval_summary.get("num_cases")
-        if n is not None:
-            lines += ["", f"On {n} whole scans ({_short(eval_summary.get('data_dir')) or 'evaluation set'})."]
-    else:
-        lines.append("No evaluation summary was given at export (`--eval REPORT_DIR/summary.json`).")
-    lines += [
-        "",
-        "## Limits",
-        "",
-        "- spconv models cannot be exported to TorchScript or ONNX: the bundle ships `models/model.pt` (a state"
-        " dict) only and needs the Python packages.",
-        "- Only the window above is modelled: HU outside it are clipped, and voxels outside the body come back"
-        " as the window minimum.",
-        "- Research use only; not for diagnosis.",
-        "",
-        f"Exported {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d')} with "
-        + ", ".join(f"{k} {v}" for k, v in package_versions().items())
-        + ".",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _short(paths: Any) -> str:
-    """Folder names without the machine's absolute paths: ``/data/a,/data/b`` -> ``a, b``."""
-    if not paths:
-        return ""
-    items = paths if isinstance(paths, (list, tuple)) else str(paths).split(",")
-    return ", ".join(Path(str(p).strip()).name for p in items if str(p).strip())
 
 
 def _make_readable(folder: Path) -> None:
@@ -467,7 +191,7 @@ def export_bundle(
         eval_summary = _find_eval_summary(run_dir)
     if eval_summary is not None and not isinstance(eval_summary, Mapping):
         eval_summary = load_json(eval_summary)
-    data_source = cfg.get("data_source") or (f"the processed datasets in {_short(cfg['data_dir'])}" if cfg.get("data_dir") else None)
+    data_source = cfg.get("data_source") or (f"the processed datasets in {folder_names(cfg['data_dir'])}" if cfg.get("data_dir") else None)
     if "use_checkpoint" in network_def:
         network_def["use_checkpoint"] = False  # activation checkpointing is a training setting
     meta = make_metadata(network_def, window, resolution, eval_summary, data_source, version)
@@ -489,8 +213,8 @@ def export_bundle(
         torch.save(state, stage / "models" / "model.pt")
         (stage / "docs").mkdir(parents=True)
         kind = "EMA" if "_ema" in ckpt_path.name else "plain"
-        (stage / "docs" / "README.md").write_text(_readme(meta, network_def, ckpt_path, kind, eval_summary), encoding="utf-8")
-        lic = Path(license_file).read_text(encoding="utf-8") if license_file else _LICENSE
+        (stage / "docs" / "README.md").write_text(bundle_readme(meta, network_def, ckpt_path, kind, eval_summary), encoding="utf-8")
+        lic = Path(license_file).read_text(encoding="utf-8") if license_file else LICENSE_TEXT
         (stage / "docs" / "license.txt").write_text(lic, encoding="utf-8")
         (stage / "LICENSE").write_text(lic, encoding="utf-8")
         save_json(stage / MANIFEST, sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file()))
@@ -516,7 +240,7 @@ def verify_bundle(bundle_dir: str | os.PathLike, schema_file: str | os.PathLike 
 
     Args:
         bundle_dir: bundle folder.
-        schema_file: the official schema file downloaded beforehand (default: :data:`MB_METADATA_SCHEMA`).
+        schema_file: the official schema file downloaded beforehand (default: ``MB_METADATA_SCHEMA``).
 
     Raises:
         FileNotFoundError: a required file is missing. ValueError: the metadata does not validate.

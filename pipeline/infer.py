@@ -6,9 +6,9 @@ Command line (``./run.sh encode`` / ``./run.sh decode``)::
     python -m pipeline.infer decode IN.npz OUT.nii.gz --bundle DIR [--original-grid] [--depth D]
 
 ``SCAN`` is anything the preprocessing accepts (DICOM folder or .zip, NIfTI, NRRD, MHA). It goes
-through the same transforms as training data (``LoadCT``, ``Orientation`` RAS,
-``ResampleToCube``, ``ClipHU``, ``BodyMask``, ``Window``, ``Sparsify``), then the model's tiled
-``Encode``. The token file (.npz) holds the latent coordinates [M, 3], the code indices [M], the
+through the one preprocessing chain, ``transforms.CTModelInputd`` (the cube steps of
+``transforms.cube_transforms`` that ``./run.sh preprocess`` runs, then the model's HU clip, window
+and sparse support), then the model's tiled ``Encode``. The token file (.npz) holds the latent coordinates [M, 3], the code indices [M], the
 window, and the geometry to go back (cube affine, source and original grids). Decoding runs the
 tiled ``Decode``, fills the cube (zeros outside the decoded cells), maps window values back to HU
 (``HU = level - width / 2 + v * width``) and writes NIfTI on the cube grid, or with

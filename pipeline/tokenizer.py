@@ -25,6 +25,7 @@ from pipeline.io_utils import TokenizerError, save_nifti
 from pipeline.config_data import config_value, last_line
 from pipeline.runs import codebook_id, load_bundle, load_run_model, load_weights
 from pipeline.tokens import CTTokens
+from transforms import window_to_hu
 
 __all__ = ["DEFAULT_TILE", "DEFAULT_TILE_CUDA", "Tokenizer"]
 
@@ -422,8 +423,8 @@ class Tokenizer:
         return torch.autocast("cuda", dtype=torch.float16, enabled=self.amp)
 
     def to_hu(self, window_values: np.ndarray) -> np.ndarray:
-        """Window values -> HU: ``level - width / 2 + v * width``."""
-        return (self.window.lower + window_values * self.window.width).astype(np.float32)
+        """Window values -> HU: ``level - width / 2 + v * width`` (:func:`transforms.window_to_hu`)."""
+        return window_to_hu(window_values, self.window.width, self.window.level).astype(np.float32)
 
     def decode_hu(self, tokens: CTTokens | str | os.PathLike, original_grid: bool = False,
                   depth: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -446,5 +447,5 @@ class Tokenizer:
         from transforms import resample_to_source
 
         meta = {"cube_affine": tokens.cube_affine, "source_affine": target_aff, "source_shape": list(target_shape)}
-        out = resample_to_source(hu, meta, mode="bilinear", padding_value=float(self.window.lower))
+        out = resample_to_source(hu, meta, mode="bilinear", padding_value=self.window.low)
         return np.asarray(_np(out), np.float32), np.asarray(target_aff, np.float64)

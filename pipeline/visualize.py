@@ -17,7 +17,7 @@ matplotlib.use("Agg")  # headless; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["three_plane_image", "save_three_plane", "plane_slices", "choose_center"]
+__all__ = ["three_plane_figure", "three_plane_image", "save_three_plane", "plane_slices", "choose_center"]
 
 PLANES = ("axial", "coronal", "sagittal")
 
@@ -68,17 +68,28 @@ def plane_slices(volume: Any, center: Sequence[int]) -> dict[str, np.ndarray]:
     return {"axial": axial, "coronal": coronal, "sagittal": sagittal}
 
 
-def _figure(
+def three_plane_figure(
     input_volume: Any,
     reconstructions: Any,
-    center: Sequence[int] | None,
-    mask: Any | None,
-    title: str | None,
-    error_range: float | None,
-    dpi: int,
+    center: Sequence[int] | None = None,
+    mask: Any | None = None,
+    title: str | None = None,
+    error_range: float | None = None,
+    dpi: int = 64,
 ):
-    """Planes (rows) x input, then reconstruction and signed error of each of ``reconstructions``
-    (one volume, or a {name: volume} mapping), one error scale with a colour bar."""
+    """The matplotlib figure: planes (rows) x input, then the reconstruction and signed error of each
+    reconstruction, one error colour scale with a colour bar. The caller closes it.
+
+    Args:
+        input_volume: reference volume, window values in [0, 1].
+        reconstructions: reconstructed volume of the same shape, or a {name: volume} mapping to
+            compare side by side.
+        center: voxel (i, j, k) to cut through; default: centre of the mask's bounding box.
+        mask: optional body mask (chooses the centre and the error colour range).
+        title: optional figure title.
+        error_range: error colour scale ±range; default from the 99.5th percentile of |error|.
+        dpi: resolution (64 gives about 576 x 600 pixels for one reconstruction).
+    """
     recons = reconstructions if isinstance(reconstructions, dict) else {"reconstruction": reconstructions}
     x = _np3d(input_volume).astype(np.float32)
     ys = {name: _np3d(y).astype(np.float32) for name, y in recons.items()}
@@ -117,30 +128,13 @@ def _figure(
     return fig
 
 
-def three_plane_image(
-    input_volume: Any,
-    reconstruction: Any,
-    center: Sequence[int] | None = None,
-    mask: Any | None = None,
-    title: str | None = None,
-    error_range: float | None = None,
-    dpi: int = 64,
-) -> np.ndarray:
-    """Render the 3 x 3 figure (planes x input / reconstruction / error) to an RGB image.
-
-    Args:
-        input_volume: reference volume, window values in [0, 1].
-        reconstruction: reconstructed volume of the same shape.
-        center: voxel (i, j, k) to cut through; default: centre of the mask's bounding box.
-        mask: optional body mask (chooses the centre and the error colour range).
-        title: optional figure title.
-        error_range: error colour scale ±range; default from the 99.5th percentile of |error|.
-        dpi: resolution (64 gives about 576 x 600 pixels).
+def three_plane_image(input_volume: Any, reconstruction: Any, **options: Any) -> np.ndarray:
+    """Render :func:`three_plane_figure` (same arguments) to an RGB image.
 
     Returns:
         uint8 array (H, W, 3), e.g. for ``SummaryWriter.add_image(..., dataformats="HWC")``.
     """
-    fig = _figure(input_volume, reconstruction, center, mask, title, error_range, dpi)
+    fig = three_plane_figure(input_volume, reconstruction, **options)
     try:
         fig.canvas.draw()
         rgba = np.asarray(fig.canvas.buffer_rgba())
@@ -149,29 +143,18 @@ def three_plane_image(
         plt.close(fig)
 
 
-def save_three_plane(
-    path: str | os.PathLike,
-    input_volume: Any,
-    reconstruction: Any,
-    center: Sequence[int] | None = None,
-    mask: Any | None = None,
-    title: str | None = None,
-    error_range: float | None = None,
-    dpi: int = 80,
-) -> str:
-    """Save the three-plane figure as a PNG (written atomically); returns the path.
+def save_three_plane(path: str | os.PathLike, input_volume: Any, reconstruction: Any, dpi: int = 80,
+                     **options: Any) -> str:
+    """Save :func:`three_plane_figure` (same arguments) as a PNG, written atomically; returns the path.
 
     Args:
         path: output .png path (folders are created).
-        input_volume, center, mask, title, error_range, dpi: as ``three_plane_image``.
-        reconstruction: one volume, or a {name: volume} mapping to compare side by side (each
-            with its error, one colour scale).
     """
     from pipeline.io_utils import atomic_path
 
     path = os.fspath(path)
     with atomic_path(path) as tmp:  # creates the folder; removes the temporary file on failure
-        fig = _figure(input_volume, reconstruction, center, mask, title, error_range, dpi)
+        fig = three_plane_figure(input_volume, reconstruction, dpi=dpi, **options)
         try:
             fig.savefig(tmp, format="png")
         finally:

@@ -15,6 +15,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import common as C  # noqa: E402
+from bench.scan import crop_box, load_scan, make_crop  # noqa: E402
+from bench.timing import measure, run_guarded  # noqa: E402
 
 pytestmark = pytest.mark.bench
 
@@ -32,12 +34,12 @@ def _ok_or_skipped(rows, allow_skip=("skipped: networks not importable",)):
 
 def test_measure_and_table(tmp_path):
     calls = []
-    t = C.measure(lambda: calls.append(1), torch.device("cpu"), warmup=2, repeats=5)
+    t = measure(lambda: calls.append(1), torch.device("cpu"), warmup=2, repeats=5)
     assert len(calls) == 7 and t.n == 5 and t.warmup == 2 and t.median_s >= 0 and t.peak_bytes is None
-    capped = C.measure(lambda: __import__("time").sleep(0.02), torch.device("cpu"), warmup=1, repeats=50,
+    capped = measure(lambda: __import__("time").sleep(0.02), torch.device("cpu"), warmup=1, repeats=50,
                        max_seconds=0.1, min_repeats=2)
     assert capped.capped and 2 <= capped.n < 50 and capped.label.endswith("(capped)")
-    slow = C.measure(lambda: __import__("time").sleep(0.05), torch.device("cpu"), warmup=3, repeats=20,
+    slow = measure(lambda: __import__("time").sleep(0.05), torch.device("cpu"), warmup=3, repeats=20,
                      max_seconds=0.01)
     assert slow.warmup_only and slow.n == 1 and slow.label == "1 (warm-up only)"
     table = C.markdown_table([{"a": 1, "b": "x"}, {"a": 2}], [("a", "A"), ("b", "B")])
@@ -51,30 +53,30 @@ def test_failures_become_rows():
     def boom():
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
 
-    assert C.run_guarded(boom, torch.device("cpu")) == {"status": "OOM"}
-    res = C.run_guarded(lambda: (_ for _ in ()).throw(ValueError("bad shape")), torch.device("cpu"))
+    assert run_guarded(boom, torch.device("cpu")) == {"status": "OOM"}
+    res = run_guarded(lambda: (_ for _ in ()).throw(ValueError("bad shape")), torch.device("cpu"))
     assert res["status"].startswith("error: ValueError: bad shape")
 
 
 def test_crop_box_is_aligned_and_inside():
-    box = C.crop_box((250, 3, 509), 128, 512)
+    box = crop_box((250, 3, 509), 128, 512)
     assert [(s.start, s.stop) for s in box] == [(184, 312), (0, 128), (384, 512)]
     assert all(s.start % 8 == 0 for s in box)
     with pytest.raises(ValueError, match="larger than"):
-        C.crop_box((0, 0, 0), 64, 32)
+        crop_box((0, 0, 0), 64, 32)
 
 
 def test_phantom_case_layout(cache):
     import argparse
 
     args = argparse.Namespace(case=None, nifti=None, cache=cache, window="lung", resolution=32, small=True)
-    scan = C.load_scan(args)
+    scan = load_scan(args)
     assert scan.window.shape == (32, 32, 32) and scan.body.dtype == bool
     ds_root = scan.case_dir.parent.parent
     cfg = json.loads((ds_root / "dataset_config.json").read_text())
     assert cfg["windows"]["lung"]["file"] == "windows/lung_w1500_l-600.npy"
     assert (scan.case_dir / ".complete").exists() and (ds_root / "metadata.csv").exists()
-    crop = C.make_crop(scan, 16, torch.device("cpu"))
+    crop = make_crop(scan, 16, torch.device("cpu"))
     assert crop.dense.shape == (1, 1, 16, 16, 16) and crop.coords.dtype == torch.int32
     # the sparse view is the dense view's support, in full-grid coordinates
     lo = torch.tensor([s.start for s in crop.box])

@@ -6,7 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline.discovery import discover, is_dicom_file, is_label_name, sanitize_id, split_ext
+from pipeline.discovery import discover, sanitize_id
+from pipeline.file_kinds import is_dicom_file, is_label_name, split_ext
 
 _DICOM_HEAD = b"\0" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00" + b"\0" * 32
 

@@ -160,7 +160,7 @@ def _report_summary(tmp_path):
 
 
 def test_report_reads_without_keys_or_machine_paths(tmp_path):
-    from pipeline.evaluate import write_report
+    from pipeline.report import write_report
 
     out = tmp_path / "work" / "eval"
     out.mkdir(parents=True)
@@ -185,7 +185,7 @@ def test_report_fits_a_1280px_browser(tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
-    from pipeline.evaluate import write_report
+    from pipeline.report import write_report
     from pipeline.visualize import save_three_plane
 
     out = tmp_path / "work" / "eval"

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from helpers import TINY, tiny_net
-from pipeline.export import MB_METADATA_SCHEMA, export_bundle, main, verify_bundle
+from pipeline.bundle_docs import MB_METADATA_SCHEMA
+from pipeline.export import export_bundle, main, verify_bundle
 from pipeline.infer import Tokenizer
 from pipeline.io_utils import TokenizerError
 from pipeline.phantom import write_phantom

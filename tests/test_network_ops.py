@@ -108,8 +108,9 @@ def test_windowed_attention_matches_dense_per_window(shift):
     torch.manual_seed(0)
     x = random_sparse(shape=(9, 9, 9), batch=2, channels=1, p=0.2)
     n, h, d, ws = x.indices.shape[0], 2, 4, 4
-    q, k, v = torch.randn(3, n, h, d).unbind(0)
-    out = windowed_attention(q, k, v, x.indices, ws, shift)
+    qkv = torch.randn(n, 3, h, d)
+    q, k, v = qkv.unbind(1)
+    out = windowed_attention(qkv, x.indices, ws, shift)
     # reference: loop over windows (test only)
     idx = x.indices.long()
     wid = torch.cat([idx[:, :1], (idx[:, 1:] + shift) // ws], 1)
@@ -120,7 +121,7 @@ def test_windowed_attention_matches_dense_per_window(shift):
         ref[m] = o.transpose(0, 1)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     # chunked variant (bounded padded tokens) gives the same
-    torch.testing.assert_close(windowed_attention(q, k, v, x.indices, ws, shift, max_tokens=64), out, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(windowed_attention(qkv, x.indices, ws, shift, max_tokens=64), out, atol=1e-6, rtol=1e-5)
     part = window_partition(x.indices, ws, shift)
     assert int(part.counts.sum()) == n and int(part.counts.max()) <= ws**3 and part.length % 8 == 0
     assert int(part.valid.sum()) == n and sorted(part.order.tolist()) == list(range(n))
@@ -133,11 +134,11 @@ def test_windows_use_absolute_coordinates():
     torch.manual_seed(0)
     x = random_sparse(shape=(16, 16, 16), batch=1, channels=1, p=0.2)
     n = x.indices.shape[0]
-    q, k, v = torch.randn(3, n, 1, 4).unbind(0)
-    full = windowed_attention(q, k, v, x.indices, 4, 2)
+    qkv = torch.randn(n, 3, 1, 4)
+    full = windowed_attention(qkv, x.indices, 4, 2)
     # a crop aligned to nothing in particular keeps the same windows for tokens far from its edges
     m = ((x.indices[:, 1:] >= 2) & (x.indices[:, 1:] < 14)).all(1)
-    crop = windowed_attention(q[m], k[m], v[m], x.indices[m], 4, 2)
+    crop = windowed_attention(qkv[m], x.indices[m], 4, 2)
     torch.testing.assert_close(crop, full[m], atol=1e-5, rtol=1e-4)
 
 

@@ -1,6 +1,5 @@
 """pipeline.preprocess on the shared real scans plus broken inputs, in one CLI run."""
 import csv
-import gzip
 import json
 import zipfile
 from pathlib import Path

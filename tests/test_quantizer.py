@@ -239,8 +239,6 @@ def test_residual_levels_refine_and_decode_any_prefix():
     with torch.no_grad():  # codebooks fitted level by level, as k-means would
         residual = z.clone()
         for q in rq.levels:
-            from networks.quantizer import kmeans
-
             q.embeddings.weight.copy_(kmeans(residual, 32, iters=5))
             residual = residual - q.lookup(q.quantize_indices(residual))
     rq.eval()

@@ -188,8 +188,6 @@ def test_sample_picture_says_where_the_crop_is(data, tmp_path, monkeypatch):
 
 def test_num_workers_default_to_the_cpus_there_are(monkeypatch):
     """On a 2-core machine the stage configs ask for 2 DataLoader workers, not 4 (which makes it warn)."""
-    import os
-
     from monai.bundle import ConfigParser
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)

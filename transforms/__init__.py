@@ -34,7 +34,9 @@ from .intensity import (
     parse_window,
     window_to_hu,
 )
-from .io import CTLoadError, LoadCT, LoadCTd, find_dicom_series, load_ct
+from .dicom import find_dicom_series
+from .io import LoadCT, LoadCTd, load_ct
+from .load_errors import CTLoadError
 from .mask import BodyMask, BodyMaskd, body_bbox, body_mask
 from .sparse import (
     Densify,

@@ -74,11 +74,6 @@ class WindowSpec:
         return self.level - self.width / 2.0
 
     @property
-    def lower(self) -> float:
-        """Same as :attr:`low`."""
-        return self.low
-
-    @property
     def high(self) -> float:
         """Highest HU of the window (maps to 1)."""
         return self.level + self.width / 2.0

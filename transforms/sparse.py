@@ -192,6 +192,24 @@ def choose_crop_box(counts, max_points: int, block: int, shape: Sequence[int], r
     return start.tolist(), stop.tolist()
 
 
+def _optional(d: Mapping[Hashable, object], key: Hashable | None):
+    """``d[key]``; None when there is no such key or ``key`` is None."""
+    return d.get(key) if key is not None else None
+
+
+class _OnPresentKeys(MapTransform):
+    """A dictionary transform that works on all its present keys at once (nothing to do when none is)."""
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        return self.apply(d, keys) if keys else d
+
+    def apply(self, d: dict, keys: list) -> dict:
+        """Transform ``d`` (a copy of the data) given its present ``keys``, in order."""
+        raise NotImplementedError
+
+
 class Sparsify(Transform):
     """Dense window (1, X, Y, Z) + support mask -> (coords [N, 3] int32, feats [N, 1] float32).
 
@@ -252,7 +270,7 @@ class Densify(Transform):
         return out
 
 
-class Sparsifyd(MapTransform):
+class Sparsifyd(_OnPresentKeys):
     """Dictionary form of :class:`Sparsify`.
 
     Writes ``coords_key`` [N, 3] int32 (full-grid i, j, k), ``feats_key`` [N, C] float32 (one
@@ -275,13 +293,9 @@ class Sparsifyd(MapTransform):
         self.mask_key, self.coords_key, self.feats_key = mask_key, coords_key, feats_key
         self.threshold, self.drop_dense = threshold, drop_dense
 
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        keys = list(self.key_iterator(d))
-        if not keys:
-            return d
+    def apply(self, d: dict, keys: list) -> dict:
         first = d[keys[0]]
-        mask = d.get(self.mask_key) if self.mask_key is not None else None
+        mask = _optional(d, self.mask_key)
         if self.mask_key is not None and mask is None and not self.allow_missing_keys:
             raise KeyError(f"mask key {self.mask_key!r} not in data; pass mask_key=None to use the window alone")
         x = _spatial(_t(first))
@@ -371,7 +385,7 @@ class RandSparseCrop(Randomizable, Transform):
         return out
 
 
-class RandSparseCropd(Randomizable, MapTransform):
+class RandSparseCropd(Randomizable, _OnPresentKeys):
     """Dictionary form of :class:`RandSparseCrop`: one box, applied to every key.
 
     Writes ``"crop_start"`` and ``"full_shape"`` into the dictionary (used by :class:`Sparsifyd`).
@@ -389,7 +403,7 @@ class RandSparseCropd(Randomizable, MapTransform):
     def __init__(self, keys: KeysCollection, max_points: int, mask_key: Hashable | None = "body_mask",
                  counts_key: Hashable | None = None, block: int = 8, threshold: float = 0.0,
                  allow_missing_keys: bool = False):
-        MapTransform.__init__(self, keys, allow_missing_keys)
+        _OnPresentKeys.__init__(self, keys, allow_missing_keys)
         self.cropper = RandSparseCrop(max_points, block, threshold)
         self.mask_key, self.counts_key = mask_key, counts_key
 
@@ -401,16 +415,12 @@ class RandSparseCropd(Randomizable, MapTransform):
     def randomize(self, data=None) -> None:
         pass
 
-    def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        keys = list(self.key_iterator(d))
-        if not keys:
-            return d
+    def apply(self, d: dict, keys: list) -> dict:
         first = d[keys[0]]
         shape = list(first.shape[-3:])
-        counts = d.get(self.counts_key) if self.counts_key is not None else None
+        counts = _optional(d, self.counts_key)
         if counts is None:
-            mask = d.get(self.mask_key) if self.mask_key is not None else None
+            mask = _optional(d, self.mask_key)
             counts = block_counts(support_mask(first, mask, self.cropper.threshold), self.cropper.block)
         self.cropper.randomize(counts, shape)
         start, stop = self.cropper.box

@@ -21,7 +21,7 @@ from pipeline.preprocess.config import PreprocessConfig, window_config
 from pipeline.preprocess.writer import BackgroundWriter
 from pipeline.processed import CASE_JSON, GUIDE_FILES, MARKER, layout_files
 from transforms import CUBE_STEPS, ResampleToCube, apply_window, body_bbox, cube_transforms, load_ct, normalize_hu
-from transforms.io import check_label_overlap
+from transforms.image_files import check_label_overlap
 
 __all__ = ["Timer", "case_row", "process_case"]
 
