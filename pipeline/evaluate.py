@@ -298,6 +298,9 @@ def evaluate(
     organs: dict[str, list[float]] = {}
     for r in organ_rows:
         organs.setdefault(r["organ"], []).append(r["mae_hu"])
+    codes = [np.asarray(x).reshape(len(x), -1) for x in all_indices]
+    level_counts = [np.bincount(np.concatenate([c[:, d] for c in codes]).astype(np.int64),
+                                minlength=tokenizer.num_embeddings).tolist() for d in range(codes[0].shape[1])]
     summary = {
         "model": tokenizer.source,
         "data_dir": str(data_dir),
@@ -310,8 +313,8 @@ def evaluate(
         "overall": overall,
         "organ_mae_hu": {k: _nanmean(v) for k, v in sorted(organs.items())},
         "per_depth": per_depth_summary(depth_rows, all_indices, tokenizer.num_embeddings),
-        "code_counts": np.bincount(np.concatenate([np.asarray(x).reshape(len(x), -1)[:, 0] for x in all_indices]).astype(np.int64),
-                                   minlength=tokenizer.num_embeddings).tolist(),  # first code level
+        "code_counts": level_counts[0],  # first code level
+        "code_counts_per_level": level_counts,
         "training_cases": training_cases(tokenizer.source),
         "cases": rows,
         "reference": "window volume inside the body mask (0 outside), window range [0, 1]",

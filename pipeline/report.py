@@ -85,13 +85,21 @@ def _plots(out: Path, summary: Mapping) -> dict[str, str]:
             ax.set_xlabel("MAE inside the organ (HU), mean over cases")
             ax.set_title("Reconstruction error per organ")
         else:
-            counts = sorted(summary["code_counts"], reverse=True)
-            ax.bar(range(1, len(counts) + 1), counts, width=1.0, color="#b5744a")
+            levels = summary.get("code_counts_per_level") or [summary["code_counts"]]
+            for d, level in enumerate(levels, 1):
+                counts = sorted(level, reverse=True)
+                used = sum(1 for c in counts if c)
+                if len(levels) == 1:
+                    ax.bar(range(1, len(counts) + 1), counts, width=1.0, color="#b5744a")
+                    ax.set_title(f"Codebook usage: {used} of {len(counts)} codes used")
+                else:
+                    ax.step(range(1, len(counts) + 1), counts, where="mid", label=f"level {d}: {used} of {len(counts)} used")
+            if len(levels) > 1:
+                ax.legend(fontsize=8)
+                ax.set_title(f"Codebook usage of each of the {len(levels)} residual levels")
             ax.set_yscale("symlog")
-            ax.set_xlabel(f"code rank (codebook of {len(counts)})")
+            ax.set_xlabel(f"code rank (codebook of {len(levels[0])})")
             ax.set_ylabel("tokens using the code")
-            used = sum(1 for c in counts if c)
-            ax.set_title(f"Codebook usage: {used} of {len(counts)} codes used")
         fig.tight_layout()
         with atomic_path(out / name) as tmp:
             fig.savefig(tmp, format="png")

@@ -216,6 +216,11 @@ def test_residual_model_is_scored_at_every_depth(processed, tmp_path):
     assert [r["depth"] for r in rows] == [1, 2]
     assert rows[1]["psnr_body"] == pytest.approx(summary["overall"]["psnr_body"])  # the full depth is the headline
     assert rows[0]["psnr_body"] != pytest.approx(rows[1]["psnr_body"]) and all(r["codes_used"] > 0 for r in rows)
+    levels = summary["code_counts_per_level"]  # the usage histogram of report.html, one curve per level
+    assert len(levels) == 2 and levels[0] == summary["code_counts"]
+    assert [sum(1 for c in level if c) for level in levels] == [r["codes_used"] for r in rows]
+    assert sum(levels[0]) == sum(levels[1]) == sum(c["tokens"] for c in summary["cases"])
+    assert (tmp_path / "report" / "codebook_usage.png").stat().st_size > 5000
     single = evaluate(Tokenizer.from_checkpoint(make_run(tmp_path / "one"), device="cpu", tile=None), processed,
                       tmp_path / "report1", pictures=False, ssim=False, log=lambda *a: None)
     assert [r["depth"] for r in single["per_depth"]] == [1]
