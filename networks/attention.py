@@ -17,8 +17,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .ops import layer_norm
+
+#: SDPA kernels for the padded windows: all but cuDNN's, whose fused backward on Hopper returns
+#: NaN gradients for some masked lengths (pytorch/pytorch#196678, torch 2.11; the kernel a
+#: training step's profile shows). The other kernels compute the same attention.
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 __all__ = [
     "WindowPartition",
@@ -112,8 +118,10 @@ def windowed_attention(
     mask = p.valid[:, None, None, :]  # [nW, 1, 1, L]: key padding
     step = nw if not max_tokens else max(1, max_tokens // max(length, 1))
     outs = []
-    for s in range(0, nw, step):  # a single iteration unless max_tokens bounds the batch
-        outs.append(F.scaled_dot_product_attention(pq[s : s + step], pk[s : s + step], pv[s : s + step], attn_mask=mask[s : s + step]))
+    with sdpa_kernel(ATTENTION_BACKENDS):
+        for s in range(0, nw, step):  # a single iteration unless max_tokens bounds the batch
+            outs.append(F.scaled_dot_product_attention(pq[s : s + step], pk[s : s + step], pv[s : s + step],
+                                                       attn_mask=mask[s : s + step]))
     out = torch.cat(outs, 0) if len(outs) > 1 else outs[0]
     return out.transpose(1, 2).reshape(nw * length, h, d).index_select(0, p.dest)
 

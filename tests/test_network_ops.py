@@ -130,6 +130,22 @@ def test_windowed_attention_matches_dense_per_window(shift):
     assert torch.equal(same.order, part.order) and torch.equal(same.counts, part.counts)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (cuDNN's fused attention backward)")
+def test_windowed_attention_gradients_stay_finite_at_a_masked_length_cudnn_gets_wrong():
+    """448 tokens in one window pad to length 448 (448 % 128 == 64) under a key mask, with every
+    logit near -120: the case in which cuDNN's fused backward returned NaN (pytorch#196678)."""
+    torch.manual_seed(0)
+    g = torch.stack(torch.meshgrid(*[torch.arange(8)] * 3, indexing="ij"), -1).reshape(-1, 3)[:448]
+    indices = torch.cat([torch.zeros(448, 1, dtype=torch.long), g], 1).int().cuda()
+    h, d = 1, 64
+    qkv = torch.randn(448, 3, h, d, device="cuda", dtype=torch.float16) * 0.1
+    qkv[:, 0, :, 0], qkv[:, 1, :, 0] = 1.0, -120 * d**0.5
+    qkv.requires_grad_()
+    out = windowed_attention(qkv, indices, 8)
+    out.float().backward(torch.randn_like(out, dtype=torch.float32))
+    assert torch.isfinite(qkv.grad).all()
+
+
 def test_windows_use_absolute_coordinates():
     torch.manual_seed(0)
     x = random_sparse(shape=(16, 16, 16), batch=1, channels=1, p=0.2)
