@@ -231,6 +231,28 @@ def test_fsq_codes_round_trip_and_cover_the_grid():
     assert fsq.in_proj.weight.grad.abs().sum() > 0  # straight-through rounding passes gradients
 
 
+def test_fsq_fitted_to_the_latents_uses_its_grid_where_a_random_projection_collapses():
+    """Stage-0 latents of large scale in a few directions: random projections saturate the bound
+    (few codes), projections fitted on the first training batch spread them over the levels."""
+    torch.manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(32, 32))[0][:, :5]
+    z = (torch.randn(20000, 5) * torch.tensor([40.0, 30, 20, 15, 10])) @ basis.T + 25.0
+    usage, error = {}, {}
+    for fit in (False, True):
+        torch.manual_seed(1)
+        fsq = build_quantizer("fsq", embedding_dim=32, kmeans_init=fit).train()
+        assert fsq._py_initialized is (not fit)
+        zq, idx, _ = fsq(z)
+        usage[fit] = fsq.usage_stats()["codes_used"]
+        error[fit] = float((zq.detach() - z).square().mean() / (z - z.mean(0)).square().mean())
+        assert bool(fsq.initialized) and fsq._py_initialized
+    assert usage[False] < 300 and usage[True] > 3000, usage
+    assert error[True] < 0.4 < error[False], error  # quantised latents already close to the input
+    fitted = build_quantizer("fsq", embedding_dim=32, kmeans_init=True)
+    fitted.load_state_dict({k: v for k, v in fsq.state_dict().items() if k != "initialized"})  # an older checkpoint
+    assert fitted._py_initialized  # trained weights are never fitted again
+
+
 def test_residual_levels_refine_and_decode_any_prefix():
     torch.manual_seed(0)
     rq = build_quantizer("vq", depth=3, num_embeddings=32, embedding_dim=8)
