@@ -7,8 +7,10 @@ benchmarks' 8x, 8192 x 32 config) is trained on dense ``--crop``^3 crops of the 
 body mask, batch 2, L1 plus its VQ loss, AdamW 1e-4, fp16. Both models then encode and decode each
 whole evaluation scan, scored by ``pipeline.metrics`` (PSNR/SSIM and MAE inside the body, per-organ
 MAE where labels exist, codes used and perplexity over the tokens of cells holding body voxels,
-tokens per scan). Writes a JSON (``"ctvq"``, ``"monai_vqvae"``, ``"env"``), a Markdown table
-beside it and one picture per case (input, ctvq, VQVAE, both errors).
+tokens per scan); ctvq also decodes its continuous latents with the quantiser left out (PSNR and
+MAE ``*_unquantized``: what quantisation costs against what the autoencoder loses). Writes a JSON
+(``"ctvq"``, ``"monai_vqvae"``, ``"env"``), a Markdown table beside it and one picture per case
+(input, ctvq, VQVAE, both errors).
 
 Trained weights stay in ``--work``; a model that finished there is evaluated again without
 training (delete its folder to train it anew).
@@ -44,7 +46,7 @@ from bench import common as C  # noqa: E402
 BUNDLE = ROOT / "bundles" / "ct_vqvae"
 METRICS = ("psnr_body", "ssim_body", "mae_hu_body", "codes_used", "perplexity", "tokens")
 COLUMNS = [("model", "model"), ("psnr_body", "PSNR body (dB)"), ("ssim_body", "SSIM body"),
-           ("mae_hu_body", "MAE body (HU)"), ("codes_used", "codes used"), ("perplexity", "perplexity"),
+           ("mae_hu_body", "MAE body (HU)"), ("psnr_body_unquantized", "PSNR body, quantiser left out (dB)"), ("codes_used", "codes used"), ("perplexity", "perplexity"),
            ("tokens", "tokens per scan"), ("train_steps", "steps"), ("train_seconds", "training (s)")]
 
 
@@ -271,11 +273,14 @@ def evaluate_models(args, trained: dict[str, dict], device: torch.device, resolu
         win, mask = data["window"], data["mask"]
         target = np.where(mask, win, 0.0).astype(np.float32)
         recons = {}
+        unquantized = {}
         for name, tok in toks.items():
             tokens = tok.encode_arrays(win, mask, **case_geometry(data["info"]))
             recons[name] = tok.decode(tokens)
             indices[name].append(np.asarray(tokens.indices))
             depth_rows[name] += depth_metrics(tok, tokens, recons[name], target, mask, case["case"])
+            m = volume_metrics(tok.reconstruct_unquantized(win, mask), target, window, mask, ssim=False, device=device)
+            unquantized[name] = {"psnr_body_unquantized": m["psnr_body"], "mae_hu_body_unquantized": m["mae_hu_body"]}
         if net is not None:
             recon, idx = vqvae_reconstruct(net, target, device)
             recons["monai_vqvae"] = recon
@@ -286,7 +291,7 @@ def evaluate_models(args, trained: dict[str, dict], device: torch.device, resolu
             tokens_per_scan = len(indices[name][-1]) if name in toks else int(np.prod(body_cells(mask).shape))
             rows[name].append({"case": case["case"], **{k: m.get(k) for k in METRICS[:3]},
                                "organ_mae_hu": m.get("organ_mae_hu"), "codes_used": use["codes_used"],
-                               "perplexity": use["perplexity"], "tokens": tokens_per_scan})
+                               "perplexity": use["perplexity"], "tokens": tokens_per_scan, **unquantized.get(name, {})})
             print(f"{name} {case['case']}: PSNR body {m['psnr_body']:.2f} dB, MAE {m['mae_hu_body']:.1f} HU", flush=True)
         shown = {k: v for k, v in recons.items() if k in ("ctvq", "monai_vqvae")} or recons
         save_three_plane(pictures / f"{case['case'].replace('/', '__')}.png", target, shown, mask=mask, title=case["case"])
@@ -299,6 +304,8 @@ def evaluate_models(args, trained: dict[str, dict], device: torch.device, resolu
                      "train_steps": result["train_steps"], "train_seconds": result["train_seconds"],
                      "cases": rows[name]}
         if name in toks:
+            for key in ("psnr_body_unquantized", "mae_hu_body_unquantized"):
+                out[name][key] = float(np.mean([r[key] for r in rows[name]]))
             out[name]["stage_steps"] = result["stage_steps"]
             out[name]["stage_seconds"] = result["stage_seconds"]
             out[name]["overrides"] = result["overrides"]
@@ -308,7 +315,8 @@ def evaluate_models(args, trained: dict[str, dict], device: torch.device, resolu
 
 def display_row(name: str, result: dict) -> dict:
     """One table row, numbers rounded for reading."""
-    digits = {"psnr_body": 2, "ssim_body": 3, "mae_hu_body": 1, "perplexity": 0, "tokens": 0, "train_seconds": 0}
+    digits = {"psnr_body": 2, "ssim_body": 3, "mae_hu_body": 1, "psnr_body_unquantized": 2, "perplexity": 0, "tokens": 0,
+              "train_seconds": 0}
     row = {"model": name, **result}
     for key, n in digits.items():
         if isinstance(row.get(key), (int, float)):

@@ -404,13 +404,36 @@ class Tokenizer:
         if len(tokens) == 0:
             return np.zeros((R, R, R), np.float32)
         from networks import Tokens
-        from networks.ops import in_box, linearize
 
         coords = torch.as_tensor(tokens.coords, dtype=torch.int32)
         coords = torch.cat([torch.zeros(len(coords), 1, dtype=torch.int32), coords], 1)
         tok = Tokens(coords.to(self.device), torch.as_tensor(tokens.indices, dtype=torch.int64).to(self.device), 1, tuple(tokens.latent_shape))
         with self._autocast():
             rec = self.network.Decode(tok, tile=self.tile, depth=None if tokens.depth == 1 else depth)
+        return self._to_cube(rec)
+
+    @torch.no_grad()
+    def reconstruct_unquantized(self, window: Any, body_mask: Any) -> np.ndarray:
+        """Window values decoded from the encoder's continuous latents, the quantiser left out: the
+        fidelity the autoencoder allows, against which the tokens' loss to quantisation shows."""
+        from networks import make_sparse
+        from pipeline.infer import sparsify
+
+        R = self.resolution
+        coords, feats = sparsify(window, body_mask, self.device)
+        if len(coords) == 0:
+            return np.zeros((R, R, R), np.float32)
+        idx = torch.cat([torch.zeros(len(coords), 1, dtype=torch.int32, device=coords.device), coords], 1)
+        x = make_sparse(feats.float().reshape(-1, 1).to(self.device), idx.to(self.device), [R, R, R], 1)
+        with self._autocast():
+            rec = self.network.decode_latent(self.network.encode_latent(x, tile=self.tile), tile=self.tile)
+        return self._to_cube(rec)
+
+    def _to_cube(self, rec) -> np.ndarray:
+        """A decoded sparse volume -> (R, R, R) float32 window values in [0, 1], 0 elsewhere."""
+        from networks.ops import in_box, linearize
+
+        R = self.resolution
         # scattered into the cube where the reconstruction is (the GPU), one copy to the host;
         # voxels outside the cube go to one spare element at the end
         inside = in_box(rec.indices[:, 1:], (0, 0, 0), (R, R, R))
