@@ -101,7 +101,8 @@ def set_rng_state(state: dict) -> None:
 
 
 #: Lowest fp16 loss scale. The reconstruction loss is a mean over millions of voxels, so a voxel's
-#: gradient is ~1e-7 before scaling and underflows fp16 below about this scale. A step whose gradient
+#: gradient is ~3e-7 before scaling: below about this scale fp16 holds it only as a subnormal
+#: (losing precision), and near 1 it flushes to zero. A step whose gradient
 #: is non-finite halves the scale, and these steps recur at any scale (2-3 % of steps on real CT), so
 #: without a floor the scale only falls: in a 4-minute H200 run 24 skipped steps took it from 2^16 to
 #: 2^-8, the gradient norm fell from 1.4 to 0.002 and the loss rose again.
