@@ -58,7 +58,7 @@ def add_common_args(parser: argparse.ArgumentParser, name: str) -> argparse.Argu
     parser.add_argument("--budget", type=float, default=None,
                         help="wall-clock seconds for the whole script; configurations that would start "
                              "after it are recorded as skipped (default on cuda: train_step 150, inference 100, "
-                             "dataloader 30, counted after the scan is loaded; 60 with --small or on cpu)")
+                             "dataloader 90, counted after the scan is loaded; 60 with --small or on cpu)")
     return parser
 
 

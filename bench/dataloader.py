@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layout", choices=["compact", "guide"], default="compact",
                    help="layout of the case built from --nifti or the phantom: compact (default, ./run.sh preprocess "
                         "on the scan) or guide")
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], help="DataLoader worker counts (default 1 2 4)")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8], help="DataLoader worker counts (default 1 2 4 8: training uses up to 8)")
     p.add_argument("--batch-size", type=int, default=1, help="samples per batch (default 1, as train_step)")
     p.add_argument("--max-points", type=int, default=None,
                    help="crop budget in support voxels (default: the shipped training crop, dataset#args#max_points of "
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     rate.add_argument("--train-json", type=Path, default=None,
                       help="train_step JSON: uses the ctvq fp16 row whose crop support is closest to --max-points "
                            "(default: bench/results/train_step.json when it exists)")
-    p.set_defaults(default_budget=30.0)
+    p.set_defaults(default_budget=90.0)
     return p.parse_args(argv)
 
 
