@@ -355,10 +355,17 @@ class Tokenizer:
         return self.encode_arrays(img, d["body_mask"], **geometry)
 
     # ------------------------------------------------------------------ decode
-    def _check_tokens(self, tokens: CTTokens) -> None:
+    @staticmethod
+    def _load_tokens(tokens: CTTokens | str | os.PathLike) -> tuple[CTTokens, str]:
+        """The tokens, and how errors name them: the token file, else the scan they came from."""
+        if isinstance(tokens, CTTokens):
+            return tokens, f"the tokens of {tokens.source}" if tokens.source else "the tokens"
+        return CTTokens.load(tokens), str(tokens)
+
+    def _check_tokens(self, tokens: CTTokens, name: str) -> None:
         if tokens.codebook and tokens.codebook != self.codebook:
             raise TokenizerError(
-                f"{tokens.source or 'tokens'}: were made by another model (codebook {tokens.codebook}, this model "
+                f"{name}: tokens made by another model (codebook {tokens.codebook}, this model "
                 f"{self.codebook}); decode with the bundle that encoded them"
             )
         if not tokens.window.same_as(self.window):
@@ -372,18 +379,18 @@ class Tokenizer:
             raise TokenizerError(f"tokens are for a {tokens.resolution}^3 cube, the model for {self.resolution}^3; decode with the model that encoded them")
         latent = (self.resolution // int(getattr(self.network, "factor", 8)),) * 3
         if tuple(int(v) for v in tokens.latent_shape) != latent:
-            raise TokenizerError(f"{tokens.source or 'tokens'}: latent grid {tuple(tokens.latent_shape)} but the model's is {latent}; "
+            raise TokenizerError(f"{name}: latent grid {tuple(tokens.latent_shape)} but the model's is {latent}; "
                                  "decode with the model that encoded them")
         if tokens.depth > self.depth:
-            raise TokenizerError(f"{tokens.source or 'tokens'}: {tokens.depth} code levels but the model has {self.depth}; "
+            raise TokenizerError(f"{name}: {tokens.depth} code levels but the model has {self.depth}; "
                                  "decode with the model that encoded them")
         coords, idx = np.asarray(tokens.coords), np.asarray(tokens.indices)
         if coords.ndim != 2 or coords.shape[1] != 3 or len(coords) != len(idx):
-            raise TokenizerError(f"{tokens.source or 'tokens'}: coords {coords.shape} do not match indices {idx.shape}; "
+            raise TokenizerError(f"{name}: coords {coords.shape} do not match indices {idx.shape}; "
                                  "the token file is damaged, encode the scan again")
         outside = int(np.count_nonzero(np.any((coords < 0) | (coords >= np.asarray(latent)), axis=1))) if len(coords) else 0
         if outside or (len(idx) and int(idx.min()) < 0):
-            raise TokenizerError(f"{tokens.source or 'tokens'}: {outside} of {len(coords)} tokens lie outside the {latent} latent grid "
+            raise TokenizerError(f"{name}: {outside} of {len(coords)} tokens lie outside the {latent} latent grid "
                                  "(or have negative codes); the token file is damaged, encode the scan again")
 
     @torch.no_grad()
@@ -394,11 +401,12 @@ class Tokenizer:
             tokens: :class:`CTTokens` or a token file path.
             depth: decode only the first ``depth`` residual levels (None: all the tokens hold).
         """
-        if not isinstance(tokens, CTTokens):
-            tokens = CTTokens.load(tokens)
-        self._check_tokens(tokens)
+        return self._decode(*self._load_tokens(tokens), depth)
+
+    def _decode(self, tokens: CTTokens, name: str, depth: int | None) -> np.ndarray:
+        self._check_tokens(tokens, name)
         if depth is not None and not 1 <= int(depth) <= tokens.depth:
-            raise TokenizerError(f"--depth {depth}: {tokens.source or 'the tokens'} hold {tokens.depth} level(s); "
+            raise TokenizerError(f"--depth {depth}: {name} holds {tokens.depth} level(s); "
                                  f"pass a depth from 1 to {tokens.depth}")
         R = self.resolution
         if len(tokens) == 0:
@@ -458,9 +466,8 @@ class Tokenizer:
             original_grid: resample onto the grid and affine of the scan as loaded.
             depth: decode only the first ``depth`` residual levels (None: all).
         """
-        if not isinstance(tokens, CTTokens):
-            tokens = CTTokens.load(tokens)
-        hu = self.to_hu(self.decode(tokens, depth))
+        tokens, name = self._load_tokens(tokens)
+        hu = self.to_hu(self._decode(tokens, name, depth))
         if not original_grid:
             return hu, np.asarray(tokens.cube_affine, np.float64)
         target_aff = tokens.original_affine if tokens.original_affine is not None else tokens.source_affine

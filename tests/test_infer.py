@@ -150,7 +150,7 @@ def test_errors(run_dir, phantom, tmp_path, capsys):
     t.save(tmp_path / "t.npz")
     other_w = make_run(tmp_path / "seed1", seed=1)
     err = _one_line_error(capsys, ["decode", str(tmp_path / "t.npz"), str(tmp_path / "r.nii.gz"), "--ckpt", str(other_w)])
-    assert "another model" in err
+    assert "another model" in err and err.startswith(f"error: {tmp_path / 't.npz'}:")  # the file the user passed
     assert not (tmp_path / "r.nii.gz").exists()
     # not a token file
     (tmp_path / "x.npz").write_bytes(b"junk")
@@ -186,7 +186,7 @@ def test_residual_tokens_round_trip_and_decode_by_depth(tmp_path):
     assert back.depth == 2 and np.array_equal(back.indices, tokens.indices)
     full, coarse = tok.decode(back), tok.decode(back, depth=1)
     assert np.abs(full - coarse).max() > 1e-3
-    with pytest.raises(TokenizerError, match="--depth 3: .*hold 2 level"):
+    with pytest.raises(TokenizerError, match="--depth 3: .*holds 2 level"):
         tok.decode(back, depth=3)
     out = tmp_path / "coarse.nii.gz"
     assert main(["decode", str(path), str(out), "--ckpt", str(run / "ckpts" / "vqvae_step0000010.pt"), "--device", "cpu",
