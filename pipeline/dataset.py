@@ -164,14 +164,21 @@ class CTWindowSparseDataset(Dataset):
         self.missing: list[dict] = []
         self.skipped: list[dict] = []
         cases = []
+        resolutions = {}
         for ds in self.datasets:
             found = usable_cases(ds, window_type)
+            resolutions[int(found.config.get("resolution", 512))] = ds
             self.failed += found.failed
             self.missing += found.missing
             hu = (float(found.config.get("hu_min", HU_MIN)), float(found.config.get("hu_max", HU_MAX)))
             for c in found.cases:
                 cases.append({**c, "dir": str(c["dir"]), "dataset": str(ds), "window": found.window,
                               "window_file": str(c["dir"] / found.window_file), "hu_min": hu[0], "hu_max": hu[1]})
+        if len(resolutions) > 1:
+            (r1, d1), (r2, d2) = list(resolutions.items())[:2]
+            raise ValueError(f"{d1} was preprocessed at {r1}^3 and {d2} at {r2}^3; train on datasets of one --resolution")
+        #: cube side the cases were preprocessed at (the model must work on it)
+        self.resolution = next(iter(resolutions), None)
         if self.failed:
             logger.info(f"skipping {len(self.failed)} failed case(s) listed in metadata.csv")
         if self.missing:

@@ -116,6 +116,17 @@ def update_loss_scale(scaler: torch.amp.GradScaler, floor: float = MIN_LOSS_SCAL
         scaler.update(floor)
 
 
+def check_resolution(model: torch.nn.Module, dataset) -> None:
+    """Refuse a dataset preprocessed at another cube size than the model's (it would train, slowly,
+    on a grid the model does not know, and evaluation would then refuse it)."""
+    data_res = getattr(dataset, "resolution", None)
+    latent, factor = getattr(model, "resolution", None), getattr(model, "factor", None)
+    if data_res and latent and factor and int(data_res) != int(latent) * int(factor):
+        raise ValueError(f"{(getattr(dataset, 'datasets', None) or ['the training data'])[0]}: preprocessed at {data_res}^3 but the model "
+                         f"works on {int(latent) * int(factor)}^3; preprocess with --resolution {int(latent) * int(factor)} "
+                         f"or set network_def#resolution={int(data_res) // int(factor)}")
+
+
 class SparseVQVAETrainer(SupervisedTrainer):
     """Trains a sparse VQ-VAE on ``sparse_collate`` batches, one optimizer step per iteration.
 
@@ -194,6 +205,7 @@ class SparseVQVAETrainer(SupervisedTrainer):
         self.ema = None  # set by EMAHandler
         self.run_folder = run_folder
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        check_resolution(self.model, getattr(train_data_loader, "dataset", None))
         self.max_seconds = float(max_minutes) * 60.0 if max_minutes else None
         self.started_at: float | None = None
         if train_handlers:

@@ -85,7 +85,7 @@ def test_cli_report(processed, tmp_path):
     assert 0 < ov["codes_used"] <= 64 and ov["perplexity"] >= 1 and ov["tokens_per_scan"] > 0
     assert {"liver", "spine", "lung_left"} <= set(s["organ_mae_hu"])
     assert all(v >= 0 for v in s["organ_mae_hu"].values())
-    html = (out / "report.html").read_text()
+    html = (out / "report.html").read_text(encoding="utf-8")
     assert "phantom/phantom_000" in html and "<img" in html and "liver" in html
     assert (out / "organs.csv").is_file()
 
@@ -164,7 +164,7 @@ def test_report_reads_without_keys_or_machine_paths(tmp_path):
 
     out = tmp_path / "work" / "eval"
     out.mkdir(parents=True)
-    html = write_report(out, _report_summary(tmp_path)).read_text()
+    html = write_report(out, _report_summary(tmp_path)).read_text(encoding="utf-8")
     assert "PSNR inside the body (dB)" in html and "Peak memory while encoding (MB)" in html
     assert "Share of the codebook used (%)</td><td>75<" in html and "Codes used (of 8)" in html
     assert ">psnr_body<" not in html and ">encode_peak_mb<" not in html
@@ -197,11 +197,11 @@ def test_report_fits_a_1280px_browser(tmp_path):
         save_three_plane(out / r["picture"], vol, vol * 0.9, title=r["case"])
     page = write_report(out, summary)
     probe = out / "probe.html"
-    probe.write_text(page.read_text().replace(
+    probe.write_text(page.read_text(encoding="utf-8").replace(
         "</body>", "<script>window.onload=()=>document.body.setAttribute('data-overflow',"
-                   "document.documentElement.scrollWidth>window.innerWidth)</script></body>"))
+                   "document.documentElement.scrollWidth>window.innerWidth)</script></body>"), encoding="utf-8")
     args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,1000"]
-    dom = subprocess.run(args + ["--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    dom = subprocess.run(args + ["--dump-dom", probe.as_uri()], capture_output=True, encoding="utf-8", errors="replace", timeout=120).stdout
     assert 'data-overflow="false"' in dom, dom[:500]
     shot = tmp_path / "report.png"
     subprocess.run(args + [f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)

@@ -15,7 +15,7 @@ from pipeline.dataset import CTWindowSparseDataset, StepSampler, sparse_collate,
 from pipeline.stages import freeze_for_stage, model_summary, stage_banner  # noqa: E402
 from pipeline.trainer import SparseReconLoss, SparseVQVAETrainer  # noqa: E402
 
-TINY = dict(resolution=4, model_channels=16, latent_channels=8, channels=(8, 8, 16, 16), num_embeddings=16,
+TINY = dict(resolution=2, model_channels=16, latent_channels=8, channels=(8, 8, 16, 16), num_embeddings=16,
             num_blocks=1, num_heads=2, window_size=4)
 
 
@@ -105,6 +105,14 @@ def test_loss_scale_never_falls_below_the_floor():
     scaler.step(opt)
     update_loss_scale(scaler)
     assert scaler.get_scale() == MIN_LOSS_SCALE and not torch.equal(w.detach(), torch.ones(3))
+
+
+def test_data_of_another_cube_size_is_refused(data):
+    """Cases preprocessed at 32^3 and a model for 64^3: refused in one line before any step."""
+    from networks import SparseVQVAE
+
+    with pytest.raises(ValueError, match=r"preprocessed at 32\^3 but the model works on 64\^3; preprocess with --resolution 64"):
+        _trainer(SparseVQVAE(**{**TINY, "resolution": 4}), data)
 
 
 def test_batch_split_matches_full_batch(data):
