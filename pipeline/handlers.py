@@ -157,6 +157,18 @@ class KMeansProgressHandler:
     def attach(self, engine) -> None:
         engine.add_event_handler(Events.ITERATION_STARTED, self._started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._completed)
+        engine.add_event_handler(Events.COMPLETED, self._finished)
+
+    def _finished(self, engine) -> None:
+        """A run that ends before k-means says so: its checkpoint holds an untrained codebook."""
+        vq = self._vq(engine)
+        if vq is None or vq._py_initialized or not D.is_main():
+            return
+        n = int(vq.reservoir.shape[0])
+        left = -(-(vq.kmeans_init_points - n) // max(1, self._growth))
+        logger.warning(f"Training ended before k-means initialised the codebook ({n:,} of {vq.kmeans_init_points:,} "
+                       f"encoder outputs collected); raise max_steps by about {left} (or max_minutes), else stage 2 "
+                       "runs k-means on its first steps")
 
     @staticmethod
     def _vq(engine):

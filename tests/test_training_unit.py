@@ -177,7 +177,14 @@ def test_kmeans_progress_is_logged(data, caplog):
     text = caplog.text
     assert "collecting encoder outputs for the k-means codebook" in text and "of 6 (about" in text
     assert "k-means initialisation of the codebook: 16 codes from 6 encoder outputs" in text
-    assert "codebook initialised by k-means in" in text
+    assert "codebook initialised by k-means in" in text and "ended before k-means" not in text
+    model = SparseVQVAE(**{**TINY, "vq_kmeans_init": True, "vq_kmeans_init_points": 4096, "vq_reservoir_size": 4096})
+    freeze_for_stage(model, 1)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        _trainer(model, data, steps=2).run()  # too short: the codebook stays as initialised at random
+    warned = [r for r in caplog.records if "ended before k-means initialised the codebook" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelname == "WARNING" and "raise max_steps by about" in warned[0].getMessage()
 
 
 def test_sample_picture_says_where_the_crop_is(data, tmp_path, monkeypatch):
