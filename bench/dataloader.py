@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from bench import common as C  # noqa: E402
 from bench.scan import add_scan_args, parse_window, prepare_case  # noqa: E402
 from bench.timing import Budget, run_guarded  # noqa: E402
+from pipeline.dataset import shipped_max_points  # noqa: E402
 
 COLUMNS = [
     ("workers", "workers"), ("crops_per_s", "crops/s"), ("points", "support voxels/crop (mean)"),
@@ -61,12 +62,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            "(default: bench/results/train_step.json when it exists)")
     p.set_defaults(default_budget=90.0)
     return p.parse_args(argv)
-
-
-def shipped_max_points() -> int:
-    """The training crop budget the bundle configs ship (``dataset#args#max_points`` of stage 0)."""
-    cfg = json.loads((Path(__file__).resolve().parents[1] / "bundles" / "ct_vqvae" / "stage0.json").read_text())
-    return int(cfg["dataset"]["args"]["max_points"])
 
 
 def step_rate_from_json(path: Path, max_points: int) -> tuple[float | None, str]:

@@ -15,7 +15,7 @@ import time
 __all__ = ["check_data", "main"]
 
 
-def check_data(data_dir: str, window: str = "lung", min_points: int = 100, max_points: int = 300000,
+def check_data(data_dir: str, window: str = "lung", min_points: int = 100, max_points: int | None = None,
                seed: int = 42, val_fraction: float = 0.05, out=print) -> dict:
     """Runs the checks and prints a report; returns the numbers.
 
@@ -23,13 +23,14 @@ def check_data(data_dir: str, window: str = "lung", min_points: int = 100, max_p
         data_dir: processed dataset root(s), comma-separated.
         window: window_type.
         min_points: skip threshold (as in the config's dataset#args#min_points).
-        max_points: crop budget (dataset#args#max_points).
+        max_points: crop budget (dataset#args#max_points; default: the one training ships).
         seed: split seed (the config's seed).
         val_fraction: held-out share.
         out: line printer.
     """
-    from pipeline.dataset import CTWindowSparseDataset, split_cases
+    from pipeline.dataset import CTWindowSparseDataset, shipped_max_points, split_cases
 
+    max_points = max_points or shipped_max_points()
     t0 = time.perf_counter()
     ds = CTWindowSparseDataset(data_dir, window, split="all", min_points=min_points, max_points=max_points,
                                seed=seed, val_fraction=val_fraction)
@@ -40,7 +41,7 @@ def check_data(data_dir: str, window: str = "lung", min_points: int = 100, max_p
     usable = len(ds.cases)
     total = usable + len(ds.failed) + len(ds.missing) + len(ds.skipped)
     out(f"Cases listed: {total}  usable: {usable}  failed: {len(ds.failed)}  "
-        f"incomplete or without the '{window}' window file: {len(ds.missing)}  below min_points={min_points}: {len(ds.skipped)}")
+        f"incomplete or without the '{window}' window: {len(ds.missing)}  below min_points={min_points}: {len(ds.skipped)}")
     for f in ds.failed:
         out(f"  failed   {f['case']}: {f['error']}")
     for m in ds.missing:
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", "--window_type", dest="window", default="lung",
                    help="lung | bone | soft_tissue | brain | custom name from dataset_config.json")
     p.add_argument("--min_points", type=int, default=100)
-    p.add_argument("--max_points", type=int, default=300000)
+    p.add_argument("--max_points", type=int, default=None,
+                   help="crop budget in support voxels (default: dataset#args#max_points of the stage configs, 2,000,000)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--val_fraction", type=float, default=0.05)
     a = p.parse_args(argv)
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = check_data(a.data_dir, a.window, a.min_points, a.max_points, a.seed, a.val_fraction)
     except (FileNotFoundError, KeyError) as e:
-        print(f"check-data: {e}", file=sys.stderr)
+        print(f"check-data: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)  # no KeyError quotes
         return 2
     return 0 if res["usable"] else 1
 

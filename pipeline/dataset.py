@@ -18,6 +18,7 @@ a random box aligned to ``block`` (8) holding at most ``max_points`` voxels
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -48,6 +49,12 @@ __all__ = [
 logger = logging.getLogger("ctvq.dataset")
 
 CACHE_VERSION = 1
+
+
+def shipped_max_points() -> int:
+    """The training crop budget the stage configs ship (``dataset#args#max_points`` of stage 0)."""
+    cfg = json.loads((Path(__file__).resolve().parents[1] / "bundles" / "ct_vqvae" / "stage0.json").read_text())
+    return int(cfg["dataset"]["args"]["max_points"])
 
 
 def split_cases(keys: Sequence[str], split: str, val_fraction: float = 0.05, num_val: int | None = None, seed: int = 0):

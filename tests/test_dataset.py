@@ -179,6 +179,9 @@ def test_check_data_report(synth, capsys):
     assert "Datasets found" in out and "failed   a/case_004" in out and "skipped  a/case_003" in out
     assert "Sample " in out and "loaded in" in out
     assert main([str(synth), "--window", "brain"]) == 1  # no brain window files: nothing usable
+    capsys.readouterr()
+    main([str(synth), "--window", "lung"])  # the crop budget training ships, unless told otherwise
+    assert "crops above max_points=2000000" in capsys.readouterr().out
 
 
 
