@@ -46,10 +46,11 @@ setup() {
 ensure() { [ -x "$PY" ] && [ -f "$VENV/.ctvq-installed" ] || setup; }
 
 cmd="${1:-help}"; shift || true
-cd "$ROOT"
+# paths on the command line are the user's, relative to where they run it; the code is this checkout's
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 case "$cmd" in
   setup) setup ;;
-  test) ensure; exec "$PY" -m pytest -q "$@" ;;
+  test) ensure; cd "$ROOT"; exec "$PY" -m pytest -q "$@" ;;
   demo) ensure; exec "$PY" -m pipeline.demo "$@" ;;
   preprocess) ensure; exec "$PY" -m pipeline.preprocess "$@" ;;
   check-data) ensure; exec "$PY" -m pipeline.check_data "$@" ;;
@@ -58,7 +59,7 @@ case "$cmd" in
   encode) ensure; exec "$PY" -m pipeline.infer encode "$@" ;;
   decode) ensure; exec "$PY" -m pipeline.infer decode "$@" ;;
   export) ensure; exec "$PY" -m pipeline.export "$@" ;;
-  bench) ensure; sub="${1:?bench needs a script name}"; shift; exec "$PY" "bench/$sub.py" "$@" ;;
+  bench) ensure; sub="${1:?bench needs a script name}"; shift; exec "$PY" "$ROOT/bench/$sub.py" "$@" ;;
   help|-h|--help) usage ;;
   *) echo "run.sh: unknown command '$cmd'" >&2; usage >&2; exit 2 ;;
 esac

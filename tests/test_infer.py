@@ -171,6 +171,23 @@ def test_cli_subprocess_no_traceback(run_dir, tmp_path):
     assert len(lines) == 1 and "missing_scan.nii.gz" in lines[0] and "Traceback" not in r.stderr
 
 
+def test_run_sh_takes_paths_relative_to_where_it_runs(run_dir, tmp_path):
+    """``/path/to/run.sh decode`` from another folder reads and writes the relative paths given there."""
+    from pipeline.phantom import write_phantom_dataset
+
+    raw = write_phantom_dataset(tmp_path / "raw", seeds=[0], shape=(24, 24, 20), spacing=8.0)
+    scan = sorted(p for p in raw.rglob("*.nii.gz") if "_seg" not in p.name)[0]
+    tokens = Tokenizer.from_checkpoint(run_dir / "ckpts" / "vqvae_step0000010.pt", device="cpu").encode(str(scan))
+    tokens.save(tmp_path / "t.npz")
+    env = {k: v for k, v in os.environ.items() if k != "CTVQ_DEBUG"}
+    env["CTVQ_VENV"] = str(Path(sys.executable).parents[1])
+    r = subprocess.run([str(ROOT / "run.sh"), "decode", "t.npz", "out.nii.gz", "--ckpt",
+                        str(run_dir / "ckpts" / "vqvae_step0000010.pt"), "--device", "cpu"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "out.nii.gz").stat().st_size > 0 and not (ROOT / "out.nii.gz").exists()
+
+
 def test_residual_tokens_round_trip_and_decode_by_depth(tmp_path):
     """A vq_depth=2 model: token files keep both levels and their depth; decode --depth 1 gives the
     coarse volume, --depth 3 is refused in one line."""
