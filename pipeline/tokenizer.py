@@ -192,13 +192,18 @@ class Tokenizer:
 
         Returns:
             the written files.
+
+        A bad input is logged in one line and skipped; the others are still written, and a
+        :class:`TokenizerError` at the end counts the failures.
         """
+        from pipeline.config_data import last_line
+
         if isinstance(input_files, (str, os.PathLike)):
             input_files = [input_files]
         if mode not in ("encode", "decode"):
             raise TokenizerError(f"mode {mode!r} is unknown; use 'encode' or 'decode'")
         out_dir = Path(output_dir)
-        written = []
+        written, failed = [], []
         for f in input_files:
             name = Path(f).name
             for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".zip", ".npz"):
@@ -207,11 +212,20 @@ class Tokenizer:
                     break
             if mode == "decode" and name.endswith("_tokens"):
                 name = name[: -len("_tokens")]  # tokens/scan_tokens.npz -> scan_recon.nii.gz
-            if mode == "encode":
-                written.append(self.encode(f).save(out_dir / f"{name}_tokens.npz"))
-            else:
-                hu, aff = self.decode_hu(f, original_grid=original_grid)
-                written.append(save_nifti(out_dir / f"{name}_recon.nii.gz", hu, aff))
+            try:
+                if mode == "encode":
+                    written.append(self.encode(f).save(out_dir / f"{name}_tokens.npz"))
+                else:
+                    hu, aff = self.decode_hu(f, original_grid=original_grid)
+                    written.append(save_nifti(out_dir / f"{name}_recon.nii.gz", hu, aff))
+            except (ValueError, OSError) as e:  # TokenizerError and CTLoadError are ValueErrors
+                failed.append(f)
+                logger.error(f"skipped {f}: {last_line(e)}")
+                continue
+            logger.info(f"{mode}d {f} -> {written[-1]}")
+        if failed:
+            raise TokenizerError(f"{len(failed)} of {len(input_files)} input(s) failed, e.g. {failed[0]} (see the lines "
+                                 f"above); {len(written)} written to {out_dir}")
         return written
 
     # ------------------------------------------------------------------ preprocessing

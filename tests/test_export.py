@@ -160,6 +160,18 @@ def test_monai_bundle_run_cli(exported, tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "out" / "phantom_000_tokens.npz").is_file()
+    assert f"encoded {scan.name} -> out/phantom_000_tokens.npz" in r.stdout + r.stderr  # says what it wrote
+    # a missing input: named in one line and skipped, the other still written, one error line last
+    r = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "ct_vqvae/configs/inference.json",
+         "--bundle_root", "ct_vqvae", "--input_files", f"['nope.nii.gz', '{scan.name}']", "--output_dir", "out2",
+         "--device", "cpu"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert lines[-1].startswith("error: 1 of 2 input(s) failed, e.g. nope.nii.gz")
+    assert "skipped nope.nii.gz" in r.stdout + r.stderr and (tmp_path / "out2" / "phantom_000_tokens.npz").is_file()
 
 
 def test_choice_of_weights_and_errors(tmp_path, capsys):
