@@ -229,6 +229,36 @@ def one_line_errors() -> None:
 
     hook._ctvq = True
     sys.excepthook = hook
+    check_runner_overrides(sys.argv)
+
+
+#: arguments of ``monai.bundle.scripts.run`` itself (everything else on its command line is a config key)
+RUNNER_ARGS = {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file"}
+
+
+def check_runner_overrides(argv: list[str]) -> None:
+    """``python -m monai.bundle run ... --key value`` adds a key the config lacks without a word, so a
+    typo (``--max_step``) would run with the default: refuse it, naming the closest key, as
+    ``./run.sh train --override`` does."""
+    import ast
+
+    from pipeline.train import check_overrides
+
+    if len(argv) < 2 or argv[1] != "run" or not argv[0].endswith(os.path.join("monai", "bundle", "__main__.py")):
+        return
+    given, rest = {}, iter(argv[2:])
+    for tok in rest:
+        if tok.startswith("--"):
+            key, eq, value = tok[2:].partition("=")
+            given[key] = value if eq else next(rest, "")
+    files = given.pop("config_file", "")
+    files = ast.literal_eval(files) if files.startswith("[") else [f for f in files.split(",") if f]
+    keys = {k: None for k in given if k not in RUNNER_ARGS}
+    if files and keys:
+        try:
+            check_overrides([str(f) for f in files], keys, option="--")
+        except SystemExit as e:
+            raise ValueError(str(e)) from None
 
 
 def _prepare_files(run: RunFolder, config: dict | None, log_file: bool) -> None:

@@ -486,7 +486,7 @@ def check_fit(report: dict, path: str | os.PathLike, training_stage: int, option
     example = f", e.g. {shaped[0]} vs this model" if shaped else f", e.g. {(missing or extra)[0]}"
     raise CheckpointError(
         f"{option} {path}: checkpoint of another model ({what}{'' if sizes else example}); train with the "
-        "network_def it was trained with (the same --config_file overlay and network_def overrides as its run, "
+        "network_def it was trained with (the same config overlay and network_def overrides as its run, "
         "see its command.txt), or pass a checkpoint of this model")
 
 

@@ -93,13 +93,14 @@ def _key_paths(node, prefix: str = "") -> list[str]:
     return out
 
 
-def check_overrides(files: list[str], overrides: dict) -> None:
+def check_overrides(files: list[str], overrides: dict, option: str = "--override ") -> None:
     """Every override key must exist in the merged config (or be an argument of the ``_target_`` it is
     nested in); a typo names the closest key.
 
     Args:
         files: the config files (later files win).
         overrides: ``{"a#b": value}`` from :func:`parse_overrides`.
+        option: how the user wrote an override (``"--override "``, or ``"--"`` on MONAI's runner).
     """
     import difflib
 
@@ -120,7 +121,7 @@ def check_overrides(files: list[str], overrides: dict) -> None:
             continue
         close = difflib.get_close_matches(key, known + [f"{parent}#{a}" for a in accepted], n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}?" if close else "see the keys of the --config file"
-        raise SystemExit(f"--override {key}: no such key in {', '.join(files)}; {hint}")
+        raise SystemExit(f"{option}{key}: no such key in {', '.join(files)}; {hint}")
 
 
 def _target_args(config: dict, path: str) -> list[str]:

@@ -175,6 +175,10 @@ def test_bundle_run_user_error_is_one_line(tmp_path):
     _one_line_error(proc, "processed_dataset", "is not a folder", "./run.sh preprocess")
     assert not (tmp_path / "outputs").exists()
     assert "parsing config_file" in proc.stderr  # MONAI's own warning of monai.bundle run stays
+    # a misspelled key would be added to the config without a word by MONAI's runner: refused
+    proc = bundle_run("stage0.json", data_dir=str(tmp_path), output_dir=str(out), max_step=1)
+    _one_line_error(proc, "--max_step: no such key in", "did you mean max_steps?")
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_train_cli_user_error_is_one_line(data_dir, tmp_path):
