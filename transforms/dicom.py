@@ -284,8 +284,8 @@ def _read_dicom_stack(path, headers: list[_DicomHeader]) -> tuple[np.ndarray, np
                        f"{round(worst / typical) - 1} slices missing)", "give the complete series "
                        f"(gaps up to {MAX_SLICE_GAP:g} spacings or 10 mm are interpolated with a warning)")
         missing = int(sum(round(g / typical) - 1 for g in gaps[wide]))
-        warnings.append(f"{len(wide)} gap(s) between slices up to {worst:.1f} mm (typical {typical:.2f} mm, about "
-                        f"{missing} slice(s) missing) were interpolated")
+        warnings.append(f"{len(wide)} gap(s) between slices up to {worst:.1f} mm (typical {typical:.2f} mm: about "
+                        f"{missing} slice(s) missing, or unevenly spaced slices) were interpolated")
     dx, dy = float(headers[0].spacing[0]), float(headers[0].spacing[1])
     files = [h.path for h in headers]
     with quiet_itk():
