@@ -305,20 +305,16 @@ class Tokenizer:
             feats: [N, 1] window values.
             geometry: CTTokens fields (see :meth:`encode_arrays`).
         """
-        from networks import make_sparse
-
         coords = torch.as_tensor(coords).to(torch.int32).reshape(-1, 3)
-        feats = torch.as_tensor(feats).float().reshape(-1, 1)
         R = self.resolution
         factor = int(getattr(self.network, "factor", 8))
         if len(coords) and (int(coords.max()) >= R or int(coords.min()) < 0):
             raise TokenizerError(f"{geometry.get('source') or 'input'}: voxel coordinates outside the {R}^3 cube; preprocess at --resolution {R}")
-        idx = torch.cat([torch.zeros(len(coords), 1, dtype=torch.int32, device=coords.device), coords], 1)
         if len(coords) == 0:
             latent = (R // factor,) * 3
             tc, ti = np.zeros((0, 3), np.int32), np.zeros(0, np.int64)
         else:
-            x = make_sparse(feats.to(self.device), idx.to(self.device), [R, R, R], 1)
+            x = self._sparse_input(coords, feats)
             with self._autocast():
                 tok = self.network.Encode(x, tile=self.tile)
             tc = tok.coords[:, 1:].cpu().numpy().astype(np.int32)
@@ -438,18 +434,23 @@ class Tokenizer:
     def reconstruct_unquantized(self, window: Any, body_mask: Any) -> np.ndarray:
         """Window values decoded from the encoder's continuous latents, the quantiser left out: the
         fidelity the autoencoder allows, against which the tokens' loss to quantisation shows."""
-        from networks import make_sparse
         from pipeline.infer import sparsify
 
-        R = self.resolution
         coords, feats = sparsify(window, body_mask, self.device)
         if len(coords) == 0:
-            return np.zeros((R, R, R), np.float32)
-        idx = torch.cat([torch.zeros(len(coords), 1, dtype=torch.int32, device=coords.device), coords], 1)
-        x = make_sparse(feats.float().reshape(-1, 1).to(self.device), idx.to(self.device), [R, R, R], 1)
+            return np.zeros((self.resolution,) * 3, np.float32)
         with self._autocast():
+            x = self._sparse_input(coords, feats)
             rec = self.network.decode_latent(self.network.encode_latent(x, tile=self.tile), tile=self.tile)
         return self._to_cube(rec)
+
+    def _sparse_input(self, coords: torch.Tensor, feats: Any):
+        """One scan's support voxels (coords [N, 3] on the cube, feats [N, 1]) as the model's input."""
+        from networks import make_sparse
+
+        idx = torch.cat([torch.zeros(len(coords), 1, dtype=torch.int32, device=coords.device), coords.to(torch.int32)], 1)
+        feats = torch.as_tensor(feats).float().reshape(-1, 1)
+        return make_sparse(feats.to(self.device), idx.to(self.device), [self.resolution] * 3, 1)
 
     def _to_cube(self, rec) -> np.ndarray:
         """A decoded sparse volume -> (R, R, R) float32 window values in [0, 1], 0 elsewhere."""
