@@ -333,7 +333,7 @@ class CTWindowSparseDataset(Dataset):
         coords, feats = Sparsify()(win, mask, offset=box[:3])
         if len(coords) > self.max_points:  # block counts are exact, so this only guards cache corruption
             raise RuntimeError(f"{c['key']}: crop holds {len(coords)} > max_points voxels; delete its .cache folder")
-        r = self._block_counts(c).shape[0] * self.block
+        r = self.resolution
         return {
             "coords": coords,
             "feats": feats,

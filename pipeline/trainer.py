@@ -121,10 +121,13 @@ def check_resolution(model: torch.nn.Module, dataset) -> None:
     on a grid the model does not know, and evaluation would then refuse it)."""
     data_res = getattr(dataset, "resolution", None)
     latent, factor = getattr(model, "resolution", None), getattr(model, "factor", None)
-    if data_res and latent and factor and int(data_res) != int(latent) * int(factor):
-        raise ValueError(f"{(getattr(dataset, 'datasets', None) or ['the training data'])[0]}: preprocessed at {data_res}^3 but the model "
-                         f"works on {int(latent) * int(factor)}^3; preprocess with --resolution {int(latent) * int(factor)} "
-                         f"or set network_def#resolution={int(data_res) // int(factor)}")
+    if not (data_res and latent and factor):
+        return
+    cube = int(latent) * int(factor)
+    if int(data_res) != cube:
+        where = (getattr(dataset, "datasets", None) or ["the training data"])[0]
+        raise ValueError(f"{where}: preprocessed at {data_res}^3 but the model works on {cube}^3; preprocess with "
+                         f"--resolution {cube} or set network_def#resolution={int(data_res) // int(factor)}")
 
 
 class SparseVQVAETrainer(SupervisedTrainer):
