@@ -18,7 +18,9 @@ How the trainer uses it:
 Variants (``build_quantizer``): the plain lookup above (``vq_type="vq"``, codebook
 ``embeddings.weight`` [K, D]); a factorised lookup (``"factorized"``: project D -> ``lookup_dim``,
 l2-normalise, look up in an l2-normalised codebook [K, lookup_dim], project back; k-means, restarts
-and the reservoir live in the lookup space); finite scalar quantisation (``"fsq"``,
+and the reservoir live in the lookup space); a shared-map lookup (``"simvq"``: the codes are a fixed
+[K, D] basis times one learned D x D map, so the codebook loss moves every code at once and none is
+left behind; k-means sets the basis and resets the map to identity); finite scalar quantisation (``"fsq"``,
 :class:`FSQuantizer`: no codebook, no auxiliary loss); and residual depth
 (:class:`ResidualQuantizer`: D quantizers, each on what the earlier ones left, codes [N, D]).
 
@@ -111,6 +113,8 @@ class VectorQuantizer(nn.Module):
         dead_code_steps: a code unused this many steps is dead.
         lookup_dim: factorised lookup in an l2-normalised space of this size (None: plain lookup
             of the D-dimensional vectors, the default).
+        shared_map: codes = ``embeddings.weight`` (fixed) @ ``code_map`` (learned, D x D), as SimVQ
+            (Zhu et al. 2024); gradient codebook update only.
     """
 
     def __init__(
@@ -127,10 +131,14 @@ class VectorQuantizer(nn.Module):
         dead_code_steps: int = 1000,
         eps: float = 1e-5,
         lookup_dim: int | None = None,
+        shared_map: bool = False,
     ):
         super().__init__()
         if codebook_update not in ("gradient", "ema"):
             raise ValueError(f"codebook_update={codebook_update!r} is not one of 'gradient', 'ema'.")
+        if shared_map and (codebook_update != "gradient" or lookup_dim):
+            raise ValueError("vq_type='simvq' learns its codes through one shared map: set codebook_update='gradient' "
+                             "and no lookup_dim.")
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.codebook_update = codebook_update
@@ -150,8 +158,14 @@ class VectorQuantizer(nn.Module):
         self.code_dim = dim
 
         self.embeddings = nn.Embedding(num_embeddings, dim)
-        nn.init.uniform_(self.embeddings.weight, -1.0 / num_embeddings, 1.0 / num_embeddings)
-        if codebook_update == "ema":
+        self.shared_map = shared_map
+        if shared_map:
+            nn.init.normal_(self.embeddings.weight, std=dim**-0.5)
+            self.code_map = nn.Linear(dim, dim, bias=False)
+            nn.init.eye_(self.code_map.weight)
+        else:
+            nn.init.uniform_(self.embeddings.weight, -1.0 / num_embeddings, 1.0 / num_embeddings)
+        if not self.optimizer_trains_codebook:
             self.embeddings.weight.requires_grad_(False)
         self.register_buffer("ema_cluster_size", torch.zeros(num_embeddings))
         self.register_buffer("ema_embed_sum", self.embeddings.weight.detach().clone())
@@ -164,6 +178,12 @@ class VectorQuantizer(nn.Module):
         self.reservoir = torch.zeros(0, dim)
         self._py_step = 0
         self._py_initialized = not kmeans_init
+
+    @property
+    def optimizer_trains_codebook(self) -> bool:
+        """False when ``embeddings.weight`` must stay out of the optimizer (EMA statistics or the fixed
+        basis of the shared map update it)."""
+        return self.codebook_update == "gradient" and not self.shared_map
 
     # ------------------------------------------------------------------ state
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -211,6 +231,8 @@ class VectorQuantizer(nn.Module):
             self.embeddings.weight.data.copy_(centres.to(self.embeddings.weight.dtype))
         if _dist():
             dist.broadcast(self.embeddings.weight.data, 0)
+        if self.shared_map:
+            nn.init.eye_(self.code_map.weight)
         self.ema_embed_sum.copy_(self.embeddings.weight.data.float())
         self.ema_cluster_size.fill_(1.0)
         self.initialized.fill_(True)
@@ -230,6 +252,8 @@ class VectorQuantizer(nn.Module):
             pick = torch.randint(self.reservoir.shape[0], (n,), device=w.device)
             new = self.reservoir.to(w.device)[pick]
             new = new + 0.01 * new.std() * torch.randn_like(new)
+            if self.shared_map:  # the basis rows whose mapped codes land on the picked outputs
+                new = torch.linalg.solve(self.code_map.weight.float(), new.T).T
             w[dead] = new.to(w.dtype)
         if _dist():
             dist.broadcast(w, 0)
@@ -253,6 +277,8 @@ class VectorQuantizer(nn.Module):
     def codes(self) -> torch.Tensor:
         """The codebook as looked up: [K, code_dim] fp32 (rows l2-normalised when factorised)."""
         w = self.embeddings.weight.float()
+        if self.shared_map:
+            return self.code_map(w)
         return F.normalize(w, dim=1) if self.lookup_dim else w
 
     def to_lookup(self, z: torch.Tensor) -> torch.Tensor:
@@ -503,7 +529,7 @@ class ResidualQuantizer(nn.Module):
 
 
 #: quantizer kinds of ``network_def#vq_type``
-QUANTIZERS = ("vq", "factorized", "fsq")
+QUANTIZERS = ("vq", "factorized", "simvq", "fsq")
 
 
 def build_quantizer(vq_type: str = "vq", depth: int = 1, num_embeddings: int = 8192, embedding_dim: int = 32,
@@ -519,7 +545,7 @@ def build_quantizer(vq_type: str = "vq", depth: int = 1, num_embeddings: int = 8
         if vq_type == "fsq":
             return FSQuantizer(embedding_dim, fsq_levels, fit_init=bool(vq_kwargs.get("kmeans_init", False)))
         return VectorQuantizer(num_embeddings, embedding_dim, lookup_dim=lookup_dim if vq_type == "factorized" else None,
-                               **vq_kwargs)
+                               shared_map=vq_type == "simvq", **vq_kwargs)
 
     if int(depth) == 1:
         return one()

@@ -280,7 +280,7 @@ class SparseVQVAE(nn.Module):
         vq_kmeans_init, vq_kmeans_init_points, vq_reservoir_size, vq_restart_every,
         vq_dead_code_steps, vq_ema_decay: see :class:`~networks.quantizer.VectorQuantizer`.
         vq_type: ``"vq"`` (plain lookup, ``vq.embeddings.weight`` [K, latent_channels]),
-            ``"factorized"`` (l2-normalised lookup in ``vq_lookup_dim`` dimensions) or ``"fsq"``
+            ``"factorized"`` (l2-normalised lookup in ``vq_lookup_dim`` dimensions), ``"simvq"`` (a fixed basis times one learned map) or ``"fsq"``
             (finite scalar quantisation with ``fsq_levels``, prod(levels) codes).
         vq_depth: residual levels D (1: one code per latent cell); ``vq_depth_dropout`` trains
             on a random prefix of the levels so any depth <= D decodes.

@@ -20,6 +20,7 @@ import torch
 from pipeline import distributed as D
 from pipeline.io_utils import save_text
 from pipeline.run_folder import RunFolder, resolved_config
+from networks.quantizer import VectorQuantizer
 from pipeline.runs import check_fit, load_partial
 
 __all__ = [
@@ -52,7 +53,6 @@ def freeze_for_stage(model: torch.nn.Module, training_stage: int, keep_trainable
     if stage not in (0, 1, 2):
         raise ValueError(f"training_stage must be 0, 1 or 2, got {training_stage}")
     keep = set(keep_trainable)
-    vq_update = getattr(getattr(model, "vq", None), "codebook_update", "gradient")
     for name, p in model.named_parameters():
         top = name.split(".", 1)[0]
         if stage == 0:
@@ -61,8 +61,9 @@ def freeze_for_stage(model: torch.nn.Module, training_stage: int, keep_trainable
             p.requires_grad_(top not in ("Encoder", "Decoder") or name in keep)
         else:
             p.requires_grad_(True)
-        if top == "vq" and name.endswith("embeddings.weight") and vq_update == "ema":
-            p.requires_grad_(False)  # EMA codebook: updated by statistics, not by the optimizer
+    for m in model.modules():  # an EMA codebook or a shared map's fixed basis is not the optimizer's
+        if isinstance(m, VectorQuantizer) and not m.optimizer_trains_codebook:
+            m.embeddings.weight.requires_grad_(False)
 
 
 def prepare_network(

@@ -203,7 +203,7 @@ def test_choice_of_weights_and_errors(tmp_path, capsys):
         Tokenizer.from_bundle(b)
 
 
-@pytest.mark.parametrize("vq", [{"vq_depth": 2}, {"vq_type": "fsq", "fsq_levels": [4, 4, 4]}, {"vq_type": "factorized"}])
+@pytest.mark.parametrize("vq", [{"vq_depth": 2}, {"vq_type": "fsq", "fsq_levels": [4, 4, 4]}, {"vq_type": "factorized"}, {"vq_type": "simvq"}])
 def test_bundle_of_each_quantizer_round_trips_tokens(tmp_path, vq):
     """A run with a residual, FSQ or factorised quantizer exports; the bundle, copied alone, decodes
     the tokens it encodes exactly as the run's checkpoint does."""

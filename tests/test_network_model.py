@@ -309,7 +309,7 @@ def test_overfit_one_real_crop(ct_data_dir, layout):
     assert final * 5 <= first
 
 
-@pytest.mark.parametrize("vq_type", ["vq", "factorized", "fsq"])
+@pytest.mark.parametrize("vq_type", ["vq", "factorized", "simvq", "fsq"])
 @pytest.mark.parametrize("depth", [1, 3])
 def test_quantizer_variants_encode_decode(ct32, vq_type, depth):
     """Every quantizer kind and depth: Encode gives one code per level, Decode of all levels equals the

@@ -301,3 +301,46 @@ def test_residual_levels_wait_for_the_k_means_of_earlier_levels():
     assert rq.levels[1].reservoir.shape[0] > 0 and not bool(rq.levels[1].initialized)
     rq(z)
     assert bool(rq.levels[1].initialized) and rq(z)[1].shape[1] == 2
+
+
+def test_simvq_moves_every_code_through_one_map():
+    """The shared-map lookup: only ``code_map`` is learned, so one codebook-loss step moves all codes,
+    used or not; k-means sets the basis (map reset to identity); restarts land on the data."""
+    torch.manual_seed(0)
+    vq = build_quantizer("simvq", num_embeddings=64, embedding_dim=8, kmeans_init=True, kmeans_init_points=1024,
+                         reservoir_size=1024, restart_every=1000, dead_code_steps=2)
+    assert not vq.embeddings.weight.requires_grad and vq.code_map.weight.requires_grad
+    z = clustered(n_clusters=16, dim=8, per=128)[0]
+    vq.train()
+    vq(z)  # k-means on the first batch
+    assert bool(vq.initialized)
+    torch.testing.assert_close(vq.code_map.weight, torch.eye(8))
+    torch.testing.assert_close(vq.codes(), vq.embeddings.weight.float())
+    before = vq.codes().detach().clone()
+    opt = torch.optim.SGD([p for p in vq.parameters() if p.requires_grad], lr=0.5)
+    zq, idx, losses = vq(z + 0.3)
+    losses["vq"].backward()
+    opt.step()
+    moved = (vq.codes().detach() - before).norm(dim=1) > 1e-6
+    used = torch.zeros(64, dtype=torch.bool)
+    used[idx.unique()] = True
+    assert bool(moved[~used].all()), "unused codes must move with the shared map"
+    for _ in range(3):
+        vq(z)
+    dead = (vq.step - vq.last_used) >= vq.dead_code_steps
+    assert int(dead.sum()) > 0
+    vq.collect(z)
+    assert vq.restart_dead_codes() == int(dead.sum())
+    gap = torch.cdist(vq.codes()[dead].detach(), vq.reservoir).min(1).values  # on recent outputs, up to the jitter
+    assert float(gap.max()) < 0.2
+
+
+def test_simvq_basis_stays_frozen_in_every_stage():
+    from networks import SparseVQVAE
+    from pipeline.stages import freeze_for_stage
+
+    model = SparseVQVAE(resolution=32, model_channels=32, latent_channels=8, num_embeddings=16, channels=[8, 16, 16],
+                        num_blocks=1, num_heads=2, window_size=4, vq_type="simvq")
+    for stage in (1, 2):
+        freeze_for_stage(model, stage)
+        assert not model.vq.embeddings.weight.requires_grad and model.vq.code_map.weight.requires_grad
