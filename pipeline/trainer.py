@@ -12,6 +12,7 @@ on every rank and counted in ``engine.state.nonfinite_steps``.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import random
@@ -390,6 +391,9 @@ class SparseVQVAETrainer(SupervisedTrainer):
         try:
             if self.state.iteration >= (self.state.epoch_length or 0) and self.state.iteration > 0:
                 return
+            # The DataLoader forks its workers next. Unreachable cycles holding CUDA tensors (an earlier
+            # stage run in this process) must be freed here: a worker whose collector frees one aborts.
+            gc.collect()
             super().run()
             if self.started_at is not None:  # the clock starts after the first step
                 seconds = time.perf_counter() - self.started_at
