@@ -49,6 +49,8 @@ __all__ = [
 logger = logging.getLogger("ctvq.dataset")
 
 CACHE_VERSION = 1
+#: cases whose crop tables (summed-area table and draw probabilities, ~4 MB at 512^3) a process keeps
+TABLES_KEPT = 16
 
 
 def shipped_max_points() -> int:
@@ -299,13 +301,26 @@ class CTWindowSparseDataset(Dataset):
     def __len__(self) -> int:
         return len(self.cases)
 
+    def _crop_tables(self, c: dict) -> dict:
+        """``transforms.crop_tables`` of a case's block counts, kept for the last ``TABLES_KEPT`` cases."""
+        kept = self.__dict__.setdefault("_tables", {})
+        tables = kept.pop(c["key"], None)
+        if tables is None:
+            from transforms import crop_tables
+
+            tables = crop_tables(self._block_counts(c))
+            if len(kept) >= TABLES_KEPT:
+                kept.pop(next(iter(kept)))  # least recently used
+        kept[c["key"]] = tables
+        return tables
+
     def crop_box(self, index: int, draw: int | None = None) -> np.ndarray:
         """The crop box (lo, hi) in voxels of case ``index`` for draw id ``draw`` (``transforms.RandSparseCrop``)."""
         from transforms import RandSparseCrop
 
         c = self.cases[index]
-        counts = self._block_counts(c)
-        shape = [s * self.block for s in counts.shape]
+        tables = self._crop_tables(c)
+        shape = [s * self.block for s in tables["shape"]]
         if c["num_points"] <= self.max_points:
             return np.array([0, 0, 0, *shape], dtype=np.int64)
         if self.random_crop:
@@ -315,7 +330,7 @@ class CTWindowSparseDataset(Dataset):
             key = [self.seed, index]
         crop = RandSparseCrop(self.max_points, block=self.block)
         crop.set_random_state(seed=int(np.random.SeedSequence(key).generate_state(1)[0]))
-        crop.randomize(torch.from_numpy(counts.astype(np.int64)), shape)
+        crop.randomize(tables, shape)
         start, stop = crop.box
         return np.array([*start, *stop], dtype=np.int64)
 
@@ -406,6 +421,15 @@ class StepSampler(Sampler):
         return 2**62
 
 
+def _batch_tensor(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """Uninitialised [rows, cols] CPU tensor; in a DataLoader worker in shared memory (as torch's
+    ``default_collate`` does), so handing the batch to the main process copies nothing."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(rows, cols, dtype=dtype)
+    like = torch.empty(0, dtype=dtype)
+    return like.new(like._typed_storage()._new_shared(rows * cols)).view(rows, cols)
+
+
 def sparse_collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stacks samples into one sparse batch with a leading batch column.
 
@@ -413,19 +437,23 @@ def sparse_collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
         {"indices": int32 [N, 4] (b, i, j, k), "features": float32 [N, 1], "batch_size": B,
          "spatial_shape": [R, R, R], "case_id": [B], "box": int64 [B, 6], "num_points": [B], "window": [B]}
     """
-    idx, feats = [], []
-    for b, s in enumerate(batch):
-        c = torch.as_tensor(s["coords"], dtype=torch.int32)
-        idx.append(torch.cat([torch.full((c.shape[0], 1), b, dtype=torch.int32), c], dim=1))
-        feats.append(torch.as_tensor(s["feats"], dtype=torch.float32).reshape(-1, 1))
+    sizes = [int(s["coords"].shape[0]) for s in batch]
+    indices = _batch_tensor(sum(sizes), 4, torch.int32)
+    features = _batch_tensor(sum(sizes), 1, torch.float32)
+    start = 0
+    for b, (s, n) in enumerate(zip(batch, sizes)):  # each sample written once, into its rows
+        indices[start:start + n, 0] = b
+        indices[start:start + n, 1:] = torch.as_tensor(s["coords"])
+        features[start:start + n] = torch.as_tensor(s["feats"]).reshape(-1, 1)
+        start += n
     return {
-        "indices": torch.cat(idx) if idx else torch.zeros(0, 4, dtype=torch.int32),
-        "features": torch.cat(feats) if feats else torch.zeros(0, 1),
+        "indices": indices,
+        "features": features,
         "batch_size": len(batch),
         "spatial_shape": list(batch[0]["spatial_shape"]) if batch else [0, 0, 0],
         "case_id": [s["case_id"] for s in batch],
         "box": torch.stack([torch.as_tensor(s["box"], dtype=torch.int64) for s in batch]) if batch else torch.zeros(0, 6),
-        "num_points": [int(s["coords"].shape[0]) for s in batch],
+        "num_points": sizes,
         "window": [s.get("window") for s in batch],
     }
 

@@ -229,3 +229,61 @@ def test_empty_training_set_names_the_window():
 
     with pytest.raises(ValueError, match=r"empty for window 'lung'; run ./run.sh check-data DATA_DIR --window lung"):
         StepSampler(Empty())
+
+
+def _reference_sample(ds, index, draw):
+    """A crop as the dataset made it before its crop tables, int32 unravel and preallocated
+    collate: RandSparseCrop on the raw counts, np.divmod coordinates, offset added afterwards."""
+    from transforms import RandSparseCrop
+    from transforms.geometry import _in_memory_order, _memory_order
+    from transforms.sparse import _spatial, _t, support_mask
+
+    c = ds.cases[index]
+    counts = ds._block_counts(c)
+    shape = [s * ds.block for s in counts.shape]
+    crop = RandSparseCrop(ds.max_points, block=ds.block)
+    crop.set_random_state(seed=int(np.random.SeedSequence([ds.seed, draw, index]).generate_state(1)[0]))
+    crop.randomize(torch.from_numpy(counts.astype(np.int64)), shape)
+    box = np.array([*crop.box[0], *crop.box[1]], dtype=np.int64)
+    win, mask = ds.load_region(index, box)
+    x = _spatial(_t(win))
+    perm = _memory_order(x)
+    sm = _in_memory_order(support_mask(x, mask), perm).contiguous()
+    flat = np.flatnonzero(sm.reshape(-1).numpy())
+    coords = np.empty((flat.size, 3), dtype=np.int32)
+    q, coords[:, perm[2]] = np.divmod(flat.astype(np.int32), sm.shape[2])
+    coords[:, perm[0]], coords[:, perm[1]] = np.divmod(q, sm.shape[1])
+    coords = torch.from_numpy(coords) + torch.as_tensor(box[:3], dtype=torch.int32)
+    feats = _in_memory_order(x, perm).reshape(-1)[torch.from_numpy(flat)].float().reshape(-1, 1)
+    return {"coords": coords, "feats": feats, "box": torch.as_tensor(box)}
+
+
+def test_real_crops_and_collate_match_the_reference(ct_data_dir, tmp_path):
+    """On a real scan (compact layout): crops, their boxes and the collated batch are exactly what
+    the straightforward computation gives, for many draws (cached crop tables reused)."""
+    from pipeline.preprocess import run as preprocess
+
+    raw = tmp_path / "raw" / "abdomen"
+    raw.mkdir(parents=True)
+    (raw / "example_ct_sm.nii.gz").symlink_to(ct_data_dir / "abdomen_nifti" / "example_ct_sm.nii.gz")
+    res = preprocess(raw.parent, tmp_path / "out", num_workers=0, resolution=64, windows=["lung"], progress=False,
+                     log=lambda *a, **k: None, layout="compact")
+    assert res["ok"] == 1
+    ds = CTWindowSparseDataset(tmp_path / "out", "lung", split="all", max_points=6000, random_crop=True,
+                               cache="memory")
+    assert len(ds) == 1 and ds.cases[0]["num_points"] > 6000
+    samples, refs = [], []
+    for draw in range(6):
+        s, r = ds[(0, draw)], _reference_sample(ds, 0, draw)
+        for k in ("coords", "feats", "box"):
+            assert s[k].dtype == r[k].dtype and torch.equal(s[k], r[k]), (draw, k)
+        samples.append(s)
+        refs.append(r)
+    assert len({tuple(s["box"].tolist()) for s in samples}) > 1
+    batch = sparse_collate(samples[:3])
+    expect = torch.cat([torch.cat([torch.full((len(r["coords"]), 1), b, dtype=torch.int32), r["coords"]], 1)
+                        for b, r in enumerate(refs[:3])])
+    assert batch["indices"].dtype == torch.int32 and torch.equal(batch["indices"], expect)
+    assert torch.equal(batch["features"], torch.cat([r["feats"] for r in refs[:3]]))
+    assert batch["num_points"] == [len(r["coords"]) for r in refs[:3]]
+    assert torch.equal(batch["box"], torch.stack([r["box"] for r in refs[:3]]))
