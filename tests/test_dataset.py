@@ -17,6 +17,7 @@ from pipeline.dataset import (
     block_counts,
     find_datasets,
     sparse_collate,
+    to_sparse_tensor,
 )
 
 LUNG = "windows/lung_w1500_l-600.npy"
@@ -146,7 +147,7 @@ def test_num_val_zero_trains_on_every_case(synth):
 def test_collate_and_split(synth):
     ds = CTWindowSparseDataset(synth, "lung", split="all", max_points=3000)
     batch = sparse_collate([ds[(0, 0)], ds[(1, 0)], ds[(2, 0)]])
-    assert batch["indices"].shape[1] == 4 and batch["indices"].dtype == torch.int32
+    assert batch["indices"].shape[1] == 4 and batch["indices"].dtype == torch.int16  # widened on the device
     assert batch["batch_size"] == 3 and batch["indices"][:, 0].max() == 2
     parts = batch_split(batch, 2)
     assert [p["batch_size"] for p in parts] == [2, 1]
@@ -283,7 +284,8 @@ def test_real_crops_and_collate_match_the_reference(ct_data_dir, tmp_path):
     batch = sparse_collate(samples[:3])
     expect = torch.cat([torch.cat([torch.full((len(r["coords"]), 1), b, dtype=torch.int32), r["coords"]], 1)
                         for b, r in enumerate(refs[:3])])
-    assert batch["indices"].dtype == torch.int32 and torch.equal(batch["indices"], expect)
+    assert batch["indices"].dtype == torch.int16 and torch.equal(batch["indices"].int(), expect)
+    assert to_sparse_tensor(batch).indices.dtype == torch.int32
     assert torch.equal(batch["features"], torch.cat([r["feats"] for r in refs[:3]]))
     assert batch["num_points"] == [len(r["coords"]) for r in refs[:3]]
     assert torch.equal(batch["box"], torch.stack([r["box"] for r in refs[:3]]))

@@ -214,7 +214,11 @@ def _dry_run(plan: list, datasets: list, shard: tuple[int, int], log) -> dict:
         counts[action] += 1
         if action != "other_shard":
             why = f": {case.error}" if action == "refuse" else ""
-            log(f"{words[action]:<22} {ds.name}/{case.case_id}  <- {case.source}{why}")
+            labels = f"  (labels: {case.label})" if case.label else ""
+            log(f"{words[action]:<22} {ds.name}/{case.case_id}  <- {case.source}{labels}{why}")
+    for ds in datasets:
+        for p in ds.unpaired_labels:
+            log(f"label map {p} would not be paired with an image (see --help: label pairing)")
     k, n = shard
     log(f"preprocess --dry-run{'' if n == 1 else f' (shard {k}/{n})'}: {counts['process']} to process, "
         f"{counts['skip']} to skip, {counts['refuse']} to refuse"
