@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from pipeline import distributed  # noqa: E402
 from pipeline.dataset import CTWindowSparseDataset, StepSampler, sparse_collate, to_sparse_tensor  # noqa: E402
 from pipeline.stages import freeze_for_stage, model_summary, stage_banner  # noqa: E402
 from pipeline.trainer import SparseReconLoss, SparseVQVAETrainer  # noqa: E402
@@ -211,6 +212,11 @@ def test_num_workers_default_to_the_cpus_there_are(monkeypatch):
         parser = ConfigParser()
         parser.read_config(str(root / stage))
         assert parser.get_parsed_content("num_workers") == 2, stage
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert distributed.default_num_workers() == 8  # an H200 host: 8 workers keep 2x ahead of the steps
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert distributed.default_num_workers() == 4  # the node's CPUs shared by its 4 ranks
 
 
 def test_lock_files_do_not_stay(tmp_path):
