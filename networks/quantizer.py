@@ -540,6 +540,11 @@ def build_quantizer(vq_type: str = "vq", depth: int = 1, num_embeddings: int = 8
         raise ValueError(f"vq_type={vq_type!r} is not one of {list(QUANTIZERS)}; set network_def#vq_type to one of those.")
     if int(depth) < 1:
         raise ValueError(f"vq_depth={depth}: needs at least 1 level.")
+    grid = int(torch.tensor(list(fsq_levels)).prod())
+    if vq_type == "fsq" and grid != int(num_embeddings):
+        raise ValueError(f"vq_type='fsq': fsq_levels {list(fsq_levels)} give {grid} codes but num_embeddings is "
+                         f"{num_embeddings}; set network_def#fsq_levels to levels whose product is {num_embeddings} "
+                         f"or network_def#num_embeddings={grid}.")
 
     def one():
         if vq_type == "fsq":

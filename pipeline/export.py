@@ -178,12 +178,20 @@ def export_bundle(
     Returns:
         the bundle folder.
     """
+    import torch
+
     from pipeline.infer import window_from_config
     from pipeline.runs import load_run
 
     run_dir = Path(run_dir)
     _check_out(Path(out), run_dir, overwrite)
     net, cfg, network_def, ckpt_path = load_run(run_dir, ckpt, weights)
+    codebooks = [m for m in net.vq.modules() if isinstance(getattr(m, "initialized", None), torch.Tensor)]
+    untrained = [i + 1 for i, m in enumerate(codebooks) if not bool(m.initialized)]
+    if untrained:
+        print(f"export: warning: {ckpt_path}: codebook level {', '.join(map(str, untrained))} of {len(codebooks)} never "
+              "got its k-means (training ended first), so its codes are untrained; train longer and export again",
+              file=sys.stderr)
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}  # complete: weights and buffers
     window = window_from_config(cfg)
     resolution = int(cfg.get("resolution") or int(getattr(net, "resolution", 64)) * int(getattr(net, "factor", 8)))
@@ -207,8 +215,6 @@ def export_bundle(
         (stage / "configs" / "logging.conf").write_text(
             logging_src.read_text(encoding="utf-8") if logging_src.is_file() else _LOGGING_CONF, encoding="utf-8"
         )
-        import torch
-
         (stage / "models").mkdir(parents=True)
         torch.save(state, stage / "models" / "model.pt")
         (stage / "docs").mkdir(parents=True)

@@ -166,15 +166,22 @@ class KMeansProgressHandler:
             return
         n = int(vq.reservoir.shape[0])
         left = -(-(vq.kmeans_init_points - n) // max(1, self._growth))
-        logger.warning(f"Training ended before k-means initialised the codebook ({n:,} of {vq.kmeans_init_points:,} "
-                       f"encoder outputs collected); raise max_steps by about {left} (or max_minutes), else stage 2 "
-                       "runs k-means on its first steps")
+        levels = self._levels(engine)
+        which = f" level {levels.index(vq) + 1} of {len(levels)}" if len(levels) > 1 else ""
+        logger.warning(f"Training ended before k-means initialised the codebook{which} ({n:,} of "
+                       f"{vq.kmeans_init_points:,} encoder outputs collected), so that codebook is untrained in this "
+                       f"checkpoint; raise max_steps by about {left} (or max_minutes), or train a stage that starts "
+                       "from it: it runs k-means on its first steps")
 
     @staticmethod
-    def _vq(engine):
-        """The first codebook still waiting for k-means (the last one once all are initialised)."""
+    def _levels(engine) -> list:
+        """The model's codebooks that k-means initialises, coarsest first."""
         vq = getattr(engine.model, "vq", None)
-        levels = [m for m in vq.modules() if hasattr(m, "_py_initialized") and hasattr(m, "reservoir")] if vq is not None else []
+        return [m for m in vq.modules() if hasattr(m, "_py_initialized") and hasattr(m, "reservoir")] if vq is not None else []
+
+    def _vq(self, engine):
+        """The first codebook still waiting for k-means (the last one once all are initialised)."""
+        levels = self._levels(engine)
         return next((m for m in levels if not m._py_initialized), levels[-1] if levels else None)
 
     def _started(self, engine) -> None:

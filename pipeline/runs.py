@@ -472,8 +472,8 @@ def check_fit(report: dict, path: str | os.PathLike, training_stage: int, option
     if report.get("format", "ctvq") != "ctvq":
         return
 
-    def counts(key: str) -> bool:
-        return not key.startswith("vq.") or (int(training_stage) != 1 and key.startswith("vq.embeddings"))
+    def counts(key: str) -> bool:  # stage 1 fits the quantizer anew; elsewhere its weights must fit too
+        return not key.startswith("vq.") or (int(training_stage) != 1 and key.endswith((".weight", ".bias")))
 
     missing = [k for k in report.get("missing", []) if counts(k)]
     shaped = [k for k in report.get("skipped", []) if counts(k)]
@@ -491,17 +491,32 @@ def check_fit(report: dict, path: str | os.PathLike, training_stage: int, option
 
 
 _SIZE_KEYS = ("layout", "resolution", "model_channels", "latent_channels", "num_embeddings", "channels",
-              "num_res_blocks", "num_blocks", "num_heads", "window_size")
+              "num_res_blocks", "num_blocks", "num_heads", "window_size",
+              "vq_type", "vq_depth", "vq_lookup_dim", "fsq_levels")
 
 
 def _network_def_diff(ckpt: Path, ours: Mapping) -> str:
-    """``model_channels 64 in the checkpoint's run vs 512 here, ...`` from the run's config.json, or ""."""
+    """``model_channels 64 in the checkpoint's run vs 512 here, ...`` from the run's config.json, or "".
+    A key one side leaves out counts as ``SparseVQVAE``'s default."""
+    import inspect
+
+    from networks import SparseVQVAE
+
     try:
         theirs = json.loads((ckpt.parent.parent / "config.json").read_text()).get("network_def") or {}
     except (OSError, ValueError, AttributeError):
         return ""
-    diff = [f"{k} {json.dumps(theirs[k])} vs {json.dumps(ours[k])}" for k in _SIZE_KEYS
-            if k in theirs and k in ours and theirs[k] != ours[k]]
+    if not (theirs and ours):
+        return ""
+    params = inspect.signature(SparseVQVAE).parameters
+    default = {k: params[k].default for k in _SIZE_KEYS if k in params}
+
+    def value(cfg: Mapping, key: str):
+        v = cfg.get(key, default.get(key))
+        return list(v) if isinstance(v, tuple) else v
+
+    diff = [f"{k} {json.dumps(value(theirs, k))} vs {json.dumps(value(ours, k))}" for k in _SIZE_KEYS
+            if (k in theirs or k in ours) and value(theirs, k) != value(ours, k)]
     return ("network_def " + ", ".join(diff) + " here") if diff else ""
 
 

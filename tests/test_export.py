@@ -223,3 +223,21 @@ def test_bundle_of_each_quantizer_round_trips_tokens(tmp_path, vq):
     np.testing.assert_allclose(from_bundle.decode(back), from_run.decode(back), atol=1e-6)
     if tokens.depth > 1:
         np.testing.assert_allclose(from_bundle.decode(back, depth=1), from_run.decode(back, depth=1), atol=1e-6)
+
+
+def test_export_warns_of_a_codebook_level_without_k_means(tmp_path, capsys):
+    """A run that ended before a level's k-means exports, with one warning naming the level."""
+    net_def = {**TINY, "vq_depth": 2, "vq_kmeans_init": True}
+    run = tmp_path / "run"
+    (run / "ckpts").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"window_type": "lung", "network_def": net_def}))
+    net = tiny_net(0, vq_depth=2, vq_kmeans_init=True)
+    net.vq.levels[0].initialized.fill_(True)  # level 1 got its k-means, level 2 did not
+    torch.save(net.state_dict(), run / "ckpts" / "vqvae_step0000005.pt")
+    export_bundle(run, tmp_path / "b", weights="model", make_zip=False)
+    err = capsys.readouterr().err
+    assert "codebook level 2 of 2 never got its k-means" in err and "level 1" not in err
+    net.vq.levels[1].initialized.fill_(True)
+    torch.save(net.state_dict(), run / "ckpts" / "vqvae_step0000005.pt")
+    export_bundle(run, tmp_path / "b", weights="model", make_zip=False, overwrite=True)
+    assert "k-means" not in capsys.readouterr().err

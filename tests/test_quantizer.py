@@ -344,3 +344,9 @@ def test_simvq_basis_stays_frozen_in_every_stage():
     for stage in (1, 2):
         freeze_for_stage(model, stage)
         assert not model.vq.embeddings.weight.requires_grad and model.vq.code_map.weight.requires_grad
+
+
+def test_fsq_refuses_levels_that_do_not_give_the_codebook_size():
+    with pytest.raises(ValueError, match=r"fsq_levels \[8, 8, 8, 4, 4\] give 8192 codes but num_embeddings is 128"):
+        build_quantizer("fsq", num_embeddings=128, embedding_dim=8)
+    assert build_quantizer("fsq", num_embeddings=128, embedding_dim=8, fsq_levels=(8, 4, 4)).num_embeddings == 128

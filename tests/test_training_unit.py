@@ -166,6 +166,32 @@ def test_stage1_refuses_checkpoint_of_another_size(tmp_path):
     assert [n for n, p in net.named_parameters() if p.requires_grad] == ["vq.embeddings.weight"]
 
 
+@pytest.mark.parametrize("other", [{"vq_type": "simvq"}, {"vq_depth": 2}, {"vq_type": "fsq", "fsq_levels": [4, 4]}])
+def test_stage2_refuses_a_checkpoint_of_another_quantizer(tmp_path, other):
+    """Stage 2 needs the codebook it starts from: a checkpoint of another quantizer kind or depth is
+    refused in one line naming the network_def keys (stage 1, which fits the quantizer anew, takes it)."""
+    import json
+
+    from networks import SparseVQVAE
+    from pipeline.io_utils import CheckpointError
+    from pipeline.runs import check_fit, load_partial
+    from pipeline.stages import prepare_network
+
+    path = tmp_path / "stage1" / "ckpts" / "vqvae_step0000001.pt"
+    path.parent.mkdir(parents=True)
+    torch.save(SparseVQVAE(**{**TINY, **other}).state_dict(), path)
+    (tmp_path / "stage1" / "config.json").write_text(json.dumps({"network_def": {**TINY, **other}}))
+    with pytest.raises(CheckpointError, match="another model .*tensors (missing|unexpected)") as err:
+        prepare_network(_model(), 2, pretrained_vae_path=str(path))
+    assert "\n" not in str(err.value)
+    with pytest.raises(CheckpointError) as err:  # with the configured network_def: the keys that differ, named
+        check_fit(load_partial(_model(), path), path, 2, network_def=dict(TINY))
+    key = next(iter(other))
+    assert f"network_def {key} {json.dumps(other[key])} vs " in str(err.value)
+    net = prepare_network(_model(), 1, pretrained_vae_path=str(path))  # stage 1: the quantizer starts anew
+    assert net.vq.embeddings.weight.requires_grad
+
+
 def test_kmeans_progress_is_logged(data, caplog):
     """Stage 1's k-means waits for a full reservoir: its filling and the k-means step are logged."""
     from networks import SparseVQVAE
