@@ -127,7 +127,8 @@ def resolve_window(dataset_config: dict, window: str | WindowSpec) -> tuple[Wind
     except ValueError:
         raise KeyError(
             f"window_type '{name}' is neither a preset ({', '.join(WINDOW_PRESETS)}) nor listed in "
-            f"dataset_config.json windows ({', '.join(listed) or 'none'}); preprocess with that window or pick another"
+            f"dataset_config.json windows ({', '.join(listed) or 'none'}); give it as NAME:WIDTH:LEVEL (e.g. "
+            f"'{name}:150:60'; a compact dataset computes any window), preprocess with it, or pick another"
         ) from None
     return spec, f"windows/{spec.filename}"
 

@@ -539,6 +539,9 @@ def test_preprocess_out_dir_that_is_a_file(tmp_path):
     proc = cli("pipeline.preprocess", str(tmp_path / "raw"), str(tmp_path / "out"), "--no-progress")
     one_line_error(proc, "OUT_DIR", "is a file")
     assert (tmp_path / "out").read_text() == "a file"
+    proc = cli("pipeline.preprocess", str(tmp_path / "nope"), str(tmp_path / "o2"), "--no-progress")
+    assert proc.stderr.strip().splitlines() == [f"preprocess: error: RAW_DIR {tmp_path / 'nope'} is not a folder; pass "
+                                                "the folder of your raw CT collections"] and proc.returncode == 2
 
 
 def test_truncated_processed_array_is_skipped_with_its_name(tmp_path):
@@ -554,3 +557,18 @@ def test_truncated_processed_array_is_skipped_with_its_name(tmp_path):
     assert str(win) in ds.failed[0]["error"] and "rerun ./run.sh preprocess" in ds.failed[0]["error"]
     proc = cli("pipeline.check_data", str(tmp_path), "--window", "lung", "--min_points", "10")
     assert proc.returncode == 0 and "Traceback" not in proc.stderr and str(win) in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_preprocess_names_every_failed_case_with_its_reason_at_the_end(tmp_path):
+    """The last lines of a run with bad cases list each one with its reason (a long run's log is read
+    from the end), and the run still writes the good case."""
+    _nifti(tmp_path / "raw" / "d" / "good.nii.gz")
+    for name in ("bad1.nii.gz", "bad2.nii.gz"):
+        (tmp_path / "raw" / "d" / name).write_bytes(b"not a nifti at all")
+    proc = cli("pipeline.preprocess", str(tmp_path / "raw"), str(tmp_path / "out"), "-", "0", "--resolution", "32",
+               "--no-progress")
+    assert proc.returncode == 1
+    tail = [line for line in proc.stderr.strip().splitlines() if line.startswith("preprocess: failed: ")]
+    assert [line.split(":")[2].strip() for line in tail] == ["d/bad1", "d/bad2"], proc.stderr
+    assert all(len(line.split(": ", 3)) == 4 and "bad" in line.split(": ", 3)[3] for line in tail), tail
+    assert "1 ok, 2 failed" in proc.stdout

@@ -84,3 +84,22 @@ def test_kill_mid_case_then_resume(ct_data_dir, tmp_path):
 
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "3 skipped" in again.stdout, again.stdout
+
+
+def test_interrupted_overwrite_keeps_the_rows_of_cases_still_on_disk(tmp_path):
+    """--overwrite reprocesses every case; until a case's folder is cleared, its old row stays in
+    metadata.csv (a kill there must not hide complete cases from check-data and training)."""
+    from pipeline.preprocess.markers import METADATA_COLUMNS, MetadataFile
+    from pipeline.io_utils import save_csv
+
+    ds = tmp_path / "ds"
+    for cid in ("kept", "cleared"):
+        (ds / "processed" / cid).mkdir(parents=True)
+    (ds / "processed" / "kept" / "hu.bin").write_bytes(b"12")
+    (ds / "processed" / "kept" / ".complete").write_text(json.dumps({"key": "old", "files": {"hu.bin": 2}}))
+    save_csv(ds / "metadata.csv", [{"case_id": c, "status": "ok"} for c in ("cleared", "kept")], METADATA_COLUMNS)
+    meta = MetadataFile(ds, {"kept", "cleared", "new"}, {"kept", "cleared", "new"})
+    meta.rows["new"] = {"case_id": "new", "status": "ok"}
+    meta.write()
+    with open(ds / "metadata.csv", newline="") as f:
+        assert [r["case_id"] for r in csv.DictReader(f)] == ["kept", "new"]

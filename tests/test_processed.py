@@ -103,3 +103,14 @@ def test_case_geometry_reads_either_affine_name():
         g = case_geometry({key: aff.tolist(), "source_shape": [4, 5, 6], "source": "s.nii.gz"})
         assert np.array_equal(g["cube_affine"], aff) and g["source_shape"] == [4, 5, 6] and g["source"] == "s.nii.gz"
     assert case_geometry({}) == {}
+
+
+def test_unknown_window_name_says_how_to_give_it():
+    """A window name that is neither a preset nor preprocessed: the message shows the NAME:W:L form,
+    which a compact dataset computes without preprocessing again."""
+    from pipeline.processed import resolve_window
+
+    with pytest.raises(KeyError, match="give it as NAME:WIDTH:LEVEL \\(e.g. 'liver:150:60'"):
+        resolve_window({"windows": {}}, "liver")
+    spec, _ = resolve_window({"windows": {}}, "liver:150:60")
+    assert (spec.name, spec.width, spec.level) == ("liver", 150.0, 60.0)

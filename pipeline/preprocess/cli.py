@@ -97,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="process only shard K of N (every N-th case, sorted by dataset/case id): one command per node "
                    "into one shared OUT_DIR, e.g. a SLURM array --shard $SLURM_ARRAY_TASK_ID/N with --array=1-N")
     p.add_argument("--dry-run", action="store_true",
-                   help="list what would be processed, skipped (complete) and refused; write nothing")
+                   help="list what would be processed (with each scan's label map), skipped (complete) and "
+                   "refused; write nothing. It reads no image data: a file that is damaged inside is listed "
+                   "to process and fails, in one line, only in the real run")
     p.add_argument("--overwrite", action="store_true", help="reprocess cases that are already complete")
     p.add_argument("--no-progress", action="store_true", help="no progress (default: a bar with cases/s and ETA on a "
                    "terminal, a line every 30 s otherwise)")
@@ -133,10 +135,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parse_shard(args.shard)
     except ValueError as e:
         parser.error(str(e))
+    path_error = None  # a wrong path is not a usage mistake: one line, no usage block
     if not Path(args.raw_dir).is_dir():
-        parser.error(f"RAW_DIR {args.raw_dir} is not a folder; pass the folder of your raw CT collections")
-    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
-        parser.error(f"OUT_DIR {args.out_dir} is a file; pass a folder for the processed datasets")
+        path_error = f"RAW_DIR {args.raw_dir} is not a folder; pass the folder of your raw CT collections"
+    elif Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        path_error = f"OUT_DIR {args.out_dir} is a file; pass a folder for the processed datasets"
+    if path_error:
+        print(f"preprocess: error: {path_error}", file=sys.stderr)
+        return 2
 
     def _term(signum, frame):
         raise KeyboardInterrupt
@@ -154,8 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.dry_run:
         return 0
-    for name in s["failed_cases"][:20]:
-        print(f"preprocess: failed: {name} (see metadata.csv)", file=sys.stderr)
+    for failure in s["failed_cases"][:20]:  # again at the end, where a long run's log is read first
+        print(f"preprocess: failed: {failure}", file=sys.stderr)
+    if len(s["failed_cases"]) > 20:
+        print(f"preprocess: ... {len(s['failed_cases']) - 20} more failed cases in each dataset's metadata.csv",
+              file=sys.stderr)
     print(summary_line(s, args.out_dir, args.shard))
     return 1 if s["failed"] else 0
 

@@ -103,7 +103,8 @@ def run(
         dry_run: list what would be processed, skipped and refused; write nothing.
 
     Returns:
-        summary ``{"ok", "failed", "skipped", "total", "datasets", "seconds", "failed_cases"}``
+        summary ``{"ok", "failed", "skipped", "total", "datasets", "seconds", "failed_cases"}`` (``failed_cases``:
+        ``"dataset/case_id: reason"``)
         (dry run: ``{"process", "skip", "refuse", "other_shards", "total", "datasets"}``).
     """
     t0 = time.perf_counter()
@@ -188,8 +189,8 @@ def run(
                 summary["ok"] += 1
             else:
                 summary["failed"] += 1
-                summary["failed_cases"].append(f"{result['dataset']}/{row['case_id']}")
-                msg = f"preprocess: FAILED {result['dataset']}/{row['case_id']}: {row['error']}"
+                summary["failed_cases"].append(f"{result['dataset']}/{row['case_id']}: {row['error']}")
+                msg = f"preprocess: FAILED {summary['failed_cases'][-1]}"
                 bar.write(msg) if bar.enabled else log(msg)
             meta[result["dataset"]].write()
             bar.update(ok)

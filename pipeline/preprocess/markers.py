@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from pipeline.discovery import Case
 from pipeline.io_utils import TMP_TAG, FolderLock, save_csv
 from pipeline.preprocess.config import PreprocessConfig
-from pipeline.processed import METADATA_CSV
+from pipeline.processed import METADATA_CSV, marker_is_valid
 
 __all__ = ["METADATA_COLUMNS", "case_key", "parse_shard", "shard_of", "MetadataFile", "remove_own_tmp"]
 
@@ -89,7 +89,9 @@ class MetadataFile:
 
     Each write takes ``<dataset>/.metadata.lock``, reads the file, keeps the rows of the other
     shards' cases (only those still found), puts this shard's rows in, and replaces the file
-    atomically; a shard's cases without a row yet (being processed) have none.
+    atomically. A case of this shard without a new row keeps its old one while its earlier output
+    is still complete on disk (an interrupted ``--overwrite`` run loses no row); once its folder
+    is cleared for processing it has none.
     """
 
     def __init__(self, ds_dir: Path, all_ids: set[str], own_ids: set[str]):
@@ -107,7 +109,8 @@ class MetadataFile:
                 with open(path, newline="", encoding="utf-8") as f:
                     for row in csv.DictReader(f):
                         cid = row.get("case_id", "")
-                        if cid in self.all_ids and cid not in self.own_ids:
+                        if cid in self.all_ids and (cid not in self.own_ids
+                                                    or marker_is_valid(self.ds_dir / "processed" / cid)):
                             merged[cid] = row
             merged.update(self.rows)
             save_csv(path, [merged[k] for k in sorted(merged)], METADATA_COLUMNS)
