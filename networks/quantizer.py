@@ -403,6 +403,7 @@ class FSQuantizer(nn.Module):
     def fit(self, z: torch.Tensor) -> None:
         """Fit both projections to encoder outputs ``z`` [N, D] (rank 0, then broadcast)."""
         k = len(self.levels)
+        spread = torch.zeros(k)
         if not _dist() or dist.get_rank() == 0:
             z = z.detach().float().reshape(-1, self.embedding_dim)
             mean = z.mean(0)
@@ -418,7 +419,8 @@ class FSQuantizer(nn.Module):
                 dist.broadcast(t.data, 0)
         self.initialized.fill_(True)
         self._py_initialized = True
-        logger.info("fsq: projections fitted to %d encoder outputs", z.shape[0])
+        logger.info("fsq: projections fitted to %d encoder outputs (spread along the %d principal directions: %s)",
+                    z.shape[0], k, ", ".join(f"{float(v):.3g}" for v in spread))
 
     def _digits(self, z: torch.Tensor) -> torch.Tensor:
         """Rounded (straight-through) digits centred on 0: [N, len(levels)] fp32."""
