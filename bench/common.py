@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -41,24 +42,57 @@ RESULTS_DIR = ROOT / "bench" / "results"
 # --------------------------------------------------------------------------------------------
 
 
+# Default ``--budget`` seconds (on CUDA, full runs) of the scripts that honour it; the others run
+# every configuration. ``default_budget`` falls back to 150 s for a script that sets none.
+BUDGETS = {"train_step": 150.0, "inference": 100.0, "dataloader": 90.0}
+
+
+def scratch_dir() -> Path:
+    """Where ``--small`` runs write by default: ``$TMPDIR/ctvq_bench`` (outside the repository)."""
+    return Path(tempfile.gettempdir()) / "ctvq_bench"
+
+
+class _SmallAction(argparse.Action):
+    """``--small``: also moves ``--out``'s default to :func:`scratch_dir` (a smoke run's numbers
+    mean nothing and must not overwrite ``bench/results/``); an explicit ``--out`` still wins."""
+
+    def __init__(self, option_strings, dest, out_default=None, scratch_out=None, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+        self.out_default, self.scratch_out = out_default, scratch_out
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True)
+        if self.scratch_out is not None and getattr(namespace, "out", None) is self.out_default:
+            namespace.out = self.scratch_out
+
+
 def add_common_args(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
     """Add the options every bench script shares.
 
     Args:
         parser: the script's parser.
-        name: the script name; the default JSON output is ``bench/results/<name>.json``.
+        name: the script name; the default JSON output is ``bench/results/<name>.json``, or
+            ``$TMPDIR/ctvq_bench/<name>.json`` with ``--small``.
     """
+    out_default = RESULTS_DIR / f"{name}.json"
+    scratch_out = scratch_dir() / f"{name}.json"
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device to benchmark on (default: cuda when available)")
-    parser.add_argument("--small", action="store_true",
-                        help="tiny volume and tiny models, for a CPU smoke run in seconds")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"{name}.json",
-                        help=f"JSON results file (default: bench/results/{name}.json)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed for weights and crops")
-    parser.add_argument("--budget", type=float, default=None,
-                        help="wall-clock seconds for the whole script; configurations that would start "
-                             "after it are recorded as skipped (default on cuda: train_step 150, inference 100, "
-                             "dataloader 90, counted after the scan is loaded; 60 with --small or on cpu)")
+    parser.add_argument("--small", action=_SmallAction, out_default=out_default, scratch_out=scratch_out,
+                        help="tiny volume and tiny models, for a CPU smoke run in seconds (writes to "
+                             f"{scratch_out} unless --out is given)")
+    parser.add_argument("--out", type=Path, default=out_default,
+                        help=f"JSON results file (default: bench/results/{name}.json; with --small "
+                             f"{scratch_out}, outside the repository)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for weights and crops (default 0)")
+    if name in BUDGETS:
+        parser.set_defaults(default_budget=BUDGETS[name])
+        budget_help = (f"wall-clock seconds for the whole script; configurations that would start after it are "
+                       f"recorded as skipped (default: {BUDGETS[name]:g} on cuda, counted after the "
+                       f"{'dataset is indexed' if name == 'dataloader' else 'scan is loaded'}; 60 with --small or on cpu)")
+    else:
+        budget_help = "accepted for a common command line; this script has no time budget and runs every configuration"
+    parser.add_argument("--budget", type=float, default=None, help=budget_help)
     return parser
 
 

@@ -1,5 +1,5 @@
-"""Training-data throughput: sparse crops per second from the processed layout with 1, 2 and 4
-DataLoader workers, set against the training step rate, to show the GPU is never waiting.
+"""Training-data throughput: sparse crops per second from the processed layout with 1, 2, 4 and 8
+DataLoader workers (``--workers``), set against the training step rate, to show the GPU is never waiting.
 
 Uses the training dataset itself (``pipeline.dataset.CTWindowSparseDataset`` with its
 ``StepSampler`` and ``sparse_collate``): the window of a random 8-aligned crop with at most
@@ -9,7 +9,7 @@ from the guide layout's memory-mapped window), sparse collate, and (on CUDA) the
     python bench/dataloader.py --nifti scan.nii.gz [--layout compact|guide] --train-json bench/results/train_step.json
     python bench/dataloader.py --data-dir processed_dataset --step-rate 15.6
     python bench/dataloader.py --case processed_dataset/<name>/processed/<case_id> --step-rate 2.5
-    python bench/dataloader.py --small --device cpu      # smoke run
+    python bench/dataloader.py --small --device cpu      # smoke run (writes $TMPDIR/ctvq_bench/dataloader.json)
 """
 
 from __future__ import annotations
@@ -40,13 +40,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(p, "dataloader")
     add_scan_args(p)
+    for action in p._actions:  # the scan's --case help names the guide layout's files only
+        if action.dest == "case":
+            action.help = ("processed case folder <dataset>/processed/<case_id>, either layout (compact: hu.chunks, "
+                           "body_mask.chunks; guide: windows/, body_mask_512.npy); the whole dataset holding it "
+                           "(<dataset>, two folders up) is benchmarked, not the case alone")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="root of processed datasets (searched recursively); default: the dataset holding --case "
                         "(or the case built from --nifti / the phantom)")
     p.add_argument("--layout", choices=["compact", "guide"], default="compact",
                    help="layout of the case built from --nifti or the phantom: compact (default, ./run.sh preprocess "
                         "on the scan) or guide")
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8], help="DataLoader worker counts (default 1 2 4 8: training uses up to 8)")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8], help="DataLoader worker counts (default 1 2 4 8: training uses at most 8, "
+                        "pipeline.distributed.default_num_workers)")
     p.add_argument("--batch-size", type=int, default=1, help="samples per batch (default 1, as train_step)")
     p.add_argument("--max-points", type=int, default=None,
                    help="crop budget in support voxels (default: the shipped training crop, dataset#args#max_points of "

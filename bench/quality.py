@@ -55,12 +55,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train", required=True, type=Path, help="processed training folder (./run.sh preprocess output)")
     p.add_argument("--eval", required=True, type=Path, help="processed evaluation folder (whole scans, never trained on)")
     p.add_argument("--minutes", required=True, type=float, help="training time of each model")
-    p.add_argument("--small", action="store_true", help="tiny models (CPU smoke run)")
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--small", action="store_true",
+                   help=f"tiny models (CPU smoke run; --out defaults to {C.scratch_dir() / 'quality.json'})")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device to train and evaluate on (default: cuda when available, else cpu)")
     p.add_argument("--window", default="lung", help="window both models learn (default lung)")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quality.json", help="JSON result")
-    p.add_argument("--work", type=Path, help="run folders and weights (default: beside --out)")
-    p.add_argument("--stage-split", default="0.6,0.05,0.35", help="shares of --minutes for ctvq's stages 0, 1, 2")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON result; a Markdown table and the pictures go beside it (default: "
+                        f"bench/results/quality.json; with --small {C.scratch_dir() / 'quality.json'}, outside "
+                        "the repository)")
+    p.add_argument("--work", type=Path, help="run folders and weights (default: <out stem>_work/ beside --out)")
+    p.add_argument("--stage-split", default="0.6,0.05,0.35",
+                   help="shares of --minutes for ctvq's stages 0, 1, 2 (default 0.6,0.05,0.35)")
     p.add_argument("--ctvq-override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for every ctvq stage (e.g. network_def#vq_depth=4)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE",
@@ -69,8 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None, help="data loader workers (default: up to 8, the CPUs there are)")
     p.add_argument("--crop", type=int, default=128, help="VQVAE crop edge (default 128)")
     p.add_argument("--train-only", action="store_true", help="train (or keep) the models, evaluate later")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = (C.scratch_dir() if args.small else C.RESULTS_DIR) / "quality.json"
     args.work = args.work or args.out.with_suffix("").parent / (args.out.stem + "_work")
     args.split = [float(s) for s in args.stage_split.split(",")]
     if len(args.split) != 3 or abs(sum(args.split) - 1) > 1e-6:

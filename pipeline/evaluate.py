@@ -346,7 +346,7 @@ def training_cases(model_source: Any) -> list[str] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description="Evaluate a model on whole processed scans.")
+    p = argparse.ArgumentParser(prog="./run.sh evaluate", description="Evaluate a model on whole processed scans.")
     p.add_argument("--ckpt", default=None, help="checkpoint RUN_DIR/ckpts/*.pt (model from RUN_DIR/config.json), or a run folder")
     p.add_argument("--config", default=None, help="run config.json for --ckpt (default: RUN_DIR/config.json)")
     p.add_argument("--bundle", default=None, help="exported bundle folder instead of --ckpt")

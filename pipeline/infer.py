@@ -31,6 +31,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -147,12 +148,29 @@ def cli_errors():
 
     try:
         yield
-    except (TokenizerError, CTLoadError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except (TokenizerError, CTLoadError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            PermissionError) as e:
         if os.environ.get("CTVQ_DEBUG"):
             raise
         msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
         print(f"error: {msg}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _check_out(cmd: str, out: str) -> str | None:
+    """Why OUT is refused before any work (one line naming the path and the fix), or None."""
+    path = Path(out)
+    name = path.name
+    stem = next((name[: -len(x)] for x in (".nii.gz", ".nii", ".npz", ".npy", ".gz") if name.endswith(x)), name)
+    if path.is_dir():
+        example = "tokens.npz" if cmd == "encode" else "decoded.nii.gz"
+        return f"{out}: is a folder; OUT is the file to write, e.g. {path / example}"
+    if cmd == "encode" and not name.endswith(".npz"):
+        return f"{out}: encode writes a token file (.npz); give OUT a .npz name, e.g. {path.with_name(stem + '.npz')}"
+    if cmd == "decode" and not name.endswith((".nii.gz", ".nii")):
+        return (f"{out}: decode writes NIfTI; give OUT a .nii.gz (compressed) or .nii name, "
+                f"e.g. {path.with_name(stem + '.nii.gz')}")
+    return None
 
 
 def _tokenizer_from_args(a) -> Tokenizer:
@@ -182,16 +200,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     e = sub.add_parser("encode", help="scan -> tokens .npz")
     e.add_argument("scan", help="DICOM folder or .zip, NIfTI, NRRD or MHA")
-    e.add_argument("out", help="output token file (.npz)")
+    e.add_argument("out", help="output token file (must end in .npz)")
     model_args(e)
     d = sub.add_parser("decode", help="tokens .npz -> NIfTI in HU")
     d.add_argument("tokens", help="token file from encode")
-    d.add_argument("out", help="output .nii.gz")
+    d.add_argument("out", help="output NIfTI in HU (must end in .nii.gz or .nii)")
     d.add_argument("--original-grid", action="store_true", help="resample onto the scan's own grid and affine")
     d.add_argument("--depth", type=int, default=None,
                    help="decode the first DEPTH residual code levels (default: all the token file holds)")
     model_args(d)
     a = p.parse_args(argv)
+    refused = _check_out(a.cmd, a.out)
+    if refused:  # before loading the model or the scan: nothing is written
+        print(f"error: {refused}", file=sys.stderr)
+        raise SystemExit(2)
     with cli_errors():
         tok = _tokenizer_from_args(a)
         t0 = time.perf_counter()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import os
@@ -85,6 +86,8 @@ def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
             costs time on big files; a killed process is safe without it).
     """
     path = Path(path)
+    if path.is_dir():  # os.replace would fail only after the caller's work; say so before it
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file to write", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(path)
     try:

@@ -96,6 +96,84 @@ def test_help(script, capsys):
     assert "--device" in out and "--small" in out and "--out" in out
 
 
+def _option_help(help_text: str, option: str) -> str:
+    """The help of ``option`` in an argparse ``--help`` text, on one line."""
+    lines = help_text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith(option + " ") or line.strip() == option)
+    end = next((i for i in range(start + 1, len(lines))
+                if lines[i].strip().startswith("-") or not lines[i].strip()), len(lines))
+    return " ".join(" ".join(lines[start:end]).split())
+
+
+COMMON_SCRIPTS = ["train_step", "inference", "dataloader", "sparse_ops", "profile_step"]
+
+
+@pytest.mark.parametrize("script", COMMON_SCRIPTS)
+def test_small_runs_write_outside_the_repository(script):
+    """``--small`` moves ``--out``'s default to $TMPDIR/ctvq_bench (the committed bench/results/ stay as
+    they are); full runs keep bench/results/<name>.json, and an explicit --out wins in either order."""
+    import tempfile
+
+    mod = __import__(f"bench.{script}", fromlist=["parse_args"])
+    assert mod.parse_args([]).out == C.RESULTS_DIR / f"{script}.json"
+    small = mod.parse_args(["--small"]).out
+    assert small == Path(tempfile.gettempdir()) / "ctvq_bench" / f"{script}.json"
+    assert ROOT not in small.resolve().parents
+    for argv in (["--small", "--out", "x.json"], ["--out", "x.json", "--small"]):
+        assert mod.parse_args(argv).out == Path("x.json")
+    assert mod.parse_args(["--out", str(C.RESULTS_DIR / f"{script}.json"), "--small"]).out == \
+        C.RESULTS_DIR / f"{script}.json"
+
+
+@pytest.mark.parametrize("script", COMMON_SCRIPTS)
+def test_budget_help_shows_the_scripts_own_default(script, capsys):
+    mod = __import__(f"bench.{script}", fromlist=["parse_args"])
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--help"])
+    budget = _option_help(capsys.readouterr().out, "--budget")
+    if script in C.BUDGETS:
+        assert mod.parse_args([]).default_budget == C.BUDGETS[script]
+        assert f"default: {C.BUDGETS[script]:g} on cuda" in budget
+        others = [f"{v:g}" for k, v in C.BUDGETS.items() if k != script and v != C.BUDGETS[script]]
+        assert not any(f" {o} " in budget for o in others), budget
+    else:
+        assert "no time budget" in budget
+
+
+def test_dataloader_help_matches_its_defaults(capsys):
+    from bench import dataloader
+
+    assert dataloader.parse_args([]).workers == [1, 2, 4, 8]
+    assert "1, 2, 4 and 8" in " ".join(dataloader.__doc__.split())
+    with pytest.raises(SystemExit):
+        dataloader.parse_args(["--help"])
+    case = _option_help(capsys.readouterr().out, "--case")
+    assert "compact" in case and "whole dataset" in case
+    readme = " ".join((ROOT / "bench" / "README.md").read_text().split())
+    assert "1, 2, 4 and 8 DataLoader workers" in readme and "1, 2 and 4 DataLoader workers" not in readme
+
+
+def test_quality_out_and_help(capsys, tmp_path):
+    import tempfile
+
+    from bench import quality
+
+    base = ["--train", str(tmp_path), "--eval", str(tmp_path), "--minutes", "1"]
+    full = quality.parse_args(base)
+    assert full.out == C.RESULTS_DIR / "quality.json" and full.work == C.RESULTS_DIR / "quality_work"
+    small = quality.parse_args([*base, "--small"])
+    assert small.out == Path(tempfile.gettempdir()) / "ctvq_bench" / "quality.json"
+    assert ROOT not in small.work.resolve().parents
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--help"])
+    out = capsys.readouterr().out
+    for opt, default in (("--out", "bench/results/quality.json"), ("--stage-split", "0.6,0.05,0.35"),
+                         ("--device", "cuda when available"), ("--seed", "default 0")):
+        assert default in _option_help(out, opt), opt
+    # its work folder is never committed
+    assert "bench/results/*_work/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
 def test_train_step_smoke(cache, tmp_path):
     from bench import train_step
 

@@ -157,6 +157,57 @@ def test_errors(run_dir, phantom, tmp_path, capsys):
     assert "x.npz" in _one_line_error(capsys, ["decode", str(tmp_path / "x.npz"), str(tmp_path / "r.nii.gz"), "--ckpt", str(ck)])
 
 
+@pytest.mark.parametrize("cmd,out,fix", [
+    ("encode", "tokens_wrong.nii.gz", ".npz"),
+    ("encode", "tokens", ".npz"),
+    ("decode", "out.npy", ".nii.gz"),
+    ("decode", "out.npz", ".nii.gz"),
+    ("encode", "a_folder", "is a folder"),
+    ("decode", "a_folder.nii.gz", "is a folder"),
+])
+def test_out_refused_before_any_work(run_dir, phantom, tmp_path, capsys, monkeypatch, cmd, out, fix):
+    """OUT of the wrong kind, or an existing folder: one line naming it and the fix, exit 2, nothing
+    written, and the model is never loaded (the check comes first)."""
+    import pipeline.infer as infer
+
+    ck = run_dir / "ckpts" / "vqvae_step0000010.pt"
+    tokens = tmp_path / "in.npz"
+    Tokenizer.from_checkpoint(ck, device="cpu").encode(str(phantom)).save(tokens)
+    target = tmp_path / out
+    if "folder" in out:
+        target.mkdir()
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    monkeypatch.setattr(infer, "_tokenizer_from_args", lambda a: pytest.fail("the model was loaded"))
+    src = str(phantom) if cmd == "encode" else str(tokens)
+    with pytest.raises(SystemExit) as e:
+        main([cmd, src, str(target), "--ckpt", str(ck), "--device", "cpu"])
+    assert e.value.code == 2  # as the module's other usage errors (cli_errors)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {target}:") and "\n" not in err and fix in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    assert not target.exists() or target.is_dir() and not any(target.iterdir())
+
+
+@pytest.mark.parametrize("out", ["r.nii"])
+def test_decode_writes_nii_too(run_dir, phantom, tmp_path, out):
+    ck = run_dir / "ckpts" / "vqvae_step0000010.pt"
+    Tokenizer.from_checkpoint(ck, device="cpu").encode(str(phantom)).save(tmp_path / "t.npz")
+    assert main(["decode", str(tmp_path / "t.npz"), str(tmp_path / out), "--ckpt", str(ck), "--device", "cpu"]) == 0
+    assert nib.load(str(tmp_path / out)).shape == (32, 32, 32)
+
+
+def test_atomic_path_refuses_a_folder_before_writing(tmp_path):
+    from pipeline.io_utils import atomic_path, save_text
+
+    (tmp_path / "d").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        with atomic_path(tmp_path / "d"):
+            pytest.fail("the body ran")
+    with pytest.raises(IsADirectoryError):
+        save_text(tmp_path / "d", "x")
+    assert [p.name for p in tmp_path.iterdir()] == ["d"] and not any((tmp_path / "d").iterdir())
+
+
 def test_cli_subprocess_no_traceback(run_dir, tmp_path):
     """run.sh path: a refused scan gives one line on stderr and a non-zero exit."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -209,3 +260,14 @@ def test_residual_tokens_round_trip_and_decode_by_depth(tmp_path):
     assert main(["decode", str(path), str(out), "--ckpt", str(run / "ckpts" / "vqvae_step0000010.pt"), "--device", "cpu",
                  "--depth", "1"]) == 0
     assert nib.load(out).shape == (32, 32, 32)
+
+
+def test_evaluate_usage_names_run_sh(capsys):
+    """``./run.sh evaluate --help`` shows the command the user typed, as train and preprocess do."""
+    from pipeline import evaluate
+
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ./run.sh evaluate") and "python -m pipeline.evaluate" not in out

@@ -240,6 +240,22 @@ def test_refuse_text_named_nii_and_truncated(ct_data_dir, tmp_path):
         LoadCT()(two_d)
 
 
+def test_truncated_nifti_sizes_in_a_unit_that_fits(tmp_path):
+    """A 40 MiB image in a file of 1 MiB reads '(40.0 MiB) but the file holds 1.0 MiB', not '(0.0 GiB)'."""
+    nib = pytest.importorskip("nibabel")
+    full = tmp_path / "full.nii"
+    nib.save(nib.Nifti1Image(np.zeros((256, 256, 320), np.int16), np.eye(4)), str(full))
+    trunc = tmp_path / "trunc.nii"
+    trunc.write_bytes(full.read_bytes()[: 2**20])
+    with pytest.raises(CTLoadError) as e:
+        LoadCT()(trunc)
+    msg = str(e.value)
+    assert "256 x 256 x 320 image (40.0 MiB) but the file holds 1.0 MiB" in msg and "GiB" not in msg
+    from transforms.image_files import _size
+
+    assert [_size(n) for n in (812, 3584, 40 * 2**20, 1.5 * 2**30)] == ["812 bytes", "3.5 KiB", "40.0 MiB", "1.5 GiB"]
+
+
 def test_refuse_truncated_dicom(phantom_files, tmp_path):
     folder = tmp_path / "trunc"
     folder.mkdir()

@@ -36,6 +36,14 @@ class quiet_itk:
         return False
 
 
+def _size(nbytes: float) -> str:
+    """Bytes in the unit that fits: ``812 bytes``, ``3.5 KiB``, ``40.0 MiB``, ``1.4 GiB``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{int(nbytes)} bytes"
+
+
 def _check_claimed_size(path, shape, itemsize: int, compressed: bool) -> None:
     """Refuses a header whose image size the file cannot hold (truncated file or a forged header),
     before any memory is allocated for it."""
@@ -44,8 +52,8 @@ def _check_claimed_size(path, shape, itemsize: int, compressed: bool) -> None:
     have = os.path.getsize(path)
     # raw data is at most the file size; compressed CT shrinks far less than 1000x
     if need > have * (1000 if compressed else 1) or voxels > 2**34:
-        raise fail(path, f"header claims a {' x '.join(str(int(v)) for v in shape)} image ({need / 2**30:.1f} GiB) "
-                   f"but the file holds {have / 2**20:.1f} MiB", "the file is truncated or its header is wrong; re-export it")
+        raise fail(path, f"header claims a {' x '.join(str(int(v)) for v in shape)} image ({_size(need)}) "
+                   f"but the file holds {_size(have)}", "the file is truncated or its header is wrong; re-export it")
 
 
 def load_nifti(path: str) -> tuple[np.ndarray, np.ndarray]:
