@@ -185,7 +185,7 @@ def _tokenizer_from_args(a) -> Tokenizer:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.infer", description="Encode CT scans to tokens and decode them back.")
+    p = argparse.ArgumentParser(prog="./run.sh", description="Encode CT scans to tokens and decode them back.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def model_args(q):
