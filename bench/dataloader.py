@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="crops timed per worker count after the first batch (default 200, or 8 with --small)")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="time cap per worker count (default 10)")
+    p.add_argument("--no-gpu-copy", action="store_true",
+                   help="on CUDA, leave out pinning and the copy to the GPU: the crops/s the workers hand to the "
+                        "main process alone (compare with a run without it to see which of the two limits)")
     rate = p.add_argument_group("training step rate for the ratio (optional)")
     rate.add_argument("--step-rate", type=float, default=None, help="training steps per second")
     rate.add_argument("--train-json", type=Path, default=None,
@@ -117,8 +120,9 @@ def bench_workers(ds, sampler_cls, collate, workers: int, args, device, cap: flo
     from torch.utils.data import DataLoader
 
     sampler = sampler_cls(ds, batch_size=args.batch_size, seed=args.seed)
+    copy = device.type == "cuda" and not args.no_gpu_copy
     loader = DataLoader(ds, batch_size=args.batch_size, sampler=sampler, collate_fn=collate, num_workers=workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+                        pin_memory=copy, persistent_workers=False)
     it = iter(loader)
     t0 = time.perf_counter()
     first = next(it)
@@ -128,7 +132,7 @@ def bench_workers(ds, sampler_cls, collate, workers: int, args, device, cap: flo
     try:
         while n < args.num_crops and time.perf_counter() - start < cap:
             batch = next(it)
-            if device.type == "cuda":
+            if copy:
                 batch["indices"].to(device, non_blocking=True)
                 batch["features"].to(device, non_blocking=True)
                 torch.cuda.synchronize(device)
@@ -204,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     notes = [
         f"data: {data_dir}, window {window}; CTWindowSparseDataset(split='all', max_points={args.max_points}) + "
         f"StepSampler + sparse_collate, batch {args.batch_size}"
-        + ("; each batch copied to the GPU" if device.type == "cuda" else ""),
+        + ("; each batch pinned and copied to the GPU" if device.type == "cuda" and not args.no_gpu_copy else
+           "; batches not copied to the GPU (--no-gpu-copy)" if device.type == "cuda" else ""),
         "crops/s counts batches after the first one (worker start-up shown apart as 'first batch'); memory maps "
         "are read through the page cache, so a one-case dataset is a best case for disk reads",
     ]

@@ -223,6 +223,21 @@ def test_dataloader_smoke(cache, tmp_path):
         assert r["ratio_value"] == pytest.approx(r["crops_per_s_value"] / 2)
 
 
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (the copy it leaves out)")
+def test_dataloader_without_the_gpu_copy(cache, tmp_path):
+    from bench import dataloader
+
+    notes = {}
+    for flags in ([], ["--no-gpu-copy"]):
+        out = tmp_path / f"dl{len(flags)}.json"
+        dataloader.main(["--small", "--device", "cuda", "--workers", "1", "--num-crops", "3", "--cache", str(cache),
+                         "--resolution", "32", "--max-points", "1000", "--out", str(out), *flags])
+        data = json.loads(out.read_text())
+        assert data["rows"][0]["crops"] >= 1
+        notes[len(flags)] = data["notes"][0]
+    assert "pinned and copied to the GPU" in notes[0] and "not copied to the GPU (--no-gpu-copy)" in notes[1]
+
+
 def test_sparse_ops_smoke(tmp_path):
     from bench import sparse_ops
 
