@@ -164,12 +164,18 @@ def _launch_torchrun(args, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    files = _configs(args.config)
-    world = args.num_gpus * args.num_nodes
-    if world > 1 and "LOCAL_RANK" not in os.environ:
-        return _launch_torchrun(args, argv)
-    with _recorded_command(argv):
-        return _run(files, args)
+    try:
+        files = _configs(args.config)
+        world = args.num_gpus * args.num_nodes
+        if world > 1 and "LOCAL_RANK" not in os.environ:
+            return _launch_torchrun(args, argv)
+        with _recorded_command(argv):
+            return _run(files, args)
+    except SystemExit as e:  # a config or override refused in one line: exit 2, as every other user error
+        if not isinstance(e.code, str):
+            raise
+        print(f"error: {e.code}", file=sys.stderr)
+        return 2
 
 
 @contextlib.contextmanager

@@ -197,21 +197,25 @@ def test_second_training_into_a_busy_folder_is_refused(data, tmp_path):
     assert (out / "ckpts" / "misc_step0000002.pt").is_file()
 
 
-def test_override_typo_and_bad_json_are_refused(tmp_path, monkeypatch):
+def test_override_typo_and_bad_json_are_refused(tmp_path, monkeypatch, capsys):
+    """Each refused in one line on stderr, exit 2 (as every other user error), nothing written."""
+    import re
+
     from pipeline.train import main
 
     monkeypatch.setenv("CTVQ_COMMAND", "test")  # main() sets it for the run: undone after the test
 
     base = ["--config", str(ROOT / "bundles" / "ct_vqvae" / "stage0.json"), "--output_dir", str(tmp_path / "run"),
             "--data_dir", str(tmp_path)]
-    with pytest.raises(SystemExit, match="learnign_rate: no such key .*did you mean learning_rate"):
-        main(base + ["--override", "learnign_rate=0.1"])
-    with pytest.raises(SystemExit, match="did you mean dataset#args#max_points"):
-        main(base + ["--override", "dataset#args#max_pionts=5"])
-    with pytest.raises(SystemExit, match="did you mean network_def#vq_reservoir_size"):
-        main(base + ["--override", "network_def#vq_reservoir_sise=64"])  # an argument the config leaves at its default
-    with pytest.raises(SystemExit, match="not valid JSON"):
-        main(base + ["--override", 'dataset#args={"max_points": }'])
+    for override, expected in (
+        ("learnign_rate=0.1", "learnign_rate: no such key .*did you mean learning_rate"),
+        ("dataset#args#max_pionts=5", "did you mean dataset#args#max_points"),
+        ("network_def#vq_reservoir_sise=64", "did you mean network_def#vq_reservoir_size"),  # left at its default
+        ('dataset#args={"max_points": }', "not valid JSON"),
+    ):
+        assert main(base + ["--override", override]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: --override ") and re.search(expected, err[0]), err
     assert not (tmp_path / "run").exists()
 
 
