@@ -73,14 +73,19 @@ class StepLogHandler:
         self._n = 0
         self._points = 0
         self._t0 = time.perf_counter()
-        self._step0 = 0
+        self._step0: int | None = None  # the step this run started from (a resumed run: its checkpoint's)
         self._wait = 0.0  # seconds spent waiting for batches since the last log line
         self._wait_from = 0.0
 
     def attach(self, engine) -> None:
+        engine.add_event_handler(Events.ITERATION_STARTED, self._first_step)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
         engine.add_event_handler(Events.GET_BATCH_STARTED, self._batch_asked)
         engine.add_event_handler(Events.GET_BATCH_COMPLETED, self._batch_came)
+
+    def _first_step(self, engine) -> None:
+        if self._step0 is None:  # speed counts from here, not from step 0 or from when the handler was made
+            self._step0, self._t0 = engine.state.iteration - 1, time.perf_counter()
 
     def _batch_asked(self, engine) -> None:
         self._wait_from = time.perf_counter()

@@ -270,3 +270,31 @@ def test_first_pass_over_the_scans_shows_progress(tmp_path, monkeypatch, caplog)
     with caplog.at_level("INFO"):
         CTWindowSparseDataset(tmp_path, "lung", split="all", max_points=1500, min_points=10)
     assert "counting support voxels, 1 of 3 cases" in caplog.text and "once, then cached" in caplog.text
+
+
+def test_step_rate_after_a_resume_counts_from_the_resumed_step(tmp_path, caplog):
+    """A run resumed at step 200 logs the steps it ran per second, not 200 more."""
+    import logging
+    import re
+    import time
+    from types import SimpleNamespace
+
+    from pipeline.handlers import StepLogHandler
+
+    handler = StepLogHandler(tmp_path, interval=10)
+    time.sleep(0.3)  # the handler is built (config parsing, data loader start) well before the first step
+    from torch.utils.tensorboard import SummaryWriter
+
+    engine = SimpleNamespace(state=SimpleNamespace(iteration=200, epoch_length=1000, output=None),
+                             device=torch.device("cpu"), model=None, quantize=False,
+                             tb_writer=SummaryWriter(log_dir=str(tmp_path / "tb_logs")))
+    with caplog.at_level(logging.INFO, logger="ctvq.train"):
+        for step in range(201, 211):
+            engine.state.iteration = step
+            handler._first_step(engine)
+            time.sleep(0.01)
+            engine.state.output = {"loss": 1.0, "recon": 1.0, "lr": 1e-4, "num_points": 8}
+            handler(engine)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Step 210:"))
+    rate = float(re.search(r"steps/s=([0-9.]+)", line).group(1))
+    assert 10 < rate < 100, line  # 10 steps of >= 10 ms each
