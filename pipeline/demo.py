@@ -101,6 +101,9 @@ def run_demo(
     cfg = json.loads(config.read_text())
     demo = cfg.get("demo", {})
     out = Path(out).resolve()
+    if (out / "runs").is_dir() and any((out / "runs").iterdir()):
+        raise SystemExit(f"demo: {out} holds an earlier demo (its runs/ has training runs); remove that folder or "
+                         "pass another --out")
     out.mkdir(parents=True, exist_ok=True)
     resolution = int(resolution or demo.get("resolution", 64))
     if resolution % 8:
@@ -202,8 +205,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     from pipeline.infer import cli_errors
 
-    with cli_errors():
-        run_demo(a.out, a.raw, a.config, a.resolution, a.steps, a.seeds, a.window, a.phantom_shape)
+    try:
+        with cli_errors():
+            run_demo(a.out, a.raw, a.config, a.resolution, a.steps, a.seeds, a.window, a.phantom_shape)
+    except SystemExit as e:  # the demo's own one-line refusals: exit 2, as every other user error
+        if not isinstance(e.code, str):
+            raise
+        print(f"error: {e.code}", file=sys.stderr)
+        return 2
     return 0
 
 
