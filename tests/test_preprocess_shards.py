@@ -167,3 +167,17 @@ def test_dry_run_names_refused_cases(ct_data_dir, tmp_path):
     assert lines[0].startswith("would refuse") and "ds/empty_case" in lines[0] and "empty folder" in lines[0]
     assert lines[1].startswith("would process") and "ds/example_ct_sm" in lines[1]
     assert "1 to process, 0 to skip, 1 to refuse" in lines[-1] and not (tmp_path / "out").exists()
+
+
+def test_shard_with_other_settings_is_refused(raw, single):
+    """A shard at another cube size than its OUT_DIR's would leave cases of two sizes in one dataset:
+    refused in one line naming dataset_config.json and the setting, before anything is written."""
+    before = _snapshot(single)
+    other = str(R // 2)
+    done = subprocess.run(_cmd(raw, single, "--shard", "2/2", "--resolution", other), cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert "dataset_config.json says resolution " + str(R) in line and f"would write {other}" in line, line
+    assert f"pass --resolution {R}" in line
+    assert _snapshot(single) == before

@@ -138,6 +138,9 @@ def run(
             else:
                 action = "refuse" if case.error else "process"
             plan.append((ds, case, case_dir, key, action))
+    if n > 1:
+        for ds in datasets:
+            _check_shard_settings(out_dir / ds.name / DATASET_CONFIG, dataset_config(cfg, ds))
     if dry_run:
         return _dry_run(plan, datasets, (k, n), log)
 
@@ -205,6 +208,22 @@ def run(
             bar.close()
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary
+
+
+def _check_shard_settings(path: Path, ours: dict) -> None:
+    """A shard must use the settings its OUT_DIR was preprocessed with: it rewrites only its own cases,
+    so other settings would leave one dataset with cases of two kinds (another cube size, layout or HU
+    range) under a ``dataset_config.json`` that describes only the last shard."""
+    try:
+        theirs = load_json(path)
+    except Exception:  # unreadable: the run rewrites it
+        return
+    for key, option in (("resolution", "--resolution"), ("layout", "--layout"), ("hu_min", None), ("hu_max", None)):
+        if theirs.get(key) != ours.get(key):
+            fix = f"pass {option} {theirs.get(key)}" if option else "use the same settings"
+            raise ValueError(f"{path} says {key} {theirs.get(key)} but this shard would write {ours.get(key)}; "
+                             f"every shard of one OUT_DIR uses the same settings: {fix}, or rerun without --shard "
+                             "(it redoes every case) or into another OUT_DIR")
 
 
 def _dry_run(plan: list, datasets: list, shard: tuple[int, int], log) -> dict:
