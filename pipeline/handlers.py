@@ -44,7 +44,8 @@ def tb_writer(engine, output_dir: str | os.PathLike):
     if w is None:
         from torch.utils.tensorboard import SummaryWriter
 
-        w = SummaryWriter(log_dir=str(Path(output_dir) / "tb_logs"))
+        resumed = getattr(engine, "resumed_step", None)  # steps an interrupted run logged past it are hidden
+        w = SummaryWriter(log_dir=str(Path(output_dir) / "tb_logs"), purge_step=resumed + 1 if resumed else None)
         engine.tb_writer = w
         engine.add_event_handler(Events.COMPLETED, lambda e: w.flush())
     return w

@@ -371,6 +371,7 @@ class SparseVQVAETrainer(SupervisedTrainer):
         if misc.get("rng") is not None:
             set_rng_state(misc["rng"])
         self.state.iteration = int(misc["step"])
+        self.resumed_step = self.state.iteration  # TensorBoard hides what an earlier run logged after it
         self.state.epoch = 0
         self.state.nonfinite_steps = int(misc.get("nonfinite_steps", 0))
         if hasattr(run, "commit"):

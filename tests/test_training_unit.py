@@ -298,3 +298,28 @@ def test_step_rate_after_a_resume_counts_from_the_resumed_step(tmp_path, caplog)
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Step 210:"))
     rate = float(re.search(r"steps/s=([0-9.]+)", line).group(1))
     assert 10 < rate < 100, line  # 10 steps of >= 10 ms each
+
+
+def test_resumed_run_hides_the_steps_an_interrupted_run_logged_past_its_checkpoint(tmp_path):
+    """Killed after logging step 220, resumed from the step-200 checkpoint: TensorBoard shows 210 and
+    220 once each, from the resumed run."""
+    from types import SimpleNamespace
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from pipeline.handlers import tb_writer
+
+    killed = SummaryWriter(log_dir=str(tmp_path / "tb_logs"))
+    for step in (100, 200, 210, 220):
+        killed.add_scalar("train/loss", 1.0, step)
+    killed.close()
+    resumed = SimpleNamespace(resumed_step=200, add_event_handler=lambda *a: None)
+    w = tb_writer(resumed, tmp_path)
+    for step in (210, 220, 230):
+        w.add_scalar("train/loss", 0.5, step)
+    w.close()
+    acc = EventAccumulator(str(tmp_path / "tb_logs"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(100, 1.0), (200, 1.0), (210, 0.5), (220, 0.5),
+                                                                      (230, 0.5)]
