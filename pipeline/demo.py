@@ -205,14 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     from pipeline.infer import cli_errors
 
-    try:
-        with cli_errors():
-            run_demo(a.out, a.raw, a.config, a.resolution, a.steps, a.seeds, a.window, a.phantom_shape)
-    except SystemExit as e:  # the demo's own one-line refusals: exit 2, as every other user error
-        if not isinstance(e.code, str):
-            raise
-        print(f"error: {e.code}", file=sys.stderr)
-        return 2
+    with cli_errors():
+        run_demo(a.out, a.raw, a.config, a.resolution, a.steps, a.seeds, a.window, a.phantom_shape)
     return 0
 
 

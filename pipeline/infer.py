@@ -143,11 +143,17 @@ def sparsify(window: Any, mask: Any, device: str | torch.device | None = None) -
 
 @contextlib.contextmanager
 def cli_errors():
-    """Turn known failures into one line on stderr and exit code 2 (``CTVQ_DEBUG=1`` keeps tracebacks)."""
+    """Turn known failures, and a ``SystemExit`` carrying a message, into one line on stderr
+    (``error: ...``) and exit code 2 (``CTVQ_DEBUG=1`` keeps tracebacks)."""
     from transforms import CTLoadError
 
     try:
         yield
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        print(f"error: {e.code}", file=sys.stderr)
+        raise SystemExit(2) from None
     except (TokenizerError, CTLoadError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
             PermissionError) as e:
         if os.environ.get("CTVQ_DEBUG"):

@@ -55,7 +55,9 @@ def test_demo_end_to_end(tmp_path, capfd, monkeypatch):
     assert cfg["training_stage"] == 1 and cfg["window_type"] == "soft_tissue"
     # a second demo into the same folder is refused at once, in one line, before any work
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
-    assert main(["--out", str(out), "--steps", "2"]) == 2
+    with pytest.raises(SystemExit) as refused:
+        main(["--out", str(out), "--steps", "2"])
+    assert refused.value.code == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert err == [f"error: demo: {out.resolve()} holds an earlier demo (its runs/ has training runs); remove that "
                    "folder or pass another --out"]
