@@ -39,12 +39,9 @@ COLUMNS = [
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(p, "dataloader")
-    add_scan_args(p)
-    for action in p._actions:  # the scan's --case help names the guide layout's files only
-        if action.dest == "case":
-            action.help = ("processed case folder <dataset>/processed/<case_id>, either layout (compact: hu.chunks, "
-                           "body_mask.chunks; guide: windows/, body_mask_512.npy); the whole dataset holding it "
-                           "(<dataset>, two folders up) is benchmarked, not the case alone")
+    add_scan_args(p, case_help="processed case folder <dataset>/processed/<case_id>, either layout (compact: "
+                               "hu.chunks, body_mask.chunks; guide: windows/, body_mask_512.npy); the whole dataset "
+                               "holding it (<dataset>, two folders up) is benchmarked, not the case alone")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="root of processed datasets (searched recursively); default: the dataset holding --case "
                         "(or the case built from --nifti / the phantom)")

@@ -25,11 +25,12 @@ from transforms import HU_MAX, HU_MIN, WindowSpec, apply_window, normalize_hu
 CACHE_DIR = Path(tempfile.gettempdir()) / "ctvq_bench_cache"  # 512^3 cases are ~0.7 GB: never in the tree
 
 
-def add_scan_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the options that choose the real (or synthetic) scan."""
+def add_scan_args(parser: argparse.ArgumentParser, case_help: str | None = None) -> argparse.ArgumentParser:
+    """Add the options that choose the real (or synthetic) scan (``case_help``: the ``--case`` help of a
+    script for which it is not one guide-layout case)."""
     src = parser.add_argument_group("scan (one of --case, --nifti; a synthetic phantom otherwise)")
     src.add_argument("--case", type=Path, default=None,
-                     help="processed case folder (ct_normalized_512.npy, windows/, body_mask_512.npy)")
+                     help=case_help or "processed case folder (ct_normalized_512.npy, windows/, body_mask_512.npy)")
     src.add_argument("--nifti", type=Path, default=None,
                      help="raw CT (NIfTI or any LoadCT input) processed on the fly through transforms; "
                           "the result is cached under --cache and reused")

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
+from networks.quantizer import VectorQuantizer
 from pipeline import distributed as D
 from pipeline.io_utils import save_text
 from pipeline.run_folder import RunFolder, resolved_config
-from networks.quantizer import VectorQuantizer
 from pipeline.runs import check_fit, load_partial
 
 __all__ = [
