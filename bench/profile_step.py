@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 from bench import common as C  # noqa: E402
-from bench.scan import add_scan_args, load_scan, make_crop, sparse_input  # noqa: E402
+from bench.scan import add_scan_args, grid_input, load_scan, make_crop, sparse_input  # noqa: E402
 from bench.train_step import _ours_step  # noqa: E402
 
 PROJECT = str(Path(__file__).resolve().parents[1])
@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fp32", action="store_true", help="profile the fp32 step instead of fp16 autocast")
     p.add_argument("--steps", type=int, default=3, help="profiled steps (default 3) after 5 warm-up steps")
     p.add_argument("--rows", type=int, default=20, help="rows of the per-op tables (default 20)")
+    p.add_argument("--grid", action="store_true", help="profile the trainer's grid path (networks.grid) instead of the sparse one")
     p.add_argument("--trace", action="store_true", help="also write a Chrome trace per crop next to --out")
     return p.parse_args(argv)
 
@@ -121,7 +122,8 @@ def profile_crop(scan, size: int, args, device) -> dict[str, Any]:
     model = C.build_ours(args.small, crop.resolution, device).train()
     opt = C.adamw(model.parameters(), 1e-4, device)
     amp = not args.fp32 and device.type == "cuda"
-    step = _ours_step(model, sparse_input(crop), opt, C.grad_scaler(device, amp), device, amp)
+    x = grid_input(crop, model.factor) if args.grid else sparse_input(crop)
+    step = _ours_step(model, x, opt, C.grad_scaler(device, amp), device, amp)
     for _ in range(5):
         step()
     C.sync(device)

@@ -291,3 +291,11 @@ def sparse_input(crop: Crop, batch_size: int = 1):
     from networks import make_sparse  # its backend installs the CPU stream stub and picks the algorithm
 
     return make_sparse(crop.feats, crop.coords, [crop.resolution] * 3, batch_size)
+
+
+def grid_input(crop: Crop, factor: int = 8):
+    """The crop as the trainer runs it: its box as a dense :class:`networks.grid.GridBatch`."""
+    from networks.grid import grid_from_sparse
+
+    box = torch.tensor([[s.start for s in crop.box] + [s.stop for s in crop.box]])
+    return grid_from_sparse(sparse_input(crop), box, factor)

@@ -24,12 +24,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bench import common as C  # noqa: E402
-from bench.scan import Crop, add_scan_args, load_scan_and_budget, make_crop, only_on_device, sparse_input  # noqa: E402
+from bench.scan import Crop, add_scan_args, grid_input, load_scan_and_budget, make_crop, only_on_device, sparse_input  # noqa: E402
 from bench.timing import measure, run_guarded  # noqa: E402
 
-MODELS = ("ours-fp16", "ours-fp16-dense", "ours-fp16-ckpt", "ours-fp32", "ours-fp16-direct3d", "monai-vqvae", "maisi-ae")
+MODELS = ("ours-fp16", "ours-fp16-grid", "ours-fp16-dense", "ours-fp16-ckpt", "ours-fp32", "ours-fp16-direct3d", "monai-vqvae", "maisi-ae")
 MODEL_LABELS = {
     "ours-fp16": ("ctvq SparseVQVAE", "fp16 amp"),
+    "ours-fp16-grid": ("ctvq SparseVQVAE, grid training path", "fp16 amp"),
     "ours-fp16-dense": ("ctvq SparseVQVAE, dense convs", "fp16 amp"),
     "ours-fp16-ckpt": ("ctvq SparseVQVAE, use_checkpoint", "fp16 amp"),
     "ours-fp32": ("ctvq SparseVQVAE", "fp32"),
@@ -126,7 +127,7 @@ def run_config(key: str, crop: Crop, args: argparse.Namespace, device: torch.dev
         amp = key.startswith("ours-fp16")
         layout = "direct3d" if key.endswith("-direct3d") else "patch"
         model = C.build_ours(small, crop.resolution, device, use_checkpoint=key.endswith("-ckpt"), layout=layout).train()
-        x = sparse_input(crop)
+        x = grid_input(crop, model.factor) if key.endswith("-grid") else sparse_input(crop)
         opt = C.adamw([p for p in model.parameters() if p.requires_grad], args.lr, device)
         scaler = C.grad_scaler(device, amp)
         step = _ours_step(model, x, opt, scaler, device, amp)

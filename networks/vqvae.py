@@ -33,9 +33,11 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from . import grid
 from .attention import AbsolutePositionEmbedder, SparseTransformerBlock, window_partition
 from .backend import SparseConvTensor, make_sparse
 from .blocks import PatchDownBlock3d, PatchUpBlock3d, SparseConv3d, SparseDownBlock3d, SparseSubdivideBlock3d
+from .grid import GridBatch, supports_grid
 from .ops import SparseLinear, layer_norm, replace
 from .quantizer import build_quantizer
 from .tiling import crop_to_box, remaining_halos, run_tiles, sort_rows
@@ -392,20 +394,31 @@ class SparseVQVAE(nn.Module):
         return self.lambda_vq * losses["vq"] + self.lambda_commitment * losses["commitment"]
 
     # ------------------------------------------------------------------ training forward
-    def forward(self, x: SparseConvTensor, quantize: bool = True):
+    def forward(self, x: SparseConvTensor | GridBatch, quantize: bool = True):
         """Encode, (quantise), decode.
 
         Args:
-            x: input ``SparseConvTensor`` (features [N, 1], indices (batch, i, j, k) in the full grid).
+            x: input ``SparseConvTensor`` (features [N, 1], indices (batch, i, j, k) in the full grid),
+                or the same crop as a :class:`~networks.grid.GridBatch` (``layout="patch"``; the
+                conv levels then run as dense ops over the crop's box, same result).
             quantize: False bypasses the quantizer (stage-0 autoencoder pretraining).
 
         Returns:
-            recon: ``SparseConvTensor`` at full resolution, all 8^3 children of every active
-            latent cell, features [M, 1]; losses: ``{"vq", "commitment"}`` 0-dim, unweighted
-            (zeros when ``quantize`` is False). The code indices are kept in ``self.last_indices``.
+            recon: at full resolution, all 8^3 children of every active latent cell: a
+            ``SparseConvTensor`` with features [M, 1], or for a ``GridBatch`` input a ``GridBatch``
+            whose ``active`` marks those children; losses: ``{"vq", "commitment"}`` 0-dim,
+            unweighted (zeros when ``quantize`` is False). The code indices are kept in
+            ``self.last_indices``.
         """
+        if isinstance(x, GridBatch):
+            return self._forward_grid(x, quantize)
+        latent, losses = self._forward_latent(self.Encoder.forward_local(x), quantize)
+        return self.Decoder.forward_local(latent), losses
+
+    def _forward_latent(self, h: SparseConvTensor, quantize: bool) -> tuple[SparseConvTensor, dict]:
+        """Latent cells of the encoder's conv part -> input of the decoder's conv part, and the VQ losses."""
         partitions: dict = {}  # encoder and decoder attend over the same latent cells
-        h = self.Encoder.forward_global(self.Encoder.forward_local(x), partitions)
+        h = self.Encoder.forward_global(h, partitions)
         if quantize:
             z, idx, losses = self.vq(h.features)
             self.last_indices = idx.detach()
@@ -414,8 +427,17 @@ class SparseVQVAE(nn.Module):
             zero = z.new_zeros((), dtype=torch.float32)
             losses = {"vq": zero, "commitment": zero.clone()}
             self.last_indices = None
-        recon = self.Decoder(replace(h, z), partitions)
-        return recon, losses
+        return self.Decoder.forward_global(replace(h, z), partitions), losses
+
+    def _forward_grid(self, x: GridBatch, quantize: bool):
+        if not supports_grid(self):
+            raise ValueError(f"a GridBatch needs layout='patch' with a per-voxel norm; this model has layout={self.layout!r}, "
+                             f"norm={self.norm!r}: pass a SparseConvTensor")
+        feats, active = grid.encode_local(self.Encoder, x)
+        cells, rows = grid.latent_cells(feats, active, x.origin, self.factor, [-(-int(s) // self.factor) for s in x.spatial_shape])
+        latent, losses = self._forward_latent(cells, quantize)
+        out, out_active = grid.decode_local(self.Decoder, grid.scatter_cells(latent.features, rows, active), active)
+        return GridBatch(out, out_active, x.origin, x.spatial_shape), losses
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

@@ -131,6 +131,29 @@ def test_batch_split_matches_full_batch(data):
         assert torch.allclose(g, grads[1][n], rtol=1e-3, atol=1e-6), n
 
 
+def test_grid_training_matches_sparse_training(data):
+    """``grid_training`` (the default) changes how the step runs, not what it computes."""
+    from networks.grid import supports_grid
+
+    batch = sparse_collate([data[(0, 0)], data[(1, 1)]])
+    grads, losses = [], []
+    for grid in (False, True):
+        model = _model()
+        assert supports_grid(model)
+        tr = _trainer(model, data)
+        tr.grid_training = grid
+        tr.optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        tr.state.iteration = 1
+        out = tr._iteration(tr, batch)
+        assert not out["skipped"]
+        losses.append(float(out["loss"]))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    assert grads[0].keys() == grads[1].keys()
+    for n, g in grads[0].items():
+        assert torch.allclose(g, grads[1][n], rtol=1e-3, atol=1e-6), n
+
+
 def test_freezing_and_summary():
     model = _model()
     freeze_for_stage(model, 1)
