@@ -21,7 +21,9 @@ training (delete its folder to train it anew).
 
 Each ``--variant NAME:KEY=VALUE`` trains one more ctvq with that override on top of the shipped
 recipe (repeat a NAME to give it several), for the same minutes, into ``--work/ctvq_NAME``; the
-JSON gets ``"variants": {NAME: {...}}`` with the fields of ``"ctvq"``, the table a row each.
+JSON gets ``"variants": {NAME: {...}}`` with the fields of ``"ctvq"``, the table a row each. An
+override ``stageN:KEY=VALUE`` applies to stage N only, e.g. ``--variant
+encfrozen:stage2:frozen_parts='["Encoder"]'`` (stage 2 trains the decoder and the codebook only).
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stage-split", default="0.6,0.05,0.35",
                    help="shares of --minutes for ctvq's stages 0, 1, 2 (default 0.6,0.05,0.35)")
     p.add_argument("--ctvq-override", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra config override for every ctvq stage (e.g. network_def#vq_depth=4)")
+                   help="extra config override for every ctvq stage (e.g. network_def#vq_depth=4), or for one "
+                        "stage as stageN:KEY=VALUE (e.g. 'stage2:frozen_parts=[\"Encoder\"]')")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE",
                    help="train and score one more ctvq with this override (repeat NAME for several overrides)")
     p.add_argument("--models", nargs="+", default=["ctvq", "monai_vqvae"], choices=["ctvq", "monai_vqvae"])
@@ -120,6 +123,18 @@ def ctvq_models(args) -> dict[str, list[str]]:
     return models
 
 
+def stage_overrides(overrides: list[str], stage: int) -> list[str]:
+    """The overrides that apply to ``stage``: all but those of the form ``stageN:KEY=VALUE`` for another N."""
+    out = []
+    for item in overrides:
+        only, sep, rest = item.partition(":")
+        if not sep or re.fullmatch(r"stage[012]", only) is None:
+            out.append(item)
+        elif only == f"stage{stage}":
+            out.append(rest)
+    return out
+
+
 def train_ctvq(args, resolution: int, device: torch.device, name: str = "ctvq", overrides: list[str] | None = None) -> dict:
     """Train (or find finished in ``--work/name``) one ctvq through the shipped stage configs."""
     from pipeline import train
@@ -131,8 +146,6 @@ def train_ctvq(args, resolution: int, device: torch.device, name: str = "ctvq", 
     for key in ("max_steps", "i_save", "i_val", "i_sample"):
         common += ["--override", f"{key}=100000000"]
     overrides = list(args.ctvq_override if overrides is None else overrides)
-    for item in overrides:
-        common += ["--override", item]
     settings = {"minutes": args.minutes, "stage_split": args.split, "ctvq_override": overrides,
                 "window": args.window, "small": args.small, "train": str(args.train)}
     home = args.work / name
@@ -154,6 +167,8 @@ def train_ctvq(args, resolution: int, device: torch.device, name: str = "ctvq", 
                 extra = ["--override", f'pretrained_vae_path="{find_checkpoint(home / "stage0", weights="model")}"']
             elif stage == 2:
                 extra = ["--load_dir", str(home / "stage1"), "--ckpt", "latest"]
+            for item in stage_overrides(overrides, stage):
+                extra += ["--override", item]
             argv = [*configs, "--output_dir", str(run), *common, "--override", f"max_minutes={args.minutes * share}", *extra]
             print(f"{name} stage {stage}: {args.minutes * share:.2f} min", flush=True)
             if train.main(argv) != 0:

@@ -24,6 +24,7 @@ from pipeline.run_folder import RunFolder, resolved_config
 from pipeline.runs import check_fit, load_partial
 
 __all__ = [
+    "PARTS",
     "STAGE_TITLES",
     "freeze_for_stage",
     "prepare_network",
@@ -41,21 +42,33 @@ STAGE_TITLES = {
 }
 
 
-def freeze_for_stage(model: torch.nn.Module, training_stage: int, keep_trainable: list[str] | tuple = ()) -> None:
+#: the model's top-level parts, as ``frozen_parts`` names them
+PARTS = ("Encoder", "Decoder", "vq")
+
+
+def freeze_for_stage(model: torch.nn.Module, training_stage: int, keep_trainable: list[str] | tuple = (),
+                     frozen_parts: list[str] | tuple = ()) -> None:
     """Sets ``requires_grad`` per stage.
 
     Args:
         model: the model (with submodules ``Encoder``, ``Decoder``, ``vq``).
         training_stage: 0 freezes ``vq`` (bypassed), 1 freezes ``Encoder`` and ``Decoder``, 2 trains all.
         keep_trainable: parameter names left trainable in stage 1 (new layers the checkpoint lacked).
+        frozen_parts: parts (of :data:`PARTS`) frozen on top of the stage's own (config key
+            ``frozen_parts``; e.g. ``["Encoder"]`` in stage 2 keeps the latents stage 1 fitted the codebook to).
     """
     stage = int(training_stage)
     if stage not in (0, 1, 2):
         raise ValueError(f"training_stage must be 0, 1 or 2, got {training_stage}")
+    unknown = sorted(set(frozen_parts) - set(PARTS))
+    if unknown:
+        raise ValueError(f"frozen_parts {unknown}: not a part of the model; use some of {list(PARTS)}")
     keep = set(keep_trainable)
     for name, p in model.named_parameters():
         top = name.split(".", 1)[0]
-        if stage == 0:
+        if top in frozen_parts:
+            p.requires_grad_(False)
+        elif stage == 0:
             p.requires_grad_(top != "vq")
         elif stage == 1:
             p.requires_grad_(top not in ("Encoder", "Decoder") or name in keep)
@@ -73,6 +86,7 @@ def prepare_network(
     run: RunFolder | None = None,
     output_dir: str | os.PathLike | None = None,
     device: torch.device | str | None = None,
+    frozen_parts: list[str] | tuple = (),
 ) -> torch.nn.Module:
     """Loads the stage's starting weights, freezes, prints the banner and writes the summary.
 
@@ -83,6 +97,7 @@ def prepare_network(
         run: the decision of :func:`prepare_run_folder` (resume / init checkpoint).
         output_dir: where ``vqvae_model_summary.txt`` goes (default ``run.output_dir``).
         device: move the model there.
+        frozen_parts: see :func:`freeze_for_stage`.
 
     Returns:
         the same model, frozen for the stage (not yet wrapped in DDP).
@@ -120,7 +135,7 @@ def prepare_network(
             if keep:
                 logger.info(f"{len(keep)} parameter tensor(s) absent from the checkpoint were initialised anew "
                             f"and are trained, e.g. {keep[0]}")
-    freeze_for_stage(network, stage, keep)
+    freeze_for_stage(network, stage, keep, frozen_parts or ())
     if device is not None:
         network = network.to(device)
     for line in stage_banner(network, stage).splitlines():

@@ -172,6 +172,11 @@ def test_quality_out_and_help(capsys, tmp_path):
         assert default in _option_help(out, opt), opt
     # its work folder is never committed
     assert "bench/results/*_work/" in (ROOT / ".gitignore").read_text().splitlines()
+    # a stageN: override reaches that stage only
+    items = ["seed=1", 'stage2:frozen_parts=["Encoder"]', "stage0:learning_rate=0.001"]
+    assert quality.stage_overrides(items, 0) == ["seed=1", "learning_rate=0.001"]
+    assert quality.stage_overrides(items, 1) == ["seed=1"]
+    assert quality.stage_overrides(items, 2) == ["seed=1", 'frozen_parts=["Encoder"]']
 
 
 def test_train_step_smoke(cache, tmp_path):

@@ -169,6 +169,10 @@ def test_freezing_and_summary():
     assert not model.vq.embeddings.weight.requires_grad
     freeze_for_stage(model, 2)
     assert all(p.requires_grad for p in model.parameters())
+    freeze_for_stage(model, 2, frozen_parts=["Encoder"])  # stage 2 on the latents stage 1 fitted
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"Decoder", "vq"}
+    with pytest.raises(ValueError, match=r"frozen_parts \['encoder'\]: not a part of the model; use some of"):
+        freeze_for_stage(model, 2, frozen_parts=["encoder"])
 
 
 def test_stage1_refuses_checkpoint_of_another_size(tmp_path):
