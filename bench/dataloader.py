@@ -4,7 +4,9 @@ DataLoader workers (``--workers``), set against the training step rate, to show 
 Uses the training dataset itself (``pipeline.dataset.CTWindowSparseDataset`` with its
 ``StepSampler`` and ``sparse_collate``): the window of a random 8-aligned crop with at most
 ``--max-points`` support voxels (decoded from the compact layout's chunks and windowed, or read
-from the guide layout's memory-mapped window), sparse collate, and (on CUDA) the copy to the GPU.
+from the guide layout's memory-mapped window), collate, and (on CUDA) the copy to the GPU. Crops
+are dense grids (``grid_crops``, what training with the shipped ``grid_training`` reads) or, with
+``--crops sparse``, coordinates and features.
 
     python bench/dataloader.py --nifti scan.nii.gz [--layout compact|guide] --train-json bench/results/train_step.json
     python bench/dataloader.py --data-dir processed_dataset --step-rate 15.6
@@ -31,7 +33,7 @@ from bench.timing import Budget, run_guarded  # noqa: E402
 from pipeline.dataset import shipped_max_points  # noqa: E402
 
 COLUMNS = [
-    ("workers", "workers"), ("crops_per_s", "crops/s"), ("points", "support voxels/crop (mean)"),
+    ("workers", "workers"), ("crop_form", "crops"), ("crops_per_s", "crops/s"), ("points", "support voxels/crop (mean)"),
     ("first", "first batch"), ("n", "crops timed"), ("ratio", "crops/s / train steps/s"), ("status", "status"),
 ]
 
@@ -50,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "on the scan) or guide")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8], help="DataLoader worker counts (default 1 2 4 8: training uses at most 8, "
                         "pipeline.distributed.default_num_workers)")
+    p.add_argument("--crops", choices=["grid", "sparse"], default="grid",
+                   help="grid: dense crops (CTWindowSparseDataset grid_crops, what training reads with grid_training, "
+                        "the shipped default); sparse: coordinates and features (grid_training false, or validation)")
     p.add_argument("--batch-size", type=int, default=1, help="samples per batch (default 1, as train_step)")
     p.add_argument("--max-points", type=int, default=None,
                    help="crop budget in support voxels (default: the shipped training crop, dataset#args#max_points of "
@@ -130,11 +135,11 @@ def bench_workers(ds, sampler_cls, collate, workers: int, args, device, cap: flo
         while n < args.num_crops and time.perf_counter() - start < cap:
             batch = next(it)
             if copy:
-                batch["indices"].to(device, non_blocking=True)
-                batch["features"].to(device, non_blocking=True)
+                for key in ("values", "active") if ds.grid_crops else ("indices", "features"):
+                    batch[key].to(device, non_blocking=True)
                 torch.cuda.synchronize(device)
             n += int(batch["batch_size"])
-            points += int(batch["features"].shape[0])
+            points += sum(batch["num_points"])
         elapsed = time.perf_counter() - start
     finally:
         del it
@@ -158,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data_dir = compact_dataset(args)
     elif data_dir is None:
         data_dir = prepare_case(args).parent.parent
-    print(f"data: {data_dir}; window {window}; max_points {args.max_points}; device {device}", flush=True)
+    print(f"data: {data_dir}; window {window}; max_points {args.max_points}; {args.crops} crops; device {device}", flush=True)
 
     step_rate, rate_src = args.step_rate, "--step-rate" if args.step_rate else ""
     if step_rate is None:
@@ -167,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             step_rate, rate_src = step_rate_from_json(path, args.max_points)
 
     rows: list[dict[str, Any]] = []
-    extra: dict[str, Any] = {"step_rate": step_rate, "step_rate_source": rate_src}
+    extra: dict[str, Any] = {"crop_form": args.crops, "step_rate": step_rate, "step_rate_source": rate_src}
     try:
         from pipeline.dataset import CTWindowSparseDataset, StepSampler, sparse_collate
     except Exception as exc:  # noqa: BLE001 - report, do not crash
@@ -176,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         t0 = time.perf_counter()
         ds = CTWindowSparseDataset(str(data_dir), window_type=window, split="all", max_points=args.max_points,
-                                   seed=args.seed)
+                                   seed=args.seed, grid_crops=args.crops == "grid")
         extra.update(index_seconds=round(time.perf_counter() - t0, 3), cases=len(ds))
         print(f"dataset: {len(ds)} case(s), indexed in {extra['index_seconds']:.2f} s", flush=True)
         if len(ds) == 0:
@@ -184,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ds = None
     budget = Budget(C.default_budget(args))  # after indexing: the budget is for the loaders
     for w in args.workers if ds is not None else []:
-        row: dict[str, Any] = {"workers": w}
+        row: dict[str, Any] = {"workers": w, "crop_form": args.crops}
         if budget.exhausted():
             row["status"] = "skipped: time budget"
         else:
@@ -203,8 +208,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         C.write_partial("dataloader", args, rows)
 
     notes = [
-        f"data: {data_dir}, window {window}; CTWindowSparseDataset(split='all', max_points={args.max_points}) + "
-        f"StepSampler + sparse_collate, batch {args.batch_size}"
+        f"data: {data_dir}, window {window}; CTWindowSparseDataset(split='all', max_points={args.max_points}, "
+        f"grid_crops={args.crops == 'grid'}) + StepSampler + sparse_collate, batch {args.batch_size}"
         + ("; each batch pinned and copied to the GPU" if device.type == "cuda" and not args.no_gpu_copy else
            "; batches not copied to the GPU (--no-gpu-copy)" if device.type == "cuda" else ""),
         "crops/s counts batches after the first one (worker start-up shown apart as 'first batch'); memory maps "

@@ -8,11 +8,18 @@ returns sparse samples::
     {"coords": int32 [N, 3] (i, j, k) in the full grid, "feats": float32 [N, 1],
      "case_id": str, "box": int [6] (lo, hi) of the crop, "spatial_shape": [R, R, R]}
 
+or, with ``grid_crops`` (for ``grid_training``: the model takes the crop as a dense grid, so the
+sparse round trip is skipped), the dense crop: ``"values"`` float32 [D, H, W] (window, 0 off the
+support), ``"active"`` bool [D, H, W] (the support) and ``"num_points"`` instead of coords/feats.
+
 Support = body mask AND window > 0. Cases above ``max_points`` support voxels are cropped to
 a random box aligned to ``block`` (8) holding at most ``max_points`` voxels
 (``transforms.RandSparseCrop``), chosen from a per-case count of support voxels per 8^3 block
-(computed once, cached in the case's ``.cache/`` folder or in memory). Only the box is read
-(a memory map, or the compressed chunks it touches). ``sparse_collate`` adds the batch column.
+(computed once, cached in the case's ``.cache/`` folder or in memory); smaller cases get the
+whole cube. Either way both ends of every box are multiples of ``block``, so a grid crop is the
+model's grid of that box as it stands. Only the box is read (a memory map, or the compressed
+chunks it touches). ``sparse_collate`` batches either kind of sample; ``to_sparse_tensor`` and
+``to_grid_batch`` make the model's input of either kind of batch.
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ from torch.utils.data import Dataset, Sampler
 
 from pipeline.io_utils import DataFileError, load_npy, save_npy
 from pipeline.processed import GUIDE_FILES, ProcessedCase, find_datasets, usable_cases
-from transforms import HU_MAX, HU_MIN, BodyMask, Sparsify
+from transforms import HU_MAX, HU_MIN, BodyMask, Sparsify, support_mask
+from transforms.geometry import _memory_order
 
 __all__ = [
     "find_datasets",
@@ -44,6 +52,7 @@ __all__ = [
     "sparse_collate",
     "batch_split",
     "to_sparse_tensor",
+    "to_grid_batch",
 ]
 
 logger = logging.getLogger("ctvq.dataset")
@@ -136,6 +145,8 @@ class CTWindowSparseDataset(Dataset):
         random_crop: False gives one fixed crop per case (validation).
         cache: "auto" caches block counts next to the case (or only in memory when not writable),
             "memory" never writes, a folder path writes the cache there.
+        grid_crops: samples are dense crops (values, active) rather than coords/feats (see the module
+            docstring); the training bundles set it to ``grid_training``.
     """
 
     def __init__(
@@ -151,6 +162,7 @@ class CTWindowSparseDataset(Dataset):
         block: int = 8,
         random_crop: bool | None = None,
         cache: str = "auto",
+        grid_crops: bool = False,
     ) -> None:
         self.window_type = window_type
         self.split = split
@@ -160,6 +172,7 @@ class CTWindowSparseDataset(Dataset):
         self.block = int(block)
         self.random_crop = (split == "train") if random_crop is None else bool(random_crop)
         self.cache = cache
+        self.grid_crops = bool(grid_crops)
         self.epoch = 0
         self._counts: dict[str, np.ndarray] = {}
         self._masks: dict[str, np.ndarray] = {}
@@ -345,13 +358,20 @@ class CTWindowSparseDataset(Dataset):
         c = self.cases[index]
         box = self.crop_box(index, draw)
         win, mask = self.load_region(index, box)
-        coords, feats = Sparsify()(win, mask, offset=box[:3])
-        if len(coords) > self.max_points:  # block counts are exact, so this only guards cache corruption
-            raise RuntimeError(f"{c['key']}: crop holds {len(coords)} > max_points voxels; delete its .cache folder")
+        if self.grid_crops:
+            active = support_mask(win, mask)  # the voxels Sparsify keeps
+            num_points = int(np.count_nonzero(active.numpy()))  # 40x torch's sum of a bool tensor
+            sample = {"values": torch.from_numpy(np.multiply(win, active.numpy(), dtype=np.float32)),
+                      "active": active, "num_points": num_points}
+        else:
+            coords, feats = Sparsify()(win, mask, offset=box[:3])
+            num_points = len(coords)
+            sample = {"coords": coords, "feats": feats}
+        if num_points > self.max_points:  # block counts are exact, so this only guards cache corruption
+            raise RuntimeError(f"{c['key']}: crop holds {num_points} > max_points voxels; delete its .cache folder")
         r = self.resolution
         return {
-            "coords": coords,
-            "feats": feats,
+            **sample,
             "case_id": c["key"],
             "box": torch.as_tensor(box),
             "spatial_shape": [r, r, r],
@@ -421,13 +441,18 @@ class StepSampler(Sampler):
         return 2**62
 
 
-def _batch_tensor(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """Uninitialised [rows, cols] CPU tensor; in a DataLoader worker in shared memory (as torch's
+def _batch_tensor(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """Uninitialised CPU tensor of ``shape``; in a DataLoader worker in shared memory (as torch's
     ``default_collate`` does), so handing the batch to the main process copies nothing."""
     if torch.utils.data.get_worker_info() is None:
-        return torch.empty(rows, cols, dtype=dtype)
+        return torch.empty(*shape, dtype=dtype)
     like = torch.empty(0, dtype=dtype)
-    return like.new(like._typed_storage()._new_shared(rows * cols)).view(rows, cols)
+    return like.new(like._typed_storage()._new_shared(math.prod(shape))).view(*shape)
+
+
+def _is_grid(batch: dict[str, Any]) -> bool:
+    """Whether a sample or collated batch holds grid crops (``grid_crops``) rather than sparse points."""
+    return "values" in batch
 
 
 def sparse_collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -439,26 +464,61 @@ def sparse_collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     The indices travel as int16 (int32 past 32767): 12 instead of 20 bytes a point to hand from the
     worker to the main process, pin and copy to the GPU, where ``to_sparse_tensor`` widens them.
+
+    Grid samples (``grid_crops``) are stacked instead into ``"values"`` float32 [B, D, H, W, 1] and
+    ``"active"`` bool [B, D, H, W], zero / False past a sample's box up to the batch's largest one,
+    with ``"memory_order"`` [B] (each window's axes, outermost first in memory: the order a sparse
+    sample lists its points in, which ``to_sparse_tensor`` keeps; the other keys as above).
     """
+    if batch and _is_grid(batch[0]):
+        return _grid_collate(batch)
     sizes = [int(s["coords"].shape[0]) for s in batch]
     spatial = list(batch[0]["spatial_shape"]) if batch else [0, 0, 0]
     narrow = max([*spatial, len(batch)]) <= torch.iinfo(torch.int16).max
-    indices = _batch_tensor(sum(sizes), 4, torch.int16 if narrow else torch.int32)
-    features = _batch_tensor(sum(sizes), 1, torch.float32)
+    indices = _batch_tensor((sum(sizes), 4), torch.int16 if narrow else torch.int32)
+    features = _batch_tensor((sum(sizes), 1), torch.float32)
     start = 0
     for b, (s, n) in enumerate(zip(batch, sizes)):  # each sample written once, into its rows
         indices[start:start + n, 0] = b
         indices[start:start + n, 1:] = torch.as_tensor(s["coords"])
         features[start:start + n] = torch.as_tensor(s["feats"]).reshape(-1, 1)
         start += n
+    return {"indices": indices, "features": features, **_batch_info(batch, sizes)}
+
+
+def _grid_collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``sparse_collate`` of grid samples.
+
+    The batch's grids are laid out in memory as the first sample's window is (compact windows are
+    F-ordered): the samples are copied without a transpose (which takes 5x as long on the CPU), and
+    the tensors handed on are views in (b, i, j, k) order that ``to_grid_batch`` makes contiguous on
+    the device.
+    """
+    shapes = [tuple(s["values"].shape) for s in batch]
+    extent = [max(e) for e in zip(*shapes)]
+    order = _memory_order(batch[0]["values"])
+    axes = [1 + order.index(a) for a in range(3)]  # logical axis -> stored dim
+    stored = [len(batch), *(extent[a] for a in order)]
+    values = _batch_tensor((*stored, 1), torch.float32).permute(0, *axes, 4)
+    active = _batch_tensor(stored, torch.bool).permute(0, *axes)
+    for b, (s, (sd, sh, sw)) in enumerate(zip(batch, shapes)):  # each voxel written once
+        for out, x in ((values[b, ..., 0], s["values"]), (active[b], s["active"])):
+            out[:sd, :sh, :sw] = x
+            out[sd:] = 0
+            out[:sd, sh:] = 0
+            out[:sd, :sh, sw:] = 0
+    return {"values": values, "active": active, "memory_order": [_memory_order(s["values"]) for s in batch],
+            **_batch_info(batch, [int(s["num_points"]) for s in batch])}
+
+
+def _batch_info(batch: Sequence[dict[str, Any]], num_points: list[int]) -> dict[str, Any]:
+    """What a collated batch of either kind holds besides its points."""
     return {
-        "indices": indices,
-        "features": features,
         "batch_size": len(batch),
-        "spatial_shape": spatial,
+        "spatial_shape": list(batch[0]["spatial_shape"]) if batch else [0, 0, 0],
         "case_id": [s["case_id"] for s in batch],
         "box": torch.stack([torch.as_tensor(s["box"], dtype=torch.int64) for s in batch]) if batch else torch.zeros(0, 6),
-        "num_points": sizes,
+        "num_points": num_points,
         "window": [s.get("window") for s in batch],
     }
 
@@ -467,7 +527,7 @@ def batch_split(batch: dict[str, Any], n: int) -> list[dict[str, Any]]:
     """Splits a collated batch by sample into ``n`` micro-batches (gradient accumulation).
 
     Args:
-        batch: output of ``sparse_collate``.
+        batch: output of ``sparse_collate`` (sparse or grid).
         n: number of parts (``batch_split``); parts get ceil(B / n) samples, empty parts are dropped.
     """
     bsz = int(batch["batch_size"])
@@ -475,32 +535,75 @@ def batch_split(batch: dict[str, Any], n: int) -> list[dict[str, Any]]:
     if n == 1:
         return [batch]
     per = math.ceil(bsz / n)
-    bcol = batch["indices"][:, 0].long()
+    bcol = None if _is_grid(batch) else batch["indices"][:, 0].long()
     out = []
     for start in range(0, bsz, per):
         stop = min(bsz, start + per)
-        keep = (bcol >= start) & (bcol < stop)
-        ind = batch["indices"][keep].clone()
-        ind[:, 0] -= start
         part = {k: v for k, v in batch.items()}
         part.update(
-            indices=ind, features=batch["features"][keep], batch_size=stop - start,
-            case_id=batch["case_id"][start:stop], box=batch["box"][start:stop],
+            batch_size=stop - start, case_id=batch["case_id"][start:stop], box=batch["box"][start:stop],
             num_points=batch["num_points"][start:stop], window=batch["window"][start:stop],
         )
+        if bcol is None:  # the part's grid: its samples, up to their largest box
+            d, h, w = (int(v) for v in (part["box"][:, 3:] - part["box"][:, :3]).amax(0))
+            part.update(values=batch["values"][start:stop, :d, :h, :w], active=batch["active"][start:stop, :d, :h, :w],
+                        memory_order=batch["memory_order"][start:stop])
+        else:
+            keep = (bcol >= start) & (bcol < stop)
+            ind = batch["indices"][keep].clone()
+            ind[:, 0] -= start
+            part.update(indices=ind, features=batch["features"][keep])
         out.append(part)
     return out
 
 
 def to_sparse_tensor(batch: dict[str, Any], device: torch.device | str | None = None):
-    """spconv ``SparseConvTensor`` of a collated batch on ``device``."""
+    """spconv ``SparseConvTensor`` of a collated batch on ``device``.
+
+    A grid batch gives the points of its active sites in the order the sparse batch of the same crops
+    lists them (by sample, each in its window's memory order): the same tensor.
+    """
     import networks  # noqa: F401  (installs the spconv backend: CPU algo, stream stub)
     import spconv.pytorch as spconv
 
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    return spconv.SparseConvTensor(
-        batch["features"].to(dev, non_blocking=True),
-        batch["indices"].to(dev, non_blocking=True).int(),
-        list(batch["spatial_shape"]),
-        int(batch["batch_size"]),
-    )
+    if _is_grid(batch):
+        active = batch["active"].to(dev, non_blocking=True)
+        values = batch["values"].to(dev, non_blocking=True)
+        feats, ijk = [], []
+        for b, order in enumerate(batch["memory_order"]):
+            a = active[b].permute(*order)
+            feats.append(values[b, ..., 0].permute(*order)[a].reshape(-1, 1))
+            at = a.nonzero()[:, [order.index(k) for k in range(3)]] + batch["box"][b, :3].to(dev)
+            ijk.append(torch.cat([torch.full_like(at[:, :1], b), at], 1))
+        features, indices = torch.cat(feats), torch.cat(ijk).int()
+    else:
+        features = batch["features"].to(dev, non_blocking=True)
+        indices = batch["indices"].to(dev, non_blocking=True).int()
+    return spconv.SparseConvTensor(features, indices, list(batch["spatial_shape"]), int(batch["batch_size"]))
+
+
+def to_grid_batch(batch: dict[str, Any], device: torch.device | str | None = None, factor: int = 8):
+    """``networks.grid.GridBatch`` of a collated batch on ``device`` for a model whose total
+    downsampling is ``factor``: a grid batch as it stands, a sparse one through ``grid_from_sparse``
+    (the same grid: origins at the box corners rounded down to ``factor``, the largest extent)."""
+    from networks.grid import GridBatch, grid_from_sparse
+
+    if not _is_grid(batch):
+        return grid_from_sparse(to_sparse_tensor(batch, device), batch["box"], factor)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    box = batch["box"]
+    lo = box[:, :3] // factor * factor
+    extent = (-(-box[:, 3:] // factor) * factor - lo).amax(0).tolist()
+    values, active = (batch[k].to(dev, non_blocking=True) for k in ("values", "active"))
+    if bool((lo != box[:, :3]).any()) or list(active.shape[1:]) != extent:
+        # crops aligned to a block below the model's factor: each goes into the model's grid
+        placed = values.new_zeros(len(box), *extent, 1), active.new_zeros(len(box), *extent)
+        for b, (start, size) in enumerate(zip((box[:, :3] - lo).tolist(), (box[:, 3:] - box[:, :3]).tolist())):
+            at = (b, *(slice(a, a + n) for a, n in zip(start, size)))
+            crop = (b, *(slice(0, n) for n in size))
+            placed[0][at], placed[1][at] = values[crop], active[crop]
+        values, active = placed
+    # the collated grid is stored in its windows' memory order (and a batch_split part is a view of
+    # it): the model takes it contiguous in (b, i, j, k, c) order, transposed here (on the GPU)
+    return GridBatch(values.contiguous(), active.contiguous(), lo.to(dev), list(batch["spatial_shape"]))

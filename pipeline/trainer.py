@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from monai.engines import SupervisedTrainer
 
-from networks.grid import GridBatch, grid_from_sparse, supports_grid
+from networks.grid import GridBatch, supports_grid
 from pipeline import distributed as D
 from pipeline import quiet_fx_notice
-from pipeline.dataset import batch_split, to_sparse_tensor
+from pipeline.dataset import batch_split, to_grid_batch, to_sparse_tensor
 from pipeline.io_utils import CheckpointError
 from pipeline.runs import load_matching, read_resume_state
 
@@ -241,9 +241,10 @@ class SparseVQVAETrainer(SupervisedTrainer):
     def compute_losses(self, batch: dict, network: torch.nn.Module | None = None) -> tuple[dict, Any, Any]:
         """Forward pass and loss terms of one (micro-)batch; returns (terms, input, recon)."""
         net = network or self.network
-        x = to_sparse_tensor(batch, self.device)
         if self.grid_training:
-            x = grid_from_sparse(x, batch["box"], self.model.factor)
+            x = to_grid_batch(batch, self.device, self.model.factor)
+        else:
+            x = to_sparse_tensor(batch, self.device)
         with self._autocast():
             recon, losses = net(x, quantize=self.quantize)
         rec = self.loss_function(recon, x)

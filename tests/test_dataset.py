@@ -17,6 +17,7 @@ from pipeline.dataset import (
     block_counts,
     find_datasets,
     sparse_collate,
+    to_grid_batch,
     to_sparse_tensor,
 )
 
@@ -259,18 +260,25 @@ def _reference_sample(ds, index, draw):
     return {"coords": coords, "feats": feats, "box": torch.as_tensor(box)}
 
 
-def test_real_crops_and_collate_match_the_reference(ct_data_dir, tmp_path):
-    """On a real scan (compact layout): crops, their boxes and the collated batch are exactly what
-    the straightforward computation gives, for many draws (cached crop tables reused)."""
+@pytest.fixture(scope="module")
+def real_compact(ct_data_dir, tmp_path_factory):
+    """The shared example scan preprocessed at 64^3 (compact layout, lung window)."""
     from pipeline.preprocess import run as preprocess
 
-    raw = tmp_path / "raw" / "abdomen"
+    tmp = tmp_path_factory.mktemp("real")
+    raw = tmp / "raw" / "abdomen"
     raw.mkdir(parents=True)
     (raw / "example_ct_sm.nii.gz").symlink_to(ct_data_dir / "abdomen_nifti" / "example_ct_sm.nii.gz")
-    res = preprocess(raw.parent, tmp_path / "out", num_workers=0, resolution=64, windows=["lung"], progress=False,
+    res = preprocess(raw.parent, tmp / "out", num_workers=0, resolution=64, windows=["lung"], progress=False,
                      log=lambda *a, **k: None, layout="compact")
     assert res["ok"] == 1
-    ds = CTWindowSparseDataset(tmp_path / "out", "lung", split="all", max_points=6000, random_crop=True,
+    return tmp / "out"
+
+
+def test_real_crops_and_collate_match_the_reference(real_compact):
+    """On a real scan (compact layout): crops, their boxes and the collated batch are exactly what
+    the straightforward computation gives, for many draws (cached crop tables reused)."""
+    ds = CTWindowSparseDataset(real_compact, "lung", split="all", max_points=6000, random_crop=True,
                                cache="memory")
     assert len(ds) == 1 and ds.cases[0]["num_points"] > 6000
     samples, refs = [], []
@@ -289,3 +297,37 @@ def test_real_crops_and_collate_match_the_reference(ct_data_dir, tmp_path):
     assert torch.equal(batch["features"], torch.cat([r["feats"] for r in refs[:3]]))
     assert batch["num_points"] == [len(r["coords"]) for r in refs[:3]]
     assert torch.equal(batch["box"], torch.stack([r["box"] for r in refs[:3]]))
+
+
+def test_grid_crops_give_the_sparse_batch(real_compact):
+    """``grid_crops`` on a real scan: the same 8-aligned crops as the sparse samples, collated into one
+    grid padded to the larger box (also in a DataLoader worker, in shared memory); ``to_sparse_tensor``
+    of it (and of its ``batch_split`` parts) is exactly the sparse batch's, and ``to_grid_batch`` is
+    ``grid_from_sparse`` of the sparse batch, for the model factor the crops are aligned to and a larger one."""
+    from networks.grid import grid_from_sparse
+
+    kw = dict(split="all", max_points=6000, random_crop=True, cache="memory")
+    sparse = CTWindowSparseDataset(real_compact, "lung", **kw)
+    grid = CTWindowSparseDataset(real_compact, "lung", grid_crops=True, **kw)
+    extent = {d: tuple((sparse.crop_box(0, d)[3:] - sparse.crop_box(0, d)[:3]).tolist()) for d in range(6)}
+    draws = [(0, 0), (0, next(d for d in range(6) if extent[d] != extent[0]))]
+    sb, gb = sparse_collate([sparse[d] for d in draws]), sparse_collate([grid[d] for d in draws])
+    assert "indices" not in gb and gb["values"].dtype == torch.float32 and gb["active"].dtype == torch.bool
+    assert (gb["box"] % 8 == 0).all()
+    assert gb["memory_order"] == [[2, 1, 0]] * 2  # compact windows are F-ordered: points listed i fastest
+    assert gb["values"].permute(0, 3, 2, 1, 4).is_contiguous()  # and so is the batch (copied without a transpose)
+    assert gb["values"].shape == (2, *map(max, zip(*(extent[d] for _, d in draws))), 1)
+    for k in ("box", "num_points", "case_id", "window", "spatial_shape", "batch_size"):
+        assert (torch.equal(gb[k], sb[k]) if k == "box" else gb[k] == sb[k]), k
+    loader = torch.utils.data.DataLoader(grid, batch_size=2, sampler=draws, collate_fn=sparse_collate, num_workers=1)
+    wb = next(iter(loader))
+    assert torch.equal(wb["values"], gb["values"]) and torch.equal(wb["active"], gb["active"])
+    for g, s in [(gb, sb), *zip(batch_split(gb, 2), batch_split(sb, 2))]:
+        xg, xs = to_sparse_tensor(g), to_sparse_tensor(s)
+        assert torch.equal(xg.indices, xs.indices) and torch.equal(xg.features, xs.features)
+        assert (xg.batch_size, xg.spatial_shape) == (xs.batch_size, xs.spatial_shape)
+        for factor in (8, 16):
+            want = grid_from_sparse(xs, s["box"], factor)
+            for got in (to_grid_batch(g, "cpu", factor), to_grid_batch(s, "cpu", factor)):
+                assert torch.equal(got.values, want.values) and torch.equal(got.active, want.active)
+                assert torch.equal(got.origin, want.origin) and got.spatial_shape == want.spatial_shape

@@ -154,6 +154,62 @@ def test_grid_training_matches_sparse_training(data):
         assert torch.allclose(g, grads[1][n], rtol=1e-3, atol=1e-6), n
 
 
+@pytest.fixture(scope="module")
+def grid_data(data):
+    """``data`` with ``grid_crops``: the same crops as dense grids."""
+    return CTWindowSparseDataset(data.datasets, "lung", split="all", max_points=1500, min_points=10, grid_crops=True)
+
+
+def _step(model, ds, batch, split=1):
+    """Loss and gradients of one ``_iteration`` on ``batch`` (lr 0: the weights stay)."""
+    tr = _trainer(model, ds, batch_split=split)
+    tr.optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    tr.state.iteration = 1
+    out = tr._iteration(tr, batch)
+    assert not out["skipped"]
+    return out["loss"], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_grid_crops_train_as_sparse_crops(data, grid_data):
+    """A step on grid crops (``grid_crops``, what the bundles load with grid_training) is the step on the
+    sparse crops: the same GridBatch reaches the model, whole or in ``batch_split`` parts (the model's
+    factor is 16, so the 8-aligned crops are placed into its grid as ``grid_from_sparse`` places them)."""
+    draws = [(0, 0), (1, 1)]
+    sparse, grid = (sparse_collate([ds[d] for d in draws]) for ds in (data, grid_data))
+    assert "values" in grid and _model().factor == 16 and bool((grid["box"] % 16).any())
+    for split in (1, 2):
+        (loss_s, grads_s), (loss_g, grads_g) = (_step(_model(), grid_data, b, split) for b in (sparse, grid))
+        assert loss_g == loss_s and grads_g.keys() == grads_s.keys()
+        for n, g in grads_s.items():
+            assert torch.equal(grads_g[n], g), (split, n)
+
+
+def test_model_without_grid_path_trains_on_grid_crops(data, grid_data):
+    """layout="direct3d" has no grid path: the trainer hands it the sparse tensor of the grid crops, the
+    step is the one on sparse crops, and a run through the loader trains."""
+    from networks import SparseVQVAE
+    from networks.grid import supports_grid
+
+    def model():
+        torch.manual_seed(0)
+        return SparseVQVAE(**{**TINY, "resolution": 4}, layout="direct3d")
+
+    assert not supports_grid(model())
+    draws = [(0, 0), (1, 1)]
+    (loss_s, grads_s), (loss_g, grads_g) = (_step(model(), grid_data, sparse_collate([ds[d] for d in draws]))
+                                            for ds in (data, grid_data))
+    assert loss_g == loss_s
+    for n, g in grads_s.items():
+        assert torch.equal(grads_g[n], g), n
+    net = model()
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    tr = _trainer(net, grid_data, steps=2)
+    assert not tr.grid_training
+    tr.run()
+    assert tr.state.iteration == 2 and not tr.state.output["skipped"]
+    assert any(not torch.equal(before[n], p) for n, p in net.named_parameters())
+
+
 def test_freezing_and_summary():
     model = _model()
     freeze_for_stage(model, 1)
