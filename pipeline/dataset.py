@@ -16,7 +16,7 @@ Support = body mask AND window > 0. Cases above ``max_points`` support voxels ar
 a random box aligned to ``block`` (8) holding at most ``max_points`` voxels
 (``transforms.RandSparseCrop``), chosen from a per-case count of support voxels per 8^3 block
 (computed once, cached in the case's ``.cache/`` folder or in memory); smaller cases get the
-whole cube. Either way both ends of every box are multiples of ``block``, so a grid crop is the
+box of their blocks that hold support. Either way both ends of every box are multiples of ``block``, so a grid crop is the
 model's grid of that box as it stands. Only the box is read (a memory map, or the compressed
 chunks it touches). ``sparse_collate`` batches either kind of sample; ``to_sparse_tensor`` and
 ``to_grid_batch`` make the model's input of either kind of batch.
@@ -40,7 +40,7 @@ from torch.utils.data import Dataset, Sampler
 
 from pipeline.io_utils import DataFileError, load_npy, save_npy
 from pipeline.processed import GUIDE_FILES, ProcessedCase, find_datasets, usable_cases
-from transforms import HU_MAX, HU_MIN, BodyMask, Sparsify, support_mask
+from transforms import HU_MAX, HU_MIN, BodyMask, Sparsify, support_box, support_mask
 from transforms.geometry import _memory_order
 
 __all__ = [
@@ -335,7 +335,8 @@ class CTWindowSparseDataset(Dataset):
         tables = self._crop_tables(c)
         shape = [s * self.block for s in tables["shape"]]
         if c["num_points"] <= self.max_points:
-            return np.array([0, 0, 0, *shape], dtype=np.int64)
+            start, stop = support_box(tables, self.block, shape)
+            return np.array([*start, *stop], dtype=np.int64)
         if self.random_crop:
             draw = self.epoch * len(self) + index if draw is None else draw
             key = [self.seed, int(draw), index]

@@ -95,6 +95,10 @@ def test_sample_support_and_crop(synth):
     mask = np.load(Path(full.cases[0]["dir"]) / "body_mask_512.npy")
     assert s["coords"].dtype == torch.int32 and s["feats"].shape == (len(s["coords"]), 1)
     assert len(s["coords"]) == int((mask & (win > 0)).sum())
+    # a case within the budget is cropped to the 8-voxel blocks that hold its support, not the cube
+    box = s["box"].numpy()
+    lo, hi = s["coords"].numpy().min(0), s["coords"].numpy().max(0) + 1
+    assert (box % 8 == 0).all() and (box[:3] == lo // 8 * 8).all() and (box[3:] == np.minimum(-(-hi // 8) * 8, win.shape)).all()
     # body mask computed from ct_normalized when the file is absent (dataset "b")
     assert all(c["num_points"] > 100 for c in full.cases if c["key"].startswith("b/"))
     crop = CTWindowSparseDataset(synth, "lung", split="all", max_points=2000)

@@ -150,3 +150,14 @@ def test_chain_to_files_and_crops(ct_data_dir, tmp_path):
     ref = {tuple(c): f for c, f in zip(ref_c.tolist(), ref_f[:, 0].tolist())}
     for c, f in zip(out["coords"].tolist()[:500], out["feats"][:, 0].tolist()):
         assert abs(ref[tuple(c)] - f) < 1e-3  # float16 storage
+
+
+def test_support_box_is_the_blocks_that_hold_support():
+    from transforms import crop_tables, support_box
+
+    counts = np.zeros((8, 8, 8), dtype=np.int64)
+    counts[2, 3:5, 1] = 7
+    counts[5, 4, 6] = 1
+    assert support_box(crop_tables(counts), 8, (60, 64, 64)) == ([16, 24, 8], [48, 40, 56])
+    assert support_box(crop_tables(counts), 8, (40, 64, 64))[1][0] == 40  # clipped to the grid
+    assert support_box(crop_tables(np.zeros((4, 4, 4), dtype=np.int64)), 8, (32, 32, 32)) == ([0, 0, 0], [32, 32, 32])

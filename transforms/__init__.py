@@ -48,6 +48,7 @@ from .sparse import (
     block_counts,
     choose_crop_box,
     crop_tables,
+    support_box,
     support_mask,
 )
 
@@ -60,6 +61,6 @@ __all__ = [
     "NormalizeHU", "NormalizeHUd", "apply_window", "window_to_hu", "normalize_hu", "denormalize_hu",
     "BodyMask", "BodyMaskd", "body_mask", "body_bbox",
     "Sparsify", "Sparsifyd", "Densify", "Densifyd", "RandSparseCrop", "RandSparseCropd", "block_counts",
-    "choose_crop_box", "crop_tables", "support_mask",
+    "choose_crop_box", "crop_tables", "support_box", "support_mask",
     "CUBE_STEPS", "cube_transforms", "CTModelInputd",
 ]

@@ -162,7 +162,18 @@ def crop_tables(counts) -> dict:
     sat = np.zeros(tuple(np.asarray(c.shape) + 1), dtype=np.int64)
     sat[1:, 1:, 1:] = c.cumsum(0).cumsum(1).cumsum(2)
     flat = c.ravel().astype(np.float64)
-    return {"shape": c.shape, "total": int(sat[-1, -1, -1]), "sat": sat, "p": flat / max(flat.sum(), 1.0)}
+    filled = np.argwhere(c > 0)
+    support = (filled.min(0), filled.max(0) + 1) if len(filled) else (np.zeros(3, int), np.asarray(c.shape))
+    return {"shape": c.shape, "total": int(sat[-1, -1, -1]), "sat": sat, "p": flat / max(flat.sum(), 1.0),
+            "support_blocks": support}
+
+
+def support_box(tables: dict, block: int, shape: Sequence[int]) -> tuple[list, list]:
+    """(start, stop) voxels of the blocks that hold support (the whole grid when none does): the
+    training dataset's crop of a case within its budget, so a dense crop never spans the empty
+    cube around a body."""
+    lo, hi = tables["support_blocks"]
+    return (np.asarray(lo) * block).tolist(), np.minimum(np.asarray(hi) * block, np.asarray(shape[-3:])).tolist()
 
 
 def choose_crop_box(counts, max_points: int, block: int, shape: Sequence[int], rng: np.random.RandomState):
