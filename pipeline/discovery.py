@@ -29,7 +29,7 @@ Label maps (never cases themselves)
       series and zips, whose size is not read); if one candidate is left it is the pair; if
       several are left, the one whose name stem equals the
       label's stem without the label word (``case1_seg`` -> ``case1``, also ignoring a
-      ``_ct``/``_img``/``_image`` suffix of the image) wins; otherwise the label stays
+      ``_ct``/``_img``/``_image`` suffix of the image and of the label: ``case1_ct_seg``) wins; otherwise the label stays
       unpaired and is listed in :attr:`Dataset.unpaired_labels`.
 
 Everything else
@@ -248,7 +248,7 @@ def _label_stem(path: Path) -> str:
     stem = split_ext(path.name)[0].lower()
     stem = re.sub(r"^(seg|segmentation|label|labels|mask)([_\-.]|$)", "", stem)
     stem = re.sub(r"[_\-.](seg|segmentation|segmentations|label|labels|labelmap|mask|masks|gt)([_\-.].*)?$", "", stem)
-    return stem
+    return _IMAGE_SUFFIX_RE.sub("", stem)  # case1_ct_label names the image case1_ct, as case1_label does
 
 
 def _pair_label(label: Path, candidates: list[Case], header_size=header_size) -> Case | None:

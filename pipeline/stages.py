@@ -60,6 +60,8 @@ def freeze_for_stage(model: torch.nn.Module, training_stage: int, keep_trainable
     stage = int(training_stage)
     if stage not in (0, 1, 2):
         raise ValueError(f"training_stage must be 0, 1 or 2, got {training_stage}")
+    if isinstance(frozen_parts, str) or not all(isinstance(p, str) for p in frozen_parts):
+        raise ValueError(f"frozen_parts={frozen_parts!r}: needs a list of part names, e.g. frozen_parts='[\"Encoder\"]'")
     unknown = sorted(set(frozen_parts) - set(PARTS))
     if unknown:
         raise ValueError(f"frozen_parts {unknown}: not a part of the model; use some of {list(PARTS)}")
@@ -74,6 +76,8 @@ def freeze_for_stage(model: torch.nn.Module, training_stage: int, keep_trainable
             p.requires_grad_(top not in ("Encoder", "Decoder") or name in keep)
         else:
             p.requires_grad_(True)
+    if frozen_parts and not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"frozen_parts {list(frozen_parts)} leaves nothing to train in stage {stage}; freeze fewer parts")
     for m in model.modules():  # an EMA codebook or a shared map's fixed basis is not the optimizer's
         if isinstance(m, VectorQuantizer) and not m.optimizer_trains_codebook:
             m.embeddings.weight.requires_grad_(False)

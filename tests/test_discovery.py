@@ -65,6 +65,8 @@ def test_layouts(tmp_path):
     _nii(raw / "named" / "b_ct.nii.gz")
     _nii(raw / "named" / "b_seg.nii.gz", dtype=np.uint8)
     _nii(raw / "named" / "c_mask.nii.gz", dtype=np.uint8)  # ambiguous -> unpaired... c has no image
+    _nii(raw / "named" / "d_ct.nii.gz")
+    _nii(raw / "named" / "d_ct_label.nii.gz", dtype=np.uint8)  # the image's _ct suffix in the label's name too
     _nii(raw / "named" / "x y.nrrd".replace(".nrrd", ".nii"))
     _nii(raw / "named" / "sub" / "x y.nii.gz")
     (raw / "empty_ds" / "missing").mkdir(parents=True)
@@ -92,6 +94,7 @@ def test_layouts(tmp_path):
     named = dss["named"]
     ids = _by_id(named)
     assert ids["b_ct"].label.name == "b_seg.nii.gz" and ids["a"].label is None
+    assert ids["d_ct"].label.name == "d_ct_label.nii.gz"
     assert {"x_y", "sub__x_y"} <= set(ids)
     assert [p.name for p in named.unpaired_labels] == ["c_mask.nii.gz"]
 

@@ -229,6 +229,10 @@ def test_freezing_and_summary():
     assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"Decoder", "vq"}
     with pytest.raises(ValueError, match=r"frozen_parts \['encoder'\]: not a part of the model; use some of"):
         freeze_for_stage(model, 2, frozen_parts=["encoder"])
+    with pytest.raises(ValueError, match="needs a list of part names"):
+        freeze_for_stage(model, 2, frozen_parts="Encoder")
+    with pytest.raises(ValueError, match="leaves nothing to train in stage 1"):
+        freeze_for_stage(model, 1, frozen_parts=["vq"])
 
 
 def test_stage1_refuses_checkpoint_of_another_size(tmp_path):
