@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from .backend import SparseConvTensor, make_sparse
 
-__all__ = ["GridBatch", "grid_from_sparse", "grid_values_at", "supports_grid", "encode_local", "decode_local"]
+__all__ = ["GridBatch", "grid_from_sparse", "grid_values_at", "supports_grid", "encode_local", "decode_local",
+           "latent_cells", "scatter_cells"]
 
 
 @dataclass

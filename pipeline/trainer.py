@@ -63,18 +63,16 @@ class SparseReconLoss(torch.nn.Module):
         if isinstance(recon, GridBatch):  # the reconstruction's active voxels; the input is zero off its support
             keep = recon.active[..., None]
             err = (recon.values.float() - x.values.float()).masked_fill(~keep, 0)
-            n = keep.sum().clamp_min(1)
-            l1 = lambda: err.abs().sum() / n  # noqa: E731
-            l2 = lambda: err.square().sum() / n  # noqa: E731
+            n = keep.sum().clamp_min(1)  # a masked mean without a host sync
         else:
             err = recon.features.float().reshape(-1, 1) - self.target(x, recon).float().reshape(-1, 1)
-            l1 = lambda: err.abs().mean()  # noqa: E731
-            l2 = lambda: err.square().mean()  # noqa: E731
-        if self.loss_type == "l1":
-            return l1()
-        if self.loss_type == "l2":
-            return l2()
-        return l1() + l2()
+            n = max(1, err.shape[0])
+        loss = err.new_zeros(())
+        if self.loss_type in ("l1", "l1_l2"):
+            loss = loss + err.abs().sum() / n
+        if self.loss_type in ("l2", "l1_l2"):
+            loss = loss + err.square().sum() / n
+        return loss
 
 
 def rng_state() -> dict:
