@@ -14,6 +14,13 @@ How the trainer uses it:
   re-seeded with random recent encoder outputs from the reservoir (``restart_every=0`` disables).
 - Usage: ``usage_stats()`` -> perplexity, share of codes used and count used since
   ``reset_usage()``.
+- Usage loss: with ``entropy_weight > 0`` the forward also returns ``losses["entropy"]`` (already
+  weighted): the mean entropy of each vector's soft assignment to the codes minus the entropy of
+  their mean, over at most ``entropy_rows`` vectors of the batch, divided by log K. Minimising it keeps
+  each assignment sharp and spreads the batch over the whole book, as the entropy penalty of
+  lookup-free quantisation (MAGVIT-v2) does; the soft assignment is a softmax of minus the squared
+  distances over ``entropy_temperature`` times their mean nearest distance, so it does not depend on
+  the latents' scale.
 
 Variants (``build_quantizer``): the plain lookup above (``vq_type="vq"``, codebook
 ``embeddings.weight`` [K, D]); a factorised lookup (``"factorized"``: project D -> ``lookup_dim``,
@@ -32,6 +39,7 @@ broadcast, so every rank keeps the same codebook.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.distributed as dist
@@ -115,6 +123,10 @@ class VectorQuantizer(nn.Module):
             of the D-dimensional vectors, the default).
         shared_map: codes = ``embeddings.weight`` (fixed) @ ``code_map`` (learned, D x D), as SimVQ
             (Zhu et al. 2024); gradient codebook update only.
+        entropy_weight: weight of the usage loss (0: none).
+        entropy_temperature: softness of the usage loss's assignments, relative to the mean nearest
+            squared distance.
+        entropy_rows: vectors of a batch the usage loss looks at (a random subset of larger batches).
     """
 
     def __init__(
@@ -132,6 +144,9 @@ class VectorQuantizer(nn.Module):
         eps: float = 1e-5,
         lookup_dim: int | None = None,
         shared_map: bool = False,
+        entropy_weight: float = 0.0,
+        entropy_temperature: float = 0.1,
+        entropy_rows: int = 4096,
     ):
         super().__init__()
         if codebook_update not in ("gradient", "ema"):
@@ -151,6 +166,9 @@ class VectorQuantizer(nn.Module):
         self.dead_code_steps = dead_code_steps
         self.eps = eps
         self.lookup_dim = lookup_dim
+        self.entropy_weight = float(entropy_weight)
+        self.entropy_temperature = float(entropy_temperature)
+        self.entropy_rows = int(entropy_rows)
         if lookup_dim:
             self.in_proj = nn.Linear(embedding_dim, lookup_dim)
             self.out_proj = nn.Linear(lookup_dim, embedding_dim)
@@ -305,7 +323,8 @@ class VectorQuantizer(nn.Module):
 
         Returns:
             z_q [N, D] (straight-through: forward = codes, gradient flows to ``z``), indices [N]
-            int64, losses ``{"vq", "commitment"}`` (0-dim fp32, unweighted, in the lookup space).
+            int64, losses ``{"vq", "commitment"}`` (0-dim fp32, unweighted, in the lookup space), and
+            in training with ``entropy_weight > 0`` ``"entropy"`` (weighted).
         """
         with torch.autocast(device_type=z.device.type, enabled=False):
             zl = self.to_lookup(z)
@@ -321,10 +340,28 @@ class VectorQuantizer(nn.Module):
                 vq_loss = F.mse_loss(e, zl.detach())
             else:
                 vq_loss = zl.new_zeros(())
+            losses = {"vq": vq_loss, "commitment": commitment}
+            if self.training and self.entropy_weight > 0 and self._py_initialized:
+                losses["entropy"] = self.entropy_weight * self.usage_entropy(zl, codes)
             if self.training:
                 self._train_step(zl.detach(), idx)
             z_q = self.from_lookup(zl + (e - zl).detach())
-        return z_q.to(z.dtype), idx, {"vq": vq_loss, "commitment": commitment}
+        return z_q.to(z.dtype), idx, losses
+
+    def usage_entropy(self, zl: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """(mean per-vector entropy - entropy of the mean assignment) / log K: in [-1, 1], lower is
+        sharper assignments spread over more codes (unweighted; see the module notes)."""
+        if zl.shape[0] > self.entropy_rows:
+            zl = zl[torch.randperm(zl.shape[0], device=zl.device)[: self.entropy_rows]]
+        if zl.shape[0] == 0:
+            return zl.new_zeros(())
+        d = (zl * zl).sum(1, keepdim=True) - 2.0 * zl @ codes.t() + (codes * codes).sum(1)
+        scale = (self.entropy_temperature * d.detach().min(1).values.mean()).clamp_min(1e-8)
+        logp = F.log_softmax(-d / scale, dim=1)
+        per_vector = -(logp.exp() * logp).sum(1).mean()
+        mean_p = logp.exp().mean(0)
+        of_mean = -(mean_p * mean_p.clamp_min(1e-12).log()).sum()
+        return (per_vector - of_mean) / math.log(self.num_embeddings)
 
     @torch.no_grad()
     def _train_step(self, z: torch.Tensor, idx: torch.Tensor) -> None:
@@ -470,8 +507,10 @@ class ResidualQuantizer(nn.Module):
     The reconstruction of the first ``d`` levels is the sum of their code vectors, so one model
     decodes at any depth <= ``depth``. In training each step uses a random depth in [1, depth]
     (depth dropout, from torch's global generator, which ``set_determinism`` seeds alike on every
-    rank), so every prefix is trained to stand on its own; a level with k-means initialisation is
-    used only once the levels before it are initialised. Losses are the means over the levels used.
+    rank) for the decoder's input, so every prefix is trained to stand on its own, while every level
+    quantises (and learns its codes) each step; a level with k-means initialisation runs only once
+    the levels before it are initialised. The codebook and usage losses are the means over the
+    levels; the commitment loss pulls the encoder's output towards the sum of all levels' codes.
 
     Args:
         levels: the quantizers, coarsest first.
@@ -490,19 +529,26 @@ class ResidualQuantizer(nn.Module):
         d = self.depth
         if self.training and self.depth_dropout and d > 1:
             d = int(torch.randint(1, d + 1, ()))
+        run = self.depth
         if self.training:  # a level waits for the k-means of the levels before it: its inputs depend on them
             ready = [getattr(q, "_py_initialized", True) for q in self.levels]
-            d = min(d, ready.index(False) + 1 if False in ready else d)
-        residual, total, idx = z, torch.zeros_like(z), []
-        losses = {"vq": z.new_zeros((), dtype=torch.float32), "commitment": z.new_zeros((), dtype=torch.float32)}
-        for q in self.levels[:d]:
+            run = ready.index(False) + 1 if False in ready else self.depth
+        d = min(d, run)
+        residual, outs, idx = z, [], []
+        losses = {"vq": z.new_zeros((), dtype=torch.float32)}
+        for q in self.levels[:run]:
             zq, i, level_losses = q(residual)
             residual = residual - zq.detach()
-            total = total + zq  # straight-through per level, as in residual VQ (SoundStream)
+            outs.append(zq)
             idx.append(i)
-            for k in losses:
-                losses[k] = losses[k] + level_losses[k] / d
-        return total, torch.stack(idx, 1), losses
+            for k, v in level_losses.items():
+                if k != "commitment":
+                    losses[k] = losses.get(k, 0.0) + v / run
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            # the encoder commits to what all levels together reconstruct, not to the first code,
+            # so its output keeps the detail the deeper levels are there to code
+            losses["commitment"] = F.mse_loss(z.float(), sum(outs).detach().float())
+        return sum(outs[:d]), torch.stack(idx, 1), losses
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Sum of the code vectors of the levels given: ``indices`` [M, d], d <= depth."""
@@ -547,6 +593,9 @@ def build_quantizer(vq_type: str = "vq", depth: int = 1, num_embeddings: int = 8
         raise ValueError(f"vq_type='fsq': fsq_levels {list(fsq_levels)} give {grid} codes but num_embeddings is "
                          f"{num_embeddings}; set network_def#fsq_levels to levels whose product is {num_embeddings} "
                          f"or network_def#num_embeddings={grid}.")
+
+    if vq_type == "fsq" and vq_kwargs.get("entropy_weight"):
+        raise ValueError("vq_type='fsq' has no codebook for a usage loss: set network_def#vq_entropy_weight=0.")
 
     def one():
         if vq_type == "fsq":

@@ -286,6 +286,8 @@ class SparseVQVAE(nn.Module):
             (finite scalar quantisation with ``fsq_levels``, prod(levels) codes).
         vq_depth: residual levels D (1: one code per latent cell); ``vq_depth_dropout`` trains
             on a random prefix of the levels so any depth <= D decodes.
+        vq_entropy_weight: weight of the codebook usage loss (``losses["entropy"]``, returned
+            weighted; 0: none; not for ``fsq``): see :class:`~networks.quantizer.VectorQuantizer`.
         attn_max_tokens: bound on padded window tokens per attention call (None: one call).
         child_embedding: learned position-in-parent embeddings in the down and subdivide blocks
             of the ``direct3d`` layout (zero at init; False gives exactly the Direct3D-S2 layout).
@@ -325,6 +327,7 @@ class SparseVQVAE(nn.Module):
         vq_lookup_dim: int = 8,
         fsq_levels: Sequence[int] = (8, 8, 8, 4, 4),
         vq_depth_dropout: bool = True,
+        vq_entropy_weight: float = 0.0,
     ):
         super().__init__()
         if layout not in LAYOUTS:
@@ -368,6 +371,7 @@ class SparseVQVAE(nn.Module):
             reservoir_size=vq_reservoir_size,
             restart_every=vq_restart_every,
             dead_code_steps=vq_dead_code_steps,
+            entropy_weight=vq_entropy_weight,
         )
         self.num_embeddings = self.vq.num_embeddings
         self.vq_depth = int(vq_depth)
@@ -407,7 +411,8 @@ class SparseVQVAE(nn.Module):
             recon: at full resolution, all 8^3 children of every active latent cell: a
             ``SparseConvTensor`` with features [M, 1], or for a ``GridBatch`` input a ``GridBatch``
             whose ``active`` marks those children; losses: ``{"vq", "commitment"}`` 0-dim,
-            unweighted (zeros when ``quantize`` is False). The code indices are kept in
+            unweighted (zeros when ``quantize`` is False), and ``"entropy"`` (weighted) in training
+            with ``vq_entropy_weight > 0``. The code indices are kept in
             ``self.last_indices``.
         """
         if isinstance(x, GridBatch):

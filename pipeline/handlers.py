@@ -97,7 +97,7 @@ class StepLogHandler:
     def __call__(self, engine) -> None:
         out = engine.state.output or {}
         if not out.get("skipped"):
-            for k in ("loss", "recon", "vq", "commitment", "grad_norm"):
+            for k in ("loss", "recon", "vq", "commitment", "entropy", "grad_norm"):
                 self._acc[k] = self._acc.get(k, 0.0) + float(out.get(k, 0.0))
             self._n += 1
         self._points += int(out.get("num_points", 0))
@@ -124,7 +124,8 @@ class StepLogHandler:
             return
         msg = (f"Step {step}: loss={avg.get('loss', float('nan')):.6g} recon={avg.get('recon', float('nan')):.6g} "
                f"vq={avg.get('vq', float('nan')):.6g} commitment={avg.get('commitment', float('nan')):.6g} "
-               f"lr={out.get('lr', 0.0):.3g} grad_norm={avg.get('grad_norm', float('nan')):.4g}")
+               + (f"entropy={avg['entropy']:.4g} " if avg.get("entropy") else "")
+               + f"lr={out.get('lr', 0.0):.3g} grad_norm={avg.get('grad_norm', float('nan')):.4g}")
         if usage is not None and engine.quantize:
             msg += f" perplexity={usage['perplexity']:.1f} usage={usage['usage']:.3f}"
         msg += (f" steps/s={speed['steps_per_s']:.2f} voxels/s={speed['voxels_per_s']:.3g}"

@@ -3,7 +3,8 @@
 One iteration = one optimizer step: the collated sparse batch is split by sample into
 ``batch_split`` micro-batches (gradient accumulation), each is moved to the device as a
 ``SparseConvTensor`` and run under autocast (fp16 with ``GradScaler`` or bf16; CUDA only, fp32
-on CPU). The loss is ``recon + lambda_vq * vq + lambda_commitment * commitment`` with the
+on CPU). The loss is ``recon + lambda_vq * vq + lambda_commitment * commitment + entropy`` (the
+codebook usage loss, weighted by the quantizer's ``vq_entropy_weight``) with the
 reconstruction compared to the input at the reconstruction's coordinates (0 outside the
 support). Gradients are clipped; a step whose loss or gradient norm is not finite is skipped
 on every rank and counted in ``engine.state.nonfinite_steps``.
@@ -248,15 +249,16 @@ class SparseVQVAETrainer(SupervisedTrainer):
         rec = self.loss_function(recon, x)
         vq = losses.get("vq", rec.new_zeros(())).float()
         com = losses.get("commitment", rec.new_zeros(())).float()
-        total = rec + self.lambda_vq * vq + self.lambda_commitment * com
-        return {"loss": total, "recon": rec, "vq": vq, "commitment": com}, x, recon
+        entropy = losses.get("entropy", rec.new_zeros(())).float()  # weighted by the quantizer
+        total = rec + self.lambda_vq * vq + self.lambda_commitment * com + entropy
+        return {"loss": total, "recon": rec, "vq": vq, "commitment": com, "entropy": entropy}, x, recon
 
     def _iteration(self, engine, batchdata: dict[str, Any]) -> dict:
         self.network.train()
         parts = batch_split(batchdata, self.batch_split)
         bsz = max(1, int(batchdata["batch_size"]))
         self.optimizer.zero_grad(set_to_none=True)
-        sums = {"loss": 0.0, "recon": 0.0, "vq": 0.0, "commitment": 0.0}
+        sums = {"loss": 0.0, "recon": 0.0, "vq": 0.0, "commitment": 0.0, "entropy": 0.0}
         finite = True
         ddp = isinstance(self.network, torch.nn.parallel.DistributedDataParallel)
         for i, part in enumerate(parts):

@@ -327,13 +327,13 @@ def test_quality_refuses_a_bad_stage_split(quality_data):
 
 
 def test_quality_reports_every_residual_depth(quality_data, tmp_path):
-    """A variant is trained beside the default in one run and reported under its name, each level scored."""
+    """Variants are trained beside the default in one run and reported under their names, each level scored."""
     from bench import quality
 
     argv = ["--train", str(quality_data / "train"), "--eval", str(quality_data / "eval"), "--minutes", "0.03", "--small",
             "--device", "cpu", "--workers", "0", "--models", "ctvq", "--out", str(tmp_path / "q.json")]
-    res = quality.main(argv + ["--variant", "d2:network_def#vq_depth=2"])
-    assert "monai_vqvae" not in res and set(res["variants"]) == {"d2"}
+    res = quality.main(argv + ["--variant", "d2:network_def#vq_depth=2", "--variant", "usage:network_def#vq_entropy_weight=0.1"])
+    assert "monai_vqvae" not in res and set(res["variants"]) == {"d2", "usage"}
     assert [r["depth"] for r in res["ctvq"]["per_depth"]] == [1]
     rows = res["variants"]["d2"]["per_depth"]
     assert [r["depth"] for r in rows] == [1, 2] and res["variants"]["d2"]["overrides"] == ["network_def#vq_depth=2"]

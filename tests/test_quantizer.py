@@ -273,8 +273,14 @@ def test_residual_levels_refine_and_decode_any_prefix():
     assert torch.equal(idx_fwd, idx)
     torch.testing.assert_close(zq, rq.lookup(idx))
     rq.train()
-    depths = {rq(z)[1].shape[1] for _ in range(30)}
-    assert depths == {1, 2, 3}  # depth dropout trains every prefix
+    depths = set()
+    for _ in range(30):
+        zq, idx, losses = rq(z)
+        assert idx.shape == (4096, 3)  # every level quantises and learns each step
+        depths |= {d for d in (1, 2, 3) if torch.allclose(zq, rq.lookup(idx[:, :d]), atol=1e-6)}
+        # the encoder commits to all levels together, whatever prefix the decoder gets
+        torch.testing.assert_close(losses["commitment"], (z - rq.lookup(idx)).square().mean())
+    assert depths == {1, 2, 3}  # depth dropout gives the decoder every prefix
     stats = rq.usage_stats()
     assert len(stats["levels"]) == 3 and stats["codes_used"] == stats["levels"][0]["codes_used"]
 
@@ -350,3 +356,40 @@ def test_fsq_refuses_levels_that_do_not_give_the_codebook_size():
     with pytest.raises(ValueError, match=r"fsq_levels \[8, 8, 8, 4, 4\] give 8192 codes but num_embeddings is 128"):
         build_quantizer("fsq", num_embeddings=128, embedding_dim=8)
     assert build_quantizer("fsq", num_embeddings=128, embedding_dim=8, fsq_levels=(8, 4, 4)).num_embeddings == 128
+
+
+def test_usage_loss_spreads_a_skewed_batch_over_the_book():
+    """The entropy term moves latents crowded onto a few codes out to unused ones: trained on it,
+    more codes are used and the perplexity rises; without it (weight 0) nothing returns it."""
+    torch.manual_seed(0)
+    crowded = torch.cat([torch.randn(900, 8) * 0.05, torch.randn(124, 8)])  # 88 % of the batch near one point
+    results = {}
+    for weight in (0.0, 1.0):
+        vq = VectorQuantizer(64, 8, entropy_weight=weight, entropy_rows=512).train()
+        with torch.no_grad():
+            vq.embeddings.weight.copy_(torch.randn(64, 8))
+        z = torch.nn.Parameter(crowded.clone())
+        opt = torch.optim.Adam([z, vq.embeddings.weight], lr=0.02)
+        for _ in range(150):
+            _, _, losses = vq(z)
+            loss = losses["vq"] + 0.25 * losses["commitment"] + losses.get("entropy", 0.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert ("entropy" in losses) == (weight > 0)
+        vq.reset_usage()
+        with torch.no_grad():
+            vq(z)
+        results[weight] = vq.usage_stats()
+    assert results[1.0]["codes_used"] > results[0.0]["codes_used"] + 5, results
+    assert results[1.0]["perplexity"] > 2 * results[0.0]["perplexity"], results
+
+
+def test_usage_loss_is_bounded_and_lowest_for_sharp_spread_assignments():
+    vq = VectorQuantizer(16, 4, entropy_weight=1.0)
+    codes = torch.eye(4).repeat(4, 1) * torch.arange(1, 5).repeat_interleave(4)[:, None] * 10
+    spread = vq.usage_entropy(codes.clone(), codes)  # one vector on each code
+    crowded = vq.usage_entropy(codes[:1].repeat(16, 1), codes)  # all on one code
+    assert -1.0 <= float(spread) < -0.9 and -0.05 < float(crowded) <= 1.0, (spread, crowded)
+    with pytest.raises(ValueError, match="vq_entropy_weight"):
+        build_quantizer("fsq", entropy_weight=0.1)

@@ -410,3 +410,21 @@ def test_resumed_run_hides_the_steps_an_interrupted_run_logged_past_its_checkpoi
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(100, 1.0), (200, 1.0), (210, 0.5), (220, 0.5),
                                                                       (230, 0.5)]
+
+
+def test_usage_loss_enters_the_step(data):
+    """``vq_entropy_weight`` adds the quantizer's (weighted) usage term to the step's loss, and the
+    step reports it beside the other terms."""
+    from networks import SparseVQVAE
+
+    torch.manual_seed(0)
+    model = SparseVQVAE(**TINY, vq_entropy_weight=0.5)
+    tr = _trainer(model, data, loss=SparseReconLoss("l1"))
+    tr.state.iteration = 1
+    out = tr._iteration(tr, sparse_collate([data[(0, 0)], data[(1, 0)]]))
+    assert not out["skipped"] and -0.5 <= out["entropy"] < 0
+    expected = out["recon"] + tr.lambda_vq * out["vq"] + tr.lambda_commitment * out["commitment"] + out["entropy"]
+    assert out["loss"] == pytest.approx(expected, rel=1e-6)
+    plain = _trainer(_model(), data, loss=SparseReconLoss("l1"))
+    plain.state.iteration = 1
+    assert plain._iteration(plain, sparse_collate([data[(0, 0)]]))["entropy"] == 0.0  # weight 0: no term
