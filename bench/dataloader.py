@@ -1,4 +1,4 @@
-"""Training-data throughput: sparse crops per second from the processed layout with 1, 2, 4 and 8
+"""Training-data throughput: crops per second from the processed layout with 1, 2, 4 and 8
 DataLoader workers (``--workers``), set against the training step rate, to show the GPU is never waiting.
 
 Uses the training dataset itself (``pipeline.dataset.CTWindowSparseDataset`` with its

@@ -74,7 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "stage as stageN:KEY=VALUE (e.g. 'stage2:frozen_parts=[\"Encoder\"]')")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE",
                    help="train and score one more ctvq with this override (repeat NAME for several overrides)")
-    p.add_argument("--models", nargs="+", default=["ctvq", "monai_vqvae"], choices=["ctvq", "monai_vqvae"])
+    p.add_argument("--models", nargs="+", default=["ctvq", "monai_vqvae"], choices=["ctvq", "monai_vqvae"],
+                   help="models to train and score (default both; variants are ctvq models)")
     p.add_argument("--workers", type=int, default=None, help="data loader workers (default: up to 8, the CPUs there are)")
     p.add_argument("--crop", type=int, default=128, help="VQVAE crop edge (default 128)")
     p.add_argument("--train-only", action="store_true", help="train (or keep) the models, evaluate later")

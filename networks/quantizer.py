@@ -583,7 +583,9 @@ QUANTIZERS = ("vq", "factorized", "simvq", "fsq")
 def build_quantizer(vq_type: str = "vq", depth: int = 1, num_embeddings: int = 8192, embedding_dim: int = 32,
                     lookup_dim: int = 8, fsq_levels=(8, 8, 8, 4, 4), depth_dropout: bool = True, **vq_kwargs):
     """The model's ``vq``: one quantizer of ``vq_type``, or a :class:`ResidualQuantizer` of ``depth``
-    of them. ``vq_kwargs`` go to :class:`VectorQuantizer` (k-means, restarts, EMA)."""
+    of them. ``vq_kwargs`` go to :class:`VectorQuantizer` (k-means, restarts, EMA, usage loss); FSQ,
+    which has no codebook, takes none but ``kmeans_init`` (its fit) and spreads over its grid without a
+    usage loss."""
     if vq_type not in QUANTIZERS:
         raise ValueError(f"vq_type={vq_type!r} is not one of {list(QUANTIZERS)}; set network_def#vq_type to one of those.")
     if int(depth) < 1:
@@ -593,9 +595,6 @@ def build_quantizer(vq_type: str = "vq", depth: int = 1, num_embeddings: int = 8
         raise ValueError(f"vq_type='fsq': fsq_levels {list(fsq_levels)} give {grid} codes but num_embeddings is "
                          f"{num_embeddings}; set network_def#fsq_levels to levels whose product is {num_embeddings} "
                          f"or network_def#num_embeddings={grid}.")
-
-    if vq_type == "fsq" and vq_kwargs.get("entropy_weight"):
-        raise ValueError("vq_type='fsq' has no codebook for a usage loss: set network_def#vq_entropy_weight=0.")
 
     def one():
         if vq_type == "fsq":

@@ -287,7 +287,7 @@ class SparseVQVAE(nn.Module):
         vq_depth: residual levels D (1: one code per latent cell); ``vq_depth_dropout`` trains
             on a random prefix of the levels so any depth <= D decodes.
         vq_entropy_weight: weight of the codebook usage loss (``losses["entropy"]``, returned
-            weighted; 0: none; not for ``fsq``): see :class:`~networks.quantizer.VectorQuantizer`.
+            weighted; 0: none; ``fsq`` has no codebook and ignores it): see :class:`~networks.quantizer.VectorQuantizer`.
         attn_max_tokens: bound on padded window tokens per attention call (None: one call).
         child_embedding: learned position-in-parent embeddings in the down and subdivide blocks
             of the ``direct3d`` layout (zero at init; False gives exactly the Direct3D-S2 layout).

@@ -38,10 +38,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from pipeline.config_data import config_flag
 from pipeline.io_utils import DataFileError, load_npy, save_npy
 from pipeline.processed import GUIDE_FILES, ProcessedCase, find_datasets, usable_cases
 from transforms import HU_MAX, HU_MIN, BodyMask, Sparsify, support_box, support_mask
-from transforms.geometry import _memory_order
+from transforms.geometry import memory_order
 
 __all__ = [
     "find_datasets",
@@ -172,7 +173,7 @@ class CTWindowSparseDataset(Dataset):
         self.block = int(block)
         self.random_crop = (split == "train") if random_crop is None else bool(random_crop)
         self.cache = cache
-        self.grid_crops = bool(grid_crops)
+        self.grid_crops = config_flag("grid_crops", grid_crops)
         self.epoch = 0
         self._counts: dict[str, np.ndarray] = {}
         self._masks: dict[str, np.ndarray] = {}
@@ -497,7 +498,7 @@ def _grid_collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """
     shapes = [tuple(s["values"].shape) for s in batch]
     extent = [max(e) for e in zip(*shapes)]
-    order = _memory_order(batch[0]["values"])
+    order = memory_order(batch[0]["values"])
     axes = [1 + order.index(a) for a in range(3)]  # logical axis -> stored dim
     stored = [len(batch), *(extent[a] for a in order)]
     values = _batch_tensor((*stored, 1), torch.float32).permute(0, *axes, 4)
@@ -508,7 +509,7 @@ def _grid_collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
             out[sd:] = 0
             out[:sd, sh:] = 0
             out[:sd, :sh, sw:] = 0
-    return {"values": values, "active": active, "memory_order": [_memory_order(s["values"]) for s in batch],
+    return {"values": values, "active": active, "memory_order": [memory_order(s["values"]) for s in batch],
             **_batch_info(batch, [int(s["num_points"]) for s in batch])}
 
 

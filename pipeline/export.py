@@ -279,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--run", required=True, help="run folder with config.json and ckpts/")
     p.add_argument("--ckpt", default=None, help="checkpoint file, or 'latest' (default: latest of --weights)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights when --ckpt is not a file")
-    p.add_argument("--out", default="dist/ct_vqvae", help="bundle folder to write (new or empty)")
+    p.add_argument("--out", default="dist/ct_vqvae", help="bundle folder to write, new or empty (default dist/ct_vqvae)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (never other files)")
     p.add_argument("--eval", default=None, help="evaluation summary.json to include")
     p.add_argument("--version", default=None, help="bundle version")

@@ -495,6 +495,32 @@ _SIZE_KEYS = ("layout", "resolution", "model_channels", "latent_channels", "num_
               "vq_type", "vq_depth", "vq_lookup_dim", "fsq_levels")
 
 
+def _run_config(ckpt: str | os.PathLike) -> dict:
+    """The ``config.json`` of the run a checkpoint (``RUN/ckpts/vqvae_stepN.pt``) belongs to, or {}."""
+    try:
+        cfg = json.loads((Path(ckpt).parent.parent / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def check_window(path: str | os.PathLike, training_stage: int, option: str, window_type) -> None:
+    """Refuses to fit (stage 1) or fine-tune (stage 2) a codebook on another window than the one the
+    starting checkpoint's run trained on: its latents and codes stand for that window's intensities.
+    Stage 0 may start from any window's autoencoder; a checkpoint outside a run folder is not checked.
+
+    Raises:
+        CheckpointError: one line naming the checkpoint, both windows and the fix.
+    """
+    theirs = _run_config(path).get("window_type")
+    if int(training_stage) == 0 or theirs is None or window_type is None or theirs == window_type:
+        return
+    raise CheckpointError(
+        f"{option} {path}: its run trained on window_type {json.dumps(theirs)}, this stage on "
+        f"{json.dumps(window_type)}; set --window_type {json.dumps(theirs)} (or start from a run of "
+        f"{json.dumps(window_type)}: stage 0 may start from this checkpoint)")
+
+
 def _network_def_diff(ckpt: Path, ours: Mapping) -> str:
     """``model_channels 64 in the checkpoint's run vs 512 here, ...`` from the run's config.json, or "".
     A key one side leaves out counts as ``SparseVQVAE``'s default."""
@@ -502,10 +528,7 @@ def _network_def_diff(ckpt: Path, ours: Mapping) -> str:
 
     from networks import SparseVQVAE
 
-    try:
-        theirs = json.loads((ckpt.parent.parent / "config.json").read_text()).get("network_def") or {}
-    except (OSError, ValueError, AttributeError):
-        return ""
+    theirs = _run_config(ckpt).get("network_def") or {}
     if not (theirs and ours):
         return ""
     params = inspect.signature(SparseVQVAE).parameters

@@ -21,7 +21,7 @@ from networks.quantizer import VectorQuantizer
 from pipeline import distributed as D
 from pipeline.io_utils import save_text
 from pipeline.run_folder import RunFolder, resolved_config
-from pipeline.runs import check_fit, load_partial
+from pipeline.runs import check_fit, check_window, load_partial
 
 __all__ = [
     "PARTS",
@@ -125,9 +125,11 @@ def prepare_network(
                 "or set pretrained_vae_path to its ckpts/vqvae_stepNNNNNNN.pt"
             )
         if src is not None:
+            option = "--load_dir" if init_ckpt is not None else "pretrained_vae_path"
+            config = resolved_config() or {}
+            check_window(src, stage, option, config.get("window_type"))
             report = load_partial(network, src)
-            check_fit(report, src, stage, "--load_dir" if init_ckpt is not None else "pretrained_vae_path",
-                      (resolved_config() or {}).get("network_def"))
+            check_fit(report, src, stage, option, config.get("network_def"))
             new = list(report.get("missing", [])) + [str(k).split(" ")[0] for k in report.get("reinitialized", [])]
             keep = [k for k in new if not k.startswith("vq.")]
             vq = getattr(network, "vq", None)
@@ -166,8 +168,14 @@ def stage_banner(model: torch.nn.Module, training_stage: int) -> str:
         part[0] += p.numel() if p.requires_grad else 0
         part[1] += p.numel()
     bar = "=" * 80
+    title = STAGE_TITLES.get(int(training_stage), "")
+    frozen = [k for k, (t, n) in parts.items() if n and not t]
+    if int(training_stage) == 2 and frozen:  # frozen_parts: say what the joint stage really trains
+        names = {"vq": "Codebook"}
+        title = ("Joint training: " + " + ".join(names.get(k, k) for k in parts if k not in frozen)
+                 + f" ({', '.join(names.get(k, k) for k in frozen)} frozen)")
     return "\n".join(
-        ["", bar, f"[Stage {int(training_stage)}] {STAGE_TITLES.get(int(training_stage), '')}", bar,
+        ["", bar, f"[Stage {int(training_stage)}] {title}", bar,
          f"Total parameters: {total:,}", f"Trainable parameters: {train:,}",
          "Trainable per part: " + ", ".join(f"{k} {t:,} of {n:,}" for k, (t, n) in parts.items()), bar, ""]
     )

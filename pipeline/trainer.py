@@ -30,6 +30,7 @@ from networks.grid import GridBatch, supports_grid
 from pipeline import distributed as D
 from pipeline import quiet_fx_notice
 from pipeline.dataset import batch_split, to_grid_batch, to_sparse_tensor
+from pipeline.config_data import config_flag
 from pipeline.io_utils import CheckpointError
 from pipeline.runs import load_matching, read_resume_state
 
@@ -219,7 +220,7 @@ class SparseVQVAETrainer(SupervisedTrainer):
         self.ema = None  # set by EMAHandler
         self.run_folder = run_folder
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.grid_training = bool(grid_training) and supports_grid(self.model)
+        self.grid_training = config_flag("grid_training", grid_training) and supports_grid(self.model)
         check_resolution(self.model, getattr(train_data_loader, "dataset", None))
         self.max_seconds = float(max_minutes) * 60.0 if max_minutes else None
         self.started_at: float | None = None

@@ -241,7 +241,7 @@ def _reference_sample(ds, index, draw):
     """A crop as the dataset made it before its crop tables, int32 unravel and preallocated
     collate: RandSparseCrop on the raw counts, np.divmod coordinates, offset added afterwards."""
     from transforms import RandSparseCrop
-    from transforms.geometry import _in_memory_order, _memory_order
+    from transforms.geometry import in_memory_order, memory_order
     from transforms.sparse import _spatial, _t, support_mask
 
     c = ds.cases[index]
@@ -253,14 +253,14 @@ def _reference_sample(ds, index, draw):
     box = np.array([*crop.box[0], *crop.box[1]], dtype=np.int64)
     win, mask = ds.load_region(index, box)
     x = _spatial(_t(win))
-    perm = _memory_order(x)
-    sm = _in_memory_order(support_mask(x, mask), perm).contiguous()
+    perm = memory_order(x)
+    sm = in_memory_order(support_mask(x, mask), perm).contiguous()
     flat = np.flatnonzero(sm.reshape(-1).numpy())
     coords = np.empty((flat.size, 3), dtype=np.int32)
     q, coords[:, perm[2]] = np.divmod(flat.astype(np.int32), sm.shape[2])
     coords[:, perm[0]], coords[:, perm[1]] = np.divmod(q, sm.shape[1])
     coords = torch.from_numpy(coords) + torch.as_tensor(box[:3], dtype=torch.int32)
-    feats = _in_memory_order(x, perm).reshape(-1)[torch.from_numpy(flat)].float().reshape(-1, 1)
+    feats = in_memory_order(x, perm).reshape(-1)[torch.from_numpy(flat)].float().reshape(-1, 1)
     return {"coords": coords, "feats": feats, "box": torch.as_tensor(box)}
 
 

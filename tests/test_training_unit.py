@@ -225,8 +225,10 @@ def test_freezing_and_summary():
     assert not model.vq.embeddings.weight.requires_grad
     freeze_for_stage(model, 2)
     assert all(p.requires_grad for p in model.parameters())
+    assert "[Stage 2] Joint training: Encoder + Decoder + Codebook\n" in stage_banner(model, 2)
     freeze_for_stage(model, 2, frozen_parts=["Encoder"])  # stage 2 on the latents stage 1 fitted
     assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"Decoder", "vq"}
+    assert "[Stage 2] Joint training: Decoder + Codebook (Encoder frozen)\n" in stage_banner(model, 2)
     with pytest.raises(ValueError, match=r"frozen_parts \['encoder'\]: not a part of the model; use some of"):
         freeze_for_stage(model, 2, frozen_parts=["encoder"])
     with pytest.raises(ValueError, match="needs a list of part names"):
@@ -428,3 +430,34 @@ def test_usage_loss_enters_the_step(data):
     plain = _trainer(_model(), data, loss=SparseReconLoss("l1"))
     plain.state.iteration = 1
     assert plain._iteration(plain, sparse_collate([data[(0, 0)]]))["entropy"] == 0.0  # weight 0: no term
+
+
+def test_codebook_stages_refuse_a_checkpoint_of_another_window(tmp_path, monkeypatch):
+    """Stages 1 and 2 start from a run of the window they train on, named in one line; stage 0 may
+    start from any window's autoencoder."""
+    import json
+
+    from pipeline import stages
+    from pipeline.io_utils import CheckpointError
+
+    path = tmp_path / "ckpts" / "vqvae_step0000001.pt"
+    path.parent.mkdir()
+    torch.save(_model().state_dict(), path)
+    (tmp_path / "config.json").write_text(json.dumps({"window_type": "lung", "network_def": TINY}))
+    monkeypatch.setattr(stages, "resolved_config", lambda: {"window_type": "bone"})
+    for stage in (1, 2):
+        with pytest.raises(CheckpointError, match='window_type "lung", this stage on "bone"; set --window_type "lung"') as err:
+            stages.prepare_network(_model(), stage, pretrained_vae_path=str(path))
+        assert "\n" not in str(err.value) and str(path) in str(err.value)
+    stages.prepare_network(_model(), 0, pretrained_vae_path=str(path))
+    monkeypatch.setattr(stages, "resolved_config", lambda: {"window_type": "lung"})
+    stages.prepare_network(_model(), 2, pretrained_vae_path=str(path))
+
+
+def test_true_false_settings_refuse_other_values(data):
+    """``grid_training`` / ``grid_crops`` take JSON true or false; the string "false" (which Python reads
+    as true) is refused in one line with the override to write."""
+    with pytest.raises(ValueError, match=r"grid_training='false': needs true or false \(JSON\), e.g. --override grid_training=false"):
+        SparseVQVAETrainer("cpu", 1, [], _model(), torch.optim.SGD(_model().parameters(), lr=0.0), grid_training="false")
+    with pytest.raises(ValueError, match="grid_crops=1: needs true or false"):
+        CTWindowSparseDataset(data.datasets, "lung", split="all", grid_crops=1)

@@ -26,6 +26,8 @@ __all__ = [
     "ResampleToCubed",
     "world_to_voxel",
     "voxel_to_world",
+    "memory_order",
+    "in_memory_order",
 ]
 
 AIR_HU = -1024.0
@@ -94,13 +96,13 @@ def _signed_permutation(m: np.ndarray, tol: float = 1e-6):
     return perm
 
 
-def _memory_order(x: torch.Tensor) -> list[int]:
+def memory_order(x: torch.Tensor) -> list[int]:
     """Spatial dims (last three) of ``x`` from outermost to innermost in memory."""
     sp = x.ndim - 3
     return sorted(range(sp, x.ndim), key=lambda d: (-x.stride(d), d))
 
 
-def _in_memory_order(x: torch.Tensor, perm: list[int]) -> torch.Tensor:
+def in_memory_order(x: torch.Tensor, perm: list[int]) -> torch.Tensor:
     """``x.permute(*perm)``, made contiguous when it is not already."""
     xm = x.permute(*perm)
     return xm if xm.is_contiguous() else xm.contiguous()
@@ -155,8 +157,8 @@ def _resample_separable(x, m, perm, out_shape, linear, pad, out_dtype):
     """
     sp = x.ndim - 3
     lead = list(x.shape[:sp])
-    mem = _memory_order(x)  # source dims, outermost first
-    xm = _in_memory_order(x, [*range(sp), *mem])
+    mem = memory_order(x)  # source dims, outermost first
+    xm = in_memory_order(x, [*range(sp), *mem])
     # target axis feeding each memory position: target a reads source axis perm[a]
     inv = {int(perm[a]): a for a in range(3)}
     tgt_of_pos = [inv[d - sp] for d in mem]

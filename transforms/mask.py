@@ -12,7 +12,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from scipy import ndimage
 
-from .geometry import _in_memory_order, _memory_order, _np_affine
+from .geometry import in_memory_order, memory_order, _np_affine
 
 __all__ = ["BodyMask", "BodyMaskd", "body_mask", "body_bbox"]
 
@@ -92,9 +92,9 @@ def body_mask(img, threshold: float = -500.0, factor: int | Sequence[int] | None
     else:
         f = np.broadcast_to(np.asarray(factor, dtype=int), (3,)).copy()
     # work in memory order (outermost axis first): no transposing copies for F-ordered volumes
-    perm = _memory_order(x3)
+    perm = memory_order(x3)
     inv = [perm.index(d) for d in range(3)]
-    x3 = _in_memory_order(x3, perm)
+    x3 = in_memory_order(x3, perm)
     f = f[perm]
     axial_axis = perm.index(axial_axis)
     shape = np.asarray(x3.shape)

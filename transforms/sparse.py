@@ -16,7 +16,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable, Transform
 
-from .geometry import _in_memory_order, _memory_order
+from .geometry import in_memory_order, memory_order
 
 __all__ = [
     "support_mask",
@@ -97,14 +97,14 @@ def _sparse_from_dense(x: torch.Tensor, s: torch.Tensor, extra: Sequence[torch.T
     Runs in ``x``'s memory order (no transposing copies for F-ordered volumes); points come in
     memory order.
     """
-    perm = _memory_order(x)
-    xm = _in_memory_order(x, perm)
-    sm = _in_memory_order(s, perm).contiguous()
+    perm = memory_order(x)
+    xm = in_memory_order(x, perm)
+    sm = in_memory_order(s, perm).contiguous()
     flat = _flat_support(sm)
     coords = _unravel(flat, sm.shape, list(perm), offset)  # memory axis m is logical axis perm[m]
     vals = [xm.reshape(-1).index_select(0, flat)]
     for e in extra:
-        vals.append(_in_memory_order(e, perm).reshape(-1).index_select(0, flat))
+        vals.append(in_memory_order(e, perm).reshape(-1).index_select(0, flat))
     return coords, vals
 
 
@@ -127,8 +127,8 @@ def support_mask(img, mask=None, threshold: float = 0.0) -> torch.Tensor:
 def block_counts(support, block: int = 8) -> torch.Tensor:
     """Number of support voxels in each ``block``^3 cell, shape ceil(shape / block), int64."""
     s = _spatial(_t(support)).bool()
-    perm = _memory_order(s)
-    s = _in_memory_order(s, perm)
+    perm = memory_order(s)
+    s = in_memory_order(s, perm)
     shape = np.asarray(s.shape)
     pad = (-shape) % block
     if pad.any():
