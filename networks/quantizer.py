@@ -342,14 +342,16 @@ class VectorQuantizer(nn.Module):
                 vq_loss = zl.new_zeros(())
             losses = {"vq": vq_loss, "commitment": commitment}
             if self.training and self.entropy_weight > 0 and self._py_initialized:
-                losses["entropy"] = self.entropy_weight * self.usage_entropy(zl, codes)
+                # a copy: _train_step below updates the codebook in place (EMA, restarts), which
+                # autograd would not see in the backward pass
+                losses["entropy"] = self.entropy_weight * self.usage_entropy(zl, codes.clone())
             if self.training:
                 self._train_step(zl.detach(), idx)
             z_q = self.from_lookup(zl + (e - zl).detach())
         return z_q.to(z.dtype), idx, losses
 
     def usage_entropy(self, zl: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """(mean per-vector entropy - entropy of the mean assignment) / log K: in [-1, 1], lower is
+        """(mean per-vector entropy - entropy of the mean assignment) / log K: in [-1, 0], lower is
         sharper assignments spread over more codes (unweighted; see the module notes)."""
         if zl.shape[0] > self.entropy_rows:
             zl = zl[torch.randperm(zl.shape[0], device=zl.device)[: self.entropy_rows]]
@@ -358,8 +360,9 @@ class VectorQuantizer(nn.Module):
         d = (zl * zl).sum(1, keepdim=True) - 2.0 * zl @ codes.t() + (codes * codes).sum(1)
         scale = (self.entropy_temperature * d.detach().min(1).values.mean()).clamp_min(1e-8)
         logp = F.log_softmax(-d / scale, dim=1)
-        per_vector = -(logp.exp() * logp).sum(1).mean()
-        mean_p = logp.exp().mean(0)
+        p = logp.exp()
+        per_vector = -(p * logp).sum(1).mean()
+        mean_p = p.mean(0)
         of_mean = -(mean_p * mean_p.clamp_min(1e-12).log()).sum()
         return (per_vector - of_mean) / math.log(self.num_embeddings)
 
@@ -547,7 +550,7 @@ class ResidualQuantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             # the encoder commits to what all levels together reconstruct, not to the first code,
             # so its output keeps the detail the deeper levels are there to code
-            losses["commitment"] = F.mse_loss(z.float(), sum(outs).detach().float())
+            losses["commitment"] = F.mse_loss(z.float(), sum(o.detach().float() for o in outs))
         return sum(outs[:d]), torch.stack(idx, 1), losses
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:

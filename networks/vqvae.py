@@ -394,8 +394,8 @@ class SparseVQVAE(nn.Module):
         return (self.resolution,) * 3
 
     def weighted_vq_loss(self, losses: dict) -> torch.Tensor:
-        """``lambda_vq * vq + lambda_commitment * commitment``."""
-        return self.lambda_vq * losses["vq"] + self.lambda_commitment * losses["commitment"]
+        """``lambda_vq * vq + lambda_commitment * commitment + entropy`` (the usage loss comes weighted)."""
+        return self.lambda_vq * losses["vq"] + self.lambda_commitment * losses["commitment"] + losses.get("entropy", 0.0)
 
     # ------------------------------------------------------------------ training forward
     def forward(self, x: SparseConvTensor | GridBatch, quantize: bool = True):

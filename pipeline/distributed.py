@@ -100,7 +100,10 @@ def wrap(network: torch.nn.Module, device: torch.device | str | None = None) -> 
         return network
     dev = torch.device(device) if device is not None else next(network.parameters()).device
     ids = [dev] if dev.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(network, device_ids=ids, find_unused_parameters=False)
+    # residual levels: a step decodes a random prefix and runs no level before the k-means of the
+    # ones above it, so some levels' parameters get no gradient that step
+    unused = int(getattr(network, "vq_depth", 1)) > 1
+    return torch.nn.parallel.DistributedDataParallel(network, device_ids=ids, find_unused_parameters=unused)
 
 
 def unwrap(network: torch.nn.Module) -> torch.nn.Module:

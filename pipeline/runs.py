@@ -517,7 +517,7 @@ def check_window(path: str | os.PathLike, training_stage: int, option: str, wind
         return
     raise CheckpointError(
         f"{option} {path}: its run trained on window_type {json.dumps(theirs)}, this stage on "
-        f"{json.dumps(window_type)}; set --window_type {json.dumps(theirs)} (or start from a run of "
+        f"{json.dumps(window_type)}; set --override window_type='{json.dumps(theirs)}' (or start from a run of "
         f"{json.dumps(window_type)}: stage 0 may start from this checkpoint)")
 
 

@@ -144,7 +144,7 @@ def prepare_network(
     freeze_for_stage(network, stage, keep, frozen_parts or ())
     if device is not None:
         network = network.to(device)
-    for line in stage_banner(network, stage).splitlines():
+    for line in stage_banner(network, stage, frozen_parts or ()).splitlines():
         logger.info(line)
     out = output_dir or (run.output_dir if run is not None else None)
     if out is not None and D.is_main():
@@ -159,8 +159,9 @@ def _counts(model: torch.nn.Module) -> tuple[int, int]:
     return total, train
 
 
-def stage_banner(model: torch.nn.Module, training_stage: int) -> str:
-    """The stage banner of the log (``[Stage N] ...``, total and trainable parameters, trainable per part)."""
+def stage_banner(model: torch.nn.Module, training_stage: int, frozen_parts: list[str] | tuple = ()) -> str:
+    """The stage banner of the log (``[Stage N] ...``, total and trainable parameters, trainable per part);
+    in stage 2 the title names the ``frozen_parts``."""
     total, train = _counts(model)
     parts: dict[str, list[int]] = {}
     for name, p in model.named_parameters():
@@ -169,11 +170,10 @@ def stage_banner(model: torch.nn.Module, training_stage: int) -> str:
         part[1] += p.numel()
     bar = "=" * 80
     title = STAGE_TITLES.get(int(training_stage), "")
-    frozen = [k for k, (t, n) in parts.items() if n and not t]
-    if int(training_stage) == 2 and frozen:  # frozen_parts: say what the joint stage really trains
+    if int(training_stage) == 2 and frozen_parts:  # say what the joint stage really trains
         names = {"vq": "Codebook"}
-        title = ("Joint training: " + " + ".join(names.get(k, k) for k in parts if k not in frozen)
-                 + f" ({', '.join(names.get(k, k) for k in frozen)} frozen)")
+        title = ("Joint training: " + " + ".join(names.get(k, k) for k in PARTS if k not in frozen_parts)
+                 + f" ({', '.join(names.get(k, k) for k in PARTS if k in frozen_parts)} frozen)")
     return "\n".join(
         ["", bar, f"[Stage {int(training_stage)}] {title}", bar,
          f"Total parameters: {total:,}", f"Trainable parameters: {train:,}",
