@@ -151,9 +151,11 @@ class VectorQuantizer(nn.Module):
         super().__init__()
         if codebook_update not in ("gradient", "ema"):
             raise ValueError(f"codebook_update={codebook_update!r} is not one of 'gradient', 'ema'.")
-        if not entropy_weight >= 0 or not entropy_temperature > 0 or int(entropy_rows) < 1:
-            raise ValueError(f"usage loss: entropy_weight={entropy_weight} (network_def#vq_entropy_weight) must be >= 0, "
-                             f"entropy_temperature={entropy_temperature} > 0 and entropy_rows={entropy_rows} >= 1.")
+        if not entropy_weight >= 0:
+            raise ValueError(f"network_def#vq_entropy_weight={entropy_weight}: the usage loss's weight must be >= 0 "
+                             "(0 turns it off, the configs ship 0.1)")
+        if not entropy_temperature > 0 or int(entropy_rows) < 1:
+            raise ValueError(f"entropy_temperature={entropy_temperature} must be > 0 and entropy_rows={entropy_rows} >= 1")
         if shared_map and (codebook_update != "gradient" or lookup_dim):
             raise ValueError("vq_type='simvq' learns its codes through one shared map: set codebook_update='gradient' "
                              "and no lookup_dim.")

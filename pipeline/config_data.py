@@ -15,12 +15,14 @@ __all__ = ["TRUST_HINT", "config_flag", "config_value", "last_line"]
 TRUST_HINT = "write plain values, or pass --trust-bundle (trust=True) if you wrote this file yourself"
 
 
-def config_flag(key: str, value: Any) -> bool:
-    """``value`` of the true/false config key ``key``; anything else (a string "false", 0) is refused in
-    one line, since Python would read most of those as true."""
+def config_flag(key: str, value: Any, config_key: str | None = None) -> bool:
+    """``value`` of the true/false setting ``key``; anything else (a string "false", 0) is refused in
+    one line naming ``config_key`` (the config key that sets it; default ``key``), since Python would
+    read most of those as true."""
     if isinstance(value, bool):
         return value
-    raise ValueError(f"{key}={value!r}: needs true or false (JSON), e.g. --override {key}=false")
+    config_key = config_key or key
+    raise ValueError(f"{config_key}={value!r}: needs true or false (JSON), e.g. --override {config_key}=false")
 
 
 def last_line(e: BaseException) -> str:

@@ -173,7 +173,7 @@ class CTWindowSparseDataset(Dataset):
         self.block = int(block)
         self.random_crop = (split == "train") if random_crop is None else bool(random_crop)
         self.cache = cache
-        self.grid_crops = config_flag("grid_crops", grid_crops)
+        self.grid_crops = config_flag("grid_crops", grid_crops, "grid_training")  # the bundles set it from grid_training
         self.epoch = 0
         self._counts: dict[str, np.ndarray] = {}
         self._masks: dict[str, np.ndarray] = {}

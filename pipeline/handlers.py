@@ -146,7 +146,7 @@ class StepLogHandler:
             w.add_scalar("codebook/codes_used", usage["codes_used"], step)
             for level, u in enumerate(usage.get("levels", [])):  # residual quantizers: every level
                 for key in ("perplexity", "usage", "codes_used"):
-                    w.add_scalar(f"codebook/level{level}/{key}", u[key], step)
+                    w.add_scalar(f"codebook/level{level + 1}/{key}", u[key], step)  # levels count from 1, as the log
 
 
 class KMeansProgressHandler:
@@ -172,8 +172,10 @@ class KMeansProgressHandler:
         if vq is None or vq._py_initialized or not D.is_main():
             return
         n = int(vq.reservoir.shape[0])
-        left = -(-(vq.kmeans_init_points - n) // max(1, self._growth))
+        per_step = max(1, self._growth)
         levels = self._levels(engine)
+        later = levels[levels.index(vq) + 1:]  # each later level fills its own reservoir after this one's k-means
+        left = -(-(vq.kmeans_init_points - n) // per_step) + sum(-(-q.kmeans_init_points // per_step) for q in later)
         which = f" level {levels.index(vq) + 1} of {len(levels)}" if len(levels) > 1 else ""
         logger.warning(f"Training ended before k-means initialised the codebook{which} ({n:,} of "
                        f"{vq.kmeans_init_points:,} encoder outputs collected), so that codebook is untrained in this "

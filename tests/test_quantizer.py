@@ -404,7 +404,7 @@ def test_usage_loss_is_bounded_and_lowest_for_sharp_spread_assignments():
     g = torch.Generator().manual_seed(0)
     near = vq.usage_entropy(codes + 6 * torch.randn(16, 4, generator=g), codes)  # off the codes: softer
     assert float(spread) < float(near) < float(crowded), (spread, near, crowded)
-    with pytest.raises(ValueError, match=r"entropy_weight=-0.1 \(network_def#vq_entropy_weight\) must be >= 0"):
+    with pytest.raises(ValueError, match=r"network_def#vq_entropy_weight=-0.1: the usage loss's weight must be >= 0 \(0 turns it off"):
         VectorQuantizer(16, 4, entropy_weight=-0.1)
     fsq = build_quantizer("fsq", embedding_dim=8, entropy_weight=0.1).train()  # no codebook: no usage loss
     assert set(fsq(torch.randn(64, 8))[2]) == {"vq", "commitment"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -304,6 +305,17 @@ def test_kmeans_progress_is_logged(data, caplog):
         _trainer(model, data, steps=2).run()  # too short: the codebook stays as initialised at random
     warned = [r for r in caplog.records if "ended before k-means initialised the codebook" in r.getMessage()]
     assert len(warned) == 1 and warned[0].levelname == "WARNING" and "raise max_steps by about" in warned[0].getMessage()
+    one_level = int(re.search(r"raise max_steps by about (\d+)", warned[0].getMessage()).group(1))
+    model = SparseVQVAE(**{**TINY, "vq_kmeans_init": True, "vq_kmeans_init_points": 4096, "vq_reservoir_size": 4096,
+                           "vq_depth": 2})
+    freeze_for_stage(model, 1)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        _trainer(model, data, steps=2).run()
+    message = next(r.getMessage() for r in caplog.records if "ended before k-means" in r.getMessage())
+    # the second level fills its reservoir only after the first level's k-means: the steps to ask for add up
+    assert "codebook level 1 of 2" in message
+    assert int(re.search(r"raise max_steps by about (\d+)", message).group(1)) > 1.5 * one_level, (message, one_level)
 
 
 def test_sample_picture_says_where_the_crop_is(data, tmp_path, monkeypatch):
@@ -462,5 +474,5 @@ def test_true_false_settings_refuse_other_values(data):
     as true) is refused in one line with the override to write."""
     with pytest.raises(ValueError, match=r"grid_training='false': needs true or false \(JSON\), e.g. --override grid_training=false"):
         SparseVQVAETrainer("cpu", 1, [], _model(), torch.optim.SGD(_model().parameters(), lr=0.0), grid_training="false")
-    with pytest.raises(ValueError, match="grid_crops=1: needs true or false"):
+    with pytest.raises(ValueError, match="grid_training=1: needs true or false .* --override grid_training=false"):
         CTWindowSparseDataset(data.datasets, "lung", split="all", grid_crops=1)

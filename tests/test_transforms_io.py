@@ -220,6 +220,11 @@ def test_refuse_empty_folder_and_missing(tmp_path):
         LoadCT()(tmp_path / "empty")
     with pytest.raises(CTLoadError, match="does not exist"):
         LoadCT()(tmp_path / "nothing.nii.gz")
+    case = tmp_path / "processed" / "case_000"  # what ./run.sh preprocess writes: not a scan to load
+    case.mkdir(parents=True)
+    (case / "case.json").write_text('{"source": "raw/case_000.nii.gz"}')
+    with pytest.raises(CTLoadError, match=r"a processed case folder \(case.json\), not a scan.*pass the scan it was made from \(raw/case_000.nii.gz\)"):
+        LoadCT()(case)
 
 
 def test_refuse_text_named_nii_and_truncated(ct_data_dir, tmp_path):

@@ -6,6 +6,7 @@ ImagePositionPatient.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import zipfile
@@ -215,6 +216,14 @@ def _choose_series(path, groups: dict[str, list[_DicomHeader]], series_uid: str 
         pixel spacing or orientation).
     """
     if not groups:
+        case_json = Path(path) / "case.json"
+        if case_json.is_file():  # a folder written by ./run.sh preprocess
+            try:
+                source = json.loads(case_json.read_text()).get("source")
+            except (OSError, ValueError, AttributeError):
+                source = None
+            raise fail(path, "a processed case folder (case.json), not a scan",
+                       f"pass the scan it was made from{f' ({source})' if source else ''}")
         raise fail(path, "no DICOM image files found (empty folder or no readable DICOM headers)",
                    "point to a folder, .zip or file holding a CT DICOM series")
     if series_uid is not None:
