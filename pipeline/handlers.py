@@ -128,6 +128,8 @@ class StepLogHandler:
                + f"lr={out.get('lr', 0.0):.3g} grad_norm={avg.get('grad_norm', float('nan')):.4g}")
         if usage is not None and engine.quantize:
             msg += f" perplexity={usage['perplexity']:.1f} usage={usage['usage']:.3f}"
+            if len(usage.get("levels", [])) > 1:  # residual levels: the fields above are level 1's
+                msg += " levels_perplexity=" + "/".join(f"{u['perplexity']:.0f}" for u in usage["levels"])
         msg += (f" steps/s={speed['steps_per_s']:.2f} voxels/s={speed['voxels_per_s']:.3g}"
                 f" data_wait={100 * speed['data_wait']:.0f}%")
         if torch.cuda.is_available() and engine.device.type == "cuda":

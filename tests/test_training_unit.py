@@ -476,3 +476,36 @@ def test_true_false_settings_refuse_other_values(data):
         SparseVQVAETrainer("cpu", 1, [], _model(), torch.optim.SGD(_model().parameters(), lr=0.0), grid_training="false")
     with pytest.raises(ValueError, match="grid_training=1: needs true or false .* --override grid_training=false"):
         CTWindowSparseDataset(data.datasets, "lung", split="all", grid_crops=1)
+
+
+def test_step_log_of_a_residual_quantizer_names_every_level(tmp_path, caplog):
+    """The step line's perplexity is level 1's; ``levels_perplexity`` gives each level's, and TensorBoard
+    has ``codebook/level1`` .. ``levelD``, counted from 1 as the log counts them."""
+    import logging
+    from types import SimpleNamespace
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from networks.quantizer import build_quantizer
+    from pipeline.handlers import StepLogHandler
+
+    rq = build_quantizer("vq", depth=2, num_embeddings=16, embedding_dim=4).train()
+    with torch.no_grad():
+        rq.levels[0].embeddings.weight.copy_(torch.randn(16, 4) * 3)
+    rq(torch.randn(512, 4) * 3)  # one step: every level quantises and counts its usage
+    levels = rq.usage_stats()["levels"]
+    writer = SummaryWriter(log_dir=str(tmp_path / "tb_logs"))
+    engine = SimpleNamespace(state=SimpleNamespace(iteration=10, epoch_length=100, output=None), device=torch.device("cpu"),
+                             model=SimpleNamespace(vq=rq), quantize=True, tb_writer=writer)
+    handler = StepLogHandler(tmp_path, interval=10)
+    handler._first_step(engine)
+    engine.state.output = {"loss": 1.0, "recon": 1.0, "lr": 1e-4, "num_points": 8}
+    with caplog.at_level(logging.INFO, logger="ctvq.train"):
+        handler(engine)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Step 10:"))
+    assert f"perplexity={levels[0]['perplexity']:.1f} " in line
+    assert f"levels_perplexity={levels[0]['perplexity']:.0f}/{levels[1]['perplexity']:.0f} " in line
+    writer.flush()
+    tags = EventAccumulator(str(tmp_path / "tb_logs")).Reload().Tags()["scalars"]
+    assert {"codebook/level1/perplexity", "codebook/level2/perplexity"} <= set(tags) and "codebook/level0/perplexity" not in tags
