@@ -92,9 +92,8 @@ def _ours_step(model, x, opt, scaler, device, amp: bool):
     def loss():
         with C.autocast(device, amp):
             recon, losses = model(x)
-        # as the trainer: L1 on the reconstructed cells + lambda_vq * vq + lambda_commitment * commitment + entropy
-        loss = recon_loss(recon, x) + losses.get("entropy", 0.0)
-        return loss + model.lambda_vq * losses["vq"].float() + model.lambda_commitment * losses["commitment"].float()
+        # as the trainer: L1 on the reconstructed cells + the model's weighted VQ terms
+        return recon_loss(recon, x) + model.weighted_vq_loss({k: v.float() for k, v in losses.items()})
 
     return _optimizer_step(loss, opt, scaler)
 
