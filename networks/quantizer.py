@@ -20,7 +20,10 @@ How the trainer uses it:
   each assignment sharp and spreads the batch over the whole book, as the entropy penalty of
   lookup-free quantisation (MAGVIT-v2) does; the soft assignment is a softmax of minus the squared
   distances over ``entropy_temperature`` times their mean nearest distance, so it does not depend on
-  the latents' scale.
+  the latents' scale. With ``entropy_scope="sample"`` the mean assignment is taken per sample
+  (``vq(z, groups=batch_index, num_groups=B)``) rather than over the whole batch, so every crop has
+  to spread over the book by itself: a batch of two scans can no longer score well by giving each
+  scan its own half of the codes, which a single held-out scan would then leave unused.
 
 Variants (``build_quantizer``): the plain lookup above (``vq_type="vq"``, codebook
 ``embeddings.weight`` [K, D]); a factorised lookup (``"factorized"``: project D -> ``lookup_dim``,
@@ -46,7 +49,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["VectorQuantizer", "FSQuantizer", "ResidualQuantizer", "build_quantizer", "kmeans", "QUANTIZERS"]
+__all__ = ["VectorQuantizer", "FSQuantizer", "ResidualQuantizer", "build_quantizer", "kmeans", "QUANTIZERS", "ENTROPY_SCOPES"]
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +130,8 @@ class VectorQuantizer(nn.Module):
         entropy_temperature: softness of the usage loss's assignments, relative to the mean nearest
             squared distance.
         entropy_rows: vectors of a batch the usage loss looks at (a random subset of larger batches).
+        entropy_scope: ``"batch"`` (the mean assignment over the batch) or ``"sample"`` (per sample,
+            weighted by its share of the rows; needs ``groups`` in the forward, else as ``"batch"``).
     """
 
     def __init__(
@@ -147,6 +152,7 @@ class VectorQuantizer(nn.Module):
         entropy_weight: float = 0.0,
         entropy_temperature: float = 0.1,
         entropy_rows: int = 4096,
+        entropy_scope: str = "batch",
     ):
         super().__init__()
         if codebook_update not in ("gradient", "ema"):
@@ -156,6 +162,8 @@ class VectorQuantizer(nn.Module):
                              "(0 turns it off, the configs ship 0.1)")
         if not entropy_temperature > 0 or int(entropy_rows) < 1:
             raise ValueError(f"entropy_temperature={entropy_temperature} must be > 0 and entropy_rows={entropy_rows} >= 1")
+        if entropy_scope not in ENTROPY_SCOPES:
+            raise ValueError(f"network_def#vq_entropy_scope={entropy_scope!r} is not one of {list(ENTROPY_SCOPES)}.")
         if shared_map and (codebook_update != "gradient" or lookup_dim):
             raise ValueError("vq_type='simvq' learns its codes through one shared map: set codebook_update='gradient' "
                              "and no lookup_dim.")
@@ -174,6 +182,7 @@ class VectorQuantizer(nn.Module):
         self.entropy_weight = float(entropy_weight)
         self.entropy_temperature = float(entropy_temperature)
         self.entropy_rows = int(entropy_rows)
+        self.entropy_scope = entropy_scope
         if lookup_dim:
             self.in_proj = nn.Linear(embedding_dim, lookup_dim)
             self.out_proj = nn.Linear(lookup_dim, embedding_dim)
@@ -323,8 +332,9 @@ class VectorQuantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             return nearest_code(self.to_lookup(z), self.codes())
 
-    def forward(self, z: torch.Tensor):
-        """Quantise ``z`` [N, D].
+    def forward(self, z: torch.Tensor, groups: torch.Tensor | None = None, num_groups: int = 1):
+        """Quantise ``z`` [N, D]; ``groups`` [N] (sample of each row, < ``num_groups``) serves the
+        usage loss of ``entropy_scope="sample"``.
 
         Returns:
             z_q [N, D] (straight-through: forward = codes, gradient flows to ``z``), indices [N]
@@ -349,17 +359,22 @@ class VectorQuantizer(nn.Module):
             if self.training and self.entropy_weight > 0 and self._py_initialized:
                 # a copy: _train_step below updates the codebook in place (EMA, restarts), which
                 # autograd would not see in the backward pass
-                losses["entropy"] = self.entropy_weight * self.usage_entropy(zl, codes.clone())
+                losses["entropy"] = self.entropy_weight * self.usage_entropy(zl, codes.clone(), groups, num_groups)
             if self.training:
                 self._train_step(zl.detach(), idx)
             z_q = self.from_lookup(zl + (e - zl).detach())
         return z_q.to(z.dtype), idx, losses
 
-    def usage_entropy(self, zl: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    def usage_entropy(self, zl: torch.Tensor, codes: torch.Tensor, groups: torch.Tensor | None = None,
+                      num_groups: int = 1) -> torch.Tensor:
         """(mean per-vector entropy - entropy of the mean assignment) / log K: in [-1, 0], lower is
         sharper assignments spread over more codes (unweighted; see the module notes)."""
+        if self.entropy_scope != "sample":
+            groups, num_groups = None, 1
         if zl.shape[0] > self.entropy_rows:
-            zl = zl[torch.randperm(zl.shape[0], device=zl.device)[: self.entropy_rows]]
+            keep = torch.randperm(zl.shape[0], device=zl.device)[: self.entropy_rows]
+            zl = zl[keep]
+            groups = None if groups is None else groups[keep]
         if zl.shape[0] == 0:
             return zl.new_zeros(())
         d = (zl * zl).sum(1, keepdim=True) - 2.0 * zl @ codes.t() + (codes * codes).sum(1)
@@ -367,8 +382,15 @@ class VectorQuantizer(nn.Module):
         logp = F.log_softmax(-d / scale, dim=1)
         p = logp.exp()
         per_vector = -(p * logp).sum(1).mean()
-        mean_p = p.mean(0)
-        of_mean = -(mean_p * mean_p.clamp_min(1e-12).log()).sum()
+        if groups is None:
+            sums, counts = p.sum(0, keepdim=True), p.new_full((1,), float(p.shape[0]))
+        else:
+            g = groups.long()
+            sums = p.new_zeros(num_groups, p.shape[1]).index_add_(0, g, p)
+            counts = p.new_zeros(num_groups).index_add_(0, g, p.new_ones(g.shape[0]))
+        mean_p = sums / counts.clamp_min(1.0)[:, None]
+        of_means = -(mean_p * mean_p.clamp_min(1e-12).log()).sum(1)
+        of_mean = (of_means * counts).sum() / counts.sum()  # each sample by its share of the rows
         return (per_vector - of_mean) / math.log(self.num_embeddings)
 
     @torch.no_grad()
@@ -490,7 +512,8 @@ class FSQuantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             return self._index(self._digits(z))
 
-    def forward(self, z: torch.Tensor):
+    def forward(self, z: torch.Tensor, groups: torch.Tensor | None = None, num_groups: int = 1):
+        """As :meth:`VectorQuantizer.forward`; ``groups`` is not used (no usage loss)."""
         if self.training and not self._py_initialized:
             self.fit(z)
         with torch.autocast(device_type=z.device.type, enabled=False):
@@ -533,7 +556,7 @@ class ResidualQuantizer(nn.Module):
         self.num_embeddings = self.levels[0].num_embeddings
         self.kmeans_init = any(getattr(q, "kmeans_init", False) for q in self.levels)
 
-    def forward(self, z: torch.Tensor):
+    def forward(self, z: torch.Tensor, groups: torch.Tensor | None = None, num_groups: int = 1):
         d = self.depth
         if self.training and self.depth_dropout and d > 1:
             d = int(torch.randint(1, d + 1, ()))
@@ -545,7 +568,7 @@ class ResidualQuantizer(nn.Module):
         residual, outs, idx = z, [], []
         losses = {"vq": z.new_zeros((), dtype=torch.float32)}
         for q in self.levels[:run]:
-            zq, i, level_losses = q(residual)
+            zq, i, level_losses = q(residual, groups, num_groups)
             residual = residual - zq.detach()
             outs.append(zq)
             idx.append(i)
@@ -583,6 +606,9 @@ class ResidualQuantizer(nn.Module):
         per_level = [q.usage_stats() for q in self.levels]
         return {**per_level[0], "levels": per_level}
 
+
+#: what the usage loss spreads over the book: the whole batch, or each sample by itself
+ENTROPY_SCOPES = ("batch", "sample")
 
 #: quantizer kinds of ``network_def#vq_type``
 QUANTIZERS = ("vq", "factorized", "simvq", "fsq")

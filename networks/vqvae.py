@@ -288,6 +288,8 @@ class SparseVQVAE(nn.Module):
             on a random prefix of the levels so any depth <= D decodes.
         vq_entropy_weight: weight of the codebook usage loss (``losses["entropy"]``, returned
             weighted; 0: none; ``fsq`` has no codebook and ignores it): see :class:`~networks.quantizer.VectorQuantizer`.
+        vq_entropy_scope: ``"batch"`` (the usage loss spreads the whole batch over the book) or
+            ``"sample"`` (each sample by itself).
         attn_max_tokens: bound on padded window tokens per attention call (None: one call).
         child_embedding: learned position-in-parent embeddings in the down and subdivide blocks
             of the ``direct3d`` layout (zero at init; False gives exactly the Direct3D-S2 layout).
@@ -328,6 +330,7 @@ class SparseVQVAE(nn.Module):
         fsq_levels: Sequence[int] = (8, 8, 8, 4, 4),
         vq_depth_dropout: bool = True,
         vq_entropy_weight: float = 0.0,
+        vq_entropy_scope: str = "batch",
     ):
         super().__init__()
         if layout not in LAYOUTS:
@@ -372,6 +375,7 @@ class SparseVQVAE(nn.Module):
             restart_every=vq_restart_every,
             dead_code_steps=vq_dead_code_steps,
             entropy_weight=vq_entropy_weight,
+            entropy_scope=vq_entropy_scope,
         )
         self.num_embeddings = self.vq.num_embeddings
         self.vq_depth = int(vq_depth)
@@ -425,7 +429,7 @@ class SparseVQVAE(nn.Module):
         partitions: dict = {}  # encoder and decoder attend over the same latent cells
         h = self.Encoder.forward_global(h, partitions)
         if quantize:
-            z, idx, losses = self.vq(h.features)
+            z, idx, losses = self.vq(h.features, h.indices[:, 0], h.batch_size)
             self.last_indices = idx.detach()
         else:
             z = h.features

@@ -332,8 +332,8 @@ def test_quality_reports_every_residual_depth(quality_data, tmp_path):
 
     argv = ["--train", str(quality_data / "train"), "--eval", str(quality_data / "eval"), "--minutes", "0.03", "--small",
             "--device", "cpu", "--workers", "0", "--models", "ctvq", "--out", str(tmp_path / "q.json")]
-    res = quality.main(argv + ["--variant", "d2:network_def#vq_depth=2", "--variant", "usage:network_def#vq_entropy_weight=0.1"])
-    assert "monai_vqvae" not in res and set(res["variants"]) == {"d2", "usage"}
+    res = quality.main(argv + ["--variant", "d2:network_def#vq_depth=2", "--variant", 'sample:network_def#vq_entropy_scope="sample"'])
+    assert "monai_vqvae" not in res and set(res["variants"]) == {"d2", "sample"}
     assert [r["depth"] for r in res["ctvq"]["per_depth"]] == [1]
     rows = res["variants"]["d2"]["per_depth"]
     assert [r["depth"] for r in rows] == [1, 2] and res["variants"]["d2"]["overrides"] == ["network_def#vq_depth=2"]

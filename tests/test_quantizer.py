@@ -1,8 +1,12 @@
 """VectorQuantizer: straight-through, losses, k-means init, dead-code restart, EMA, usage stats."""
 
+import math
+
 import pytest
 import torch
+from helpers import tiny_net
 
+from networks.backend import make_sparse
 from networks.quantizer import VectorQuantizer, kmeans, nearest_code
 
 
@@ -408,3 +412,30 @@ def test_usage_loss_is_bounded_and_lowest_for_sharp_spread_assignments():
         VectorQuantizer(16, 4, entropy_weight=-0.1)
     fsq = build_quantizer("fsq", embedding_dim=8, entropy_weight=0.1).train()  # no codebook: no usage loss
     assert set(fsq(torch.randn(64, 8))[2]) == {"vq", "commitment"}
+
+
+def test_usage_loss_per_sample_scope_asks_each_sample_to_spread_by_itself():
+    """Two samples that split the book between them score as spread over the whole book with
+    ``entropy_scope="batch"``, but only half with ``"sample"``; samples that each cover the book
+    score the same either way; a model passes its batch index through."""
+    codes = torch.eye(4).repeat(4, 1) * torch.arange(1, 5).repeat_interleave(4)[:, None] * 10
+    halves = torch.arange(16) // 8  # sample 0 on codes 0-7, sample 1 on codes 8-15
+    batch = VectorQuantizer(16, 4, entropy_weight=1.0)
+    sample = VectorQuantizer(16, 4, entropy_weight=1.0, entropy_scope="sample")
+    split_batch = float(batch.usage_entropy(codes.clone(), codes, halves, 2))
+    split_sample = float(sample.usage_entropy(codes.clone(), codes, halves, 2))
+    assert split_batch < -0.95 and abs(split_sample - (-math.log(8) / math.log(16))) < 0.03, (split_batch, split_sample)
+    both = torch.cat([codes, codes])
+    each_covers = float(sample.usage_entropy(both, codes, torch.arange(32) // 16, 2))
+    assert abs(each_covers - float(batch.usage_entropy(both, codes))) < 1e-5
+    assert abs(float(sample.usage_entropy(codes.clone(), codes)) - split_batch) < 1e-6  # no groups: the batch
+    with pytest.raises(ValueError, match=r"network_def#vq_entropy_scope='crop' is not one of \['batch', 'sample'\]"):
+        VectorQuantizer(16, 4, entropy_scope="crop")
+    model = tiny_net(vq_entropy_weight=1.0, vq_entropy_scope="sample").train()
+    seen = []
+    original = model.vq.usage_entropy
+    model.vq.usage_entropy = lambda zl, c, groups=None, num_groups=1: seen.append((groups, num_groups)) or original(zl, c, groups, num_groups)
+    cells = torch.stack(torch.meshgrid(*[torch.arange(16)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    idx = torch.cat([torch.cat([torch.full((len(cells), 1), b), cells], 1) for b in (0, 1)])
+    _, losses = model(make_sparse(torch.rand(len(idx), 1), idx, [32] * 3, 2))
+    assert seen and seen[0][1] == 2 and set(seen[0][0].tolist()) == {0, 1} and float(losses["entropy"].detach()) < 0
