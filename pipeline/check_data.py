@@ -77,12 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("data_dir", help="processed dataset root(s), comma-separated")
     p.add_argument("--window", "--window_type", dest="window", default="lung",
                    help="lung | bone | soft_tissue | brain | custom name from dataset_config.json")
-    p.add_argument("--min_points", type=int, default=100,
+    p.add_argument("--min_points", "--min-points", type=int, default=100,
                    help="cases with fewer support voxels are skipped (default 100, dataset#args#min_points of the stage configs)")
-    p.add_argument("--max_points", type=int, default=None,
+    p.add_argument("--max_points", "--max-points", type=int, default=None,
                    help="crop budget in support voxels (default: dataset#args#max_points of the stage configs, 2,000,000)")
     p.add_argument("--seed", type=int, default=42, help="split seed, as the stage configs' seed (default 42)")
-    p.add_argument("--val_fraction", type=float, default=0.05,
+    p.add_argument("--val_fraction", "--val-fraction", type=float, default=0.05,
                    help="share of cases held out for validation (default 0.05, as the stage configs)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

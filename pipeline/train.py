@@ -47,18 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", required=True, action="append",
                    help="bundle config (repeat or comma-separate to merge overlays, later files win)")
-    p.add_argument("--output_dir", help="run folder (default: the config's output_dir); an existing run is only resumed")
-    p.add_argument("--data_dir", help="processed dataset root(s), comma-separated; searched recursively")
-    p.add_argument("--load_dir", help="run folder to resume (same stage) or to start from (previous stage)")
+    p.add_argument("--output_dir", "--output-dir", help="run folder (default: the config's output_dir); an existing run is only resumed")
+    p.add_argument("--data_dir", "--data-dir", help="processed dataset root(s), comma-separated; searched recursively")
+    p.add_argument("--load_dir", "--load-dir", help="run folder to resume (same stage) or to start from (previous stage)")
     p.add_argument("--ckpt", help="'latest' or a step number (with --load_dir)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="set any config key (repeatable)")
-    p.add_argument("--num_gpus", type=int, default=1, help="processes per node (GPUs; CPU processes without CUDA)")
-    p.add_argument("--num_nodes", type=int, default=1, help="number of nodes")
-    p.add_argument("--node_rank", type=int, default=0, help="rank of this node")
-    p.add_argument("--master_addr", default="127.0.0.1", help="address of node 0")
-    p.add_argument("--master_port", type=int, default=29500, help="port on node 0")
-    p.add_argument("--logging_file", default=None, help="logging INI (default: bundles/ct_vqvae/logging.conf)")
+    p.add_argument("--num_gpus", "--num-gpus", type=int, default=1, help="processes per node (GPUs; CPU processes without CUDA)")
+    p.add_argument("--num_nodes", "--num-nodes", type=int, default=1, help="number of nodes")
+    p.add_argument("--node_rank", "--node-rank", type=int, default=0, help="rank of this node")
+    p.add_argument("--master_addr", "--master-addr", default="127.0.0.1", help="address of node 0")
+    p.add_argument("--master_port", "--master-port", type=int, default=29500, help="port on node 0")
+    p.add_argument("--logging_file", "--logging-file", default=None, help="logging INI (default: bundles/ct_vqvae/logging.conf)")
     return p
 
 

@@ -188,6 +188,8 @@ def test_check_data_report(synth, capsys):
     capsys.readouterr()
     main([str(synth), "--window", "lung"])  # the crop budget training ships, unless told otherwise
     assert "crops above max_points=2000000" in capsys.readouterr().out
+    main([str(synth), "--max-points", "3000", "--min-points", "50"])  # the dashed spelling as the other commands
+    assert "crops above max_points=3000" in capsys.readouterr().out
 
 
 

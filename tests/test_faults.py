@@ -205,8 +205,8 @@ def test_override_typo_and_bad_json_are_refused(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("CTVQ_COMMAND", "test")  # main() sets it for the run: undone after the test
 
-    base = ["--config", str(ROOT / "bundles" / "ct_vqvae" / "stage0.json"), "--output_dir", str(tmp_path / "run"),
-            "--data_dir", str(tmp_path)]
+    base = ["--config", str(ROOT / "bundles" / "ct_vqvae" / "stage0.json"), "--output-dir", str(tmp_path / "run"),
+            "--data_dir", str(tmp_path)]  # either spelling of the options
     for override, expected in (
         ("learnign_rate=0.1", "learnign_rate: no such key .*did you mean learning_rate"),
         ("dataset#args#max_pionts=5", "did you mean dataset#args#max_points"),
