@@ -130,8 +130,8 @@ class VectorQuantizer(nn.Module):
         entropy_temperature: softness of the usage loss's assignments, relative to the mean nearest
             squared distance.
         entropy_rows: vectors of a batch the usage loss looks at (a random subset of larger batches).
-        entropy_scope: ``"batch"`` (the mean assignment over the batch) or ``"sample"`` (per sample,
-            weighted by its share of the rows; needs ``groups`` in the forward, else as ``"batch"``).
+        entropy_scope: ``"sample"`` (default: the mean assignment per sample, weighted by its share of
+            the rows; without ``groups`` in the forward the batch is one sample) or ``"batch"``.
     """
 
     def __init__(
@@ -152,7 +152,7 @@ class VectorQuantizer(nn.Module):
         entropy_weight: float = 0.0,
         entropy_temperature: float = 0.1,
         entropy_rows: int = 4096,
-        entropy_scope: str = "batch",
+        entropy_scope: str = "sample",
     ):
         super().__init__()
         if codebook_update not in ("gradient", "ema"):

@@ -288,8 +288,8 @@ class SparseVQVAE(nn.Module):
             on a random prefix of the levels so any depth <= D decodes.
         vq_entropy_weight: weight of the codebook usage loss (``losses["entropy"]``, returned
             weighted; 0: none; ``fsq`` has no codebook and ignores it): see :class:`~networks.quantizer.VectorQuantizer`.
-        vq_entropy_scope: ``"batch"`` (the usage loss spreads the whole batch over the book) or
-            ``"sample"`` (each sample by itself).
+        vq_entropy_scope: ``"sample"`` (default: the usage loss spreads each sample over the book by
+            itself) or ``"batch"`` (the batch as a whole).
         attn_max_tokens: bound on padded window tokens per attention call (None: one call).
         child_embedding: learned position-in-parent embeddings in the down and subdivide blocks
             of the ``direct3d`` layout (zero at init; False gives exactly the Direct3D-S2 layout).
@@ -330,7 +330,7 @@ class SparseVQVAE(nn.Module):
         fsq_levels: Sequence[int] = (8, 8, 8, 4, 4),
         vq_depth_dropout: bool = True,
         vq_entropy_weight: float = 0.0,
-        vq_entropy_scope: str = "batch",
+        vq_entropy_scope: str = "sample",
     ):
         super().__init__()
         if layout not in LAYOUTS:

@@ -420,7 +420,7 @@ def test_usage_loss_per_sample_scope_asks_each_sample_to_spread_by_itself():
     score the same either way; a model passes its batch index through."""
     codes = torch.eye(4).repeat(4, 1) * torch.arange(1, 5).repeat_interleave(4)[:, None] * 10
     halves = torch.arange(16) // 8  # sample 0 on codes 0-7, sample 1 on codes 8-15
-    batch = VectorQuantizer(16, 4, entropy_weight=1.0)
+    batch = VectorQuantizer(16, 4, entropy_weight=1.0, entropy_scope="batch")
     sample = VectorQuantizer(16, 4, entropy_weight=1.0, entropy_scope="sample")
     split_batch = float(batch.usage_entropy(codes.clone(), codes, halves, 2))
     split_sample = float(sample.usage_entropy(codes.clone(), codes, halves, 2))

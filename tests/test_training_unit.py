@@ -435,7 +435,8 @@ def test_usage_loss_enters_the_step(data):
     from networks import SparseVQVAE
 
     torch.manual_seed(0)
-    model = SparseVQVAE(**TINY, vq_entropy_weight=0.5)
+    # batch scope: these samples hold one latent cell each, which by itself can spread over nothing
+    model = SparseVQVAE(**TINY, vq_entropy_weight=0.5, vq_entropy_scope="batch")
     tr = _trainer(model, data, loss=SparseReconLoss("l1"))
     tr.state.iteration = 1
     out = tr._iteration(tr, sparse_collate([data[(0, 0)], data[(1, 0)]]))
