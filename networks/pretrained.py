@@ -188,5 +188,6 @@ def load_pretrained(model: nn.Module, path_or_state: str | os.PathLike | Mapping
         "skipped": notes["skipped"],
         "zero_init": zero_init,
     }
-    logger.info("loaded %d tensors (%s); %d missing, %d skipped", len(sd), fmt, len(missing), len(notes["skipped"]))
+    # debug: the caller reports the load once it has checked the fit (a refusal follows otherwise)
+    logger.debug("loaded %d tensors (%s); %d missing, %d skipped", len(sd), fmt, len(missing), len(notes["skipped"]))
     return report

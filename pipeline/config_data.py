@@ -10,9 +10,21 @@ from typing import Any
 
 from pipeline.io_utils import TokenizerError
 
-__all__ = ["TRUST_HINT", "config_flag", "config_value", "last_line"]
+__all__ = ["TRUST_HINT", "config_flag", "config_value", "last_line", "setting_hint"]
 
 TRUST_HINT = "write plain values, or pass --trust-bundle (trust=True) if you wrote this file yourself"
+
+
+def setting_hint(key: str, json_value: str) -> str:
+    """How to set config ``key`` to ``json_value`` on the command line in use: ``--override KEY=VALUE``
+    under ``./run.sh train`` (which sets ``CTVQ_COMMAND``), ``--KEY VALUE`` under ``python -m
+    monai.bundle run``."""
+    import os
+    import shlex
+
+    if os.environ.get("CTVQ_COMMAND"):
+        return f"--override {shlex.quote(f'{key}={json_value}')}"
+    return f"--{key} {shlex.quote(json_value)}"
 
 
 def config_flag(key: str, value: Any, config_key: str | None = None) -> bool:
@@ -22,7 +34,7 @@ def config_flag(key: str, value: Any, config_key: str | None = None) -> bool:
     if isinstance(value, bool):
         return value
     config_key = config_key or key
-    raise ValueError(f"{config_key}={value!r}: needs true or false (JSON), e.g. --override {config_key}=false")
+    raise ValueError(f"{config_key}={value!r}: needs true or false (JSON), e.g. {setting_hint(config_key, 'false')}")
 
 
 def last_line(e: BaseException) -> str:

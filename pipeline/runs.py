@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config_data import TRUST_HINT, config_value, last_line
+from pipeline.config_data import TRUST_HINT, config_value, last_line, setting_hint
 from pipeline.io_utils import CheckpointError, TokenizerError, load_torch
 
 __all__ = [
@@ -517,7 +517,7 @@ def check_window(path: str | os.PathLike, training_stage: int, option: str, wind
         return
     raise CheckpointError(
         f"{option} {path}: its run trained on window_type {json.dumps(theirs)}, this stage on "
-        f"{json.dumps(window_type)}; set --override window_type='{json.dumps(theirs)}' (or start from a run of "
+        f"{json.dumps(window_type)}; set {setting_hint('window_type', json.dumps(theirs))} (or start from a run of "
         f"{json.dumps(window_type)}: stage 0 may start from this checkpoint)")
 
 

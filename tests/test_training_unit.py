@@ -461,22 +461,30 @@ def test_codebook_stages_refuse_a_checkpoint_of_another_window(tmp_path, monkeyp
     torch.save(_model().state_dict(), path)
     (tmp_path / "config.json").write_text(json.dumps({"window_type": "lung", "network_def": TINY}))
     monkeypatch.setattr(stages, "resolved_config", lambda: {"window_type": "bone"})
+    monkeypatch.setenv("CTVQ_COMMAND", "./run.sh train")  # the fix in the syntax of the command in use
     for stage in (1, 2):
-        with pytest.raises(CheckpointError, match='window_type "lung", this stage on "bone"; set --override window_type=\'"lung"\'') as err:
+        with pytest.raises(CheckpointError, match='window_type "lung", this stage on "bone"; set --override \'window_type="lung"\'') as err:
             stages.prepare_network(_model(), stage, pretrained_vae_path=str(path))
         assert "\n" not in str(err.value) and str(path) in str(err.value)
+    monkeypatch.delenv("CTVQ_COMMAND")  # python -m monai.bundle run
+    with pytest.raises(CheckpointError, match='this stage on "bone"; set --window_type \'"lung"\' \(or start'):
+        stages.prepare_network(_model(), 1, pretrained_vae_path=str(path))
     stages.prepare_network(_model(), 0, pretrained_vae_path=str(path))
     monkeypatch.setattr(stages, "resolved_config", lambda: {"window_type": "lung"})
     stages.prepare_network(_model(), 2, pretrained_vae_path=str(path))
 
 
-def test_true_false_settings_refuse_other_values(data):
+def test_true_false_settings_refuse_other_values(data, monkeypatch):
     """``grid_training`` / ``grid_crops`` take JSON true or false; the string "false" (which Python reads
     as true) is refused in one line with the override to write."""
+    monkeypatch.setenv("CTVQ_COMMAND", "./run.sh train")
     with pytest.raises(ValueError, match=r"grid_training='false': needs true or false \(JSON\), e.g. --override grid_training=false"):
         SparseVQVAETrainer("cpu", 1, [], _model(), torch.optim.SGD(_model().parameters(), lr=0.0), grid_training="false")
     with pytest.raises(ValueError, match="grid_training=1: needs true or false .* --override grid_training=false"):
         CTWindowSparseDataset(data.datasets, "lung", split="all", grid_crops=1)
+    monkeypatch.delenv("CTVQ_COMMAND")  # python -m monai.bundle run
+    with pytest.raises(ValueError, match="e.g. --grid_training false$"):
+        CTWindowSparseDataset(data.datasets, "lung", split="all", grid_crops="no")
 
 
 def test_step_log_of_a_residual_quantizer_names_every_level(tmp_path, caplog):
