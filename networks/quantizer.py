@@ -16,14 +16,15 @@ How the trainer uses it:
   ``reset_usage()``.
 - Usage loss: with ``entropy_weight > 0`` the forward also returns ``losses["entropy"]`` (already
   weighted): the mean entropy of each vector's soft assignment to the codes minus the entropy of
-  their mean, over at most ``entropy_rows`` vectors of the batch, divided by log K. Minimising it keeps
-  each assignment sharp and spreads the batch over the whole book, as the entropy penalty of
-  lookup-free quantisation (MAGVIT-v2) does; the soft assignment is a softmax of minus the squared
-  distances over ``entropy_temperature`` times their mean nearest distance, so it does not depend on
-  the latents' scale. With ``entropy_scope="sample"`` the mean assignment is taken per sample
-  (``vq(z, groups=batch_index, num_groups=B)``) rather than over the whole batch, so every crop has
-  to spread over the book by itself: a batch of two scans can no longer score well by giving each
-  scan its own half of the codes, which a single held-out scan would then leave unused.
+  their mean assignment, over at most ``entropy_rows`` vectors of the batch, divided by log K.
+  Minimising it keeps each assignment sharp and spreads the vectors over the whole book, as the
+  entropy penalty of lookup-free quantisation (MAGVIT-v2) does; the soft assignment is a softmax of
+  minus the squared distances over ``entropy_temperature`` times their mean nearest distance, so it
+  does not depend on the latents' scale. The mean assignment is taken per sample (the default
+  ``entropy_scope="sample"``, with ``vq(z, groups=batch_index, num_groups=B)``; each sample weighted
+  by its share of the rows), so every crop has to spread over the book by itself: a batch of two
+  scans cannot score well by giving each scan its own half of the codes, which a single new scan
+  would then leave unused. ``entropy_scope="batch"`` (or no ``groups``) takes it over the batch.
 
 Variants (``build_quantizer``): the plain lookup above (``vq_type="vq"``, codebook
 ``embeddings.weight`` [K, D]); a factorised lookup (``"factorized"``: project D -> ``lookup_dim``,
@@ -367,8 +368,9 @@ class VectorQuantizer(nn.Module):
 
     def usage_entropy(self, zl: torch.Tensor, codes: torch.Tensor, groups: torch.Tensor | None = None,
                       num_groups: int = 1) -> torch.Tensor:
-        """(mean per-vector entropy - entropy of the mean assignment) / log K: in [-1, 0], lower is
-        sharper assignments spread over more codes (unweighted; see the module notes)."""
+        """(mean per-vector entropy - entropy of the mean assignment, per sample of ``groups`` or over
+        all rows) / log K: in [-1, 0], lower is sharper assignments spread over more codes
+        (unweighted; see the module notes)."""
         if self.entropy_scope != "sample":
             groups, num_groups = None, 1
         if zl.shape[0] > self.entropy_rows:

@@ -16,15 +16,18 @@ TRUST_HINT = "write plain values, or pass --trust-bundle (trust=True) if you wro
 
 
 def setting_hint(key: str, json_value: str) -> str:
-    """How to set config ``key`` to ``json_value`` on the command line in use: ``--override KEY=VALUE``
-    under ``./run.sh train`` (which sets ``CTVQ_COMMAND``), ``--KEY VALUE`` under ``python -m
-    monai.bundle run``."""
+    """How to set config ``key`` to ``json_value`` (JSON text) on the command line in use:
+    ``--override KEY=VALUE`` under ``./run.sh train`` (which sets ``CTVQ_COMMAND``), else ``--KEY
+    VALUE`` as ``python -m monai.bundle run`` reads it (through Fire: Python literals, so ``False``,
+    and a string as it is)."""
+    import json
     import os
     import shlex
 
     if os.environ.get("CTVQ_COMMAND"):
         return f"--override {shlex.quote(f'{key}={json_value}')}"
-    return f"--{key} {shlex.quote(json_value)}"
+    value = json.loads(json_value)
+    return f"--{key} {shlex.quote(value if isinstance(value, str) else repr(value))}"
 
 
 def config_flag(key: str, value: Any, config_key: str | None = None) -> bool:

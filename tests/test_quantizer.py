@@ -439,3 +439,34 @@ def test_usage_loss_per_sample_scope_asks_each_sample_to_spread_by_itself():
     idx = torch.cat([torch.cat([torch.full((len(cells), 1), b), cells], 1) for b in (0, 1)])
     _, losses = model(make_sparse(torch.rand(len(idx), 1), idx, [32] * 3, 2))
     assert seen and seen[0][1] == 2 and set(seen[0][0].tolist()) == {0, 1} and float(losses["entropy"].detach()) < 0
+
+
+def test_usage_loss_per_sample_matches_a_loop_over_the_samples():
+    """Unequal samples (one empty, ``num_groups`` above those present), a row subset smaller than the
+    batch: the loss is the row-weighted mean over the samples present of what each alone scores, and
+    its gradient reaches the latents."""
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randn(32, 4, generator=g)
+    z = torch.randn(300, 4, generator=g, requires_grad=True)
+    groups = torch.cat([torch.zeros(200, dtype=torch.long), torch.full((100,), 2)])  # sample 1 empty
+    vq = VectorQuantizer(32, 4, entropy_weight=1.0, entropy_rows=120)
+    torch.manual_seed(1)
+    loss = vq.usage_entropy(z, codes, groups, 4)
+    torch.manual_seed(1)  # the same row subset
+    keep = torch.randperm(300)[:120]
+    zk, gk = z[keep], groups[keep]
+    whole = VectorQuantizer(32, 4, entropy_weight=1.0, entropy_rows=10**6, entropy_scope="batch")
+    d = torch.cdist(zk, codes) ** 2
+    scale = 0.1 * d.min(1).values.mean()
+    logp = torch.log_softmax(-d / scale, 1)
+    p = logp.exp()
+    per_vector = -(p * logp).sum(1).mean()
+
+    def entropy(m):
+        return -(m * m.clamp_min(1e-12).log()).sum()
+
+    of_mean = sum((gk == s).sum() / len(gk) * entropy(p[gk == s].mean(0)) for s in (0, 2))
+    assert float(loss) == pytest.approx(float((per_vector - of_mean) / math.log(32)), abs=1e-5)
+    assert float(loss) > float(whole.usage_entropy(zk, codes)) - 1e-6  # each sample by itself: never more spread
+    loss.backward()
+    assert z.grad is not None and float(z.grad[keep].abs().sum()) > 0

@@ -467,7 +467,7 @@ def test_codebook_stages_refuse_a_checkpoint_of_another_window(tmp_path, monkeyp
             stages.prepare_network(_model(), stage, pretrained_vae_path=str(path))
         assert "\n" not in str(err.value) and str(path) in str(err.value)
     monkeypatch.delenv("CTVQ_COMMAND")  # python -m monai.bundle run
-    with pytest.raises(CheckpointError, match='this stage on "bone"; set --window_type \'"lung"\' \(or start'):
+    with pytest.raises(CheckpointError, match='this stage on "bone"; set --window_type lung \(or start'):
         stages.prepare_network(_model(), 1, pretrained_vae_path=str(path))
     stages.prepare_network(_model(), 0, pretrained_vae_path=str(path))
     monkeypatch.setattr(stages, "resolved_config", lambda: {"window_type": "lung"})
@@ -483,7 +483,7 @@ def test_true_false_settings_refuse_other_values(data, monkeypatch):
     with pytest.raises(ValueError, match="grid_training=1: needs true or false .* --override grid_training=false"):
         CTWindowSparseDataset(data.datasets, "lung", split="all", grid_crops=1)
     monkeypatch.delenv("CTVQ_COMMAND")  # python -m monai.bundle run
-    with pytest.raises(ValueError, match="e.g. --grid_training false$"):
+    with pytest.raises(ValueError, match="e.g. --grid_training False$"):  # what Fire reads as a bool
         CTWindowSparseDataset(data.datasets, "lung", split="all", grid_crops="no")
 
 
