@@ -371,12 +371,11 @@ class VectorQuantizer(nn.Module):
         """(mean per-vector entropy - entropy of the mean assignment, per sample of ``groups`` or over
         all rows) / log K: in [-1, 0], lower is sharper assignments spread over more codes
         (unweighted; see the module notes)."""
-        if self.entropy_scope != "sample":
-            groups, num_groups = None, 1
+        if groups is None or self.entropy_scope != "sample":  # the batch as one sample
+            groups, num_groups = torch.zeros(zl.shape[0], dtype=torch.long, device=zl.device), 1
         if zl.shape[0] > self.entropy_rows:
             keep = torch.randperm(zl.shape[0], device=zl.device)[: self.entropy_rows]
-            zl = zl[keep]
-            groups = None if groups is None else groups[keep]
+            zl, groups = zl[keep], groups[keep]
         if zl.shape[0] == 0:
             return zl.new_zeros(())
         d = (zl * zl).sum(1, keepdim=True) - 2.0 * zl @ codes.t() + (codes * codes).sum(1)
@@ -384,12 +383,9 @@ class VectorQuantizer(nn.Module):
         logp = F.log_softmax(-d / scale, dim=1)
         p = logp.exp()
         per_vector = -(p * logp).sum(1).mean()
-        if groups is None:
-            sums, counts = p.sum(0, keepdim=True), p.new_full((1,), float(p.shape[0]))
-        else:
-            g = groups.long()
-            sums = p.new_zeros(num_groups, p.shape[1]).index_add_(0, g, p)
-            counts = p.new_zeros(num_groups).index_add_(0, g, p.new_ones(g.shape[0]))
+        g = groups.long()
+        sums = p.new_zeros(num_groups, p.shape[1]).index_add_(0, g, p)
+        counts = p.new_zeros(num_groups).index_add_(0, g, p.new_ones(g.shape[0]))
         mean_p = sums / counts.clamp_min(1.0)[:, None]
         of_means = -(mean_p * mean_p.clamp_min(1e-12).log()).sum(1)
         of_mean = (of_means * counts).sum() / counts.sum()  # each sample by its share of the rows

@@ -5,6 +5,9 @@ never evaluated (``trust=True`` in the callers evaluates a file the user wrote w
 
 from __future__ import annotations
 
+import json
+import os
+import shlex
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,10 +23,6 @@ def setting_hint(key: str, json_value: str) -> str:
     ``--override KEY=VALUE`` under ``./run.sh train`` (which sets ``CTVQ_COMMAND``), else ``--KEY
     VALUE`` as ``python -m monai.bundle run`` reads it (through Fire: Python literals, so ``False``,
     and a string as it is)."""
-    import json
-    import os
-    import shlex
-
     if os.environ.get("CTVQ_COMMAND"):
         return f"--override {shlex.quote(f'{key}={json_value}')}"
     value = json.loads(json_value)
