@@ -466,7 +466,7 @@ def test_usage_loss_per_sample_matches_a_loop_over_the_samples():
         return -(m * m.clamp_min(1e-12).log()).sum()
 
     of_mean = sum((gk == s).sum() / len(gk) * entropy(p[gk == s].mean(0)) for s in (0, 2))
-    assert float(loss) == pytest.approx(float((per_vector - of_mean) / math.log(32)), abs=1e-5)
-    assert float(loss) > float(whole.usage_entropy(zk, codes)) - 1e-6  # each sample by itself: never more spread
+    assert float(loss.detach()) == pytest.approx(float(((per_vector - of_mean) / math.log(32)).detach()), abs=1e-5)
+    assert float(loss.detach()) > float(whole.usage_entropy(zk, codes).detach()) - 1e-6  # each sample by itself: never more spread
     loss.backward()
     assert z.grad is not None and float(z.grad[keep].abs().sum()) > 0

@@ -467,7 +467,7 @@ def test_codebook_stages_refuse_a_checkpoint_of_another_window(tmp_path, monkeyp
             stages.prepare_network(_model(), stage, pretrained_vae_path=str(path))
         assert "\n" not in str(err.value) and str(path) in str(err.value)
     monkeypatch.delenv("CTVQ_COMMAND")  # python -m monai.bundle run
-    with pytest.raises(CheckpointError, match='this stage on "bone"; set --window_type lung \(or start'):
+    with pytest.raises(CheckpointError, match=r'this stage on "bone"; set --window_type lung \(or start'):
         stages.prepare_network(_model(), 1, pretrained_vae_path=str(path))
     stages.prepare_network(_model(), 0, pretrained_vae_path=str(path))
     monkeypatch.setattr(stages, "resolved_config", lambda: {"window_type": "lung"})
