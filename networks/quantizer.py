@@ -162,7 +162,8 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"network_def#vq_entropy_weight={entropy_weight}: the usage loss's weight must be >= 0 "
                              "(0 turns it off, the configs ship 0.1)")
         if not entropy_temperature > 0 or int(entropy_rows) < 1:
-            raise ValueError(f"entropy_temperature={entropy_temperature} must be > 0 and entropy_rows={entropy_rows} >= 1")
+            raise ValueError(f"network_def#vq_entropy_temperature={entropy_temperature} must be > 0 and "
+                             f"network_def#vq_entropy_rows={entropy_rows} >= 1")
         if entropy_scope not in ENTROPY_SCOPES:
             raise ValueError(f"network_def#vq_entropy_scope={entropy_scope!r} is not one of {list(ENTROPY_SCOPES)}.")
         if shared_map and (codebook_update != "gradient" or lookup_dim):

@@ -290,6 +290,8 @@ class SparseVQVAE(nn.Module):
             weighted; 0: none; ``fsq`` has no codebook and ignores it): see :class:`~networks.quantizer.VectorQuantizer`.
         vq_entropy_scope: ``"sample"`` (default: the usage loss spreads each sample over the book by
             itself) or ``"batch"`` (the batch as a whole).
+        vq_entropy_rows, vq_entropy_temperature: latents the usage loss looks at per step, and the
+            softness of its assignments: see :class:`~networks.quantizer.VectorQuantizer`.
         attn_max_tokens: bound on padded window tokens per attention call (None: one call).
         child_embedding: learned position-in-parent embeddings in the down and subdivide blocks
             of the ``direct3d`` layout (zero at init; False gives exactly the Direct3D-S2 layout).
@@ -331,6 +333,8 @@ class SparseVQVAE(nn.Module):
         vq_depth_dropout: bool = True,
         vq_entropy_weight: float = 0.0,
         vq_entropy_scope: str = "sample",
+        vq_entropy_rows: int = 4096,
+        vq_entropy_temperature: float = 0.1,
     ):
         super().__init__()
         if layout not in LAYOUTS:
@@ -376,6 +380,8 @@ class SparseVQVAE(nn.Module):
             dead_code_steps=vq_dead_code_steps,
             entropy_weight=vq_entropy_weight,
             entropy_scope=vq_entropy_scope,
+            entropy_rows=vq_entropy_rows,
+            entropy_temperature=vq_entropy_temperature,
         )
         self.num_embeddings = self.vq.num_embeddings
         self.vq_depth = int(vq_depth)

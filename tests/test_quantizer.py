@@ -431,6 +431,10 @@ def test_usage_loss_per_sample_scope_asks_each_sample_to_spread_by_itself():
     assert abs(float(sample.usage_entropy(codes.clone(), codes)) - split_batch) < 1e-6  # no groups: the batch
     with pytest.raises(ValueError, match=r"network_def#vq_entropy_scope='crop' is not one of \['batch', 'sample'\]"):
         VectorQuantizer(16, 4, entropy_scope="crop")
+    with pytest.raises(ValueError, match=r"network_def#vq_entropy_temperature=0.0 must be > 0"):
+        tiny_net(vq_entropy_weight=0.1, vq_entropy_temperature=0.0)
+    settable = tiny_net(vq_entropy_rows=128, vq_entropy_temperature=0.05, vq_entropy_scope="batch").vq
+    assert (settable.entropy_rows, settable.entropy_temperature, settable.entropy_scope) == (128, 0.05, "batch")
     model = tiny_net(vq_entropy_weight=1.0, vq_entropy_scope="sample").train()
     seen = []
     original = model.vq.usage_entropy
