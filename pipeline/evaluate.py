@@ -230,8 +230,13 @@ def evaluate(
             )
     found = find_cases(data_dir, w, tokenizer.resolution)
     if cases:
-        want = set(cases)
-        found = [c for c in found if c["case"] in want or c["case_id"] in want]
+        known = {c["case"] for c in found} | {c["case_id"] for c in found}
+        unknown = [name for name in cases if name not in known]
+        if unknown:
+            listed = ", ".join(c["case"] for c in found[:10]) + (", ..." if len(found) > 10 else "")
+            raise TokenizerError(f"{data_dir}: no complete {w.name} case named {', '.join(unknown)}; "
+                                 f"--cases takes dataset/case_id or case_id of: {listed or 'none'}")
+        found = [c for c in found if c["case"] in cases or c["case_id"] in cases]
     if max_cases:
         found = found[: int(max_cases)]
     if not found:

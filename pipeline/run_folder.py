@@ -253,12 +253,22 @@ def check_runner_overrides(argv: list[str]) -> None:
             given[key] = value if eq else next(rest, "")
     files = given.pop("config_file", "")
     files = ast.literal_eval(files) if files.startswith("[") else [f for f in files.split(",") if f]
-    keys = {k: None for k in given if k not in RUNNER_ARGS}
+    keys = {k: _as_fire_reads(v) for k, v in given.items() if k not in RUNNER_ARGS}
     if files and keys:
         try:
             check_overrides([str(f) for f in files], keys, option="--")
         except SystemExit as e:
             raise ValueError(str(e)) from None
+
+
+def _as_fire_reads(text: str):
+    """A command-line value as Fire hands it to the runner: a Python literal when it is one, else the text."""
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def _prepare_files(run: RunFolder, config: dict | None, log_file: bool) -> None:

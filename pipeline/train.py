@@ -27,6 +27,9 @@ import sys
 import warnings
 from pathlib import Path
 
+from pipeline.config_data import config_value, setting_hint
+from pipeline.io_utils import TokenizerError
+
 __all__ = ["build_parser", "parse_overrides", "check_overrides", "main"]
 
 BUNDLE_DIR = Path(__file__).resolve().parents[1] / "bundles" / "ct_vqvae"
@@ -114,6 +117,7 @@ def check_overrides(files: list[str], overrides: dict, option: str = "--override
     for key in overrides:
         path = key.replace("::", "#")
         if path in known:
+            _check_value_kind(config, path, overrides[key], f"{option}{key}")
             continue
         parent, _, name = path.rpartition("#")
         accepted = _target_args(config, parent) if parent in known else []
@@ -122,6 +126,22 @@ def check_overrides(files: list[str], overrides: dict, option: str = "--override
         close = difflib.get_close_matches(key, known + [f"{parent}#{a}" for a in accepted], n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}?" if close else "see the keys of the --config file"
         raise SystemExit(f"{option}{key}: no such key in {', '.join(files)}; {hint}")
+
+
+def _check_value_kind(config: dict, path: str, value, where: str) -> None:
+    """A number or a true/false setting of the config overridden by a plain string is refused here, in
+    one line, rather than failing wherever the value is first used (references and expressions pass)."""
+    try:
+        current = config_value(config, path)
+    except TokenizerError:  # an expression or an object: nothing to compare with
+        return
+    if not isinstance(value, str) or value.startswith(("@", "$", "%")):
+        return
+    if isinstance(current, bool):
+        raise SystemExit(f"{where}={value}: needs true or false, e.g. {setting_hint(path, 'true')}")
+    if isinstance(current, (int, float)):
+        raise SystemExit(f"{where}={value}: needs a number, as the config's {current!r}; "
+                         f"e.g. {setting_hint(path, json.dumps(current))}")
 
 
 def _target_args(config: dict, path: str) -> list[str]:

@@ -104,6 +104,18 @@ def test_metrics_match_direct_computation(processed, tmp_path):
     assert s["cases"][0]["ssim_body"] is None and s["num_cases"] == 1
 
 
+def test_cases_selects_by_name_and_refuses_unknown_names(processed, tmp_path):
+    """--cases takes dataset/case_id or case_id; a name not in the folder is refused with the names
+    there, before anything is written, rather than dropped."""
+    tok = Tokenizer.from_checkpoint(make_run(tmp_path / "run") / "ckpts" / "vqvae_ema0.9999_step0000005.pt", device="cpu")
+    s = evaluate(tok, processed, tmp_path / "r", cases=["phantom_001"], ssim=False, pictures=False, log=lambda *a: None)
+    assert [r["case"] for r in s["cases"]] == ["phantom/phantom_001"]
+    for asked in (["nosuch"], ["phantom/phantom_000", "nosuch"]):
+        with pytest.raises(TokenizerError, match=r"no complete soft_tissue case named nosuch; .*phantom/phantom_000, phantom/phantom_001"):
+            evaluate(tok, processed, tmp_path / "bad", cases=asked, ssim=False, pictures=False, log=lambda *a: None)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_bundle_config_workflow(processed, tmp_path):
     """bundles/ct_vqvae/evaluate.json runs with MONAI's ConfigWorkflow."""
     from monai.bundle import ConfigWorkflow

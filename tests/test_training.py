@@ -179,6 +179,10 @@ def test_bundle_run_user_error_is_one_line(tmp_path):
     proc = bundle_run("stage0.json", data_dir=str(tmp_path), output_dir=str(out), max_step=1)
     _one_line_error(proc, "--max_step: no such key in", "did you mean max_steps?")
     assert not (tmp_path / "outputs").exists()
+    # a value of the wrong kind, read as Fire reads it, is refused before the datasets are built
+    proc = bundle_run("stage0.json", data_dir=str(tmp_path), output_dir=str(out), max_steps="abc")
+    _one_line_error(proc, "--max_steps=abc: needs a number", "e.g. --max_steps 100000")
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_train_cli_user_error_is_one_line(data_dir, tmp_path):
