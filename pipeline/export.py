@@ -185,6 +185,9 @@ def export_bundle(
 
     run_dir = Path(run_dir)
     _check_out(Path(out), run_dir, overwrite)
+    if isinstance(eval_summary, (str, os.PathLike)) and not Path(eval_summary).is_file():
+        raise TokenizerError(f"--eval {eval_summary}: no such file; pass the summary.json that ./run.sh evaluate "
+                             "wrote (REPORT_DIR/summary.json), or leave --eval out")
     net, cfg, network_def, ckpt_path = load_run(run_dir, ckpt, weights)
     codebooks = [m for m in net.vq.modules() if isinstance(getattr(m, "initialized", None), torch.Tensor)]
     untrained = [i + 1 for i, m in enumerate(codebooks) if not bool(m.initialized)]
@@ -236,8 +239,11 @@ def export_bundle(
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    zip_path = out.with_name(out.name + ".zip")
     if make_zip:
-        _zip_dir(out, out.with_name(out.name + ".zip"))
+        _zip_dir(out, zip_path)
+    elif zip_path.exists():  # an earlier export's zip (refused above unless --overwrite): no longer this bundle
+        zip_path.unlink()
     return out
 
 

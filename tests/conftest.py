@@ -43,3 +43,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say at the end, even under -q, when the tests on real scans were skipped for want of the data."""
+    path = _ct_data_dir()
+    if not (path / "README.md").exists():
+        terminalreporter.write_line(f"shared CT data not found at {path}: the tests on real scans were skipped; "
+                                    "set CTVQ_CT_DATA to its folder to run them", yellow=True)

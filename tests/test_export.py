@@ -183,8 +183,14 @@ def test_choice_of_weights_and_errors(tmp_path, capsys):
     out = export_bundle(run, tmp_path / "old", ckpt=run / "ckpts" / "vqvae_ema0.9999_step0000010.pt", make_zip=False)
     old = torch.load(run / "ckpts" / "vqvae_ema0.9999_step0000010.pt", weights_only=True)
     assert all(torch.equal(torch.load(out / "models" / "model.pt", weights_only=True)[k], old[k]) for k in old)
-    # re-export over an existing bundle replaces it with --overwrite
+    # re-export over an existing bundle replaces it with --overwrite, and its zip: without a new zip
+    # the old one would no longer hold this bundle
+    (tmp_path / "old.zip").write_bytes(b"an earlier export's zip")
     export_bundle(run, tmp_path / "old", make_zip=False, overwrite=True)
+    assert not (tmp_path / "old.zip").exists()
+    with pytest.raises(TokenizerError, match=r"--eval .*nope\.json: no such file; pass the summary\.json"):
+        export_bundle(run, tmp_path / "new", eval_summary=tmp_path / "nope.json")
+    assert not (tmp_path / "new").exists()
     # a run without checkpoints / without config: one line, non-zero exit
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text((run / "config.json").read_text())
