@@ -193,7 +193,7 @@ def run_demo(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="./run.sh demo", description=__doc__.split("\n")[0])
     p.add_argument("--raw", default=None, help="raw CT folder to use instead of generated phantoms")
     p.add_argument("--out", default="demo_output", help="demo folder (default: %(default)s)")
     p.add_argument("--config", default=str(DEMO_CONFIG), help="demo overlay config (default: bundles/ct_vqvae/demo.json)")

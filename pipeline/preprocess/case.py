@@ -16,11 +16,11 @@ from monai.data import MetaTensor
 
 from pipeline.chunked import save_chunked
 from pipeline.discovery import Case
-from pipeline.io_utils import rmtree_quiet, save_json, save_text
+from pipeline.io_utils import TokenizerError, rmtree_quiet, save_json, save_text
 from pipeline.preprocess.config import PreprocessConfig, window_config
 from pipeline.preprocess.writer import BackgroundWriter
 from pipeline.processed import CASE_JSON, GUIDE_FILES, MARKER, layout_files
-from transforms import CUBE_STEPS, ResampleToCube, apply_window, body_bbox, cube_transforms, load_ct, normalize_hu
+from transforms import CUBE_STEPS, CTLoadError, ResampleToCube, apply_window, body_bbox, cube_transforms, load_ct, normalize_hu
 from transforms.image_files import check_label_overlap
 
 __all__ = ["Timer", "case_row", "process_case"]
@@ -95,8 +95,10 @@ def _label_ids(lab: np.ndarray) -> list[int]:
 
 
 def _one_line(e: BaseException) -> str:
+    """The error in one line: our own refusals (which name the file and the fix) as they are, anything
+    else with its type, which is the first clue to what broke."""
     msg = " ".join(str(e).split())
-    text = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+    text = msg if msg and isinstance(e, (CTLoadError, TokenizerError)) else f"{type(e).__name__}: {msg}" if msg else type(e).__name__
     return text[:500]
 
 
