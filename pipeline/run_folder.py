@@ -134,27 +134,27 @@ def prepare_run_folder(
     """
     out = Path(output_dir)
     run = RunFolder(output_dir=out, created=_first_missing(out))
-    if load_dir not in (None, "", "None"):
-        src = Path(load_dir)
-        ckpt = "latest" if ckpt in (None, "", "None") else ckpt
-        path, step = find_step_checkpoint(src, ckpt)
-        src_stage = run_stage(src if src.is_dir() else src.parent.parent)
-        same_stage = src_stage == int(training_stage) or (src_stage is None and src.resolve() == out.resolve())
-        if same_stage:
-            run.resume_ckpt, run.resume_step = path, step
-        else:
-            run.init_ckpt = path
-    elif ckpt not in (None, "", "None"):
-        path, step = find_step_checkpoint(out, ckpt)  # --ckpt without --load_dir: resume this folder
-        run.resume_ckpt, run.resume_step = path, step
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output_dir '{out}' is a file; pick a folder for the run (--output_dir)")
     if D.is_main():
         _NEW_RUNS.append(run)
-    if D.is_main():
+        # before the checkpoints are looked for: a run still writing them is named as such
         run.lock = FolderLock(out, ".train.lock", f"another training run is writing into '{out}'; wait for it to "
                                                   "finish or pick another --output_dir").acquire()
     try:
+        if load_dir not in (None, "", "None"):
+            src = Path(load_dir)
+            ckpt = "latest" if ckpt in (None, "", "None") else ckpt
+            path, step = find_step_checkpoint(src, ckpt)
+            src_stage = run_stage(src if src.is_dir() else src.parent.parent)
+            same_stage = src_stage == int(training_stage) or (src_stage is None and src.resolve() == out.resolve())
+            if same_stage:
+                run.resume_ckpt, run.resume_step = path, step
+            else:
+                run.init_ckpt = path
+        elif ckpt not in (None, "", "None"):
+            path, step = find_step_checkpoint(out, ckpt)  # --ckpt without --load_dir: resume this folder
+            run.resume_ckpt, run.resume_step = path, step
         _prepare_files(run, config, log_file)
     except BaseException:
         run.release()

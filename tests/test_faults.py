@@ -189,6 +189,9 @@ def test_second_training_into_a_busy_folder_is_refused(data, tmp_path):
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(FileExistsError, match="another training run"):
             _trainer(data, out, 2)
+        # resuming it while it runs (no checkpoint yet): the busy folder is named, not a missing checkpoint
+        with pytest.raises(FileExistsError, match="another training run"):
+            _trainer(data, out, 2, load_dir=out)
         assert not (out / "config.json").exists()
     finally:
         holder.kill()

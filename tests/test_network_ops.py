@@ -261,3 +261,14 @@ def test_dense_decision_by_occupancy_and_grid_size(monkeypatch):
     monkeypatch.setenv("CTVQ_DENSE_CONV", "sometimes")
     with pytest.raises(ValueError, match="CTVQ_DENSE_CONV='sometimes'.*always.*never"):
         dense_min_occupancy()
+
+
+def test_occupied_tiles_are_the_distinct_tiles_in_order():
+    """The occupancy grid gives the distinct tiles of the cells, in (i, j, k) order, as a row-unique would."""
+    from networks.tiling import _occupied_tiles
+
+    g = torch.Generator().manual_seed(0)
+    cells = torch.cat([torch.randint(0, 64, (5000, 3), generator=g), torch.tensor([[63, 0, 17], [0, 63, 63]])])
+    for tile in (16, 7):
+        assert torch.equal(_occupied_tiles(cells, tile), torch.unique(cells // tile, dim=0) * tile)
+    assert _occupied_tiles(cells[:0], 16).shape == (0, 3)
