@@ -98,8 +98,9 @@ def _one_line(e: BaseException) -> str:
     """The error in one line: our own refusals (which name the file and the fix) as they are, anything
     else with its type, which is the first clue to what broke."""
     msg = " ".join(str(e).split())
-    text = msg if msg and isinstance(e, (CTLoadError, TokenizerError)) else f"{type(e).__name__}: {msg}" if msg else type(e).__name__
-    return text[:500]
+    if not msg:
+        return type(e).__name__
+    return (msg if isinstance(e, (CTLoadError, TokenizerError)) else f"{type(e).__name__}: {msg}")[:500]
 
 
 def _save_int16_chunks(path: Path, hu: np.ndarray) -> int:
