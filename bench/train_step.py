@@ -27,10 +27,11 @@ from bench import common as C  # noqa: E402
 from bench.scan import Crop, add_scan_args, grid_input, load_scan_and_budget, make_crop, only_on_device, sparse_input  # noqa: E402
 from bench.timing import measure, run_guarded  # noqa: E402
 
-MODELS = ("ours-fp16", "ours-fp16-grid", "ours-fp16-dense", "ours-fp16-ckpt", "ours-fp32", "ours-fp16-direct3d", "monai-vqvae", "maisi-ae")
+MODELS = ("ours-fp16", "ours-fp16-grid", "ours-fp16-graph", "ours-fp16-dense", "ours-fp16-ckpt", "ours-fp32", "ours-fp16-direct3d", "monai-vqvae", "maisi-ae")
 MODEL_LABELS = {
     "ours-fp16": ("ctvq SparseVQVAE", "fp16 amp"),
     "ours-fp16-grid": ("ctvq SparseVQVAE, grid training path", "fp16 amp"),
+    "ours-fp16-graph": ("ctvq SparseVQVAE, grid path replayed as a CUDA graph (the trainer's default)", "fp16 amp"),
     "ours-fp16-dense": ("ctvq SparseVQVAE, dense convs", "fp16 amp"),
     "ours-fp16-ckpt": ("ctvq SparseVQVAE, use_checkpoint", "fp16 amp"),
     "ours-fp32": ("ctvq SparseVQVAE", "fp32"),
@@ -98,6 +99,31 @@ def _ours_step(model, x, opt, scaler, device, amp: bool):
     return _optimizer_step(loss, opt, scaler)
 
 
+def _ours_graph_step(model, x, opt, scaler, device):
+    """As the trainer with ``graph_training``: ``pipeline.graph_step.GraphedSteps`` runs forward,
+    loss and backward (eagerly for the first step, then from the CUDA graph it captures)."""
+    from pipeline.graph_step import GraphedSteps
+    from pipeline.trainer import SparseReconLoss
+
+    recon_loss = SparseReconLoss("l1")
+
+    def terms(grid):
+        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda", cache_enabled=False):
+            recon, losses = model(grid, all_cells=True)
+        return {"loss": recon_loss(recon, grid) + model.weighted_vq_loss({k: v.float() for k, v in losses.items()})}
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    steps = GraphedSteps(model, params, terms, scaler, enabled=device.type == "cuda")
+
+    def step():
+        steps(x)
+        scaler.step(opt)
+        scaler.update()
+
+    step.graphs = steps
+    return step
+
+
 def _vqvae_step(model, x, opt, scaler, device):
     def loss():
         with C.autocast(device, True):
@@ -126,10 +152,13 @@ def run_config(key: str, crop: Crop, args: argparse.Namespace, device: torch.dev
         amp = key.startswith("ours-fp16")
         layout = "direct3d" if key.endswith("-direct3d") else "patch"
         model = C.build_ours(small, crop.resolution, device, use_checkpoint=key.endswith("-ckpt"), layout=layout).train()
-        x = grid_input(crop, model.factor) if key.endswith("-grid") else sparse_input(crop)
+        x = grid_input(crop, model.factor) if key.endswith(("-grid", "-graph")) else sparse_input(crop)
         opt = C.adamw([p for p in model.parameters() if p.requires_grad], args.lr, device)
         scaler = C.grad_scaler(device, amp)
-        step = _ours_step(model, x, opt, scaler, device, amp)
+        if key.endswith("-graph"):
+            step = _ours_graph_step(model, x, opt, scaler, device)
+        else:
+            step = _ours_step(model, x, opt, scaler, device, amp)
     elif key == "monai-vqvae":
         model = C.build_vqvae(small, device).train()
         opt = C.adamw(model.parameters(), args.lr, device)
@@ -145,6 +174,8 @@ def run_config(key: str, crop: Crop, args: argparse.Namespace, device: torch.dev
     extra = {"maisi_num_splits": model.bench_num_splits} if hasattr(model, "bench_num_splits") else {}
     with C.conv_policy("dense" if key.endswith("-dense") else "auto"):
         t = measure(step, device, warmup=args.warmup, repeats=args.repeats, max_seconds=cap)
+    if hasattr(step, "graphs"):
+        extra["graph_replays"] = step.graphs.replays
     return {"params": params, "timing": t, "median_s": t.median_s, "peak_bytes": t.peak_bytes,
             "voxels_per_s": crop.voxels / t.median_s, **extra}
 

@@ -11,6 +11,7 @@ inference by splitting the windows into a few chunks.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Sequence
 
 import torch
@@ -29,6 +30,7 @@ ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION
 __all__ = [
     "WindowPartition",
     "window_partition",
+    "grid_window_partition",
     "windowed_attention",
     "SparseWindowAttention",
     "SparseTransformerBlock",
@@ -79,6 +81,38 @@ def window_partition(indices: torch.Tensor, window_size: int, shift: int = 0,
     valid = torch.arange(length, device=idx.device)[None] < counts[:, None]
     dest = torch.empty_like(order).scatter_(0, order, window_of_sorted * length + slot)
     return WindowPartition(order, dest, valid, counts, counts.numel(), length)
+
+
+def grid_window_partition(indices: torch.Tensor, active: torch.Tensor, origin: torch.Tensor,
+                          extent: Sequence[int], window_size: int, shift: int = 0) -> WindowPartition:
+    """:func:`window_partition` of every cell of a dense grid, with fixed shapes and no host sync.
+
+    Args:
+        indices: [N, 4] absolute (batch, i, j, k) of all ``B * prod(extent)`` cells.
+        active: [N] bool: the cells that are tokens; the others are keys of no window (their own
+            outputs are computed but mean nothing).
+        origin: [B, 3] absolute coordinates of each sample's first cell.
+        extent: the grid's (d, h, w) in cells.
+        window_size, shift: as :func:`window_partition`.
+
+    Each sample gets ``(e - 1) // window_size + 2`` windows per axis (any origin fits) of
+    ``window_size^3`` slots, a cell's slot being its place in its window, so no sort is needed.
+    A window without active cells attends over all its slots, which keeps its rows finite.
+    """
+    idx = indices.long()
+    ws = int(window_size)
+    per_axis = [(int(e) - 1) // ws + 2 for e in extent]
+    a = idx[:, 1:] + shift
+    win = a // ws - ((origin.long() + shift) // ws)[idx[:, 0]]
+    slot = a % ws
+    wid = ((idx[:, 0] * per_axis[0] + win[:, 0]) * per_axis[1] + win[:, 1]) * per_axis[2] + win[:, 2]
+    length = ws**3
+    dest = wid * length + (slot[:, 0] * ws + slot[:, 1]) * ws + slot[:, 2]
+    num_windows = (int(idx.shape[0]) // max(1, math.prod(int(e) for e in extent))) * math.prod(per_axis)
+    valid = torch.zeros(num_windows * length, dtype=torch.bool, device=idx.device).index_put_((dest,), active.bool())
+    valid = valid.view(num_windows, length)
+    valid = valid | ~valid.any(1, keepdim=True)
+    return WindowPartition(None, dest, valid, None, num_windows, length)
 
 
 def windowed_attention(

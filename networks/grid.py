@@ -26,10 +26,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .attention import grid_window_partition
 from .backend import SparseConvTensor, make_sparse
 
 __all__ = ["GridBatch", "grid_from_sparse", "grid_values_at", "supports_grid", "encode_local", "decode_local",
-           "latent_cells", "scatter_cells"]
+           "latent_cells", "all_cells", "grid_partitions", "scatter_cells"]
 
 
 @dataclass
@@ -174,6 +175,26 @@ def latent_cells(x: torch.Tensor, active: torch.Tensor, origin: torch.Tensor, fa
     coords = cell.clone()
     coords[:, 1:] += origin[cell[:, 0]] // factor
     return make_sparse(x.reshape(-1, c).index_select(0, rows), coords, latent_shape, b), rows
+
+
+def all_cells(x: torch.Tensor, active: torch.Tensor, origin: torch.Tensor, factor: int,
+              latent_shape) -> tuple[SparseConvTensor, torch.Tensor]:
+    """Every cell of a latent grid as a token (``B * d * h * w`` of them, whatever holds body: fixed
+    shapes, no host sync), and which of them are active."""
+    b, d, h, w, c = x.shape
+    axes = (torch.arange(n, device=x.device) for n in (b, d, h, w))
+    cell = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 4)
+    coords = cell.clone()
+    coords[:, 1:] += origin[cell[:, 0]] // factor
+    return make_sparse(x.reshape(-1, c), coords, latent_shape, b), active.reshape(-1)
+
+
+def grid_partitions(cells: SparseConvTensor, active: torch.Tensor, origin: torch.Tensor, extent, transformer) -> dict:
+    """The attention windows of :func:`all_cells`' tokens for ``transformer``'s blocks, keyed as
+    ``_LatentTransformer.transform`` caches them (window size, shift)."""
+    ws = transformer.window_size
+    return {(ws, blk.attn.shift): grid_window_partition(cells.indices, active, origin, extent, ws, blk.attn.shift)
+            for blk in transformer.blocks}
 
 
 def scatter_cells(features: torch.Tensor, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,14 @@ def _dist() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def weighted_mse(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared difference of rows [N, D], each row weighted (None: ``F.mse_loss``)."""
+    if weights is None:
+        return F.mse_loss(a, b)
+    w = weights.float()
+    return ((a - b).square().sum(1) * w).sum() / (w.sum() * a.shape[1]).clamp_min(1.0)
+
+
 def nearest_code(z: torch.Tensor, codebook: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
     """Index of the nearest codebook row for each row of ``z`` (fp32, rows in chunks)."""
     z = z.float()
@@ -334,9 +342,16 @@ class VectorQuantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             return nearest_code(self.to_lookup(z), self.codes())
 
-    def forward(self, z: torch.Tensor, groups: torch.Tensor | None = None, num_groups: int = 1):
+    def forward(self, z: torch.Tensor, groups: torch.Tensor | None = None, num_groups: int = 1,
+                weights: torch.Tensor | None = None):
         """Quantise ``z`` [N, D]; ``groups`` [N] (sample of each row, < ``num_groups``) serves the
         usage loss of ``entropy_scope="sample"``.
+
+        ``weights`` [N] (1 for a row that counts, 0 for one that does not; the latent cells of a
+        dense grid outside the body) makes every loss a weighted mean and leaves the codebook's
+        bookkeeping (usage counts, reservoir, dead-code restarts) to :meth:`finish_step`, so the
+        forward has fixed shapes and no host sync once the codebook is initialised (a CUDA graph
+        can hold it).
 
         Returns:
             z_q [N, D] (straight-through: forward = codes, gradient flows to ``z``), indices [N]
@@ -346,50 +361,70 @@ class VectorQuantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             zl = self.to_lookup(z)
             if self.training and not self._py_initialized:
-                self.collect(zl)
+                self.collect(zl if weights is None else zl[weights > 0])
                 if self._reservoir_ready():
                     self.kmeans_init_from_reservoir()
             codes = self.codes()
             idx = nearest_code(zl.detach(), codes)
             e = codes[idx]
-            commitment = F.mse_loss(zl, e.detach())
+            commitment = weighted_mse(zl, e.detach(), weights)
             if self.codebook_update == "gradient":
-                vq_loss = F.mse_loss(e, zl.detach())
+                vq_loss = weighted_mse(e, zl.detach(), weights)
             else:
                 vq_loss = zl.new_zeros(())
             losses = {"vq": vq_loss, "commitment": commitment}
             if self.training and self.entropy_weight > 0 and self._py_initialized:
                 # a copy: _train_step below updates the codebook in place (EMA, restarts), which
                 # autograd would not see in the backward pass
-                losses["entropy"] = self.entropy_weight * self.usage_entropy(zl, codes.clone(), groups, num_groups)
+                losses["entropy"] = self.entropy_weight * self.usage_entropy(zl, codes.clone(), groups, num_groups, weights)
             if self.training:
-                self._train_step(zl.detach(), idx)
+                if weights is None:
+                    self._train_step(zl.detach(), idx)
+                else:
+                    self.pending = (zl.detach(), idx, weights)
             z_q = self.from_lookup(zl + (e - zl).detach())
         return z_q.to(z.dtype), idx, losses
 
+    @torch.no_grad()
+    def finish_step(self, pending: tuple | None = None) -> None:
+        """The bookkeeping a weighted training forward left (``pending``, default the last one's):
+        usage counts, reservoir and dead-code restarts over the rows of weight > 0."""
+        pending = pending or self.__dict__.pop("pending", None)
+        if pending is not None:
+            z, idx, weights = pending
+            keep = weights > 0
+            self._train_step(z[keep], idx[keep])
+
     def usage_entropy(self, zl: torch.Tensor, codes: torch.Tensor, groups: torch.Tensor | None = None,
-                      num_groups: int = 1) -> torch.Tensor:
+                      num_groups: int = 1, weights: torch.Tensor | None = None) -> torch.Tensor:
         """(mean per-vector entropy - entropy of the mean assignment, per sample of ``groups`` or over
         all rows) / log K: in [-1, 0], lower is sharper assignments spread over more codes
-        (unweighted; see the module notes)."""
+        (unweighted; rows of ``weights`` 0 do not count; see the module notes)."""
         if groups is None or self.entropy_scope != "sample":  # the batch as one sample
             groups, num_groups = torch.zeros(zl.shape[0], dtype=torch.long, device=zl.device), 1
+        weighted = weights is not None
+        if not weighted:
+            weights = zl.new_ones(zl.shape[0])
         if zl.shape[0] > self.entropy_rows:
-            keep = torch.randperm(zl.shape[0], device=zl.device)[: self.entropy_rows]
-            zl, groups = zl[keep], groups[keep]
+            # with weights, rows drawn with replacement: a fixed count without a host sync
+            keep = (torch.randint(zl.shape[0], (self.entropy_rows,), device=zl.device) if weighted
+                    else torch.randperm(zl.shape[0], device=zl.device)[: self.entropy_rows])
+            zl, groups, weights = zl[keep], groups[keep], weights[keep]
         if zl.shape[0] == 0:
             return zl.new_zeros(())
+        w = weights.float()
+        total = w.sum().clamp_min(1.0)
         d = (zl * zl).sum(1, keepdim=True) - 2.0 * zl @ codes.t() + (codes * codes).sum(1)
-        scale = (self.entropy_temperature * d.detach().min(1).values.mean()).clamp_min(1e-8)
+        scale = (self.entropy_temperature * (d.detach().min(1).values * w).sum() / total).clamp_min(1e-8)
         logp = F.log_softmax(-d / scale, dim=1)
         p = logp.exp()
-        per_vector = -(p * logp).sum(1).mean()
+        per_vector = (-(p * logp).sum(1) * w).sum() / total
         g = groups.long()
-        sums = p.new_zeros(num_groups, p.shape[1]).index_add_(0, g, p)
-        counts = p.new_zeros(num_groups).index_add_(0, g, p.new_ones(g.shape[0]))
+        sums = p.new_zeros(num_groups, p.shape[1]).index_add_(0, g, p * w[:, None])
+        counts = p.new_zeros(num_groups).index_add_(0, g, w)
         mean_p = sums / counts.clamp_min(1.0)[:, None]
         of_means = -(mean_p * mean_p.clamp_min(1e-12).log()).sum(1)
-        of_mean = (of_means * counts).sum() / counts.sum()  # each sample by its share of the rows
+        of_mean = (of_means * counts).sum() / counts.sum().clamp_min(1.0)  # each sample by its share of the rows
         return (per_vector - of_mean) / math.log(self.num_embeddings)
 
     @torch.no_grad()
@@ -511,15 +546,17 @@ class FSQuantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             return self._index(self._digits(z))
 
-    def forward(self, z: torch.Tensor, groups: torch.Tensor | None = None, num_groups: int = 1):
+    def forward(self, z: torch.Tensor, groups: torch.Tensor | None = None, num_groups: int = 1,
+                weights: torch.Tensor | None = None):
         """As :meth:`VectorQuantizer.forward`; ``groups`` is not used (no usage loss)."""
         if self.training and not self._py_initialized:
-            self.fit(z)
+            self.fit(z if weights is None else z[weights > 0])
         with torch.autocast(device_type=z.device.type, enabled=False):
             digits = self._digits(z)
             idx = self._index(digits.detach())
             if self.training:
-                self.usage_counts.index_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
+                w = torch.ones_like(idx, dtype=torch.float64) if weights is None else weights.double()
+                self.usage_counts.index_add_(0, idx, w)
             zero = z.new_zeros((), dtype=torch.float32)
             return self._value(digits).to(z.dtype), idx, {"vq": zero, "commitment": zero.clone()}
 
@@ -555,7 +592,8 @@ class ResidualQuantizer(nn.Module):
         self.num_embeddings = self.levels[0].num_embeddings
         self.kmeans_init = any(getattr(q, "kmeans_init", False) for q in self.levels)
 
-    def forward(self, z: torch.Tensor, groups: torch.Tensor | None = None, num_groups: int = 1):
+    def forward(self, z: torch.Tensor, groups: torch.Tensor | None = None, num_groups: int = 1,
+                weights: torch.Tensor | None = None):
         d = self.depth
         if self.training and self.depth_dropout and d > 1:
             d = int(torch.randint(1, d + 1, ()))
@@ -567,7 +605,7 @@ class ResidualQuantizer(nn.Module):
         residual, outs, idx = z, [], []
         losses = {"vq": z.new_zeros((), dtype=torch.float32)}
         for q in self.levels[:run]:
-            zq, i, level_losses = q(residual, groups, num_groups)
+            zq, i, level_losses = q(residual, groups, num_groups, weights)
             residual = residual - zq.detach()
             outs.append(zq)
             idx.append(i)
@@ -577,7 +615,7 @@ class ResidualQuantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             # the encoder commits to what all levels together reconstruct, not to the first code,
             # so its output keeps the detail the deeper levels are there to code
-            losses["commitment"] = F.mse_loss(z.float(), sum(o.detach().float() for o in outs))
+            losses["commitment"] = weighted_mse(z.float(), sum(o.detach().float() for o in outs), weights)
         return sum(outs[:d]), torch.stack(idx, 1), losses
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:

@@ -408,7 +408,7 @@ class SparseVQVAE(nn.Module):
         return self.lambda_vq * losses["vq"] + self.lambda_commitment * losses["commitment"] + losses.get("entropy", 0.0)
 
     # ------------------------------------------------------------------ training forward
-    def forward(self, x: SparseConvTensor | GridBatch, quantize: bool = True):
+    def forward(self, x: SparseConvTensor | GridBatch, quantize: bool = True, all_cells: bool = False):
         """Encode, (quantise), decode.
 
         Args:
@@ -416,6 +416,10 @@ class SparseVQVAE(nn.Module):
                 or the same crop as a :class:`~networks.grid.GridBatch` (``layout="patch"``; the
                 conv levels then run as dense ops over the crop's box, same result).
             quantize: False bypasses the quantizer (stage-0 autoencoder pretraining).
+            all_cells: with a ``GridBatch``, every cell of the latent grid is a token (those outside
+                the body masked out of attention and losses): the same result for the cells that
+                hold body, with shapes fixed by the grid's and no host sync, as a CUDA graph needs.
+                The codebook's bookkeeping then waits for :meth:`finish_quantizer_step`.
 
         Returns:
             recon: at full resolution, all 8^3 children of every active latent cell: a
@@ -426,16 +430,18 @@ class SparseVQVAE(nn.Module):
             ``self.last_indices``.
         """
         if isinstance(x, GridBatch):
-            return self._forward_grid(x, quantize)
+            return self._forward_grid(x, quantize, all_cells)
         latent, losses = self._forward_latent(self.Encoder.forward_local(x), quantize)
         return self.Decoder.forward_local(latent), losses
 
-    def _forward_latent(self, h: SparseConvTensor, quantize: bool) -> tuple[SparseConvTensor, dict]:
-        """Latent cells of the encoder's conv part -> input of the decoder's conv part, and the VQ losses."""
-        partitions: dict = {}  # encoder and decoder attend over the same latent cells
+    def _forward_latent(self, h: SparseConvTensor, quantize: bool, partitions: dict | None = None,
+                        weights: torch.Tensor | None = None) -> tuple[SparseConvTensor, dict]:
+        """Latent cells of the encoder's conv part -> input of the decoder's conv part, and the VQ
+        losses (rows weighted by ``weights``)."""
+        partitions = {} if partitions is None else partitions  # encoder and decoder attend over the same latent cells
         h = self.Encoder.forward_global(h, partitions)
         if quantize:
-            z, idx, losses = self.vq(h.features, h.indices[:, 0], h.batch_size)
+            z, idx, losses = self.vq(h.features, h.indices[:, 0], h.batch_size, weights)
             self.last_indices = idx.detach()
         else:
             z = h.features
@@ -444,15 +450,31 @@ class SparseVQVAE(nn.Module):
             self.last_indices = None
         return self.Decoder.forward_global(replace(h, z), partitions), losses
 
-    def _forward_grid(self, x: GridBatch, quantize: bool):
+    def _forward_grid(self, x: GridBatch, quantize: bool, all_cells: bool = False):
         if not supports_grid(self):
             raise ValueError(f"a GridBatch needs layout='patch' with a per-voxel norm; this model has layout={self.layout!r}, "
                              f"norm={self.norm!r}: pass a SparseConvTensor")
         feats, active = grid.encode_local(self.Encoder, x)
-        cells, rows = grid.latent_cells(feats, active, x.origin, self.factor, [-(-int(s) // self.factor) for s in x.spatial_shape])
-        latent, losses = self._forward_latent(cells, quantize)
-        out, out_active = grid.decode_local(self.Decoder, grid.scatter_cells(latent.features, rows, active), active)
+        latent_shape = [-(-int(s) // self.factor) for s in x.spatial_shape]
+        if all_cells:
+            cells, on = grid.all_cells(feats, active, x.origin, self.factor, latent_shape)
+            parts = grid.grid_partitions(cells, on, x.origin // self.factor, feats.shape[1:4], self.Encoder)
+            latent, losses = self._forward_latent(cells, quantize, parts, on.float())
+            z = latent.features.view(*feats.shape[:4], -1).masked_fill(~active[..., None], 0)
+        else:
+            cells, rows = grid.latent_cells(feats, active, x.origin, self.factor, latent_shape)
+            latent, losses = self._forward_latent(cells, quantize)
+            z = grid.scatter_cells(latent.features, rows, active)
+        out, out_active = grid.decode_local(self.Decoder, z, active)
         return GridBatch(out, out_active, x.origin, x.spatial_shape), losses
+
+    @torch.no_grad()
+    def finish_quantizer_step(self) -> None:
+        """The codebook bookkeeping an ``all_cells`` training forward left (usage counts, reservoir,
+        dead-code restarts); call it once after each such step."""
+        for mod in self.vq.modules():
+            if hasattr(mod, "finish_step"):
+                mod.finish_step()
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

@@ -163,6 +163,9 @@ class SparseVQVAETrainer(SupervisedTrainer):
         seed: recorded for reproducibility.
         grid_training: run the conv levels as dense ops over each crop's box (``networks.grid``: the
             same result, a fraction of the time on a GPU); models without that path train sparse.
+        graph_training: with ``grid_training`` on a GPU, replay each step's forward, loss and backward
+            from a CUDA graph (``pipeline.graph_step``: the same result, several times faster); one
+            process, ``batch_split`` 1 and no ``use_checkpoint`` only, otherwise steps run eagerly.
         run_folder: the ``pipeline.run_folder.RunFolder`` of this run (what :meth:`resume` restores; its lock is
             released after :meth:`run`). The bundle configs name it first among the arguments, so the run
             folder and its log exist before the data loader reads the dataset.
@@ -189,6 +192,7 @@ class SparseVQVAETrainer(SupervisedTrainer):
         max_minutes: float | None = None,
         run_folder=None,
         grid_training: bool = True,
+        graph_training: bool = True,
     ) -> None:
         device = torch.device(device)
         super().__init__(
@@ -222,6 +226,13 @@ class SparseVQVAETrainer(SupervisedTrainer):
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.grid_training = config_flag("grid_training", grid_training) and supports_grid(self.model)
         check_resolution(self.model, getattr(train_data_loader, "dataset", None))
+        self.graph_steps = None
+        if self.grid_training and config_flag("graph_training", graph_training):
+            from pipeline.graph_step import GraphedSteps
+
+            checkpointing = any(getattr(m, "use_checkpoint", False) for m in self.model.modules())
+            if device.type == "cuda" and not D.is_distributed() and self.batch_split == 1 and not checkpointing:
+                self.graph_steps = GraphedSteps(self.model, self.trainable, self._grid_terms, self.grad_scaler)
         self.max_seconds = float(max_minutes) * 60.0 if max_minutes else None
         self.started_at: float | None = None
         if train_handlers:
@@ -234,47 +245,57 @@ class SparseVQVAETrainer(SupervisedTrainer):
 
     # -- one step ----------------------------------------------------------------------------
     def _autocast(self):
-        if self.use_amp:
-            return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+        if self.use_amp:  # a CUDA graph cannot hold autocast's weight cache
+            return torch.autocast(device_type="cuda", dtype=self.amp_dtype, cache_enabled=self.graph_steps is None)
         return contextlib.nullcontext()
 
     def compute_losses(self, batch: dict, network: torch.nn.Module | None = None) -> tuple[dict, Any, Any]:
         """Forward pass and loss terms of one (micro-)batch; returns (terms, input, recon)."""
-        net = network or self.network
         if self.grid_training:
             x = to_grid_batch(batch, self.device, self.model.factor)
         else:
             x = to_sparse_tensor(batch, self.device)
+        terms, recon = self._terms(x, network or self.network)
+        return terms, x, recon
+
+    def _grid_terms(self, x: GridBatch) -> dict:
+        """Loss terms of a grid batch with every latent cell a token (what ``graph_steps`` replays)."""
+        return self._terms(x, self.model, all_cells=True)[0]
+
+    def _terms(self, x, net: torch.nn.Module, **forward) -> tuple[dict, Any]:
         with self._autocast():
-            recon, losses = net(x, quantize=self.quantize)
+            recon, losses = net(x, quantize=self.quantize, **forward)
         rec = self.loss_function(recon, x)
         vq = losses.get("vq", rec.new_zeros(())).float()
         com = losses.get("commitment", rec.new_zeros(())).float()
         entropy = losses.get("entropy", rec.new_zeros(())).float()  # weighted by the quantizer
         total = rec + self.lambda_vq * vq + self.lambda_commitment * com + entropy
-        return {"loss": total, "recon": rec, "vq": vq, "commitment": com, "entropy": entropy}, x, recon
+        return {"loss": total, "recon": rec, "vq": vq, "commitment": com, "entropy": entropy}, recon
 
     def _iteration(self, engine, batchdata: dict[str, Any]) -> dict:
         self.network.train()
         parts = batch_split(batchdata, self.batch_split)
         bsz = max(1, int(batchdata["batch_size"]))
-        self.optimizer.zero_grad(set_to_none=True)
+        graphs = self.graph_steps  # zeroes the gradients itself, never setting them to None
+        if graphs is None:
+            self.optimizer.zero_grad(set_to_none=True)
         sums = {"loss": 0.0, "recon": 0.0, "vq": 0.0, "commitment": 0.0, "entropy": 0.0}
         finite = True
         ddp = isinstance(self.network, torch.nn.parallel.DistributedDataParallel)
         for i, part in enumerate(parts):
             sync = (not ddp) or i == len(parts) - 1
             ctx = contextlib.nullcontext() if sync else self.network.no_sync()
+            weight = part["batch_size"] / bsz
             with ctx:
-                terms, _, _ = self.compute_losses(part)
-                weight = part["batch_size"] / bsz
-                loss = terms["loss"] * weight
+                if graphs is not None:  # forward and backward (batch_split is 1 here)
+                    terms = graphs(to_grid_batch(part, self.device, self.model.factor))
+                else:
+                    terms, _, _ = self.compute_losses(part)
+                    self.grad_scaler.scale(terms["loss"] * weight).backward()
                 # one device->host copy per micro-batch (float64 holds every term exactly)
-                ts = [loss, *(terms[k] for k in sums)]
-                vals = torch.stack([t.detach().double().reshape(()) for t in ts]).tolist()
+                vals = torch.stack([terms[k].detach().double().reshape(()) for k in sums]).tolist()
                 finite = finite and math.isfinite(vals[0])
-                self.grad_scaler.scale(loss).backward()
-            for k, v in zip(sums, vals[1:]):
+            for k, v in zip(sums, vals):
                 sums[k] += v * weight
         self.grad_scaler.unscale_(self.optimizer)
         clip = self.grad_clip if self.grad_clip > 0 else float("inf")
@@ -288,7 +309,7 @@ class SparseVQVAETrainer(SupervisedTrainer):
         if ok:
             self.grad_scaler.step(self.optimizer)
         else:
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=graphs is None)
             engine.state.nonfinite_steps = getattr(engine.state, "nonfinite_steps", 0) + 1
             logger.warning(
                 f"Step {engine.state.iteration}: non-finite loss or gradient (loss={sums['loss']}, grad_norm={grad_norm}); "
@@ -414,7 +435,8 @@ class SparseVQVAETrainer(SupervisedTrainer):
             super().run()
             if self.started_at is not None:  # the clock starts after the first step
                 seconds = time.perf_counter() - self.started_at
-                logger.info(f"Training finished: {self.state.iteration} steps, {seconds:.1f} s after the first step")
+                replayed = f", {self.graph_steps.replays} replayed from CUDA graphs" if self.graph_steps is not None else ""
+                logger.info(f"Training finished: {self.state.iteration} steps{replayed}, {seconds:.1f} s after the first step")
         finally:
             if self.run_folder is not None:
                 self.run_folder.release()

@@ -74,3 +74,105 @@ def test_models_without_the_grid_path_refuse_a_grid(two_crops):
     assert not supports_grid(model)
     with pytest.raises(ValueError, match="GridBatch needs layout='patch'.*pass a SparseConvTensor"):
         model(grid_from_sparse(x, boxes, model.factor))
+
+
+@pytest.mark.parametrize("quantize", [True, False])
+def test_all_cells_forward_equals_the_grid_pass(two_crops, quantize):
+    """Every latent cell a token (fixed shapes, what a CUDA graph replays): the cells outside the
+    body are masked out of attention and losses, so reconstruction, losses, codes, gradients and
+    the codebook's usage counts are those of the pass over the active cells only."""
+    x, boxes = two_crops
+    model = small_model("patch", vq_entropy_weight=0.5, vq_entropy_rows=100000).train()
+    wake_zero_weights(model)
+    g = grid_from_sparse(x, boxes, model.factor)
+    out = {}
+    for all_cells in (False, True):
+        model.zero_grad()
+        model.vq.reset_usage()
+        recon, losses = model(g, quantize=quantize, all_cells=all_cells)
+        if all_cells:
+            assert model.vq.usage_counts.sum() == 0  # bookkeeping waits for finish_quantizer_step
+            model.finish_quantizer_step()
+        loss = (recon.values - g.values).abs().masked_fill(~recon.active[..., None], 0).sum() / recon.active.sum()
+        (loss + model.weighted_vq_loss(losses)).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        codes = model.last_indices
+        out[all_cells] = (recon.values.masked_fill(~recon.active[..., None], 0).detach(), recon.active, losses,
+                          grads, model.vq.usage_counts.clone(), codes)
+    (v0, a0, l0, g0, u0, c0), (v1, a1, l1, g1, u1, c1) = out[False], out[True]
+    assert torch.equal(a0, a1)
+    torch.testing.assert_close(v1, v0, atol=1e-4, rtol=1e-4)
+    assert l0.keys() == l1.keys()
+    for k in l0:
+        torch.testing.assert_close(l1[k], l0[k], atol=1e-5, rtol=1e-4, msg=k)
+    if quantize:
+        assert "entropy" in l0 and float(l0["entropy"].detach()) < 0
+        assert torch.equal(u0, u1) and u0.sum() == c0.numel()
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-4, rtol=1e-3, msg=n)
+
+
+def _graphed_step_outputs(model, g, device, enabled, steps=2):
+    """Loss, gradients and usage counts after ``steps`` calls of ``GraphedSteps`` on the same batch
+    (no optimizer step in between, so every call computes the same step)."""
+    from pipeline.graph_step import GraphedSteps
+
+    def terms_of(x):
+        with torch.autocast(device.type, dtype=torch.float16, enabled=False, cache_enabled=False):
+            recon, losses = model(x, all_cells=True)
+        rec = (recon.values - x.values).abs().masked_fill(~recon.active[..., None], 0).sum() / recon.active.sum()
+        return {"loss": rec + model.weighted_vq_loss(losses)}
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    steps_ = GraphedSteps(model, params, terms_of, torch.amp.GradScaler(device.type, enabled=False), enabled=enabled, bucket=24)
+    model.vq.reset_usage()
+    for _ in range(steps):
+        terms = steps_(g)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(terms["loss"]), grads, model.vq.usage_counts.clone(), steps_
+
+
+def test_graphed_steps_pad_to_a_bucket_without_changing_the_step(two_crops):
+    """Eagerly (CPU): a grid padded to the bucket (edges rounded up to 24 voxels) gives the unpadded step's
+    loss and gradients, and the codebook's bookkeeping runs once per call."""
+    x, boxes = two_crops
+    model = small_model("patch", vq_entropy_weight=0.5, vq_entropy_rows=100000).train()
+    wake_zero_weights(model)
+    g = grid_from_sparse(x, boxes, model.factor)
+    model.zero_grad()
+    recon, losses = model(g, all_cells=True)
+    model.finish_quantizer_step()
+    ((recon.values - g.values).abs().masked_fill(~recon.active[..., None], 0).sum() / recon.active.sum()
+     + model.weighted_vq_loss(losses)).backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    loss, grads, usage, steps = _graphed_step_outputs(model, g, torch.device("cpu"), enabled=False)
+    (shape, calls), = steps.seen.items()
+    assert steps.replays == 0 and calls == 2
+    assert all(n % 24 == 0 for n in shape[1:]) and shape != tuple(g.active.shape)  # the grid was padded
+    active_cells = int(networks.grid.encode_local(model.Encoder, g)[1].sum())
+    assert 0 < active_cells < model.last_indices.numel() and usage.sum() == 2 * active_cells
+    assert grads.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(grads[n], want[n], atol=1e-4, rtol=1e-3, msg=n)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graph_replay_equals_the_eager_step(two_crops):
+    """On a GPU the second call captures the step as a CUDA graph and replays it: the same loss,
+    gradients and usage counts as two eager calls."""
+    x, boxes = two_crops
+    dev = torch.device("cuda")
+    out = {}
+    for enabled in (False, True):
+        model = small_model("patch", vq_entropy_weight=0.5, vq_entropy_rows=100000).to(dev).train()
+        wake_zero_weights(model)
+        g = grid_from_sparse(networks.make_sparse(x.features.to(dev), x.indices.to(dev), x.spatial_shape, x.batch_size),
+                             boxes, model.factor)
+        out[enabled] = _graphed_step_outputs(model, g, dev, enabled)
+    (l0, g0, u0, _), (l1, g1, u1, s1) = out[False], out[True]
+    assert s1.replays == 1
+    assert l1 == pytest.approx(l0, rel=1e-4)
+    assert torch.equal(u0, u1)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-4, rtol=1e-3, msg=n)

@@ -438,7 +438,7 @@ def test_usage_loss_per_sample_scope_asks_each_sample_to_spread_by_itself():
     model = tiny_net(vq_entropy_weight=1.0, vq_entropy_scope="sample").train()
     seen = []
     original = model.vq.usage_entropy
-    model.vq.usage_entropy = lambda zl, c, groups=None, num_groups=1: seen.append((groups, num_groups)) or original(zl, c, groups, num_groups)
+    model.vq.usage_entropy = lambda zl, c, groups=None, num_groups=1, weights=None: seen.append((groups, num_groups)) or original(zl, c, groups, num_groups, weights)
     cells = torch.stack(torch.meshgrid(*[torch.arange(16)] * 3, indexing="ij"), -1).reshape(-1, 3)
     idx = torch.cat([torch.cat([torch.full((len(cells), 1), b), cells], 1) for b in (0, 1)])
     _, losses = model(make_sparse(torch.rand(len(idx), 1), idx, [32] * 3, 2))
