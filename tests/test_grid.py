@@ -130,7 +130,7 @@ def _graphed_step_outputs(model, g, device, enabled, steps=2):
     for _ in range(steps):
         terms = steps_(g)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return float(terms["loss"]), grads, model.vq.usage_counts.clone(), steps_
+    return float(terms["loss"].detach()), grads, model.vq.usage_counts.clone(), steps_
 
 
 def test_graphed_steps_pad_to_a_bucket_without_changing_the_step(two_crops):
