@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 __all__ = ["VectorQuantizer", "FSQuantizer", "ResidualQuantizer", "build_quantizer", "kmeans", "QUANTIZERS", "ENTROPY_SCOPES"]
 
@@ -115,6 +116,21 @@ def perplexity_of(counts: torch.Tensor) -> dict:
     p = p[p > 0]
     used = int((counts > 0).sum())
     return {"perplexity": float((-(p * p.log()).sum()).exp()), "usage": used / counts.numel(), "codes_used": used}
+
+
+#: rows of the usage loss's soft assignments computed at once (each chunk holds rows x K floats)
+ENTROPY_CHUNK = 1024
+
+
+def _soft_assignment(zl: torch.Tensor, codes: torch.Tensor, sq: torch.Tensor, scale: torch.Tensor,
+                     member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft assignment of rows ``zl`` to ``codes`` (softmax of minus squared distances / ``scale``):
+    the weighted sum of the rows' entropies and each sample's weighted sum of assignments [G, K]."""
+    # -||z - c||^2 / scale up to a per-row constant, which the softmax ignores
+    logits = torch.addmm(-sq / scale, zl * (2.0 / scale), codes.t())
+    p = torch.softmax(logits, 1)
+    entropy = torch.logsumexp(logits, 1) - torch.linalg.vecdot(p, logits)
+    return (entropy * member.sum(0)).sum(), member @ p
 
 
 class VectorQuantizer(nn.Module):
@@ -414,18 +430,24 @@ class VectorQuantizer(nn.Module):
             return zl.new_zeros(())
         w = weights.float()
         total = w.sum().clamp_min(1.0)
-        d = (zl * zl).sum(1, keepdim=True) - 2.0 * zl @ codes.t() + (codes * codes).sum(1)
-        scale = (self.entropy_temperature * (d.detach().min(1).values * w).sum() / total).clamp_min(1e-8)
-        logp = F.log_softmax(-d / scale, dim=1)
-        p = logp.exp()
-        per_vector = (-(p * logp).sum(1) * w).sum() / total
-        g = groups.long()
-        sums = p.new_zeros(num_groups, p.shape[1]).index_add_(0, g, p * w[:, None])
-        counts = p.new_zeros(num_groups).index_add_(0, g, w)
+        sq = (codes * codes).sum(1)
+        with torch.no_grad():  # the temperature: a share of the mean nearest squared distance
+            nearest = (zl * zl).sum(1) - torch.addmm(-sq, zl, codes.t(), alpha=2.0).amax(1)
+            scale = (self.entropy_temperature * (nearest * w).sum() / total).clamp_min(1e-8)
+        # member[g, i]: row i's weight in sample g (a comparison, not one_hot, which syncs to check its input)
+        member = (groups.long()[None] == torch.arange(num_groups, device=zl.device)[:, None]).float() * w
+        per_vector, sums = zl.new_zeros(()), zl.new_zeros(num_groups, codes.shape[0])
+        for start in range(0, zl.shape[0], ENTROPY_CHUNK):
+            part = slice(start, start + ENTROPY_CHUNK)
+            # recomputed in the backward pass: a chunk's [rows, K] assignments are never all kept
+            chunk_entropy, chunk_sums = torch.utils.checkpoint.checkpoint(
+                _soft_assignment, zl[part], codes, sq, scale, member[:, part], use_reentrant=False, preserve_rng_state=False)
+            per_vector, sums = per_vector + chunk_entropy, sums + chunk_sums
+        counts = member.sum(1)
         mean_p = sums / counts.clamp_min(1.0)[:, None]
         of_means = -(mean_p * mean_p.clamp_min(1e-12).log()).sum(1)
         of_mean = (of_means * counts).sum() / counts.sum().clamp_min(1.0)  # each sample by its share of the rows
-        return (per_vector - of_mean) / math.log(self.num_embeddings)
+        return (per_vector / total - of_mean) / math.log(self.num_embeddings)
 
     @torch.no_grad()
     def _train_step(self, z: torch.Tensor, idx: torch.Tensor) -> None:
