@@ -10,8 +10,9 @@ the optimizer step (GradScaler's inf check syncs), and the codebook's bookkeepin
 Grids are padded (with inactive voxels, which change nothing) to a bucket: each edge rounded up
 to ``bucket`` voxels. A bucket is captured the second time it comes (the first step of a shape
 runs eagerly, the same computation, and sets up what capture needs); at most ``max_graphs``
-buckets get a graph, each in its own memory pool, and only those of at most ``max_voxels`` voxels
-per batch. Everything else runs eagerly, as does every step until the codebook is initialised
+buckets get a graph, only those of at most ``max_voxels`` voxels per batch. The graphs share one
+memory pool (so they hold the memory of the largest, not the sum): safe because they never run
+at once and each replay's outputs are read before the next replay. Everything else runs eagerly, as does every step until the codebook is initialised
 (k-means reads the first steps' latents on the host).
 """
 
@@ -64,6 +65,7 @@ class GraphedSteps:
         self.max_graphs = int(max_graphs)
         self.max_voxels = int(max_voxels)
         self.graphs: dict[tuple, _Graph | None] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.enabled else None
         self.seen: Counter = Counter()
         self.replays = 0
 
@@ -128,7 +130,7 @@ class GraphedSteps:
         torch.cuda.synchronize()
         try:
             # thread_local: the data loader's pin-memory thread keeps working during the capture
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 self._zero_grads()
                 terms = self.terms_of(x)
                 self.scaler.scale(terms["loss"]).backward()
