@@ -34,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E
 
 from bench import common as C  # noqa: E402
 from bench.scan import add_scan_args, grid_input, load_scan, make_crop, sparse_input  # noqa: E402
-from bench.train_step import _ours_step  # noqa: E402
+from bench.train_step import _ours_graph_step, _ours_step  # noqa: E402
 
 PROJECT = str(Path(__file__).resolve().parents[1])
 
@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="profiled steps (default 3) after 5 warm-up steps")
     p.add_argument("--rows", type=int, default=20, help="rows of the per-op tables (default 20)")
     p.add_argument("--grid", action="store_true", help="profile the trainer's grid path (networks.grid) instead of the sparse one")
+    p.add_argument("--all-cells", action="store_true",
+                   help="profile the grid step with every latent cell a token, eagerly: what graph_training replays as a CUDA graph")
     p.add_argument("--trace", action="store_true", help="also write a Chrome trace per crop next to --out")
     return p.parse_args(argv)
 
@@ -122,8 +124,12 @@ def profile_crop(scan, size: int, args, device) -> dict[str, Any]:
     model = C.build_ours(args.small, crop.resolution, device).train()
     opt = C.adamw(model.parameters(), 1e-4, device)
     amp = not args.fp32 and device.type == "cuda"
-    x = grid_input(crop, model.factor) if args.grid else sparse_input(crop)
-    step = _ours_step(model, x, opt, C.grad_scaler(device, amp), device, amp)
+    x = grid_input(crop, model.factor) if args.grid or args.all_cells else sparse_input(crop)
+    if args.all_cells:
+        step = _ours_graph_step(model, x, opt, C.grad_scaler(device, amp), device)
+        step.graphs.enabled = False  # the kernels of one replay, launched one by one
+    else:
+        step = _ours_step(model, x, opt, C.grad_scaler(device, amp), device, amp)
     for _ in range(5):
         step()
     C.sync(device)

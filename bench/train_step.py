@@ -31,7 +31,7 @@ MODELS = ("ours-fp16", "ours-fp16-grid", "ours-fp16-graph", "ours-fp16-dense", "
 MODEL_LABELS = {
     "ours-fp16": ("ctvq SparseVQVAE", "fp16 amp"),
     "ours-fp16-grid": ("ctvq SparseVQVAE, grid training path", "fp16 amp"),
-    "ours-fp16-graph": ("ctvq SparseVQVAE, grid path replayed as a CUDA graph (the trainer's default)", "fp16 amp"),
+    "ours-fp16-graph": ("ctvq SparseVQVAE, grid path replayed as a CUDA graph (graph_training)", "fp16 amp"),
     "ours-fp16-dense": ("ctvq SparseVQVAE, dense convs", "fp16 amp"),
     "ours-fp16-ckpt": ("ctvq SparseVQVAE, use_checkpoint", "fp16 amp"),
     "ours-fp32": ("ctvq SparseVQVAE", "fp32"),
@@ -100,7 +100,7 @@ def _ours_step(model, x, opt, scaler, device, amp: bool):
 
 
 def _ours_graph_step(model, x, opt, scaler, device):
-    """As the trainer with ``graph_training``: ``pipeline.graph_step.GraphedSteps`` runs forward,
+    """As the trainer with ``graph_training: true``: ``pipeline.graph_step.GraphedSteps`` runs forward,
     loss and backward (eagerly for the first step, then from the CUDA graph it captures)."""
     from pipeline.graph_step import GraphedSteps
     from pipeline.trainer import SparseReconLoss

@@ -192,7 +192,7 @@ class SparseVQVAETrainer(SupervisedTrainer):
         max_minutes: float | None = None,
         run_folder=None,
         grid_training: bool = True,
-        graph_training: bool = True,
+        graph_training: bool = False,
     ) -> None:
         device = torch.device(device)
         super().__init__(
@@ -435,8 +435,9 @@ class SparseVQVAETrainer(SupervisedTrainer):
             super().run()
             if self.started_at is not None:  # the clock starts after the first step
                 seconds = time.perf_counter() - self.started_at
-                replayed = f", {self.graph_steps.replays} replayed from CUDA graphs" if self.graph_steps is not None else ""
-                logger.info(f"Training finished: {self.state.iteration} steps{replayed}, {seconds:.1f} s after the first step")
+                logger.info(f"Training finished: {self.state.iteration} steps, {seconds:.1f} s after the first step")
+                if self.graph_steps is not None:
+                    logger.info(f"{self.graph_steps.replays} steps replayed from CUDA graphs")
         finally:
             if self.run_folder is not None:
                 self.run_folder.release()
