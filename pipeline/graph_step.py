@@ -19,6 +19,7 @@ at once and each replay's outputs are read before the next replay. Everything el
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
@@ -129,14 +130,17 @@ class GraphedSteps:
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
         try:
-            # thread_local: the data loader's pin-memory thread keeps working during the capture
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            # thread_local: the data loader's pin-memory thread keeps working during the capture;
+            # warnings off: a handler that records them (pytest's) may touch the GPU mid-capture
+            with warnings.catch_warnings(), torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                warnings.simplefilter("ignore")
                 self._zero_grads()
                 terms = self.terms_of(x)
                 self.scaler.scale(terms["loss"]).backward()
         except RuntimeError as e:  # something in the step syncs with the host: this shape stays eager
+            cause = e.__context__ or e  # the error inside the capture, not the one ending it
             logger.warning(f"grid {tuple(x.active.shape)}: training step not captured as a CUDA graph, it runs "
-                           f"eagerly ({' '.join(str(e).split())[:160]})")
+                           f"eagerly ({type(cause).__name__}: {' '.join(str(cause).split())[:300]})")
             self.model.vq.apply(lambda m: m.__dict__.pop("pending", None))
             return None
         pending = [(m, m.__dict__.pop("pending")) for m in self.model.vq.modules() if "pending" in m.__dict__]
