@@ -283,7 +283,7 @@ def verify_bundle(bundle_dir: str | os.PathLike, schema_file: str | os.PathLike 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="./run.sh export", description="Export a training run as a MONAI bundle.")
     p.add_argument("--run", required=True, help="run folder with config.json and ckpts/")
-    p.add_argument("--ckpt", default=None, help="checkpoint file, or 'latest' (default: latest of --weights)")
+    p.add_argument("--ckpt", default=None, help="checkpoint file, a step number, or 'latest' (default: latest of --weights)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights when --ckpt is not a file")
     p.add_argument("--out", default="dist/ct_vqvae", help="bundle folder to write, new or empty (default dist/ct_vqvae)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (never other files)")

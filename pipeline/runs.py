@@ -96,19 +96,27 @@ def find_checkpoint(run_dir: str | os.PathLike, ckpt: str | os.PathLike | None =
 
     Args:
         run_dir: run folder.
-        ckpt: a file, a file name inside ``RUN_DIR/ckpts``, ``"latest"`` or None (latest).
-        weights: "ema" or "model" (which latest file; EMA falls back to plain weights when absent).
+        ckpt: a file, a file name inside ``RUN_DIR/ckpts``, a step number (as ``train --ckpt``),
+            ``"latest"`` or None (latest).
+        weights: "ema" or "model" (which file of a step; EMA falls back to plain weights when absent).
     """
     run_dir = Path(run_dir)
-    if ckpt not in (None, "latest"):
+    step = int(ckpt) if ckpt is not None and str(ckpt).isdigit() and not Path(str(ckpt)).is_file() else None
+    if ckpt not in (None, "latest") and step is None:
         p = Path(ckpt)
         for cand in (p, run_dir / "ckpts" / p.name):
             if cand.is_file():
                 return cand
-        raise TokenizerError(f"{p}: checkpoint not found; pass an existing file or --ckpt latest")
+        raise TokenizerError(f"{p}: checkpoint not found; pass an existing file, a step number or --ckpt latest")
     found = _weight_files(run_dir / "ckpts", ema=(weights == "ema"))
     if not found and weights == "ema":
         found = _weight_files(run_dir / "ckpts", ema=False)
+    if step is not None:
+        steps = sorted({s for s, _ in found})
+        found = [(s, f) for s, f in found if s == step]
+        if not found:
+            raise TokenizerError(f"{run_dir / 'ckpts'}: no weights of step {step} (steps saved: "
+                                 f"{', '.join(map(str, steps)) or 'none'}); pass one of those or --ckpt latest")
     if not found:
         raise TokenizerError(f"{run_dir / 'ckpts'}: no vqvae_*step*.pt checkpoint; train first or pass --ckpt FILE")
     return found[-1][1]

@@ -183,6 +183,12 @@ def test_choice_of_weights_and_errors(tmp_path, capsys):
     out = export_bundle(run, tmp_path / "old", ckpt=run / "ckpts" / "vqvae_ema0.9999_step0000010.pt", make_zip=False)
     old = torch.load(run / "ckpts" / "vqvae_ema0.9999_step0000010.pt", weights_only=True)
     assert all(torch.equal(torch.load(out / "models" / "model.pt", weights_only=True)[k], old[k]) for k in old)
+    # a step number, as train --ckpt takes it: that step's EMA weights (plain ones with --weights model)
+    assert main(["--run", str(run), "--ckpt", "10", "--out", str(tmp_path / "step10"), "--no-zip"]) == 0
+    out = tmp_path / "step10"
+    assert all(torch.equal(torch.load(out / "models" / "model.pt", weights_only=True)[k], old[k]) for k in old)
+    with pytest.raises(TokenizerError, match=r"no weights of step 15 \(steps saved: 10, 20\)"):
+        export_bundle(run, tmp_path / "step15", ckpt="15")
     # re-export over an existing bundle replaces it with --overwrite, and its zip: without a new zip
     # the old one would no longer hold this bundle
     (tmp_path / "old.zip").write_bytes(b"an earlier export's zip")
