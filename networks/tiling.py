@@ -3,7 +3,9 @@ latent cells, results cropped to what the tile owns (see :mod:`networks.vqvae`).
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from typing import Sequence
 
 import torch
@@ -12,6 +14,10 @@ from .backend import SparseConvTensor, make_sparse
 from .ops import crop_indices, in_box, linearize
 
 __all__ = ["remaining_halos", "crop_to_box", "run_tiles", "sort_rows"]
+
+#: progress of long tile loops (a whole scan on a CPU takes minutes), at most every PROGRESS_SECONDS
+logger = logging.getLogger("ctvq.tiles")
+PROGRESS_SECONDS = 10.0
 
 
 def remaining_halos(radii: Sequence[float]) -> list:
@@ -53,11 +59,17 @@ def run_tiles(x: SparseConvTensor, cells: torch.Tensor, tile: int, halo: int, ru
     """``run(part, origin)`` on the rows of ``x`` whose ``cells`` [N, 3] lie in each occupied tile
     plus ``halo``, results concatenated (``run`` crops its output to what the tile owns)."""
     feats, idx = [], []
-    for origin in _occupied_tiles(cells, tile).tolist():  # loop over tiles, not voxels
+    origins = _occupied_tiles(cells, tile).tolist()
+    start = last = time.monotonic()
+    for n, origin in enumerate(origins, 1):  # loop over tiles, not voxels
         sel = in_box(cells, [o - halo for o in origin], [o + tile + halo for o in origin])
         out = run(make_sparse(x.features[sel], x.indices[sel], x.spatial_shape, x.batch_size), origin)
         feats.append(out.features)
         idx.append(out.indices)
+        now = time.monotonic()
+        if now - last >= PROGRESS_SECONDS and n < len(origins):
+            logger.info("%d of %d tiles, %.0f s", n, len(origins), now - start)
+            last = now
     if not feats:
         return make_sparse(x.features.new_zeros(0, channels), x.indices.new_zeros(0, 4), out_shape, x.batch_size)
     return make_sparse(torch.cat(feats), torch.cat(idx), out_shape, x.batch_size)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -220,6 +221,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if refused:  # before loading the model or the scan: nothing is written
         print(f"error: {refused}", file=sys.stderr)
         raise SystemExit(2)
+    progress = logging.StreamHandler(sys.stderr)  # tile progress of long runs (CPU), e.g. "encode: 3 of 8 tiles, 31 s"
+    progress.setFormatter(logging.Formatter(f"{a.cmd}: %(message)s"))
+    tiles = logging.getLogger("ctvq.tiles")
+    tiles.addHandler(progress)
+    tiles.setLevel(logging.INFO)
     with cli_errors():
         tok = _tokenizer_from_args(a)
         t0 = time.perf_counter()

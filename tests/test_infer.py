@@ -58,6 +58,23 @@ def test_tiled_equals_untiled():
     assert not ra[~np.kron(cells, np.ones((8, 8, 8), bool)).astype(bool)].any()
 
 
+def test_long_tile_loops_report_progress(monkeypatch, caplog):
+    """A whole scan on a CPU takes minutes: the tile loop says how far it is, at most every 10 s
+    (a clock that jumps 11 s per tile here), and never after its last tile."""
+    import networks.tiling as tiling
+
+    clock = iter(range(0, 10000, 11))
+    monkeypatch.setattr(tiling.time, "monotonic", lambda: float(next(clock)))
+    tok = Tokenizer(tiny_net(), "soft_tissue", device="cpu", tile=2)
+    w = np.zeros((32, 32, 32), np.float32)
+    w[3:29, 5:27, 2:30] = 0.5
+    with caplog.at_level("INFO", logger="ctvq.tiles"):
+        tok.encode_arrays(w, w > 0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "ctvq.tiles"]
+    total = int(lines[0].split(" of ")[1].split()[0])
+    assert total == 8 and lines[:2] == ["1 of 8 tiles, 11 s", "2 of 8 tiles, 22 s"] and len(lines) == total - 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: arrays are sparsified on the model's device")
 def test_gpu_tokens_equal_cpu_tokens():
     """encode_arrays/decode on CUDA (support found on the GPU, fp32) give the CPU's tokens and volume."""
