@@ -8,7 +8,7 @@ the optimizer step (GradScaler's inf check syncs), and the codebook's bookkeepin
 (``SparseVQVAE.finish_quantizer_step``: usage counts, reservoir, dead-code restarts).
 
 Grids are padded (with inactive voxels, which change nothing) to a bucket: each edge rounded up
-to ``bucket`` voxels. A bucket is captured the second time it comes (the first step of a shape
+to ``bucket`` voxels. Residual depth dropout keeps a model eager (its depth is drawn on the host). A bucket is captured the second time it comes (the first step of a shape
 runs eagerly, the same computation, and sets up what capture needs); at most ``max_graphs``
 buckets get a graph, only those of at most ``max_voxels`` voxels per batch. The graphs share one
 memory pool (so they hold the memory of the largest, not the sum): safe because they never run
@@ -19,6 +19,7 @@ at once and each replay's outputs are read before the next replay. Everything el
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -72,7 +73,8 @@ class GraphedSteps:
 
     def _shape(self, x: GridBatch) -> tuple:
         b, *edges = x.active.shape
-        return (b, *(-(-int(e) // self.bucket) * self.bucket for e in edges))
+        step = math.lcm(self.bucket, int(self.model.factor))  # the grid must stay whole latent cells
+        return (b, *(-(-int(e) // step) * step for e in edges))
 
     def _padded(self, x: GridBatch, shape: tuple) -> GridBatch:
         if tuple(x.active.shape) == shape:
@@ -98,7 +100,11 @@ class GraphedSteps:
             torch._foreach_zero_(grads)
 
     def _ready(self) -> bool:
-        return all(getattr(m, "_py_initialized", True) for m in self.model.vq.modules())
+        """Whether the step can be captured yet: every codebook initialised, and no residual depth
+        dropout (its depth is drawn on the host, so a graph would keep the depth of its capture)."""
+        mods = list(self.model.vq.modules())
+        return (all(getattr(m, "_py_initialized", True) for m in mods)
+                and not any(getattr(m, "depth_dropout", False) and getattr(m, "depth", 1) > 1 for m in mods))
 
     def __call__(self, x: GridBatch) -> dict:
         """One step's forward, loss and backward (gradients left in ``params``' ``.grad``); returns the terms."""

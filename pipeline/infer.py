@@ -226,7 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tiles = logging.getLogger("ctvq.tiles")
     tiles.addHandler(progress)
     tiles.setLevel(logging.INFO)
-    with cli_errors():
+    with cli_errors(), contextlib.ExitStack() as cleanup:
+        cleanup.callback(tiles.removeHandler, progress)
         tok = _tokenizer_from_args(a)
         t0 = time.perf_counter()
         if a.cmd == "encode":

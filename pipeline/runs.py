@@ -101,22 +101,25 @@ def find_checkpoint(run_dir: str | os.PathLike, ckpt: str | os.PathLike | None =
         weights: "ema" or "model" (which file of a step; EMA falls back to plain weights when absent).
     """
     run_dir = Path(run_dir)
-    step = int(ckpt) if ckpt is not None and str(ckpt).isdigit() and not Path(str(ckpt)).is_file() else None
+    is_step = ckpt is not None and re.fullmatch(r"[0-9]+", str(ckpt)) is not None and not Path(str(ckpt)).is_file()
+    step = int(ckpt) if is_step else None
     if ckpt not in (None, "latest") and step is None:
         p = Path(ckpt)
         for cand in (p, run_dir / "ckpts" / p.name):
             if cand.is_file():
                 return cand
         raise TokenizerError(f"{p}: checkpoint not found; pass an existing file, a step number or --ckpt latest")
-    found = _weight_files(run_dir / "ckpts", ema=(weights == "ema"))
+
+    def files(ema: bool) -> list:
+        return [(s, f) for s, f in _weight_files(run_dir / "ckpts", ema=ema) if step is None or s == step]
+
+    found = files(ema=(weights == "ema"))
     if not found and weights == "ema":
-        found = _weight_files(run_dir / "ckpts", ema=False)
-    if step is not None:
-        steps = sorted({s for s, _ in found})
-        found = [(s, f) for s, f in found if s == step]
-        if not found:
-            raise TokenizerError(f"{run_dir / 'ckpts'}: no weights of step {step} (steps saved: "
-                                 f"{', '.join(map(str, steps)) or 'none'}); pass one of those or --ckpt latest")
+        found = files(ema=False)
+    if not found and step is not None:
+        saved = sorted({s for s, _ in _weight_files(run_dir / "ckpts", ema=False) + _weight_files(run_dir / "ckpts", ema=True)})
+        raise TokenizerError(f"{run_dir / 'ckpts'}: no weights of step {step} (steps saved: "
+                             f"{', '.join(map(str, saved)) or 'none'}); pass one of those or --ckpt latest")
     if not found:
         raise TokenizerError(f"{run_dir / 'ckpts'}: no vqvae_*step*.pt checkpoint; train first or pass --ckpt FILE")
     return found[-1][1]

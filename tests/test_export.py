@@ -253,3 +253,22 @@ def test_export_warns_of_a_codebook_level_without_k_means(tmp_path, capsys):
     torch.save(net.state_dict(), run / "ckpts" / "vqvae_step0000005.pt")
     export_bundle(run, tmp_path / "b", weights="model", make_zip=False, overwrite=True)
     assert "k-means" not in capsys.readouterr().err
+
+
+def test_checkpoint_by_step_number(tmp_path):
+    """``--ckpt STEP``: that step's EMA weights, its plain ones where the step has no EMA file, and a
+    one-line error listing the saved steps otherwise."""
+    from pipeline.runs import find_checkpoint
+
+    ck = tmp_path / "ckpts"
+    ck.mkdir()
+    for name in ("vqvae_step0000500.pt", "vqvae_step0001000.pt", "vqvae_ema0.9999_step0001000.pt"):
+        (ck / name).write_bytes(b"")
+    assert find_checkpoint(tmp_path, "1000").name == "vqvae_ema0.9999_step0001000.pt"
+    assert find_checkpoint(tmp_path, "1000", weights="model").name == "vqvae_step0001000.pt"
+    assert find_checkpoint(tmp_path, "500").name == "vqvae_step0000500.pt"
+    assert find_checkpoint(tmp_path, None).name == "vqvae_ema0.9999_step0001000.pt"
+    with pytest.raises(TokenizerError, match=r"no weights of step 700 \(steps saved: 500, 1000\)"):
+        find_checkpoint(tmp_path, "700")
+    with pytest.raises(TokenizerError, match="checkpoint not found"):
+        find_checkpoint(tmp_path, "\u00b2")  # a digit to str.isdigit, not a step number

@@ -199,3 +199,15 @@ def test_graph_replay_equals_the_eager_step(ct_data_dir, tmp_path):
     assert graph["grads"].keys() == eager["grads"].keys()
     for n in eager["grads"]:
         torch.testing.assert_close(graph["grads"][n], eager["grads"][n], atol=1e-4, rtol=1e-3, msg=n)
+
+
+def test_residual_depth_dropout_keeps_the_step_eager():
+    """A graph would keep the depth drawn at its capture, so a model with residual depth dropout is
+    never captured (without dropout, or with one level, it can be)."""
+    from pipeline.graph_step import GraphedSteps
+
+    def ready(**kw):
+        return GraphedSteps(small_model("patch", **kw), [], None, None, enabled=False)._ready()
+
+    assert ready() and ready(vq_depth=2, vq_depth_dropout=False)
+    assert not ready(vq_depth=2)
