@@ -36,7 +36,12 @@ def config_flag(key: str, value: Any, config_key: str | None = None) -> bool:
     if isinstance(value, bool):
         return value
     config_key = config_key or key
-    raise ValueError(f"{config_key}={value!r}: needs true or false (JSON), e.g. {setting_hint(config_key, 'false')}")
+    raise ValueError(needs_flag(f"{config_key}={value!r}", config_key))
+
+
+def needs_flag(where: str, key: str) -> str:
+    """The one-line refusal of a value given where the config key ``key`` takes true or false."""
+    return f"{where}: needs true or false (JSON), e.g. {setting_hint(key, 'false')}"
 
 
 def last_line(e: BaseException) -> str:

@@ -27,7 +27,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from pipeline.config_data import config_value, setting_hint
+from pipeline.config_data import config_value, needs_flag, setting_hint
 from pipeline.io_utils import TokenizerError
 
 __all__ = ["build_parser", "parse_overrides", "check_overrides", "main"]
@@ -138,7 +138,7 @@ def _check_value_kind(config: dict, path: str, value, where: str) -> None:
     if not isinstance(value, str) or value.startswith(("@", "$", "%")):
         return
     if isinstance(current, bool):
-        raise SystemExit(f"{where}={value}: needs true or false, e.g. {setting_hint(path, 'true')}")
+        raise SystemExit(needs_flag(f"{where}={value}", path))
     if isinstance(current, (int, float)):
         raise SystemExit(f"{where}={value}: needs a number, as the config's {current!r}; "
                          f"e.g. {setting_hint(path, json.dumps(current))}")

@@ -217,7 +217,7 @@ def test_override_typo_and_bad_json_are_refused(tmp_path, monkeypatch, capsys):
         ('dataset#args={"max_points": }', "not valid JSON"),
         ("max_steps=abc", r"max_steps=abc: needs a number, as the config's 100000; e\.g\. --override max_steps=100000"),
         ("network_def#vq_entropy_weight=high", "needs a number, as the config's 0.1"),
-        ("amp=yes", "amp=yes: needs true or false, e.g. --override amp=true"),
+        ("amp=yes", r"amp=yes: needs true or false \(JSON\), e.g. --override amp=false"),
     ):
         assert main(base + ["--override", override]) == 2
         err = capsys.readouterr().err.strip().splitlines()
