@@ -221,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if refused:  # before loading the model or the scan: nothing is written
         print(f"error: {refused}", file=sys.stderr)
         raise SystemExit(2)
-    progress = logging.StreamHandler(sys.stderr)  # tile progress of long runs (CPU), e.g. "encode: 3 of 8 tiles, 31 s"
+    progress = logging.StreamHandler(sys.stderr)  # tile progress of long runs (CPU): "encode: N of M tiles, S s"
     progress.setFormatter(logging.Formatter(f"{a.cmd}: %(message)s"))
     tiles = logging.getLogger("ctvq.tiles")
     tiles.addHandler(progress)
