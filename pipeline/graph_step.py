@@ -1,26 +1,26 @@
 """Grid training steps replayed as CUDA graphs.
 
-On a GPU a training step of this model is bound by launching its ~700 small kernels, not by
-arithmetic (a 64^3 crop took 33 ms, a 128^3 one 39-45 ms). With ``all_cells=True`` the model's
-grid forward has shapes fixed by the grid's and no host sync, so forward, loss and backward can
-be recorded once as a CUDA graph and then replayed with one launch. What stays outside the graph:
-the optimizer step (GradScaler's inf check syncs), and the codebook's bookkeeping
-(``SparseVQVAE.finish_quantizer_step``: usage counts, reservoir, dead-code restarts).
+On small crops a training step of this model is bound by launching its ~700 small kernels, not by
+arithmetic (eagerly a 64^3 crop took 36 ms, a 128^3 one 50 ms). With ``all_cells=True`` the
+model's grid forward has shapes fixed by the grid's and no host sync, so forward, loss and
+backward can be recorded once as a CUDA graph and then replayed with one launch. What stays
+outside the graph: the optimizer step (GradScaler's inf check syncs), and the codebook's
+bookkeeping (``SparseVQVAE.finish_quantizer_step``: usage counts, reservoir, dead-code restarts).
 
 Grids are padded (with inactive voxels, which change nothing) to a bucket: each edge rounded up
-to ``bucket`` voxels. Residual depth dropout keeps a model eager (its depth is drawn on the host). A bucket is captured the second time it comes (the first step of a shape
+to ``bucket`` voxels. A bucket is captured the second time it comes (the first step of a shape
 runs eagerly, the same computation, and sets up what capture needs); at most ``max_graphs``
 buckets get a graph, only those of at most ``max_voxels`` voxels per batch. The graphs share one
 memory pool (so they hold the memory of the largest, not the sum): safe because they never run
-at once and each replay's outputs are read before the next replay. Everything else runs eagerly, as does every step until the codebook is initialised
-(k-means reads the first steps' latents on the host).
+at once and each replay's outputs are read before the next replay. Everything else runs eagerly:
+every step until the codebook is initialised (k-means reads the first steps' latents on the
+host), and every step of a model with residual depth dropout (its depth is drawn on the host).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
@@ -136,10 +136,8 @@ class GraphedSteps:
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
         try:
-            # thread_local: the data loader's pin-memory thread keeps working during the capture;
-            # warnings off: a handler that records them (pytest's) may touch the GPU mid-capture
-            with warnings.catch_warnings(), torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                warnings.simplefilter("ignore")
+            # thread_local: the data loader's pin-memory thread keeps working during the capture
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 self._zero_grads()
                 terms = self.terms_of(x)
                 self.scaler.scale(terms["loss"]).backward()
