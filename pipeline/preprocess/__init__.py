@@ -23,6 +23,13 @@ Run ``python -m pipeline.preprocess --help`` for the command line.
 """
 
 from pipeline.preprocess.cli import main, summary_line
-from pipeline.preprocess.job import run
 
 __all__ = ["run", "main", "summary_line"]
+
+
+def __getattr__(name: str):
+    if name == "run":  # on first use: the command line answers --help without importing torch and MONAI
+        from pipeline.preprocess.job import run
+
+        return run
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,9 +9,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.preprocess.config import load_organ_mapping, parse_windows
-from pipeline.preprocess.job import run
-from pipeline.preprocess.markers import parse_shard
 
 __all__ = ["build_parser", "main", "summary_line"]
 
@@ -128,6 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry (see ``--help``); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # after the arguments: --help and usage mistakes answer without importing torch and MONAI
+    from pipeline.preprocess.config import load_organ_mapping, parse_windows
+    from pipeline.preprocess.job import run
+    from pipeline.preprocess.markers import parse_shard
+
     mapping, workers = _resolve_positionals(args, parser)
     try:
         parse_windows(args.windows)
