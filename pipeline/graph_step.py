@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from networks.grid import GridBatch
 
@@ -76,16 +77,19 @@ class GraphedSteps:
         step = math.lcm(self.bucket, int(self.model.factor))  # the grid must stay whole latent cells
         return (b, *(-(-int(e) // step) * step for e in edges))
 
-    def _padded(self, x: GridBatch, shape: tuple) -> GridBatch:
+    @staticmethod
+    def _padded(x: GridBatch, shape: tuple) -> GridBatch:
         if tuple(x.active.shape) == shape:
             return x
-        padded = GridBatch(x.values.new_zeros(*shape, x.values.shape[-1]), x.active.new_zeros(shape), x.origin.clone(),
-                           x.spatial_shape)
-        self._load(padded, x)
-        return padded
+        pad = []  # F.pad counts from the last axis: nothing before, the bucket's excess after
+        for have, want in zip(reversed(x.active.shape[1:]), reversed(shape[1:])):
+            pad += [0, want - have]
+        return GridBatch(F.pad(x.values, [0, 0, *pad]), F.pad(x.active, pad), x.origin.clone(), x.spatial_shape)
 
     @staticmethod
     def _load(into: GridBatch, x: GridBatch) -> None:
+        """``x`` into a graph's static input; what lies beyond it is zeroed (an earlier, larger grid of
+        the same bucket left values there)."""
         at = tuple(slice(0, n) for n in x.active.shape)
         if tuple(into.active.shape) != tuple(x.active.shape):
             into.values.zero_()
