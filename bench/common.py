@@ -317,11 +317,13 @@ def ours_kwargs(small: bool, resolution: int, layout: str = "patch") -> dict[str
 
 
 def build_ours(small: bool, resolution: int, device: torch.device, use_checkpoint: bool = False,
-               layout: str = "patch") -> torch.nn.Module:
-    """The sparse model; ``use_checkpoint`` recomputes its blocks in backward (the config key of that name)."""
+               layout: str = "patch", **overrides) -> torch.nn.Module:
+    """The sparse model (``overrides`` replace its arguments); ``use_checkpoint`` recomputes its blocks
+    in backward (the config key of that name)."""
     from networks import SparseVQVAE
 
-    return SparseVQVAE(**ours_kwargs(small, resolution, layout), use_checkpoint=use_checkpoint).to(device)
+    kwargs = {**ours_kwargs(small, resolution, layout), **overrides}
+    return SparseVQVAE(**kwargs, use_checkpoint=use_checkpoint).to(device)
 
 
 def vqvae_kwargs(small: bool) -> dict[str, Any]:

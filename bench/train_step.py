@@ -7,6 +7,11 @@ the whole crop; the sparse model sees its support (body mask & window > 0).
 
     python bench/train_step.py --case processed_dataset/<name>/processed/<case_id>
     python bench/train_step.py --small --device cpu      # smoke run, tiny models
+    python bench/train_step.py ... --models ours-fp16-graph --variant w4:window_size=4   # + a variant row
+
+Each ``--variant NAME:KEY=VALUE`` (KEY a ``SparseVQVAE`` argument, VALUE JSON; repeat NAME for
+several) adds a row per ctvq model of ``--models``, that model with the override, named
+``MODEL[NAME]``.
 
 Weights are random: the step time does not depend on them.
 """
@@ -14,6 +19,7 @@ Weights are random: the step time does not depend on them.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,11 +33,12 @@ from bench import common as C  # noqa: E402
 from bench.scan import Crop, add_scan_args, grid_input, load_scan_and_budget, make_crop, only_on_device, sparse_input  # noqa: E402
 from bench.timing import measure, run_guarded  # noqa: E402
 
-MODELS = ("ours-fp16", "ours-fp16-grid", "ours-fp16-graph", "ours-fp16-dense", "ours-fp16-ckpt", "ours-fp32", "ours-fp16-direct3d", "monai-vqvae", "maisi-ae")
+MODELS = ("ours-fp16", "ours-fp16-grid", "ours-fp16-graph", "ours-fp16-graph-compiled", "ours-fp16-dense", "ours-fp16-ckpt", "ours-fp32", "ours-fp16-direct3d", "monai-vqvae", "maisi-ae")
 MODEL_LABELS = {
     "ours-fp16": ("ctvq SparseVQVAE", "fp16 amp"),
     "ours-fp16-grid": ("ctvq SparseVQVAE, grid training path", "fp16 amp"),
     "ours-fp16-graph": ("ctvq SparseVQVAE, grid path replayed as a CUDA graph (graph_training)", "fp16 amp"),
+    "ours-fp16-graph-compiled": ("ctvq SparseVQVAE, as -graph with the conv levels compiled (compile_grid)", "fp16 amp"),
     "ours-fp16-dense": ("ctvq SparseVQVAE, dense convs", "fp16 amp"),
     "ours-fp16-ckpt": ("ctvq SparseVQVAE, use_checkpoint", "fp16 amp"),
     "ours-fp32": ("ctvq SparseVQVAE", "fp32"),
@@ -64,8 +71,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--maisi-num-splits", type=int, default=None,
                    help="MAISI conv split count (memory only; default 8, lowered where a crop is too small "
                         "for it; 1 with --small)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE",
+                   help="one more row per ctvq model with this SparseVQVAE argument (VALUE as JSON; repeat NAME for several)")
     p.set_defaults(default_budget=150.0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.variants = {}
+    for item in args.variant:
+        name, _, override = item.partition(":")
+        key, eq, value = override.partition("=")
+        try:
+            args.variants.setdefault(name, {})[key] = json.loads(value)
+        except ValueError:
+            eq = ""
+        if not (name and key and eq):
+            p.error(f"--variant {item!r} is not NAME:KEY=VALUE with a JSON VALUE, e.g. w4:window_size=4")
+    return args
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,18 +164,23 @@ def _maisi_step(model, x, opt, scaler, device):
     return _optimizer_step(loss, opt, scaler)
 
 
-def run_config(key: str, crop: Crop, args: argparse.Namespace, device: torch.device, cap: float) -> dict[str, Any]:
-    """Build the model and its optimizer, time ``--repeats`` steps; returns the row's numbers."""
+def run_config(key: str, crop: Crop, args: argparse.Namespace, device: torch.device, cap: float,
+               overrides: dict | None = None) -> dict[str, Any]:
+    """Build the model (ctvq with ``overrides`` of its arguments) and its optimizer, time ``--repeats``
+    steps; returns the row's numbers."""
     small = args.small
     torch.manual_seed(args.seed)
     if key.startswith("ours"):
         amp = key.startswith("ours-fp16")
         layout = "direct3d" if key.endswith("-direct3d") else "patch"
-        model = C.build_ours(small, crop.resolution, device, use_checkpoint=key.endswith("-ckpt"), layout=layout).train()
-        x = grid_input(crop, model.factor) if key.endswith(("-grid", "-graph")) else sparse_input(crop)
+        model = C.build_ours(small, crop.resolution, device, use_checkpoint=key.endswith("-ckpt"), layout=layout,
+                             **(overrides or {})).train()
+        if key.endswith("-compiled"):
+            model.compile_grid()
+        x = grid_input(crop, model.factor) if ("-grid" in key or "-graph" in key) else sparse_input(crop)
         opt = C.adamw([p for p in model.parameters() if p.requires_grad], args.lr, device)
         scaler = C.grad_scaler(device, amp)
-        if key.endswith("-graph"):
+        if "-graph" in key:
             step = _ours_graph_step(model, x, opt, scaler, device)
         else:
             step = _ours_step(model, x, opt, scaler, device, amp)
@@ -172,6 +197,11 @@ def run_config(key: str, crop: Crop, args: argparse.Namespace, device: torch.dev
         raise ValueError(f"unknown model {key!r}; choose from {MODELS}")
     params = C.count_params(model)
     extra = {"maisi_num_splits": model.bench_num_splits} if hasattr(model, "bench_num_splits") else {}
+    if "-graph" in key:  # the shape's eager step (which compiles, for -compiled) and the capture, untimed
+        for _ in range(2):
+            step()
+        if device.type == "cuda":
+            extra["first_steps_peak_bytes"] = torch.cuda.max_memory_allocated(device)
     with C.conv_policy("dense" if key.endswith("-dense") else "auto"):
         t = measure(step, device, warmup=args.warmup, repeats=args.repeats, max_seconds=cap)
     if hasattr(step, "graphs"):
@@ -191,11 +221,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for size in crops:
         crop, crop_status = None, "ok"
-        for key in args.models:
+        runs = [(key, None, {}) for key in args.models]
+        runs += [(key, vname, overrides) for key in args.models if key.startswith("ours")
+                 for vname, overrides in args.variants.items()]
+        for key, vname, overrides in runs:
             name, prec = MODEL_LABELS[key]
+            if vname:
+                name += f", {vname}: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
             if device.type != "cuda" and prec == "fp16 amp":
                 prec = "fp32 (cpu)"
-            row: dict[str, Any] = {"key": key, "model": name, "precision": prec, "crop": f"{size}^3",
+            row: dict[str, Any] = {"key": f"{key}[{vname}]" if vname else key, "model": name, "precision": prec, "crop": f"{size}^3",
                                    "crop_size": size}
             if size > scan.resolution:
                 row["status"] = f"skipped: crop > scan ({scan.resolution}^3)"
@@ -217,11 +252,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 else:
                     row["occupancy_frac"] = crop.occupancy
                     row["support_voxels"] = int(crop.coords.shape[0])
-                    print(f"[{budget.elapsed():6.1f}s] {key} {size}^3 ...", flush=True)
+                    print(f"[{budget.elapsed():6.1f}s] {row['key']} {size}^3 ...", flush=True)
                     keep = ("coords", "feats") if key.startswith("ours") else ("dense",)
                     with only_on_device(crop, keep, device):  # peak memory: the model's own input only
                         row.update(run_guarded(
-                            lambda: run_config(key, crop, args, device, budget.per_config(cap)), device))
+                            lambda: run_config(key, crop, args, device, budget.per_config(cap), overrides), device))
             t = row.pop("timing", None)
             if t is not None:
                 row["n"] = t.label
@@ -248,6 +283,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "one step outlasted the cap, so the first (untuned) step is reported, an upper bound",
         "dense-equiv. voxels/s = crop voxels / step time; peak GPU mem = torch.cuda.max_memory_allocated "
         "(weights, optimizer state and activations)",
+        "-graph models: the shape's first (eager) step and the capture run before the timed steps, so these "
+        "time replays; their peak is of the replays (first_steps_peak_bytes in the JSON: of those two steps)",
         "random weights (timing does not depend on them); MAISI keeps its shipped save_mem=True "
         "(torch.cuda.empty_cache in its layers)",
     ]

@@ -121,6 +121,33 @@ def test_all_cells_forward_equals_the_grid_pass(two_crops, quantize):
         torch.testing.assert_close(g1[n], g0[n], atol=1e-4, rtol=1e-3, msg=n)
 
 
+def test_compiled_grid_convs_give_the_eager_step(two_crops):
+    """``compile_grid`` (``torch.compile`` of the conv levels, the trainer key of that name): the same
+    reconstruction, losses and gradients as the eager grid pass, on two crops of real CT."""
+    x, boxes = two_crops
+    model = small_model("patch").train()
+    wake_zero_weights(model)
+    g = grid_from_sparse(x, boxes, model.factor)
+    out = []
+    for compiled in (False, True):
+        if compiled:
+            model.compile_grid()
+        model.zero_grad()
+        recon, losses = model(g)
+        loss = (recon.values - g.values).abs().masked_fill(~recon.active[..., None], 0).sum() / recon.active.sum()
+        (loss + model.weighted_vq_loss(losses)).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        out.append((recon.values.detach(), recon.active, loss.detach(), model.last_indices.clone(), grads))
+    (v0, a0, l0, c0, g0), (v1, a1, l1, c1, g1) = out
+    assert model.grid_convs[0] is not networks.grid.encode_local  # the compiled functions ran
+    assert torch.equal(a0, a1) and torch.equal(c0, c1)
+    torch.testing.assert_close(v1, v0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-4)
+    assert g0.keys() == g1.keys() and any(n.endswith("conv.weight") for n in g0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-4, rtol=1e-3, msg=n)
+
+
 def _graphed_step_outputs(model, g, device, enabled, steps=2):
     """Loss, gradients and usage counts after ``steps`` calls of ``GraphedSteps`` on the same batch
     (no optimizer step in between, so every call computes the same step)."""
