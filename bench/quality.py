@@ -10,7 +10,7 @@ MAE where labels exist, codes used and perplexity over the tokens of cells holdi
 tokens per scan); ctvq also decodes its continuous latents with the quantiser left out (PSNR and
 MAE ``*_unquantized``: what quantisation costs against what the autoencoder loses). Writes a JSON
 (``"ctvq"``, ``"monai_vqvae"``, ``"env"``), a Markdown table beside it and one picture per case
-(input, ctvq, VQVAE, both errors).
+(input, then each model: ctvq, its variants, VQVAE, with its error).
 
 Trained weights stay in ``--work``; a model that finished there is evaluated again without
 training (delete its folder to train it anew).
@@ -317,8 +317,7 @@ def evaluate_models(args, trained: dict[str, dict], device: torch.device, resolu
                                "organ_mae_hu": m.get("organ_mae_hu"), "codes_used": use["codes_used"],
                                "perplexity": use["perplexity"], "tokens": tokens_per_scan, **unquantized.get(name, {})})
             print(f"{name} {case['case']}: PSNR body {m['psnr_body']:.2f} dB, MAE {m['mae_hu_body']:.1f} HU", flush=True)
-        shown = {k: v for k, v in recons.items() if k in ("ctvq", "monai_vqvae")} or recons
-        save_three_plane(pictures / f"{case['case'].replace('/', '__')}.png", target, shown, mask=mask, title=case["case"])
+        save_three_plane(pictures / f"{case['case'].replace('/', '__')}.png", target, recons, mask=mask, title=case["case"])
     out = {}
     for name, result in trained.items():
         pooled = codebook_usage(np.concatenate(indices[name]) if indices[name] else np.zeros(0, int), codebook[name])

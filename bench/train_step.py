@@ -31,7 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench import common as C  # noqa: E402
 from bench.scan import Crop, add_scan_args, grid_input, load_scan_and_budget, make_crop, only_on_device, sparse_input  # noqa: E402
-from bench.timing import measure, run_guarded  # noqa: E402
+from bench.timing import measure, peak_bytes, reset_peak, run_guarded  # noqa: E402
 
 MODELS = ("ours-fp16", "ours-fp16-grid", "ours-fp16-graph", "ours-fp16-graph-compiled", "ours-fp16-dense", "ours-fp16-ckpt", "ours-fp32", "ours-fp16-direct3d", "monai-vqvae", "maisi-ae")
 MODEL_LABELS = {
@@ -170,6 +170,7 @@ def run_config(key: str, crop: Crop, args: argparse.Namespace, device: torch.dev
     steps; returns the row's numbers."""
     small = args.small
     torch.manual_seed(args.seed)
+    reset_peak(device)
     if key.startswith("ours"):
         amp = key.startswith("ours-fp16")
         layout = "direct3d" if key.endswith("-direct3d") else "patch"
@@ -197,16 +198,20 @@ def run_config(key: str, crop: Crop, args: argparse.Namespace, device: torch.dev
         raise ValueError(f"unknown model {key!r}; choose from {MODELS}")
     params = C.count_params(model)
     extra = {"maisi_num_splits": model.bench_num_splits} if hasattr(model, "bench_num_splits") else {}
+    first_peak = None
     if "-graph" in key:  # the shape's eager step (which compiles, for -compiled) and the capture, untimed
         for _ in range(2):
             step()
-        if device.type == "cuda":
-            extra["first_steps_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        first_peak = peak_bytes(device)
     with C.conv_policy("dense" if key.endswith("-dense") else "auto"):
         t = measure(step, device, warmup=args.warmup, repeats=args.repeats, max_seconds=cap)
     if hasattr(step, "graphs"):
         extra["graph_replays"] = step.graphs.replays
-    return {"params": params, "timing": t, "median_s": t.median_s, "peak_bytes": t.peak_bytes,
+    if first_peak is not None and t.peak_bytes is not None:
+        # replays allocate nothing: the graph's pool holds what the eager step and the capture took
+        extra["replay_peak_bytes"] = t.peak_bytes
+    peak = max(t.peak_bytes, first_peak) if first_peak is not None and t.peak_bytes is not None else t.peak_bytes
+    return {"params": params, "timing": t, "median_s": t.median_s, "peak_bytes": peak,
             "voxels_per_s": crop.voxels / t.median_s, **extra}
 
 
@@ -284,7 +289,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dense-equiv. voxels/s = crop voxels / step time; peak GPU mem = torch.cuda.max_memory_allocated "
         "(weights, optimizer state and activations)",
         "-graph models: the shape's first (eager) step and the capture run before the timed steps, so these "
-        "time replays; their peak is of the replays (first_steps_peak_bytes in the JSON: of those two steps)",
+        "time replays; their peak includes those two steps (replays allocate nothing: the graph's memory pool "
+        "holds what the capture took; replay_peak_bytes in the JSON counts the replays alone)",
         "random weights (timing does not depend on them); MAISI keeps its shipped save_mem=True "
         "(torch.cuda.empty_cache in its layers)",
     ]
