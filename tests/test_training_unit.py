@@ -155,6 +155,22 @@ def test_grid_training_matches_sparse_training(data):
         assert torch.allclose(g, grads[1][n], rtol=1e-3, atol=1e-6), n
 
 
+def test_compile_grid_compiles_the_grid_path_only_when_asked(data):
+    """The trainer key ``compile_grid`` hands the model's conv levels to ``torch.compile`` (compiled
+    on the first step; ``tests/test_grid.py`` checks the compiled step against the eager one)."""
+    from networks import grid
+
+    plain = (grid.encode_local, grid.decode_local)
+    model = _model()
+    SparseVQVAETrainer("cpu", 1, [], model, torch.optim.SGD(model.parameters(), lr=0.0))
+    assert model.grid_convs == plain
+    SparseVQVAETrainer("cpu", 1, [], model, torch.optim.SGD(model.parameters(), lr=0.0), compile_grid=True)
+    assert all(f is not p and getattr(f, "__wrapped__", None) is p for f, p in zip(model.grid_convs, plain))
+    model = _model()
+    SparseVQVAETrainer("cpu", 1, [], model, torch.optim.SGD(model.parameters(), lr=0.0), grid_training=False, compile_grid=True)
+    assert model.grid_convs == plain  # nothing to compile when the grid path is off
+
+
 @pytest.fixture(scope="module")
 def grid_data(data):
     """``data`` with ``grid_crops``: the same crops as dense grids."""
