@@ -27,15 +27,18 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from pipeline.infer import Tokenizer, TokenizerError, cli_errors, parse_window
-from pipeline.metrics import codebook_usage, normalize_organ_mapping, volume_metrics
-from pipeline.processed import case_geometry, find_datasets, load_case, usable_cases
+# torch, MONAI and the model load where they are used, so --help answers at once
+from pipeline.infer import DEFAULT_TILE, DEFAULT_TILE_CUDA, TokenizerError, cli_errors, parse_window
 from pipeline.report import fmt_value, write_report
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.tokenizer import Tokenizer
 
 
 __all__ = ["find_cases", "evaluate", "main"]
@@ -73,6 +76,8 @@ class PeakMemory:
     """
 
     def __init__(self, device: torch.device):
+        import torch
+
         self.device = torch.device(device)
         self.peak_mb = float("nan")
 
@@ -88,6 +93,8 @@ class PeakMemory:
         return None
 
     def __enter__(self):
+        import torch
+
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -98,6 +105,8 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc):
+        import torch
+
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
@@ -124,6 +133,9 @@ def find_cases(data_dir: str | os.PathLike, window: Any, resolution: int | None 
     Returns:
         [{"case", "dataset", "case_id", "dir", "window", "window_file", "organ_mapping"}] sorted by case.
     """
+    from pipeline.metrics import normalize_organ_mapping
+    from pipeline.processed import find_datasets, usable_cases
+
     w = parse_window(window)
     cases = []
     datasets = find_datasets(data_dir)
@@ -169,6 +181,8 @@ def depth_metrics(tokenizer: Tokenizer, tokens, recon: np.ndarray, target: np.nd
                   case: str) -> list[dict]:
     """PSNR and MAE inside the body decoding the first d residual code levels, d = 1 .. the tokens'
     depth (``recon`` is the decode of all of them)."""
+    from pipeline.metrics import volume_metrics
+
     rows = []
     for d in range(1, tokens.depth + 1):
         volume = recon if d == tokens.depth else tokenizer.decode(tokens, depth=d)
@@ -179,6 +193,8 @@ def depth_metrics(tokenizer: Tokenizer, tokens, recon: np.ndarray, target: np.nd
 
 def per_depth_summary(rows: Sequence[Mapping], indices: Sequence[np.ndarray], num_embeddings: int) -> list[dict]:
     """Means over the cases at each depth, with the usage of that depth's code level."""
+    from pipeline.metrics import codebook_usage
+
     out = []
     for d in sorted({r["depth"] for r in rows}):
         at = [r for r in rows if r["depth"] == d]
@@ -218,6 +234,8 @@ def evaluate(
         the summary dict (also written to ``summary.json``).
     """
     from pipeline.io_utils import save_csv, save_json
+    from pipeline.metrics import codebook_usage, volume_metrics
+    from pipeline.processed import case_geometry, load_case
     from pipeline.visualize import save_three_plane
 
     w = tokenizer.window
@@ -360,12 +378,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--max_cases", "--max-cases", type=int, default=None, help="at most this many cases")
     p.add_argument("--cases", nargs="+", default=None, help="only these cases (dataset/case_id or case_id)")
-    p.add_argument("--tile", type=int, default=None, help="latent tile edge (default 32 on CUDA, 16 on CPU; 0: untiled)")
+    p.add_argument("--tile", type=int, default=None, help=f"latent tile edge (default {DEFAULT_TILE_CUDA} on CUDA, {DEFAULT_TILE} on CPU; 0: untiled)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
     p.add_argument("--no-ssim", action="store_true", help="skip SSIM (faster)")
     p.add_argument("--no-pictures", action="store_true", help="skip the per-case pictures")
     a = p.parse_args(argv)
     with cli_errors():
+        from pipeline.tokenizer import Tokenizer
+
         kw: dict[str, Any] = {}
         if a.tile is not None:
             kw["tile"] = a.tile or None

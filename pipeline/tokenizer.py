@@ -4,8 +4,8 @@ A scan goes through the preprocessing transforms (``pipeline.infer.preprocessing
 and the model's tiled ``Encode``; tokens go through the tiled ``Decode`` into the cube, and back
 to HU (``HU = level - width / 2 + v * width``) on the cube grid or the scan's own grid.
 
-The window parsing and the preprocessing transforms are imported from ``pipeline.infer`` where they
-are used: ``pipeline.infer`` (the command line) imports this module.
+The window parsing, the preprocessing transforms and the tile defaults come from ``pipeline.infer``
+(the command line), which loads this module when its ``Tokenizer`` is first used.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from pipeline import quiet_fx_notice
+from pipeline.infer import DEFAULT_TILE, DEFAULT_TILE_CUDA
 from pipeline.io_utils import TokenizerError, save_nifti
 from pipeline.config_data import config_value, last_line
 from pipeline.runs import codebook_id, load_bundle, load_run_model, load_weights
@@ -30,12 +31,6 @@ from transforms import window_to_hu
 __all__ = ["DEFAULT_TILE", "DEFAULT_TILE_CUDA", "Tokenizer"]
 
 logger = logging.getLogger("ctvq.infer")
-
-DEFAULT_TILE = 16  # latent cells per tile edge (128 voxels) on CPU
-# On a GPU, fp16 autocast with 32-cell tiles measured fastest within 16 GB on an H100 for a 512^3
-# chest/abdomen (encode 0.78 s + decode 0.47 s, 12.2 GiB; 16-cell tiles: 1.96 s + 0.82 s;
-# untiled fails spconv's int32 limit in the last decoder layer).
-DEFAULT_TILE_CUDA = 32
 
 quiet_fx_notice()
 
