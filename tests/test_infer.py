@@ -288,3 +288,22 @@ def test_evaluate_usage_names_run_sh(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: ./run.sh evaluate") and "python -m pipeline.evaluate" not in out
+
+
+@pytest.mark.parametrize("command", [["pipeline.infer", "encode"], ["pipeline.infer", "decode"], ["pipeline.evaluate"],
+                                     ["pipeline.train"], ["pipeline.preprocess"]])
+def test_help_answers_without_loading_torch(command):
+    """``./run.sh encode|decode|evaluate|train|preprocess --help`` print their help without importing
+    torch or MONAI (seconds each on a cold start)."""
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['x', *{command[1:]!r}, '--help']\n"
+            "try:\n"
+            f"    runpy.run_module({command[0]!r}, run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    assert e.code in (0, None), e.code\n"
+            "heavy = sorted(m for m in ('torch', 'monai', 'spconv') if m in sys.modules)\n"
+            "print('loaded:', heavy)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage:" in proc.stdout and proc.stdout.rstrip().endswith("loaded: []"), proc.stdout[-500:]
