@@ -413,8 +413,8 @@ class SparseVQVAE(nn.Module):
 
         Each per-voxel norm, SiLU and mask then runs as one fused kernel instead of several passes
         over the grid: the same result to float rounding, a faster step and fewer saved activations.
-        The first forward and backward of a new grid shape compile (about a minute); after the
-        second shape the compiled code takes any shape.
+        The first forward and backward of a new grid shape compile (minutes on two CPU cores); after
+        the second shape the compiled code takes any shape.
         """
         self.grid_convs = (torch.compile(grid.encode_local, **options), torch.compile(grid.decode_local, **options))
 

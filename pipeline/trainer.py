@@ -169,7 +169,7 @@ class SparseVQVAETrainer(SupervisedTrainer):
             ``batch_split`` 1 and no ``use_checkpoint`` only, otherwise steps run eagerly.
         compile_grid: with ``grid_training``, compile the conv levels with ``torch.compile``
             (``SparseVQVAE.compile_grid``: the same result, norms, SiLU and masks fused; the first
-            steps of the first two crop shapes compile, about a minute).
+            steps of the first two crop shapes compile, minutes on two CPU cores).
         run_folder: the ``pipeline.run_folder.RunFolder`` of this run (what :meth:`resume` restores; its lock is
             released after :meth:`run`). The bundle configs name it first among the arguments, so the run
             folder and its log exist before the data loader reads the dataset.
