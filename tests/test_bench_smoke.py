@@ -195,6 +195,28 @@ def test_train_step_smoke(cache, tmp_path):
     assert "| model | params | precision | crop |" in payload["table_markdown"]
 
 
+def test_train_step_variants(cache, tmp_path, capsys):
+    """``--variant NAME:KEY=VALUE`` adds a row per ctvq model, built with that argument."""
+    from bench import train_step
+
+    args = train_step.parse_args(["--variant", "w2:window_size=2", "--variant", "w2:vq_entropy_rows=64"])
+    assert args.variants == {"w2": {"window_size": 2, "vq_entropy_rows": 64}}
+    for bad in ("w2", "w2:window_size", "w2:window_size=two", ":window_size=2"):
+        with pytest.raises(SystemExit):
+            train_step.parse_args(["--variant", bad])
+        assert "NAME:KEY=VALUE" in capsys.readouterr().err
+    out = tmp_path / "train_step.json"
+    train_step.main(["--small", "--device", "cpu", "--crops", "8", "--warmup", "0", "--repeats", "1", "--cache", str(cache),
+                     "--resolution", "32", "--models", "ours-fp16-grid", "monai-vqvae", "--variant", "deep:num_blocks=2",
+                     "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["key"] for r in rows] == ["ours-fp16-grid", "monai-vqvae", "ours-fp16-grid[deep]"]
+    _ok_or_skipped(rows)
+    assert "num_blocks=2" in rows[2]["model"]
+    if rows[0]["status"] == "ok":  # twice the transformer blocks of the --small model
+        assert rows[2]["params"] > rows[0]["params"]
+
+
 def test_inference_smoke(cache, tmp_path):
     from bench import inference
 
