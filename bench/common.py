@@ -322,8 +322,8 @@ def build_ours(small: bool, resolution: int, device: torch.device, use_checkpoin
     in backward (the config key of that name)."""
     from networks import SparseVQVAE
 
-    kwargs = {**ours_kwargs(small, resolution, layout), **overrides}
-    return SparseVQVAE(**kwargs, use_checkpoint=use_checkpoint).to(device)
+    kwargs = {**ours_kwargs(small, resolution, layout), "use_checkpoint": use_checkpoint, **overrides}
+    return SparseVQVAE(**kwargs).to(device)
 
 
 def vqvae_kwargs(small: bool) -> dict[str, Any]:

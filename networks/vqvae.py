@@ -418,6 +418,10 @@ class SparseVQVAE(nn.Module):
         """
         self.grid_convs = (torch.compile(grid.encode_local, **options), torch.compile(grid.decode_local, **options))
 
+    def __getstate__(self):
+        # compiled functions do not pickle: a saved or copied model runs the plain grid path
+        return {**self.__dict__, "grid_convs": (grid.encode_local, grid.decode_local)}
+
     # ------------------------------------------------------------------ training forward
     def forward(self, x: SparseConvTensor | GridBatch, quantize: bool = True, all_cells: bool = False):
         """Encode, (quantise), decode.

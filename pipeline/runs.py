@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -490,6 +490,13 @@ def check_fit(report: dict, path: str | os.PathLike, training_stage: int, option
     shaped = [k for k in report.get("skipped", []) if counts(k)]
     extra = [k for k in report.get("unexpected", []) if counts(k)]
     if not (missing or shaped or extra):
+        # every weight fits, but the attention may differ (no weight says so): a codebook stage fits or
+        # tunes codes to the latents of the model it starts from, so it must run that model
+        unseen = _network_def_diff(Path(path), network_def or {}, _ATTENTION_KEYS) if int(training_stage) else ""
+        if unseen:
+            raise CheckpointError(
+                f"{option} {path}: its run had another attention ({unseen}); a codebook stage continues the model it "
+                "starts from: set those network_def values as in its run (see its command.txt), or start a stage 0 from it")
         return
     sizes = _network_def_diff(Path(path), network_def or {})
     what = (f"{sizes}; " if sizes else "") + ", ".join(
@@ -504,6 +511,7 @@ def check_fit(report: dict, path: str | os.PathLike, training_stage: int, option
 _SIZE_KEYS = ("layout", "resolution", "model_channels", "latent_channels", "num_embeddings", "channels",
               "num_res_blocks", "num_blocks", "num_heads", "window_size",
               "vq_type", "vq_depth", "vq_lookup_dim", "fsq_levels")
+_ATTENTION_KEYS = ("window_size", "num_heads")  # they change what the model computes, not its weights' shapes
 
 
 def _run_config(ckpt: str | os.PathLike) -> dict:
@@ -532,9 +540,9 @@ def check_window(path: str | os.PathLike, training_stage: int, option: str, wind
         f"{json.dumps(window_type)}: stage 0 may start from this checkpoint)")
 
 
-def _network_def_diff(ckpt: Path, ours: Mapping) -> str:
-    """``model_channels 64 in the checkpoint's run vs 512 here, ...`` from the run's config.json, or "".
-    A key one side leaves out counts as ``SparseVQVAE``'s default."""
+def _network_def_diff(ckpt: Path, ours: Mapping, keys: Sequence[str] = _SIZE_KEYS) -> str:
+    """``model_channels 64 in the checkpoint's run vs 512 here, ...`` (of ``keys``) from the run's
+    config.json, or "". A key one side leaves out counts as ``SparseVQVAE``'s default."""
     import inspect
 
     from networks import SparseVQVAE
@@ -543,13 +551,13 @@ def _network_def_diff(ckpt: Path, ours: Mapping) -> str:
     if not (theirs and ours):
         return ""
     params = inspect.signature(SparseVQVAE).parameters
-    default = {k: params[k].default for k in _SIZE_KEYS if k in params}
+    default = {k: params[k].default for k in keys if k in params}
 
     def value(cfg: Mapping, key: str):
         v = cfg.get(key, default.get(key))
         return list(v) if isinstance(v, tuple) else v
 
-    diff = [f"{k} {json.dumps(value(theirs, k))} vs {json.dumps(value(ours, k))}" for k in _SIZE_KEYS
+    diff = [f"{k} {json.dumps(value(theirs, k))} vs {json.dumps(value(ours, k))}" for k in keys
             if (k in theirs or k in ours) and value(theirs, k) != value(ours, k)]
     return ("network_def " + ", ".join(diff) + " here") if diff else ""
 

@@ -275,6 +275,28 @@ def test_stage1_refuses_checkpoint_of_another_size(tmp_path):
     assert [n for n, p in net.named_parameters() if p.requires_grad] == ["vq.embeddings.weight"]
 
 
+def test_codebook_stages_refuse_a_checkpoint_of_other_attention_windows(tmp_path):
+    """A checkpoint whose run attended over other windows fits every weight (attention windows have none),
+    so stages 1 and 2 would silently run another model than the one trained: refused in one line naming
+    the key; stage 0 may start from it."""
+    import json
+
+    from pipeline.io_utils import CheckpointError
+    from pipeline.runs import check_fit, load_partial
+
+    path = tmp_path / "stage0" / "ckpts" / "vqvae_step0000001.pt"
+    path.parent.mkdir(parents=True)
+    torch.save(_model().state_dict(), path)
+    (tmp_path / "stage0" / "config.json").write_text(json.dumps({"network_def": {**TINY, "window_size": 8}}))
+    report = load_partial(_model(), path)
+    for stage in (1, 2):
+        with pytest.raises(CheckpointError, match=r"another attention \(network_def window_size 8 vs 4 here\)") as err:
+            check_fit(report, path, stage, network_def=dict(TINY))
+        assert "\n" not in str(err.value)
+    check_fit(report, path, 0, network_def=dict(TINY))  # stage 0 starts anew from any weights that fit
+    check_fit(report, path, 1, network_def={**TINY, "window_size": 8})  # the run's own windows
+
+
 @pytest.mark.parametrize("other", [{"vq_type": "simvq"}, {"vq_depth": 2}, {"vq_type": "fsq", "fsq_levels": [4, 4]}])
 def test_stage2_refuses_a_checkpoint_of_another_quantizer(tmp_path, other):
     """Stage 2 needs the codebook it starts from: a checkpoint of another quantizer kind or depth is
