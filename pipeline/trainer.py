@@ -169,7 +169,7 @@ class SparseVQVAETrainer(SupervisedTrainer):
             ``batch_split`` 1 and no ``use_checkpoint`` only, otherwise steps run eagerly.
         compile_grid: with ``grid_training``, compile the conv levels with ``torch.compile``
             (``SparseVQVAE.compile_grid``: the same result, norms, SiLU and masks fused; the first
-            steps of the first two crop shapes compile, minutes on two CPU cores).
+            steps of the first two crop shapes compile, minutes on two CPU cores); one process only.
         run_folder: the ``pipeline.run_folder.RunFolder`` of this run (what :meth:`resume` restores; its lock is
             released after :meth:`run`). The bundle configs name it first among the arguments, so the run
             folder and its log exist before the data loader reads the dataset.
@@ -232,7 +232,10 @@ class SparseVQVAETrainer(SupervisedTrainer):
         self.grid_training = config_flag("grid_training", grid_training) and supports_grid(self.model)
         check_resolution(self.model, getattr(train_data_loader, "dataset", None))
         if self.grid_training and config_flag("compile_grid", compile_grid):
-            self.model.compile_grid()
+            if D.is_distributed():
+                logger.warning("compile_grid: off with several processes (only tested in one); the grid path runs eagerly")
+            else:
+                self.model.compile_grid()
         self.graph_steps = None
         if self.grid_training and config_flag("graph_training", graph_training):
             from pipeline.graph_step import GraphedSteps

@@ -155,7 +155,7 @@ def test_grid_training_matches_sparse_training(data):
         assert torch.allclose(g, grads[1][n], rtol=1e-3, atol=1e-6), n
 
 
-def test_compile_grid_compiles_the_grid_path_only_when_asked(data):
+def test_compile_grid_compiles_the_grid_path_only_when_asked(data, monkeypatch, caplog):
     """The trainer key ``compile_grid`` hands the model's conv levels to ``torch.compile`` (compiled
     on the first step; ``tests/test_grid.py`` checks the compiled step against the eager one)."""
     from networks import grid
@@ -169,6 +169,10 @@ def test_compile_grid_compiles_the_grid_path_only_when_asked(data):
     model = _model()
     SparseVQVAETrainer("cpu", 1, [], model, torch.optim.SGD(model.parameters(), lr=0.0), grid_training=False, compile_grid=True)
     assert model.grid_convs == plain  # nothing to compile when the grid path is off
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    with caplog.at_level("WARNING", logger="ctvq.train"):
+        SparseVQVAETrainer("cpu", 1, [], model, torch.optim.SGD(model.parameters(), lr=0.0), compile_grid=True)
+    assert model.grid_convs == plain and "compile_grid: off with several processes" in caplog.text
 
 
 @pytest.fixture(scope="module")
