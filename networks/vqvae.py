@@ -297,6 +297,8 @@ class SparseVQVAE(nn.Module):
             of the ``direct3d`` layout (zero at init; False gives exactly the Direct3D-S2 layout).
     """
 
+    grid_convs = (grid.encode_local, grid.decode_local)  # the grid path's conv levels; see compile_grid
+
     def __init__(
         self,
         resolution: int = 64,
@@ -387,7 +389,6 @@ class SparseVQVAE(nn.Module):
         self.vq_depth = int(vq_depth)
         self.factor = self.Encoder.factor
         self.last_indices: torch.Tensor | None = None
-        self.grid_convs = (grid.encode_local, grid.decode_local)  # compile_grid swaps in compiled ones
         for name, mod in self.named_modules():
             if isinstance(mod, SparseConv3d):
                 mod.name = name
@@ -420,7 +421,9 @@ class SparseVQVAE(nn.Module):
 
     def __getstate__(self):
         # compiled functions do not pickle: a saved or copied model runs the plain grid path
-        return {**self.__dict__, "grid_convs": (grid.encode_local, grid.decode_local)}
+        state = dict(self.__dict__)
+        state.pop("grid_convs", None)
+        return state
 
     # ------------------------------------------------------------------ training forward
     def forward(self, x: SparseConvTensor | GridBatch, quantize: bool = True, all_cells: bool = False):
