@@ -105,16 +105,23 @@ def _optimizer_step(loss_of, opt, scaler):
     return step
 
 
-def _ours_step(model, x, opt, scaler, device, amp: bool):
+def _ours_loss():
+    """``(model, x, recon, losses) -> loss`` as the trainer: L1 on the reconstructed cells + the
+    model's weighted VQ terms."""
     from pipeline.trainer import SparseReconLoss
 
     recon_loss = SparseReconLoss("l1")
+    return lambda model, x, recon, losses: recon_loss(recon, x) + model.weighted_vq_loss(
+        {k: v.float() for k, v in losses.items()})
+
+
+def _ours_step(model, x, opt, scaler, device, amp: bool):
+    loss_of = _ours_loss()
 
     def loss():
         with C.autocast(device, amp):
             recon, losses = model(x)
-        # as the trainer: L1 on the reconstructed cells + the model's weighted VQ terms
-        return recon_loss(recon, x) + model.weighted_vq_loss({k: v.float() for k, v in losses.items()})
+        return loss_of(model, x, recon, losses)
 
     return _optimizer_step(loss, opt, scaler)
 
@@ -123,14 +130,13 @@ def _ours_graph_step(model, x, opt, scaler, device):
     """As the trainer with ``graph_training: true``: ``pipeline.graph_step.GraphedSteps`` runs forward,
     loss and backward (eagerly for the first step, then from the CUDA graph it captures)."""
     from pipeline.graph_step import GraphedSteps
-    from pipeline.trainer import SparseReconLoss
 
-    recon_loss = SparseReconLoss("l1")
+    loss_of = _ours_loss()
 
     def terms(grid):
         with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda", cache_enabled=False):
             recon, losses = model(grid, all_cells=True)
-        return {"loss": recon_loss(recon, grid) + model.weighted_vq_loss({k: v.float() for k, v in losses.items()})}
+        return {"loss": loss_of(model, grid, recon, losses)}
 
     params = [p for p in model.parameters() if p.requires_grad]
     steps = GraphedSteps(model, params, terms, scaler, enabled=device.type == "cuda")
