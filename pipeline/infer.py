@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline import lazy_names
 from pipeline.io_utils import TokenizerError, save_nifti
 
 if TYPE_CHECKING:
@@ -64,16 +65,7 @@ DEFAULT_TILE = 16  # latent cells per tile edge (128 voxels) on CPU
 # untiled fails spconv's int32 limit in the last decoder layer).
 DEFAULT_TILE_CUDA = 32
 
-# The API's classes load torch and MONAI on first use, so the command line's --help answers at once.
-_LAZY = {"Tokenizer": "pipeline.tokenizer", "CTTokens": "pipeline.tokens", "WindowSpec": "transforms"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, {"Tokenizer": "pipeline.tokenizer", "CTTokens": "pipeline.tokens", "WindowSpec": "transforms"})
 
 
 # --------------------------------------------------------------------------------------- windows

@@ -22,14 +22,9 @@ dataset_config.json), ``markers`` (case keys, shards, metadata.csv), ``case`` (o
 Run ``python -m pipeline.preprocess --help`` for the command line.
 """
 
+from pipeline import lazy_names
 from pipeline.preprocess.cli import main, summary_line
 
 __all__ = ["run", "main", "summary_line"]
 
-
-def __getattr__(name: str):
-    if name == "run":  # on first use: the command line answers --help without importing torch and MONAI
-        from pipeline.preprocess.job import run
-
-        return run
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, {"run": "pipeline.preprocess.job"})
