@@ -48,8 +48,12 @@ ensure() { [ -x "$PY" ] && [ -f "$VENV/.ctvq-installed" ] || setup; }
 cmd="${1:-help}"; shift || true
 # paths on the command line are the user's, relative to where they run it; the code is this checkout's
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# and never a same-named module of the folder it runs in (a user's own pipeline/ or networks.py)
+export PYTHONSAFEPATH=1
 case "$cmd" in
-  setup) setup ;;
+  setup)
+    case "${1:-}" in -h|--help) echo "./run.sh setup: create $VENV (CTVQ_VENV overrides it) and install requirements.txt and ctvq into it; again only when requirements.txt or pyproject.toml changed"; exit 0 ;; esac
+    setup ;;
   test) ensure; cd "$ROOT"; exec "$PY" -m pytest -q "$@" ;;
   demo) ensure; exec "$PY" -m pipeline.demo "$@" ;;
   preprocess) ensure; exec "$PY" -m pipeline.preprocess "$@" ;;
@@ -59,7 +63,16 @@ case "$cmd" in
   encode) ensure; exec "$PY" -m pipeline.infer encode "$@" ;;
   decode) ensure; exec "$PY" -m pipeline.infer decode "$@" ;;
   export) ensure; exec "$PY" -m pipeline.export "$@" ;;
-  bench) ensure; sub="${1:?bench needs a script name}"; shift; exec "$PY" "$ROOT/bench/$sub.py" "$@" ;;
+  bench)
+    benches="train_step inference dataloader preprocess profile_step sparse_ops quality"
+    sub="${1:-}"
+    case " $benches " in
+      *" $sub "*) ;;
+      *) if [ "$sub" != -h ] && [ "$sub" != --help ]; then echo "run.sh bench: no benchmark '${sub}'; use one of: $benches" >&2; fi
+         echo "Usage: ./run.sh bench <$(echo $benches | tr ' ' '|')> [args]   (./run.sh bench NAME --help explains one; bench/README.md has the results)"
+         if [ "$sub" = -h ] || [ "$sub" = --help ]; then exit 0; fi; exit 2 ;;
+    esac
+    shift; ensure; exec "$PY" "$ROOT/bench/$sub.py" "$@" ;;
   help|-h|--help) usage ;;
   *) echo "run.sh: unknown command '$cmd'" >&2; usage >&2; exit 2 ;;
 esac

@@ -240,8 +240,13 @@ def test_cli_subprocess_no_traceback(run_dir, tmp_path):
 
 
 def test_run_sh_takes_paths_relative_to_where_it_runs(run_dir, tmp_path):
-    """``/path/to/run.sh decode`` from another folder reads and writes the relative paths given there."""
+    """``/path/to/run.sh decode`` from another folder reads and writes the relative paths given there,
+    and runs ctvq's code even where that folder has its own ``pipeline/`` and ``networks.py``."""
     from pipeline.phantom import write_phantom_dataset
+
+    (tmp_path / "pipeline").mkdir()
+    for own in (tmp_path / "pipeline" / "__init__.py", tmp_path / "networks.py"):
+        own.write_text("raise SystemExit('the user folder\'s own module was imported')\n")
 
     raw = write_phantom_dataset(tmp_path / "raw", seeds=[0], shape=(24, 24, 20), spacing=8.0)
     scan = sorted(p for p in raw.rglob("*.nii.gz") if "_seg" not in p.name)[0]
