@@ -180,6 +180,15 @@ def cli_errors():
         raise SystemExit(2) from None
 
 
+def _check_in(cmd: str, source: str) -> str | None:
+    """Why the input is refused before the model loads (it is not there), or None."""
+    if Path(source).exists():
+        return None
+    if cmd == "encode":
+        return f"{source}: does not exist; check the path (a DICOM folder or .zip, NIfTI, NRRD or MHA)"
+    return f"{source}: token file not found; write it with `./run.sh encode SCAN {Path(source).name} --bundle DIR`"
+
+
 def _check_out(cmd: str, out: str) -> str | None:
     """Why OUT is refused before any work (one line naming the path and the fix), or None."""
     path = Path(out)
@@ -235,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="decode the first DEPTH residual code levels (default: all the token file holds)")
     model_args(d)
     a = p.parse_args(argv)
-    refused = _check_out(a.cmd, a.out)
+    refused = _check_in(a.cmd, a.scan if a.cmd == "encode" else a.tokens) or _check_out(a.cmd, a.out)
     if refused:  # before loading the model or the scan: nothing is written
         print(f"error: {refused}", file=sys.stderr)
         raise SystemExit(2)

@@ -239,6 +239,18 @@ def test_cli_subprocess_no_traceback(run_dir, tmp_path):
     assert len(lines) == 1 and "missing_scan.nii.gz" in lines[0] and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("cmd, source, out", [("encode", "missing_scan.nii.gz", "t.npz"), ("decode", "missing.npz", "o.nii.gz")])
+def test_missing_input_refused_before_the_model_loads(tmp_path, capsys, cmd, source, out):
+    """A missing scan or token file is named before the bundle is read (here there is no bundle at
+    all), so a typo costs no model load, and nothing is written."""
+    with pytest.raises(SystemExit) as e:
+        main([cmd, str(tmp_path / source), str(tmp_path / out), "--bundle", str(tmp_path / "no_bundle")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / source}: ") and "no_bundle" not in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_run_sh_takes_paths_relative_to_where_it_runs(run_dir, tmp_path):
     """``/path/to/run.sh decode`` from another folder reads and writes the relative paths given there,
     and runs ctvq's code even where that folder has its own ``pipeline/`` and ``networks.py``."""
