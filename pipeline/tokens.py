@@ -32,7 +32,8 @@ class CTTokens:
         cube_affine: 4x4 voxel-to-RAS affine of the cube grid.
         source_affine, source_shape: the RAS-oriented scan grid the cube was fitted to.
         original_affine, original_shape: the grid of the file as loaded (for ``--original-grid``).
-        source: the scan's path (or "").
+        source: the scan's path (or ""); a saved file keeps its last part only, as token files
+            are shared and clinical folder names often identify the patient.
         num_embeddings: codebook size; codebook: short hash of the codebook that made the codes.
     """
 
@@ -71,7 +72,7 @@ class CTTokens:
             "resolution": np.array(int(self.resolution)),
             "latent_shape": np.asarray(self.latent_shape, np.int32),
             "cube_affine": np.asarray(self.cube_affine, np.float64),
-            "source": np.array(str(self.source)),
+            "source": np.array(Path(str(self.source)).name if self.source else ""),
             "num_embeddings": np.array(int(self.num_embeddings)),
             "codebook": np.array(str(self.codebook)),
             "depth": np.array(self.depth),

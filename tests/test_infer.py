@@ -99,6 +99,7 @@ def test_encode_scan_roundtrip(run_dir, phantom, tmp_path):
     back = CTTokens.load(path)
     assert np.array_equal(back.indices, t.indices) and np.array_equal(back.coords, t.coords)
     assert back.window == t.window and np.allclose(back.cube_affine, t.cube_affine)
+    assert t.source == str(phantom) and back.source == phantom.name  # no folders in a shared file
     hu, aff = tok.decode_hu(back)
     assert hu.shape == (32, 32, 32) and np.allclose(aff, t.cube_affine)
     w = tok.window
