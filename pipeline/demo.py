@@ -104,10 +104,12 @@ def run_demo(
     if (out / "runs").is_dir() and any((out / "runs").iterdir()):
         raise SystemExit(f"demo: {out} holds an earlier demo (its runs/ has training runs); remove that folder or "
                          "pass another --out")
-    out.mkdir(parents=True, exist_ok=True)
     resolution = int(resolution or demo.get("resolution", 64))
     if resolution % 8:
         raise SystemExit(f"demo: --resolution {resolution} must be a multiple of 8")
+    if raw is not None and not Path(raw).is_dir():  # before anything is written
+        raise SystemExit(f"demo: --raw {raw} is not a folder; pass a folder of CT scans (DICOM, NIfTI, NRRD, MHA)")
+    out.mkdir(parents=True, exist_ok=True)
     window = window or demo.get("window") or cfg.get("window_type", "soft_tissue")
     stage_steps = {int(k): int(v) for k, v in (demo.get("steps") or {}).items()}
     # the demo's model is tiny: one thread per process; several OpenMP threads on cores that other
@@ -128,8 +130,6 @@ def run_demo(
         mapping = raw_dir / "organ_mapping.json"
     else:
         raw_dir = Path(raw)
-        if not raw_dir.is_dir():
-            raise SystemExit(f"demo: --raw {raw_dir} is not a folder; pass a folder of CT scans (DICOM, NIfTI, NRRD, MHA)")
         cand = raw_dir / "organ_mapping.json"
         mapping = cand if cand.is_file() else None
 

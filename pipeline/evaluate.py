@@ -308,7 +308,7 @@ def evaluate(
         rows.append(row)
         log(
             f"[{n}/{len(found)}] {case['case']}: PSNR body {row['psnr_body']:.2f} dB, SSIM body "
-            f"{row['ssim_body'] if row['ssim_body'] is None else round(row['ssim_body'], 4)}, MAE {row['mae_hu_body']:.1f} HU, "
+            f"{fmt_value(row['ssim_body'])}, MAE {row['mae_hu_body']:.1f} HU, "
             f"{row['tokens']} tokens, encode {enc_s:.1f} s, decode {dec_s:.1f} s"
         )
     usage = codebook_usage(all_indices, tokenizer.num_embeddings)

@@ -36,7 +36,7 @@ def test_demo_end_to_end(tmp_path, capfd, monkeypatch):
     text, err = capfd.readouterr()
     # each training process runs on one thread: OpenMP threads on shared cores wait for each other
     assert [e.get("OMP_NUM_THREADS") for e in envs] == ["1", "1", "1"]
-    assert "preprocess: 2 cases in 1 datasets: 2 ok, 0 failed, 0 skipped" in text
+    assert "preprocess: 2 cases in 1 dataset: 2 ok, 0 failed, 0 skipped" in text
     # a clean run prints no warning that is ours to fix
     for noise in ("Warning", "is_fx_tracing", "optional_packages_version", "parsing config_file", "Traceback"):
         assert noise not in text + err, (noise, (text + err)[-3000:])

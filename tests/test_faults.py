@@ -552,6 +552,19 @@ def test_preprocess_out_dir_that_is_a_file(tmp_path):
     proc = cli("pipeline.preprocess", str(tmp_path / "nope"), str(tmp_path / "o2"), "--no-progress")
     assert proc.stderr.strip().splitlines() == [f"preprocess: error: RAW_DIR {tmp_path / 'nope'} is not a folder; pass "
                                                 "the folder of your raw CT collections"] and proc.returncode == 2
+    (tmp_path / "empty").mkdir()  # a folder without any CT: a failure for a batch job, not a success
+    proc = cli("pipeline.preprocess", str(tmp_path / "empty"), str(tmp_path / "o3"), "--no-progress")
+    assert proc.returncode == 2 and f"no CT cases found under {tmp_path / 'empty'}" in proc.stdout + proc.stderr
+
+
+def test_demo_refuses_missing_raw_before_writing(tmp_path, capsys):
+    from pipeline.demo import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["--raw", str(tmp_path / "nope"), "--out", str(tmp_path / "demo")])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and f"--raw {tmp_path / 'nope'} is not a folder" in err
+    assert not (tmp_path / "demo").exists()
 
 
 def test_truncated_processed_array_is_skipped_with_its_name(tmp_path):

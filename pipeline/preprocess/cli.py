@@ -168,13 +168,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"preprocess: ... {len(s['failed_cases']) - 20} more failed cases in each dataset's metadata.csv",
               file=sys.stderr)
     print(summary_line(s, args.out_dir, args.shard))
+    if not s["datasets"]:  # a wrong RAW_DIR must not look like success to a batch job
+        return 2
     return 1 if s["failed"] else 0
 
 
 def summary_line(s: dict, out_dir: str | os.PathLike, shard: str | None = None) -> str:
     """The last line of a preprocessing run: cases ok / failed / skipped, time and where they went."""
     where = f" (shard {shard})" if shard else ""
-    return (f"preprocess: {s['total']} cases in {s['datasets']} datasets{where}: {s['ok']} ok, {s['failed']} failed, "
+    cases, datasets = (f"{n} {word}{'' if n == 1 else 's'}" for n, word in ((s["total"], "case"), (s["datasets"], "dataset")))
+    return (f"preprocess: {cases} in {datasets}{where}: {s['ok']} ok, {s['failed']} failed, "
             f"{s['skipped']} skipped in {s['seconds']:.1f} s -> {out_dir}")
 
 
