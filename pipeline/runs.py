@@ -490,12 +490,13 @@ def check_fit(report: dict, path: str | os.PathLike, training_stage: int, option
     shaped = [k for k in report.get("skipped", []) if counts(k)]
     extra = [k for k in report.get("unexpected", []) if counts(k)]
     if not (missing or shaped or extra):
-        # every weight fits, but the attention may differ (no weight says so): a codebook stage fits or
-        # tunes codes to the latents of the model it starts from, so it must run that model
-        unseen = _network_def_diff(Path(path), network_def or {}, _ATTENTION_KEYS) if int(training_stage) else ""
+        # every weight fits, but the attention or the norms may differ (no weight says so): a codebook
+        # stage fits or tunes codes to the latents of the model it starts from, so it must run that model
+        keys = _WEIGHTLESS_KEYS + (("num_groups",) if str((network_def or {}).get("norm", "")).startswith("group") else ())
+        unseen = _network_def_diff(Path(path), network_def or {}, keys) if int(training_stage) else ""
         if unseen:
             raise CheckpointError(
-                f"{option} {path}: its run had another attention ({unseen}); a codebook stage continues the model it "
+                f"{option} {path}: its run computed another model from the same weights ({unseen}); a codebook stage continues the model it "
                 "starts from: set those network_def values as in its run (see its command.txt), or start a stage 0 from it")
         return
     sizes = _network_def_diff(Path(path), network_def or {})
@@ -511,7 +512,7 @@ def check_fit(report: dict, path: str | os.PathLike, training_stage: int, option
 _SIZE_KEYS = ("layout", "resolution", "model_channels", "latent_channels", "num_embeddings", "channels",
               "num_res_blocks", "num_blocks", "num_heads", "window_size",
               "vq_type", "vq_depth", "vq_lookup_dim", "fsq_levels")
-_ATTENTION_KEYS = ("window_size", "num_heads")  # they change what the model computes, not its weights' shapes
+_WEIGHTLESS_KEYS = ("window_size", "num_heads", "norm")  # they change what the model computes, not its weights' shapes
 
 
 def _run_config(ckpt: str | os.PathLike) -> dict:

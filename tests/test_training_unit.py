@@ -280,7 +280,7 @@ def test_stage1_refuses_checkpoint_of_another_size(tmp_path):
 
 
 def test_codebook_stages_refuse_a_checkpoint_of_other_attention_windows(tmp_path):
-    """A checkpoint whose run attended over other windows fits every weight (attention windows have none),
+    """A checkpoint whose run attended over other windows (or used other norms) fits every weight,
     so stages 1 and 2 would silently run another model than the one trained: refused in one line naming
     the key; stage 0 may start from it."""
     import json
@@ -294,11 +294,14 @@ def test_codebook_stages_refuse_a_checkpoint_of_other_attention_windows(tmp_path
     (tmp_path / "stage0" / "config.json").write_text(json.dumps({"network_def": {**TINY, "window_size": 8}}))
     report = load_partial(_model(), path)
     for stage in (1, 2):
-        with pytest.raises(CheckpointError, match=r"another attention \(network_def window_size 8 vs 4 here\)") as err:
+        with pytest.raises(CheckpointError, match=r"another model from the same weights \(network_def window_size 8 vs 4 here\)") as err:
             check_fit(report, path, stage, network_def=dict(TINY))
         assert "\n" not in str(err.value)
     check_fit(report, path, 0, network_def=dict(TINY))  # stage 0 starts anew from any weights that fit
     check_fit(report, path, 1, network_def={**TINY, "window_size": 8})  # the run's own windows
+    # the norms have weights of one shape in every mode, so they are checked the same way
+    with pytest.raises(CheckpointError, match=r"network_def norm \"layer\" vs \"group_voxel\" here"):
+        check_fit(report, path, 1, network_def={**TINY, "window_size": 8, "norm": "group_voxel"})
 
 
 @pytest.mark.parametrize("other", [{"vq_type": "simvq"}, {"vq_depth": 2}, {"vq_type": "fsq", "fsq_levels": [4, 4]}])
