@@ -421,7 +421,7 @@ class SparseVQVAE(nn.Module):
 
     def __getstate__(self):
         # compiled functions do not pickle: a saved or copied model runs the plain grid path
-        state = dict(self.__dict__)
+        state = super().__getstate__()  # a copy, without what nn.Module.compile() added
         state.pop("grid_convs", None)
         return state
 

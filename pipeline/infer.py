@@ -85,10 +85,6 @@ def parse_window(spec: Any) -> WindowSpec:
         raise TokenizerError(str(e)) from None
 
 
-def _window(name: str, width: float, level: float) -> WindowSpec:
-    return parse_window((name, width, level))
-
-
 def window_from_config(cfg: Mapping) -> WindowSpec:
     """The model's window from a run or bundle config (``window`` or ``window_type``).
 

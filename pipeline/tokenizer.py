@@ -56,6 +56,20 @@ def _affine_np(x: Any) -> np.ndarray | None:
     return np.asarray(_np(x), dtype=np.float64).reshape(4, 4)
 
 
+def _device(spec: str | torch.device | None) -> torch.device:
+    """The device to run on (default: CUDA when present); one line for a name torch does not know or a
+    GPU this machine does not have."""
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise TokenizerError(f"device {spec!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TokenizerError(f"device {spec!r}: no CUDA GPU is visible here; use cpu")
+    return device
+
+
 class Tokenizer:
     """Scans to tokens and back with a trained sparse VQ-VAE.
 
@@ -85,8 +99,10 @@ class Tokenizer:
         ckpt_path: str | os.PathLike | None = None,
         amp: bool | None = None,
     ):
-        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = _device(device)
         cuda = self.device.type == "cuda"
+        if isinstance(tile, int) and tile < 0:
+            raise TokenizerError(f"tile {tile}: give a latent tile edge >= 1 (latent cells), or 0 for whole scans untiled")
         self.amp = cuda if amp is None else bool(amp) and cuda
         if tile == "auto":
             tile = DEFAULT_TILE_CUDA if cuda else DEFAULT_TILE

@@ -155,6 +155,10 @@ def test_compiled_grid_convs_give_the_eager_step(two_crops):
     torch.save(model, buf)
     buf.seek(0)
     assert torch.load(buf, weights_only=False).grid_convs == (networks.grid.encode_local, networks.grid.decode_local)
+    model.compile()  # and after nn.Module.compile() as well (it adds a compiled call of its own)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    assert buf.tell() > 0
 
 
 def _graphed_step_outputs(model, g, device, enabled, steps=2):

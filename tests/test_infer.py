@@ -252,6 +252,18 @@ def test_missing_input_refused_before_the_model_loads(tmp_path, capsys, cmd, sou
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("args, message", [(["--device", "gpu"], "device 'gpu' is not a device; use cpu, cuda or cuda:N"),
+                                           (["--tile", "-16"], "tile -16: give a latent tile edge >= 1")]
+                         + ([] if torch.cuda.is_available() else
+                            [(["--device", "cuda"], "device 'cuda': no CUDA GPU is visible here; use cpu")]))
+def test_bad_device_or_tile_is_one_line(run_dir, phantom, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        main(["encode", str(phantom), str(tmp_path / "t.npz"), "--ckpt", str(run_dir / "ckpts" / "vqvae_step0000010.pt"), *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {message}") and not (tmp_path / "t.npz").exists()
+
+
 def test_run_sh_takes_paths_relative_to_where_it_runs(run_dir, tmp_path):
     """``/path/to/run.sh decode`` from another folder reads and writes the relative paths given there,
     and runs ctvq's code even where that folder has its own ``pipeline/`` and ``networks.py``."""
