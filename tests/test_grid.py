@@ -108,7 +108,7 @@ def test_all_cells_forward_equals_the_grid_pass(two_crops, quantize):
         codes = model.last_indices
         out[all_cells] = (recon.values.masked_fill(~recon.active[..., None], 0).detach(), recon.active, losses,
                           grads, model.vq.usage_counts.clone(), codes)
-    (v0, a0, l0, g0, u0, c0), (v1, a1, l1, g1, u1, c1) = out[False], out[True]
+    (v0, a0, l0, g0, u0, c0), (v1, a1, l1, g1, u1, _) = out[False], out[True]
     assert torch.equal(a0, a1)
     torch.testing.assert_close(v1, v0, atol=1e-4, rtol=1e-4)
     assert l0.keys() == l1.keys()
