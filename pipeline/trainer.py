@@ -241,7 +241,14 @@ class SparseVQVAETrainer(SupervisedTrainer):
             from pipeline.graph_step import GraphedSteps
 
             checkpointing = any(getattr(m, "use_checkpoint", False) for m in self.model.modules())
-            if device.type == "cuda" and not D.is_distributed() and self.batch_split == 1 and not checkpointing:
+            why_not = next((why for off, why in ((device.type != "cuda", "no CUDA device"),
+                                                 (D.is_distributed(), "several processes"),
+                                                 (self.batch_split != 1, f"batch_split {self.batch_split}"),
+                                                 (checkpointing, "use_checkpoint")) if off), None)
+            if why_not:
+                logger.warning("graph_training: off with %s (it needs one CUDA process, batch_split 1 and no "
+                               "use_checkpoint); steps run eagerly", why_not)
+            else:
                 self.graph_steps = GraphedSteps(self.model, self.trainable, self._grid_terms, self.grad_scaler)
         self.max_seconds = float(max_minutes) * 60.0 if max_minutes else None
         self.started_at: float | None = None

@@ -175,6 +175,17 @@ def test_compile_grid_compiles_the_grid_path_only_when_asked(data, monkeypatch, 
     assert model.grid_convs == plain and "compile_grid: off with several processes" in caplog.text
 
 
+def test_graph_training_says_why_it_is_off(caplog):
+    """``graph_training`` where it cannot run (here: no CUDA device) trains eagerly and says why, in one warning."""
+    model = _model()
+    with caplog.at_level("WARNING", logger="ctvq.train"):
+        trainer = SparseVQVAETrainer("cpu", 1, [], model, torch.optim.SGD(model.parameters(), lr=0.0), graph_training=True)
+    assert trainer.graph_steps is None
+    assert [r.getMessage() for r in caplog.records if "graph_training" in r.getMessage()] == [
+        "graph_training: off with no CUDA device (it needs one CUDA process, batch_split 1 and no use_checkpoint); "
+        "steps run eagerly"]
+
+
 @pytest.fixture(scope="module")
 def grid_data(data):
     """``data`` with ``grid_crops``: the same crops as dense grids."""
