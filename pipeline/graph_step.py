@@ -123,7 +123,8 @@ class GraphedSteps:
             for quantizer, pending in entry.pending:
                 quantizer.finish_step(pending)
             return entry.terms
-        self.seen[shape] += 1
+        if self._ready():  # an eager step warms up the code a capture records (the usage loss runs once initialised)
+            self.seen[shape] += 1
         self._zero_grads()
         terms = self.terms_of(self._padded(x, shape))
         self.scaler.scale(terms["loss"]).backward()
@@ -131,7 +132,7 @@ class GraphedSteps:
         return terms
 
     def _should_capture(self, shape: tuple) -> bool:
-        voxels = shape[0] * shape[1] * shape[2] * shape[3]
+        voxels = math.prod(shape[:4])
         captured = sum(g is not None for g in self.graphs.values())
         return (self.enabled and shape not in self.graphs and self.seen[shape] >= 1 and self._ready()
                 and captured < self.max_graphs and voxels <= self.max_voxels)
