@@ -247,10 +247,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = logging.StreamHandler(sys.stderr)  # tile progress of long runs (CPU): "encode: N of M tiles, S s"
     progress.setFormatter(logging.Formatter(f"{a.cmd}: %(message)s"))
     tiles = logging.getLogger("ctvq.tiles")
+    level, propagate = tiles.level, tiles.propagate
     tiles.addHandler(progress)
     tiles.setLevel(logging.INFO)
+    tiles.propagate = False  # once, not again through a handler of the root logger
     with cli_errors(), contextlib.ExitStack() as cleanup:
         cleanup.callback(tiles.removeHandler, progress)
+        cleanup.callback(tiles.setLevel, level)
+        cleanup.callback(setattr, tiles, "propagate", propagate)
         tok = _tokenizer_from_args(a)
         t0 = time.perf_counter()
         if a.cmd == "encode":

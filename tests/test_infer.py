@@ -1,5 +1,6 @@
 """Whole-scan encode/decode: Tokenizer API, token files, CLI and its one-line errors."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -304,8 +305,11 @@ def test_residual_tokens_round_trip_and_decode_by_depth(tmp_path):
     with pytest.raises(TokenizerError, match="--depth 3: .*holds 2 level"):
         tok.decode(back, depth=3)
     out = tmp_path / "coarse.nii.gz"
+    tiles = logging.getLogger("ctvq.tiles")
+    before = (tiles.level, tiles.propagate, list(tiles.handlers))
     assert main(["decode", str(path), str(out), "--ckpt", str(run / "ckpts" / "vqvae_step0000010.pt"), "--device", "cpu",
                  "--depth", "1"]) == 0
+    assert (tiles.level, tiles.propagate, list(tiles.handlers)) == before  # the command's progress logging is undone
     assert nib.load(out).shape == (32, 32, 32)
 
 
