@@ -51,13 +51,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-__all__ = ["VectorQuantizer", "FSQuantizer", "ResidualQuantizer", "build_quantizer", "kmeans", "QUANTIZERS", "ENTROPY_SCOPES"]
+__all__ = ["VectorQuantizer", "FSQuantizer", "ResidualQuantizer", "build_quantizer", "kmeans", "codebooks_initialised",
+           "QUANTIZERS", "ENTROPY_SCOPES"]
 
 logger = logging.getLogger(__name__)
 
 
 def _dist() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def codebooks_initialised(quantizer: nn.Module) -> bool:
+    """Whether every codebook in ``quantizer`` (one, or the levels of a residual one) has had its
+    k-means initialisation (a host-side flag: no GPU sync)."""
+    return all(getattr(m, "_py_initialized", True) for m in quantizer.modules())
 
 
 def weighted_mse(a: torch.Tensor, b: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -621,7 +628,7 @@ class ResidualQuantizer(nn.Module):
             d = int(torch.randint(1, d + 1, ()))
         run = self.depth
         if self.training:  # a level waits for the k-means of the levels before it: its inputs depend on them
-            ready = [getattr(q, "_py_initialized", True) for q in self.levels]
+            ready = [codebooks_initialised(q) for q in self.levels]
             run = ready.index(False) + 1 if False in ready else self.depth
         d = min(d, run)
         residual, outs, idx = z, [], []

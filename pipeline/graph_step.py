@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from networks.grid import GridBatch
+from networks.quantizer import codebooks_initialised
 
 __all__ = ["GraphedSteps"]
 
@@ -106,9 +107,8 @@ class GraphedSteps:
     def _ready(self) -> bool:
         """Whether the step can be captured yet: every codebook initialised, and no residual depth
         dropout (its depth is drawn on the host, so a graph would keep the depth of its capture)."""
-        mods = list(self.model.vq.modules())
-        return (all(getattr(m, "_py_initialized", True) for m in mods)
-                and not any(getattr(m, "depth_dropout", False) and getattr(m, "depth", 1) > 1 for m in mods))
+        return (codebooks_initialised(self.model.vq)
+                and not any(getattr(m, "depth_dropout", False) and getattr(m, "depth", 1) > 1 for m in self.model.vq.modules()))
 
     def __call__(self, x: GridBatch) -> dict:
         """One step's forward, loss and backward (gradients left in ``params``' ``.grad``); returns the terms."""

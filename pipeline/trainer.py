@@ -27,10 +27,11 @@ import torch
 from monai.engines import SupervisedTrainer
 
 from networks.grid import GridBatch, supports_grid
+from networks.quantizer import codebooks_initialised
 from pipeline import distributed as D
 from pipeline import quiet_fx_notice
-from pipeline.dataset import batch_split, to_grid_batch, to_sparse_tensor
 from pipeline.config_data import config_flag
+from pipeline.dataset import batch_split, to_grid_batch, to_sparse_tensor
 from pipeline.io_utils import CheckpointError
 from pipeline.runs import load_matching, read_resume_state
 
@@ -255,7 +256,7 @@ class SparseVQVAETrainer(SupervisedTrainer):
         if train_handlers:
             self._register_handlers(list(train_handlers))
         vq = getattr(self.model, "vq", None)
-        if self.quantize and vq is not None and any(not getattr(m, "_py_initialized", True) for m in vq.modules()):
+        if self.quantize and vq is not None and not codebooks_initialised(vq):
             from pipeline.handlers import KMeansProgressHandler
 
             KMeansProgressHandler().attach(self)
