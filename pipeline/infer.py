@@ -102,7 +102,6 @@ def window_from_config(cfg: Mapping) -> WindowSpec:
     raise TokenizerError("config has no 'window_type' (or 'window'); add e.g. \"window_type\": \"lung\" to it")
 
 
-
 # ----------------------------------------------------------------------------------- preprocessing
 
 
@@ -147,8 +146,6 @@ def sparsify(window: Any, mask: Any, device: str | torch.device | None = None) -
         msk = msk[None]
     coords, feats = Sparsify()(win.float(), msk.bool())
     return torch.as_tensor(coords).to(torch.int32), torch.as_tensor(feats).float().reshape(-1, 1)
-
-
 
 
 # ------------------------------------------------------------------------------------------- CLI
