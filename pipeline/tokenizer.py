@@ -28,7 +28,7 @@ from pipeline.runs import codebook_id, load_bundle, load_run_model, load_weights
 from pipeline.tokens import CTTokens
 from transforms import window_to_hu
 
-__all__ = ["DEFAULT_TILE", "DEFAULT_TILE_CUDA", "Tokenizer"]
+__all__ = ["DEFAULT_TILE", "DEFAULT_TILE_CUDA", "Tokenizer", "resolve_device"]
 
 logger = logging.getLogger("ctvq.infer")
 
@@ -56,7 +56,7 @@ def _affine_np(x: Any) -> np.ndarray | None:
     return np.asarray(_np(x), dtype=np.float64).reshape(4, 4)
 
 
-def _device(spec: str | torch.device | None) -> torch.device:
+def resolve_device(spec: str | torch.device | None) -> torch.device:
     """The device to run on (default: CUDA when present); one line for a name torch does not know or a
     GPU this machine does not have."""
     if spec is None:
@@ -99,7 +99,7 @@ class Tokenizer:
         ckpt_path: str | os.PathLike | None = None,
         amp: bool | None = None,
     ):
-        self.device = _device(device)
+        self.device = resolve_device(device)
         cuda = self.device.type == "cuda"
         if isinstance(tile, int) and tile < 0:
             raise TokenizerError(f"tile {tile}: give a latent tile edge >= 1 (latent cells), or 0 for whole scans untiled")

@@ -172,6 +172,17 @@ def test_monai_bundle_run_cli(exported, tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert lines[-1].startswith("error: 1 of 2 input(s) failed, e.g. nope.nii.gz")
     assert "skipped nope.nii.gz" in r.stdout + r.stderr and (tmp_path / "out2" / "phantom_000_tokens.npz").is_file()
+    # a device this machine lacks: one line, nothing written
+    r = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "ct_vqvae/configs/inference.json",
+         "--bundle_root", "ct_vqvae", "--input_files", f"['{scan.name}']", "--output_dir", "out3",
+         "--device", "cpu" if torch.cuda.is_available() else "cuda", "--tile", "-16"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    expected = "error: tile -16" if torch.cuda.is_available() else "error: device 'cuda': no CUDA GPU is visible here; use cpu"
+    assert r.returncode != 0 and "Traceback" not in r.stderr and lines[-1].startswith(expected), r.stderr[-2000:]
+    assert not (tmp_path / "out3").exists()
 
 
 def test_choice_of_weights_and_errors(tmp_path, capsys):
