@@ -4,9 +4,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="${CTVQ_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
+BENCHES="train_step inference dataloader preprocess profile_step sparse_ops quality"  # bench/NAME.py
 
 usage() {
-  cat <<'USAGE'
+  cat <<USAGE
 Usage: ./run.sh <command> [args...]
 
   setup                     create .venv and install everything (idempotent)
@@ -21,7 +22,7 @@ Usage: ./run.sh <command> [args...]
   encode SCAN OUT.npz --bundle DIR
   decode IN.npz OUT.nii.gz --bundle DIR [--original-grid] [--depth D]
   export --run RUN_DIR [--ckpt CKPT] --out dist/ct_vqvae
-  bench <train_step|inference|dataloader|preprocess|profile_step|sparse_ops|quality> [args]
+  bench <${BENCHES// /|}> [args]
                             benchmarks (bench/README.md; bench/real_scans.sh runs the model on real scans)
 
 Every command takes --help.
@@ -64,12 +65,11 @@ case "$cmd" in
   decode) ensure; exec "$PY" -m pipeline.infer decode "$@" ;;
   export) ensure; exec "$PY" -m pipeline.export "$@" ;;
   bench)
-    benches="train_step inference dataloader preprocess profile_step sparse_ops quality"
     sub="${1:-}"
-    case " $benches " in
+    case " $BENCHES " in
       *" $sub "*) ;;
-      *) if [ "$sub" != -h ] && [ "$sub" != --help ]; then echo "run.sh bench: no benchmark '${sub}'; use one of: $benches" >&2; fi
-         echo "Usage: ./run.sh bench <$(echo $benches | tr ' ' '|')> [args]   (./run.sh bench NAME --help explains one; bench/README.md has the results)"
+      *) if [ "$sub" != -h ] && [ "$sub" != --help ]; then echo "run.sh bench: no benchmark '${sub}'; use one of: $BENCHES" >&2; fi
+         echo "Usage: ./run.sh bench <${BENCHES// /|}> [args]   (./run.sh bench NAME --help explains one; bench/README.md has the results)"
          if [ "$sub" = -h ] || [ "$sub" = --help ]; then exit 0; fi; exit 2 ;;
     esac
     shift; ensure; exec "$PY" "$ROOT/bench/$sub.py" "$@" ;;
