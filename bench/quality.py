@@ -23,12 +23,19 @@ Each ``--variant NAME:KEY=VALUE`` trains one more ctvq with that override on top
 recipe (repeat a NAME to give it several), for the same minutes, into ``--work/ctvq_NAME``; the
 JSON gets ``"variants": {NAME: {...}}`` with the fields of ``"ctvq"``, the table a row each. An
 override ``stageN:KEY=VALUE`` applies to stage N only, e.g. ``--variant
-encfrozen:stage2:frozen_parts='["Encoder"]'`` (stage 2 trains the decoder and the codebook only).
+joint:stage2:frozen_parts=[]`` (stage 2 trains the encoder too, not only the decoder and the codebook).
+A variant whose overrides leave its first stages as ``ctvq``'s starts from ``ctvq``'s runs of those
+stages instead of training them again (``"shared_stages"`` in the JSON, e.g. ``[0, 1]`` for a
+``stage2:`` override): every model still has the same minutes of training, the run spends only the
+variant's own stages' minutes on it, and the comparison is of the stage that differs, free of the
+spread between two stage-0 runs. ``--work`` records each model's settings (with a digest of the
+bundle configs): a model trained with others is refused, not reported under this run's name.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -71,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="shares of --minutes for ctvq's stages 0, 1, 2 (default 0.6,0.05,0.35)")
     p.add_argument("--ctvq-override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for every ctvq stage (e.g. network_def#vq_depth=4), or for one "
-                        "stage as stageN:KEY=VALUE (e.g. 'stage2:frozen_parts=[\"Encoder\"]')")
+                        "stage as stageN:KEY=VALUE (e.g. 'stage2:frozen_parts=[]')")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE",
                    help="train and score one more ctvq with this override (repeat NAME for several overrides)")
     p.add_argument("--models", nargs="+", default=["ctvq", "monai_vqvae"], choices=["ctvq", "monai_vqvae"],
@@ -136,8 +143,14 @@ def stage_overrides(overrides: list[str], stage: int) -> list[str]:
     return out
 
 
+def shared_stages(overrides: list[str], base: list[str]) -> int:
+    """How many leading stages a model with ``overrides`` trains exactly as the one with ``base``."""
+    return next((s for s in range(3) if stage_overrides(overrides, s) != stage_overrides(base, s)), 3)
+
+
 def train_ctvq(args, resolution: int, device: torch.device, name: str = "ctvq", overrides: list[str] | None = None) -> dict:
-    """Train (or find finished in ``--work/name``) one ctvq through the shipped stage configs."""
+    """Train (or find finished in ``--work/name``) one ctvq through the shipped stage configs; the
+    leading stages a variant trains exactly as ``ctvq`` does are ``ctvq``'s own folders (trained first)."""
     from pipeline import train
     from pipeline.runs import find_checkpoint
 
@@ -147,17 +160,22 @@ def train_ctvq(args, resolution: int, device: torch.device, name: str = "ctvq", 
     for key in ("max_steps", "i_save", "i_val", "i_sample"):
         common += ["--override", f"{key}=100000000"]
     overrides = list(args.ctvq_override if overrides is None else overrides)
+    shared = 0 if name == "ctvq" else shared_stages(overrides, list(args.ctvq_override))
+    configs = [BUNDLE / f"stage{s}.json" for s in range(3)] + ([BUNDLE / "demo.json"] if args.small else [])
     settings = {"minutes": args.minutes, "stage_split": args.split, "ctvq_override": overrides,
-                "window": args.window, "small": args.small, "train": str(args.train)}
+                "window": args.window, "small": args.small, "train": str(args.train), "seed": args.seed,
+                "shared_stages": list(range(shared)),  # a model trained from its own earlier stages is another model
+                "configs": hashlib.sha256(b"".join(c.read_bytes() for c in configs)).hexdigest()[:16]}
     home = args.work / name
     record = home / "settings.json"
     if record.is_file() and json.loads(record.read_text()) != settings:
         raise SystemExit(f"quality: {record.parent} was trained with other settings ({record.read_text().strip()}); "
                          "pass another --work or delete that folder")
     C.write_json(record, settings)
-    steps, seconds = [], []
+    steps, seconds, folders = [], [], []
     for stage, share in enumerate(args.split):
-        run = home / f"stage{stage}"
+        run = (args.work / "ctvq" if stage < shared else home) / f"stage{stage}"
+        folders.append(run)
         done = _finished(run)
         if done is None:
             configs = ["--config", str(BUNDLE / f"stage{stage}.json")]
@@ -165,9 +183,9 @@ def train_ctvq(args, resolution: int, device: torch.device, name: str = "ctvq", 
                 configs += ["--config", str(BUNDLE / "demo.json")]
             extra = []
             if stage == 1:
-                extra = ["--override", f'pretrained_vae_path="{find_checkpoint(home / "stage0", weights="model")}"']
+                extra = ["--override", f'pretrained_vae_path="{find_checkpoint(folders[0], weights="model")}"']
             elif stage == 2:
-                extra = ["--load_dir", str(home / "stage1"), "--ckpt", "latest"]
+                extra = ["--load_dir", str(folders[1]), "--ckpt", "latest"]
             for item in stage_overrides(overrides, stage):
                 extra += ["--override", item]
             argv = [*configs, "--output_dir", str(run), *common, "--override", f"max_minutes={args.minutes * share}", *extra]
@@ -179,8 +197,9 @@ def train_ctvq(args, resolution: int, device: torch.device, name: str = "ctvq", 
                 raise SystemExit(f"quality: {name} stage {stage} wrote no 'Training finished' line; see {run / 'log.txt'}")
         steps.append(done[0])
         seconds.append(done[1])
-    return {"run": home / "stage2", "train_steps": sum(steps), "train_seconds": sum(seconds),
-            "stage_steps": steps, "stage_seconds": seconds, "overrides": overrides}
+    return {"run": folders[2], "train_steps": sum(steps), "train_seconds": sum(seconds),
+            "stage_steps": steps, "stage_seconds": seconds, "overrides": overrides,
+            "shared_stages": list(range(shared))}
 
 
 # ----------------------------------------------------------------------------------- MONAI VQVAE
@@ -332,6 +351,7 @@ def evaluate_models(args, trained: dict[str, dict], device: torch.device, resolu
             out[name]["stage_steps"] = result["stage_steps"]
             out[name]["stage_seconds"] = result["stage_seconds"]
             out[name]["overrides"] = result["overrides"]
+            out[name]["shared_stages"] = result["shared_stages"]
             out[name]["per_depth"] = per_depth_summary(depth_rows[name], indices[name], codebook[name])
     return out
 

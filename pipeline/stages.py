@@ -2,7 +2,9 @@
 
 - stage 0: autoencoder pretraining, quantizer bypassed (``vq`` frozen).
 - stage 1: load ``pretrained_vae_path``, freeze ``Encoder`` and ``Decoder``, train ``vq``.
-- stage 2: joint training from a stage-1 checkpoint (``pretrained_vae_path`` or ``--load_dir``).
+- stage 2: joint training from a stage-1 checkpoint (``pretrained_vae_path`` or ``--load_dir``); the
+  shipped ``stage2.json`` keeps ``Encoder`` frozen (config key ``frozen_parts``), so the decoder and the
+  codebook train on the latents stage 1 fitted the codebook to.
 
 Freezing happens in :func:`prepare_network`, before the optimizer is built (the bundle
 configs build the optimizer from the parameters that still require grad), and the summary

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="./run.sh train",
         description="Train the sparse CT VQ-VAE from a bundle config (stage0.json: autoencoder pretraining, "
-        "stage1.json: codebook on a frozen autoencoder, stage2.json: joint fine-tuning). Writes ckpts/, "
+        "stage1.json: codebook on a frozen autoencoder, stage2.json: decoder and codebook fine-tuned on the frozen encoder's latents). Writes ckpts/, "
         "tb_logs/, samples/, vqvae_model_summary.txt, config.json, command.txt and log.txt into --output_dir.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Any config key can be changed with --override key=value (JSON values; nested keys with #, e.g. "

@@ -86,7 +86,7 @@ def test_phantom_case_layout(cache):
     assert 0 < crop.occupancy <= 1 and np.isclose(crop.occupancy, crop.coords.shape[0] / 16**3)
 
 
-@pytest.mark.parametrize("script", ["train_step", "inference", "dataloader", "sparse_ops", "profile_step", "quality"])
+@pytest.mark.parametrize("script", ["train_step", "inference", "dataloader", "sparse_ops", "profile_step", "quality", "code_usage"])
 def test_help(script, capsys):
     mod = __import__(f"bench.{script}", fromlist=["parse_args"])
     with pytest.raises(SystemExit) as e:
@@ -177,6 +177,10 @@ def test_quality_out_and_help(capsys, tmp_path):
     assert quality.stage_overrides(items, 0) == ["seed=1", "learning_rate=0.001"]
     assert quality.stage_overrides(items, 1) == ["seed=1"]
     assert quality.stage_overrides(items, 2) == ["seed=1", 'frozen_parts=["Encoder"]']
+    # a variant shares the default's leading stages its overrides leave alone
+    assert quality.shared_stages(["stage1:x=1"], []) == 1 and quality.shared_stages(["seed=1"], []) == 0
+    assert quality.shared_stages(["stage2:a=1", "stage2:b=2"], ["stage2:a=1"]) == 2
+    assert quality.shared_stages(["seed=1"], ["seed=1"]) == 3
 
 
 def test_train_step_smoke(cache, tmp_path):
@@ -359,9 +363,80 @@ def test_quality_reports_every_residual_depth(quality_data, tmp_path):
     assert [r["depth"] for r in res["ctvq"]["per_depth"]] == [1]
     rows = res["variants"]["d2"]["per_depth"]
     assert [r["depth"] for r in rows] == [1, 2] and res["variants"]["d2"]["overrides"] == ["network_def#vq_depth=2"]
+    assert res["variants"]["d2"]["shared_stages"] == []  # a network_def override changes every stage
     assert all(np.isfinite(r["psnr_body"]) and r["codes_used"] > 0 for r in rows)
     assert "| ctvq d2 (network_def#vq_depth=2) |" in (tmp_path / "q.md").read_text()
     with pytest.raises(SystemExit, match="trained with other settings"):  # never reported under another name
         quality.main(argv + ["--ctvq-override", "network_def#vq_depth=2"])
     with pytest.raises(SystemExit):
         quality.parse_args(argv + ["--variant", "no-override"])
+
+
+def test_code_usage_counts_every_scan_and_analyses_them_again(quality_data, tmp_path):
+    """Codes counted per scan for two checkpoints of one trained ctvq; the saved counts give the same analysis."""
+    from bench import code_usage, quality
+
+    work = tmp_path / "q_work"
+    quality.main(["--train", str(quality_data / "train"), "--eval", str(quality_data / "eval"), "--minutes", "0.03",
+                  "--small", "--device", "cpu", "--workers", "0", "--models", "ctvq", "--train-only", "--work", str(work),
+                  "--out", str(tmp_path / "q.json")])
+    out = tmp_path / "usage.json"
+    argv = ["--train", str(quality_data / "train"), "--eval", str(quality_data / "eval"), "--device", "cpu", "--out", str(out)]
+    res = code_usage.main(argv + ["--run", f"shipped={work / 'ctvq' / 'stage2'}", "--run", f"codebook={work / 'ctvq' / 'stage1'}"])
+    assert list(res) == ["shipped", "codebook"]
+    with np.load(out.with_suffix(".npz")) as saved:
+        counts = {k: saved[k] for k in saved.files if k != "__meta__"}
+    assert sorted(k.split("|", 1)[1] for k in counts if k.startswith("shipped|")) == [
+        "eval|phantom/phantom_007", "train|phantom/phantom_000", "train|phantom/phantom_001"]
+    for run, r in res.items():
+        pooled_eval = sum(c for k, c in counts.items() if k.startswith(f"{run}|eval|"))
+        pooled_train = sum(c for k, c in counts.items() if k.startswith(f"{run}|train|"))
+        assert r["eval_tokens"] == pooled_eval.sum() > 0 and r["eval_codes_used"] == int((pooled_eval > 0).sum())
+        assert r["unused_in_training"] == int((pooled_train == 0).sum())
+        assert r["scans"]["eval"]["phantom/phantom_007"]["tokens"] == r["eval_tokens"]
+        assert set(r["train_share_on_eval_unused"]) == {"phantom/phantom_000", "phantom/phantom_001"}
+        assert all(0.0 <= s <= 1.0 for s in r["train_share_on_eval_unused"].values())
+    again = code_usage.main(["--counts", str(out.with_suffix(".npz")), "--out", str(tmp_path / "again.json")])
+    assert again == res
+    assert json.loads((tmp_path / "again.json").read_text())["env"]["device"] == "cpu"  # the counting run's machine
+    assert out.with_suffix(".md").read_text().startswith("| run | held-out: codes used |")
+    for bad in (["--run", "no-equals-sign", "--train", "a", "--eval", "b"], ["--run", "a|b=x", "--train", "a", "--eval", "b"],
+                ["--run", "a=x", "--run", "a=y", "--train", "a", "--eval", "b"], ["--counts", "c.npz", "--train", "a"]):
+        with pytest.raises(SystemExit):
+            code_usage.parse_args(bad)
+
+
+def test_code_usage_compares_with_training_scans_of_as_many_tokens():
+    from bench import code_usage
+
+    tokens = {"a": 100, "b": 50, "c": 60, "d": 400}
+    # 0.8-1.25 x 110 tokens: b + c (110) and a (100); never d, a + b (150) or a + c (160)
+    assert code_usage.alike_sets(tokens, 110) == [("a",), ("b", "c")]
+    k = 8
+    counts = {"r|train|a": np.bincount([0, 1, 2, 3], minlength=k), "r|train|b": np.bincount([0, 0, 4, 4], minlength=k),
+              "r|eval|x": np.bincount([0, 1, 2, 5], minlength=k)}
+    (r,) = code_usage.analyse(counts).values()
+    # sets of 3.2-5 training tokens: {a} (4 codes) and {b} (2 codes), not {a, b} (8 tokens)
+    assert r["alike_sets"] == 2 and r["alike_codes_used"] == [3, 2, 4]
+    assert r["unused_in_training"] == 3 and r["eval_codes_used"] == 4  # codes 5, 6, 7; codes 0, 1, 2, 5
+    assert r["train_share_on_eval_unused"] == {"a": 0.25, "b": 0.5}  # codes 3 and 4 are not held-out codes
+    with pytest.raises(SystemExit, match="no held-out scans"):
+        code_usage.analyse({"r|train|a": counts["r|train|a"]})
+
+
+def test_quality_variant_of_stage2_starts_from_the_default_stages(quality_data, tmp_path):
+    """A stage-2-only variant trains only its stage 2, from ctvq's stage 1: the shipped stage 2 keeps the
+    encoder frozen, the variant trains it too."""
+    from bench import quality
+
+    work = tmp_path / "q_work"
+    res = quality.main(["--train", str(quality_data / "train"), "--eval", str(quality_data / "eval"), "--minutes", "0.03",
+                        "--small", "--device", "cpu", "--workers", "0", "--models", "ctvq", "--work", str(work),
+                        "--variant", "joint:stage2:frozen_parts=[]", "--out", str(tmp_path / "q.json")])
+    joint = res["variants"]["joint"]
+    assert joint["shared_stages"] == [0, 1] and res["ctvq"]["shared_stages"] == []
+    assert joint["stage_steps"][:2] == res["ctvq"]["stage_steps"][:2]
+    assert sorted(p.name for p in (work / "ctvq_joint").iterdir() if p.is_dir()) == ["stage2"]
+    assert str(work / "ctvq" / "stage1") in (work / "ctvq_joint" / "stage2" / "command.txt").read_text()
+    assert "[Stage 2] Joint training: Decoder + Codebook (Encoder frozen)" in (work / "ctvq" / "stage2" / "log.txt").read_text()
+    assert "[Stage 2] Joint training: Encoder + Decoder + Codebook" in (work / "ctvq_joint" / "stage2" / "log.txt").read_text()

@@ -185,6 +185,20 @@ def test_bundle_run_user_error_is_one_line(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+def test_resume_with_other_frozen_parts_names_the_setting(chain, data_dir, tmp_path):
+    """A stage 2 run resumed with the Encoder trainable (as before stage2.json froze it) stops in one line
+    that names frozen_parts and the override, and the run's checkpoints stay."""
+    import shutil
+
+    run = tmp_path / "s2"
+    shutil.copytree(chain["s2"], run)
+    before = sorted(p.name for p in (run / "ckpts").iterdir())
+    proc = bundle_run("stage2.json", output_dir=str(run), data_dir=str(data_dir), max_steps=3, i_save=2, i_sample=100,
+                      i_val=100, ckpt="latest", frozen_parts=[])
+    _one_line_error(proc, "optimizer state does not fit this run", "frozen_parts", "--override 'frozen_parts=[]'")
+    assert sorted(p.name for p in (run / "ckpts").iterdir()) == before
+
+
 def test_train_cli_user_error_is_one_line(data_dir, tmp_path):
     """The same through ./run.sh train, with our own configs trusted (no MONAI warning)."""
     out = tmp_path / "runs" / "s2"
@@ -209,9 +223,13 @@ def test_stage1_freezing(chain):
             assert torch.equal(v, s1[k]), f"{k} changed in stage 1"
     assert not torch.equal(s0["vq.embeddings.weight"], s1["vq.embeddings.weight"])
     assert bool(s1["vq.initialized"])  # k-means ran
-    # stage 2 trains everything
-    s2_summary = (chain["s2"] / "vqvae_model_summary.txt").read_text()
-    assert " False" not in s2_summary.split("Parameters:")[1].split("Total")[0]
+    # stage 2 as shipped (frozen_parts ["Encoder"]): the decoder and the codebook train on the
+    # latents stage 1 fitted the codebook to
+    s2_grads = {l.split()[0]: l.split()[-1] for l in (chain["s2"] / "vqvae_model_summary.txt").read_text().splitlines()
+                if l.startswith(("Encoder.", "Decoder.", "vq."))}
+    assert {n.split(".")[0] for n, g in s2_grads.items() if g == "True"} == {"Decoder", "vq"}
+    assert all(g == "False" for n, g in s2_grads.items() if n.startswith("Encoder."))
+    assert "[Stage 2] Joint training: Decoder + Codebook (Encoder frozen)" in (chain["s2"] / "log.txt").read_text()
 
 
 def test_ema_follows_kmeans_codebook(chain):
