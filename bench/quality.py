@@ -161,11 +161,11 @@ def train_ctvq(args, resolution: int, device: torch.device, name: str = "ctvq", 
         common += ["--override", f"{key}=100000000"]
     overrides = list(args.ctvq_override if overrides is None else overrides)
     shared = 0 if name == "ctvq" else shared_stages(overrides, list(args.ctvq_override))
-    configs = [BUNDLE / f"stage{s}.json" for s in range(3)] + ([BUNDLE / "demo.json"] if args.small else [])
+    config_files = [BUNDLE / f"stage{s}.json" for s in range(3)] + ([BUNDLE / "demo.json"] if args.small else [])
     settings = {"minutes": args.minutes, "stage_split": args.split, "ctvq_override": overrides,
                 "window": args.window, "small": args.small, "train": str(args.train), "seed": args.seed,
                 "shared_stages": list(range(shared)),  # a model trained from its own earlier stages is another model
-                "configs": hashlib.sha256(b"".join(c.read_bytes() for c in configs)).hexdigest()[:16]}
+                "configs": hashlib.sha256(b"".join(f.read_bytes() for f in config_files)).hexdigest()[:16]}
     home = args.work / name
     record = home / "settings.json"
     if record.is_file() and json.loads(record.read_text()) != settings:
