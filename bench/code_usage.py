@@ -74,19 +74,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def count_codes(runs: dict[str, Path], folders: dict[str, Path], device: torch.device) -> dict[str, np.ndarray]:
-    """``{"RUN|SPLIT|CASE": counts [K]}`` of every case of every folder, encoded by every run."""
+    """``{"RUN|SPLIT|CASE": counts [K]}`` of every case of every folder, encoded by every run (every run
+    and folder checked first, so a mistake ends the script before any scan is encoded)."""
     from pipeline.evaluate import find_cases
     from pipeline.infer import Tokenizer
+    from pipeline.io_utils import CheckpointError, TokenizerError
     from pipeline.processed import case_geometry, load_case
 
-    counts = {}
+    for split, data_dir in folders.items():
+        if not data_dir.is_dir():
+            raise SystemExit(f"code_usage: --{split} {data_dir} is not a folder; pass a ./run.sh preprocess output folder")
+    plan = {}
     for name, run in runs.items():
-        tok = Tokenizer.from_checkpoint(run, device=device)
-        for split, data_dir in folders.items():
-            cases = find_cases(data_dir, tok.window, tok.resolution)
+        try:
+            tok = Tokenizer.from_checkpoint(run, device=device)
+        except (CheckpointError, TokenizerError, FileNotFoundError) as e:
+            raise SystemExit(f"code_usage: --run {name}={run}: no trained run there ({' '.join(str(e).split(';')[0].split())}); "
+                             "pass a run folder of ./run.sh train (it holds config.json and ckpts/)") from None
+        try:
+            cases_of = {split: find_cases(data_dir, tok.window, tok.resolution) for split, data_dir in folders.items()}
+        except ValueError as e:
+            raise SystemExit(f"code_usage: run {name}: {' '.join(str(e).split())}") from None
+        for split, cases in cases_of.items():
             if not cases:
-                raise SystemExit(f"code_usage: {data_dir} holds no complete case with the {tok.window.name} window "
-                                 f"at {tok.resolution}^3 that run {run} was trained on; preprocess it with that window")
+                raise SystemExit(f"code_usage: --{split} {folders[split]} holds no complete case with the {tok.window.name} "
+                                 f"window at {tok.resolution}^3 that run {name} was trained on; preprocess it with that window")
+        plan[name] = (tok, cases_of)
+    counts = {}
+    for name, (tok, cases_of) in plan.items():
+        for split, cases in cases_of.items():
             for case in cases:
                 data = load_case(case)
                 tokens = tok.encode_arrays(data["window"], data["mask"], **case_geometry(data["info"]))
@@ -149,21 +165,26 @@ def display_row(run: str, r: dict) -> dict:
     alike = r["alike_codes_used"]
     return {"run": run, "eval_codes_used": pct(r["eval_codes_used"]), "eval_perplexity": f"{r['eval_perplexity']:.0f}",
             "train_codes_used": pct(r["train_codes_used"]), "train_perplexity": f"{r['train_perplexity']:.0f}",
-            "alike_codes_used": f"{pct(alike[0])}, {alike[1]}-{alike[2]} ({r['alike_sets']} sets)" if alike else "no such set",
-            "unused_in_training": r["unused_in_training"]}
+            "alike_codes_used": (f"{pct(alike[0])}, {alike[1]}-{alike[2]} ({r['alike_sets']} set{'s' if r['alike_sets'] > 1 else ''})"
+                                 if alike else "no such set"),
+            "unused_in_training": pct(r["unused_in_training"])}
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.counts is not None:
-        with np.load(args.counts) as saved:
-            counts = {key: saved[key] for key in saved.files if key != "__meta__"}
-            meta = json.loads(str(saved["__meta__"])) if "__meta__" in saved.files else {}
+        try:
+            with np.load(args.counts) as saved:
+                counts = {key: saved[key] for key in saved.files if key != "__meta__"}
+                meta = json.loads(str(saved["__meta__"])) if "__meta__" in saved.files else {}
+        except (OSError, ValueError, AttributeError) as e:
+            raise SystemExit(f"code_usage: --counts {args.counts}: not counts this script saved ({type(e).__name__}); "
+                             "pass the .npz written beside an earlier --out") from None
     else:
         device = C.resolve_device(args.device)
         torch.backends.cudnn.benchmark = False  # ctvq's tiles change shape: no per-shape tuning
         counts = count_codes(args.runs, {"train": args.train, "eval": args.eval}, device)
-        meta = {"env": C.env_info(device), "runs": args.runs, "train_dir": args.train, "eval_dir": args.eval}
+        meta = {"env": C.env_info(device), "run_folders": args.runs, "train_dir": args.train, "eval_dir": args.eval}
         meta = json.loads(json.dumps(meta, default=C.jsonable))
         npz = args.out.with_suffix(".npz")
         npz.parent.mkdir(parents=True, exist_ok=True)
@@ -172,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
             np.savez_compressed(f, __meta__=np.array(json.dumps(meta)), **counts)
         partial.replace(npz)
     results = analyse(counts, args.seed)
-    C.write_json(args.out, {"runs": results, **meta, **({"counts": str(args.counts)} if args.counts else {})})
+    C.write_json(args.out, {**meta, **({"counts": str(args.counts)} if args.counts else {}), "runs": results})
     table = C.markdown_table([display_row(run, r) for run, r in results.items()], COLUMNS)
     save_text(args.out.with_suffix(".md"), table + "\n")
     print(table)

@@ -155,6 +155,8 @@ def prepare_run_folder(
         elif ckpt not in (None, "", "None"):
             path, step = find_step_checkpoint(out, ckpt)  # --ckpt without --load_dir: resume this folder
             run.resume_ckpt, run.resume_step = path, step
+        if run.resuming:
+            check_resume_settings(run.resume_ckpt, config if config is not None else resolved_config())
         _prepare_files(run, config, log_file)
     except BaseException:
         run.release()
@@ -167,6 +169,31 @@ def prepare_run_folder(
         _, init_step = find_step_checkpoint(run.init_ckpt)
         logger.info(f"Loading checkpoint from step {init_step}... (weights of {run.init_ckpt}, training restarts at step 0)")
     return run
+
+
+#: settings that decide which parameters the optimizer holds: a resumed run must keep its own
+RESUME_KEYS = {"frozen_parts": []}  # the value a run's config.json lacking the key had
+
+
+def check_resume_settings(ckpt: Path, config: dict | None) -> None:
+    """Refuses to resume the run that wrote ``ckpt`` with settings its optimizer state cannot fit,
+    before anything in a run folder changes (one line naming both values and the fixes)."""
+    saved = ckpt.parent.parent / "config.json"
+    if config is None or not saved.is_file():
+        return
+    import json
+
+    try:
+        before = json.loads(saved.read_text())
+    except (OSError, ValueError):
+        return  # the checkpoint's own checks name an unreadable run
+    for key, default in RESUME_KEYS.items():
+        old, new = before.get(key, default), config.get(key, default)
+        if old != new:
+            raise ValueError(
+                f"{saved.parent}: trained with {key} {json.dumps(old)}, this run asks for {json.dumps(new)}, which its "
+                f"optimizer state does not fit; resume with --override '{key}={json.dumps(old)}', or start a new run "
+                f"from its weights with --override 'pretrained_vae_path=\"{ckpt}\"' and a new --output_dir")
 
 
 def _first_missing(path: Path) -> Path | None:

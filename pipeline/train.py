@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Any config key can be changed with --override key=value (JSON values; nested keys with #, e.g. "
         "--override dataset#args#max_points=200000 --override network_def#use_checkpoint=true).\n"
         "Stage 1 needs pretrained_vae_path (a stage 0 checkpoint or Direct3D-S2 VAE); stage 2 takes the stage 1 "
-        "run through --load_dir (or pretrained_vae_path).\nThe same run with MONAI's runner: python -m monai.bundle "
+        "run through --load_dir (or pretrained_vae_path) and keeps the Encoder frozen (frozen_parts [\"Encoder\"]; "
+        "--override 'frozen_parts=[]' trains it too).\nThe same run with MONAI's runner: python -m monai.bundle "
         "run training --config_file bundles/ct_vqvae/stage1.json --data_dir D --output_dir O",
     )
     p.add_argument("--config", required=True, action="append",

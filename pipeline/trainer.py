@@ -412,8 +412,7 @@ class SparseVQVAETrainer(SupervisedTrainer):
         except (KeyError, ValueError, TypeError) as e:
             raise CheckpointError(
                 f"{state['misc_path']}: optimizer state does not fit this run ({type(e).__name__}: {' '.join(str(e).split())[:120]}); "
-                "resume with the config of the run that wrote it (its config.json: frozen_parts, optimizer, lr_scheduler; "
-                "a stage 2 begun before stage2.json froze the Encoder resumes with --override 'frozen_parts=[]')"
+                "resume with the config of the run that wrote it (its config.json: frozen_parts, optimizer, lr_scheduler)"
             ) from None
         if self.ema is not None:
             if state["ema"] is not None:

@@ -396,9 +396,16 @@ def test_code_usage_counts_every_scan_and_analyses_them_again(quality_data, tmp_
         assert r["scans"]["eval"]["phantom/phantom_007"]["tokens"] == r["eval_tokens"]
         assert set(r["train_share_on_eval_unused"]) == {"phantom/phantom_000", "phantom/phantom_001"}
         assert all(0.0 <= s <= 1.0 for s in r["train_share_on_eval_unused"].values())
+    assert json.loads(out.read_text())["runs"] == res
     again = code_usage.main(["--counts", str(out.with_suffix(".npz")), "--out", str(tmp_path / "again.json")])
-    assert again == res
-    assert json.loads((tmp_path / "again.json").read_text())["env"]["device"] == "cpu"  # the counting run's machine
+    saved = json.loads((tmp_path / "again.json").read_text())
+    assert again == res and saved["runs"] == res
+    assert saved["env"]["device"] == "cpu" and set(saved["run_folders"]) == {"shipped", "codebook"}  # the counting run's
+    # a run folder that holds no run ends the script in one line before any scan is encoded
+    with pytest.raises(SystemExit, match=r"--run nothing=.*: no trained run there .*pass a run folder of ./run.sh train"):
+        code_usage.main(argv + ["--run", f"shipped={work / 'ctvq' / 'stage2'}", "--run", f"nothing={tmp_path}"])
+    with pytest.raises(SystemExit, match="not counts this script saved"):
+        code_usage.main(["--counts", str(out), "--out", str(tmp_path / "bad.json")])
     assert out.with_suffix(".md").read_text().startswith("| run | held-out: codes used |")
     for bad in (["--run", "no-equals-sign", "--train", "a", "--eval", "b"], ["--run", "a|b=x", "--train", "a", "--eval", "b"],
                 ["--run", "a=x", "--run", "a=y", "--train", "a", "--eval", "b"], ["--counts", "c.npz", "--train", "a"]):

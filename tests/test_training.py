@@ -186,17 +186,18 @@ def test_bundle_run_user_error_is_one_line(tmp_path):
 
 
 def test_resume_with_other_frozen_parts_names_the_setting(chain, data_dir, tmp_path):
-    """A stage 2 run resumed with the Encoder trainable (as before stage2.json froze it) stops in one line
-    that names frozen_parts and the override, and the run's checkpoints stay."""
+    """A stage 2 run resumed with the Encoder trainable (its run froze it) is refused in one line naming
+    both values and the fixes, before anything in the run folder changes."""
     import shutil
 
     run = tmp_path / "s2"
     shutil.copytree(chain["s2"], run)
-    before = sorted(p.name for p in (run / "ckpts").iterdir())
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     proc = bundle_run("stage2.json", output_dir=str(run), data_dir=str(data_dir), max_steps=3, i_save=2, i_sample=100,
-                      i_val=100, ckpt="latest", frozen_parts=[])
-    _one_line_error(proc, "optimizer state does not fit this run", "frozen_parts", "--override 'frozen_parts=[]'")
-    assert sorted(p.name for p in (run / "ckpts").iterdir()) == before
+                      i_val=100, load_dir=str(run), ckpt="latest", frozen_parts=[])
+    _one_line_error(proc, "trained with frozen_parts [\"Encoder\"], this run asks for []",
+                    "--override 'frozen_parts=[\"Encoder\"]'", "pretrained_vae_path")
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # no lock left either
 
 
 def test_train_cli_user_error_is_one_line(data_dir, tmp_path):
