@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import logging
 import os
 import shlex
@@ -181,8 +182,6 @@ def check_resume_settings(ckpt: Path, config: dict | None) -> None:
     saved = ckpt.parent.parent / "config.json"
     if config is None or not saved.is_file():
         return
-    import json
-
     try:
         before = json.loads(saved.read_text())
     except (OSError, ValueError):
