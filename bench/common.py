@@ -97,10 +97,16 @@ def add_common_args(parser: argparse.ArgumentParser, name: str) -> argparse.Argu
 
 
 def resolve_device(name: str) -> torch.device:
-    """The torch device for ``--device``; a clear error when CUDA is asked for and absent."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible; run on a GPU machine or pass --device cpu")
-    device = torch.device(name)
+    """The torch device for ``--device`` (``pipeline.tokenizer.resolve_device``); one line when CUDA is
+    asked for and absent."""
+    from pipeline.io_utils import TokenizerError
+    from pipeline.tokenizer import resolve_device as pipeline_device
+
+    try:
+        device = pipeline_device(name)
+    except TokenizerError as e:
+        reason = str(e).split(": ", 1)[-1].split(";")[0]  # e.g. "no CUDA GPU is visible here"
+        raise SystemExit(f"--device {name}: {reason}; pass --device cpu or run on a GPU machine") from None
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # dense convs: pick the fastest cuDNN algorithm (TF32 left at defaults)
     return device

@@ -447,3 +447,11 @@ def test_quality_variant_of_stage2_starts_from_the_default_stages(quality_data, 
     assert str(work / "ctvq" / "stage1") in (work / "ctvq_joint" / "stage2" / "command.txt").read_text()
     assert "[Stage 2] Joint training: Decoder + Codebook (Encoder frozen)" in (work / "ctvq" / "stage2" / "log.txt").read_text()
     assert "[Stage 2] Joint training: Encoder + Decoder + Codebook" in (work / "ctvq_joint" / "stage2" / "log.txt").read_text()
+
+
+def test_bench_device_is_the_pipeline_device():
+    """The benchmarks resolve --device as the pipeline does, in one line when the GPU is absent."""
+    assert C.resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match=r"^--device cuda: no CUDA GPU is visible here; pass --device cpu"):
+            C.resolve_device("cuda")
