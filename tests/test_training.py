@@ -211,10 +211,15 @@ def test_train_cli_user_error_is_one_line(data_dir, tmp_path):
     assert "Warning" not in proc.stderr, proc.stderr
 
 
-def test_stage1_freezing(chain):
-    summary = (chain["s1"] / "vqvae_model_summary.txt").read_text().splitlines()
+def _summary_grads(run: Path) -> dict[str, str]:
+    """``{parameter: Grad column}`` of a run's vqvae_model_summary.txt."""
+    summary = (run / "vqvae_model_summary.txt").read_text().splitlines()
     assert any(l.startswith("Name") and "Shape" in l and "Grad" in l for l in summary)
-    grads = {l.split()[0]: l.split()[-1] for l in summary if l.startswith(("Encoder.", "Decoder.", "vq."))}
+    return {l.split()[0]: l.split()[-1] for l in summary if l.startswith(("Encoder.", "Decoder.", "vq."))}
+
+
+def test_stage1_freezing(chain):
+    grads = _summary_grads(chain["s1"])
     assert grads and all(g == "False" for n, g in grads.items() if not n.startswith("vq."))
     assert grads["vq.embeddings.weight"] == "True"
     s0 = torch.load(chain["s0"] / "ckpts" / "vqvae_step0000003.pt", weights_only=True)
@@ -226,8 +231,7 @@ def test_stage1_freezing(chain):
     assert bool(s1["vq.initialized"])  # k-means ran
     # stage 2 as shipped (frozen_parts ["Encoder"]): the decoder and the codebook train on the
     # latents stage 1 fitted the codebook to
-    s2_grads = {l.split()[0]: l.split()[-1] for l in (chain["s2"] / "vqvae_model_summary.txt").read_text().splitlines()
-                if l.startswith(("Encoder.", "Decoder.", "vq."))}
+    s2_grads = _summary_grads(chain["s2"])
     assert {n.split(".")[0] for n, g in s2_grads.items() if g == "True"} == {"Decoder", "vq"}
     assert all(g == "False" for n, g in s2_grads.items() if n.startswith("Encoder."))
     assert "[Stage 2] Joint training: Decoder + Codebook (Encoder frozen)" in (chain["s2"] / "log.txt").read_text()
