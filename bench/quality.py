@@ -6,8 +6,8 @@ ctvq is trained by the shipped recipe (``bundles/ct_vqvae/stage0.json`` -> ``sta
 benchmarks' 8x, 8192 x 32 config) is trained on dense ``--crop``^3 crops of the window times the
 body mask, batch 2, L1 plus its VQ loss, AdamW 1e-4, fp16. Both models then encode and decode each
 whole evaluation scan, scored by ``pipeline.metrics`` (PSNR/SSIM and MAE inside the body, per-organ
-MAE where labels exist, codes used and perplexity over the tokens of cells holding body voxels,
-tokens per scan); ctvq also decodes its continuous latents with the quantiser left out (PSNR and
+MAE where labels exist, codes used and perplexity over the tokens of cells holding body voxels (of
+the first level for ``vq_depth`` > 1; each level's under ``"per_depth"``), tokens per scan); ctvq also decodes its continuous latents with the quantiser left out (PSNR and
 MAE ``*_unquantized``: what quantisation costs against what the autoencoder loses). Writes a JSON
 (``"ctvq"``, ``"monai_vqvae"``, ``"env"``), a Markdown table beside it and one picture per case
 (input, then each model: ctvq, its variants, VQVAE, with its error).
@@ -285,6 +285,13 @@ def body_cells(mask: np.ndarray, factor: int = 8) -> np.ndarray:
     return mask.reshape(r, factor, r, factor, r, factor).any(axis=(1, 3, 5))
 
 
+def first_level(indices: np.ndarray) -> np.ndarray:
+    """The codes of a scan's first level ([M] of codes [M, D]; codes [M] as they are): a model of depth
+    D > 1 reports the usage of the tokens a depth-1 reader gets, each level's under ``per_depth``."""
+    indices = np.asarray(indices)
+    return indices.reshape(len(indices), -1)[:, 0]
+
+
 def evaluate_models(args, trained: dict[str, dict], device: torch.device, resolution: int) -> dict:
     """Score every trained model (``{name: train result}``; ctvq models have a ``"run"``) on the
     whole evaluation scans; ``{name: means, usage, training figures and per-case rows}``."""
@@ -330,7 +337,7 @@ def evaluate_models(args, trained: dict[str, dict], device: torch.device, resolu
             indices["monai_vqvae"].append(idx[body_cells(mask)])
         for name, recon in recons.items():
             m = volume_metrics(recon, target, window, mask, data["labels"], case["organ_mapping"] or None, device=device)
-            use = codebook_usage(indices[name][-1], codebook[name])
+            use = codebook_usage(first_level(indices[name][-1]), codebook[name])
             tokens_per_scan = len(indices[name][-1]) if name in toks else int(np.prod(body_cells(mask).shape))
             rows[name].append({"case": case["case"], **{k: m.get(k) for k in METRICS[:3]},
                                "organ_mae_hu": m.get("organ_mae_hu"), "codes_used": use["codes_used"],
@@ -339,7 +346,8 @@ def evaluate_models(args, trained: dict[str, dict], device: torch.device, resolu
         save_three_plane(pictures / f"{case['case'].replace('/', '__')}.png", target, recons, mask=mask, title=case["case"])
     out = {}
     for name, result in trained.items():
-        pooled = codebook_usage(np.concatenate(indices[name]) if indices[name] else np.zeros(0, int), codebook[name])
+        pooled = codebook_usage(np.concatenate([first_level(i) for i in indices[name]]) if indices[name] else np.zeros(0, int),
+                                codebook[name])
         mean = {m: float(np.mean([r[m] for r in rows[name]])) for m in METRICS[:3]}
         out[name] = {**mean, "codes_used": pooled["codes_used"], "codebook_usage": pooled["usage"],
                      "perplexity": pooled["perplexity"], "tokens": float(np.mean([r["tokens"] for r in rows[name]])),

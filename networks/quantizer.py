@@ -12,6 +12,12 @@ How the trainer uses it:
   does it on demand (after feeding ``vq.collect(z)``), e.g. right after loading pretrained weights.
 - Dead codes: every ``restart_every`` training steps, codes unused for ``dead_code_steps`` steps are
   re-seeded with random recent encoder outputs from the reservoir (``restart_every=0`` disables).
+  With ``dead_code_share`` > 0, so are codes still used but rarely: those whose recent usage (an
+  average over about the last ``dead_code_steps`` steps) is below that share of the average code's.
+  The usage loss cannot move such codes (a far code gets no soft assignment, so no gradient); the
+  restart draws them from the reservoir, in proportion to where encoder outputs lie, so the book
+  leaves the tails of the training scans for the content most scans hold (see Jukebox's threshold
+  restarts, Dhariwal et al. 2020).
 - Usage: ``usage_stats()`` -> perplexity, share of codes used and count used since
   ``reset_usage()``.
 - Usage loss: with ``entropy_weight > 0`` the forward also returns ``losses["entropy"]`` (already
@@ -154,6 +160,8 @@ class VectorQuantizer(nn.Module):
         reservoir_size: capacity of the reservoir of recent encoder outputs.
         restart_every: check for dead codes every this many training steps (0: never).
         dead_code_steps: a code unused this many steps is dead.
+        dead_code_share: a code whose recent usage is below this share of the average code's is
+            restarted too (0: only unused codes).
         lookup_dim: factorised lookup in an l2-normalised space of this size (None: plain lookup
             of the D-dimensional vectors, the default).
         shared_map: codes = ``embeddings.weight`` (fixed) @ ``code_map`` (learned, D x D), as SimVQ
@@ -178,6 +186,7 @@ class VectorQuantizer(nn.Module):
         reservoir_size: int = 65536,
         restart_every: int = 0,
         dead_code_steps: int = 1000,
+        dead_code_share: float = 0.0,
         eps: float = 1e-5,
         lookup_dim: int | None = None,
         shared_map: bool = False,
@@ -195,6 +204,9 @@ class VectorQuantizer(nn.Module):
         if not entropy_temperature > 0 or int(entropy_rows) < 1:
             raise ValueError(f"network_def#vq_entropy_temperature={entropy_temperature} must be > 0 and "
                              f"network_def#vq_entropy_rows={entropy_rows} >= 1")
+        if not 0.0 <= dead_code_share < 1.0:
+            raise ValueError(f"network_def#vq_dead_code_share={dead_code_share} must be in [0, 1): the share of the "
+                             "average code's usage below which a code is restarted (0 turns it off)")
         if entropy_scope not in ENTROPY_SCOPES:
             raise ValueError(f"network_def#vq_entropy_scope={entropy_scope!r} is not one of {list(ENTROPY_SCOPES)}.")
         if shared_map and (codebook_update != "gradient" or lookup_dim):
@@ -210,6 +222,7 @@ class VectorQuantizer(nn.Module):
         self.reservoir_size = reservoir_size
         self.restart_every = restart_every
         self.dead_code_steps = dead_code_steps
+        self.dead_code_share = float(dead_code_share)
         self.eps = eps
         self.lookup_dim = lookup_dim
         self.entropy_weight = float(entropy_weight)
@@ -238,6 +251,10 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("last_used", torch.zeros(num_embeddings, dtype=torch.long))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
+        # recent usage per code (EMA over about dead_code_steps steps) and the step each code got its
+        # vector: not saved, so checkpoints keep their keys; a loaded model starts a new window
+        self.register_buffer("recent_usage", torch.zeros(num_embeddings), persistent=False)
+        self.register_buffer("born", torch.zeros(num_embeddings, dtype=torch.long), persistent=False)
         # reservoir of recent encoder outputs: a plain attribute, not a buffer, so that DDP's
         # buffer broadcast never sees its rank-dependent size (not saved in checkpoints)
         self.reservoir = torch.zeros(0, dim)
@@ -255,6 +272,8 @@ class VectorQuantizer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._py_initialized = bool(self.initialized)
         self._py_step = int(self.step)
+        self.recent_usage.zero_()
+        self.born.fill_(self._py_step)
 
     # ------------------------------------------------------------------ reservoir
     @torch.no_grad()
@@ -303,12 +322,30 @@ class VectorQuantizer(nn.Module):
         self.initialized.fill_(True)
         self._py_initialized = True
         self.last_used.fill_(self._py_step)
+        self.recent_usage.zero_()
+        self.born.fill_(self._py_step)
         logger.info("vq: k-means initialised %d codes from %d encoder outputs", self.num_embeddings, self.reservoir.shape[0])
 
     @torch.no_grad()
+    def rarely_used(self) -> torch.Tensor:
+        """[K] bool: codes of at least ``dead_code_steps`` steps whose recent usage is below
+        ``dead_code_share`` of the average such code's (none while ``dead_code_share`` is 0)."""
+        age = self.step - self.born
+        settled = age >= self.dead_code_steps
+        if self.dead_code_share <= 0:
+            return torch.zeros_like(settled)
+        decay = 1.0 - 1.0 / self.dead_code_steps
+        usage = self.recent_usage / (1.0 - decay ** age.clamp_min(1).double()).float()  # EMA bias corrected
+        average = (usage * settled).sum() / settled.sum().clamp_min(1)
+        return settled & (usage < self.dead_code_share * average)
+
+    @torch.no_grad()
     def restart_dead_codes(self) -> int:
-        """Re-seed codes unused for ``dead_code_steps`` steps from the reservoir; returns how many."""
-        dead = (self.step - self.last_used) >= self.dead_code_steps
+        """Re-seed from the reservoir the codes unused for ``dead_code_steps`` steps and, with
+        ``dead_code_share``, the rarely used ones; returns how many."""
+        unused = (self.step - self.last_used) >= self.dead_code_steps
+        rare = self.rarely_used() & ~unused
+        dead = unused | rare
         n = int(dead.sum())  # sync: runs every `restart_every` steps only; same on all ranks
         if n == 0:
             return 0
@@ -325,7 +362,12 @@ class VectorQuantizer(nn.Module):
         self.ema_embed_sum[dead] = w[dead].float()
         self.ema_cluster_size[dead] = 1.0
         self.last_used[dead] = self.step
-        logger.info("vq: restarted %d dead codes", n)
+        self.recent_usage[dead] = 0.0
+        self.born[dead] = self.step
+        if self.dead_code_share > 0:
+            logger.info("vq: restarted %d dead codes (%d rarely used)", n, int(rare.sum()))
+        else:
+            logger.info("vq: restarted %d dead codes", n)
         return n
 
     # ------------------------------------------------------------------ stats
@@ -469,6 +511,8 @@ class VectorQuantizer(nn.Module):
             if ema:
                 dist.all_reduce(sums)
         self.usage_counts += counts
+        if self.dead_code_share > 0:
+            self.recent_usage.lerp_(counts.float(), 1.0 / self.dead_code_steps)
         self.step += 1
         self._py_step += 1
         self.last_used.copy_(torch.where(counts > 0, self.step, self.last_used))

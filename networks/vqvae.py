@@ -280,7 +280,7 @@ class SparseVQVAE(nn.Module):
             (per sample, extent dependent, not tileable).
         num_groups: groups of the group norms.
         vq_kmeans_init, vq_kmeans_init_points, vq_reservoir_size, vq_restart_every,
-        vq_dead_code_steps, vq_ema_decay: see :class:`~networks.quantizer.VectorQuantizer`.
+        vq_dead_code_steps, vq_dead_code_share, vq_ema_decay: see :class:`~networks.quantizer.VectorQuantizer`.
         vq_type: ``"vq"`` (plain lookup, ``vq.embeddings.weight`` [K, latent_channels]),
             ``"factorized"`` (l2-normalised lookup in ``vq_lookup_dim`` dimensions), ``"simvq"`` (a fixed basis times one learned map) or ``"fsq"``
             (finite scalar quantisation with ``fsq_levels``, prod(levels) codes).
@@ -323,6 +323,7 @@ class SparseVQVAE(nn.Module):
         vq_reservoir_size: int = 65536,
         vq_restart_every: int = 0,
         vq_dead_code_steps: int = 1000,
+        vq_dead_code_share: float = 0.0,
         vq_ema_decay: float = 0.99,
         attn_max_tokens: int | None = None,
         child_embedding: bool = True,
@@ -380,6 +381,7 @@ class SparseVQVAE(nn.Module):
             reservoir_size=vq_reservoir_size,
             restart_every=vq_restart_every,
             dead_code_steps=vq_dead_code_steps,
+            dead_code_share=vq_dead_code_share,
             entropy_weight=vq_entropy_weight,
             entropy_scope=vq_entropy_scope,
             entropy_rows=vq_entropy_rows,

@@ -365,6 +365,8 @@ def test_quality_reports_every_residual_depth(quality_data, tmp_path):
     assert [r["depth"] for r in rows] == [1, 2] and res["variants"]["d2"]["overrides"] == ["network_def#vq_depth=2"]
     assert res["variants"]["d2"]["shared_stages"] == []  # a network_def override changes every stage
     assert all(np.isfinite(r["psnr_body"]) and r["codes_used"] > 0 for r in rows)
+    d2 = res["variants"]["d2"]  # its usage is that of the first level, as a depth-1 reader's tokens
+    assert d2["codes_used"] == rows[0]["codes_used"] and d2["perplexity"] == pytest.approx(rows[0]["perplexity"])
     assert "| ctvq d2 (network_def#vq_depth=2) |" in (tmp_path / "q.md").read_text()
     with pytest.raises(SystemExit, match="trained with other settings"):  # never reported under another name
         quality.main(argv + ["--ctvq-override", "network_def#vq_depth=2"])

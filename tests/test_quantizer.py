@@ -91,6 +91,52 @@ def test_dead_codes_restarted():
     assert vq.usage_stats()["codes_used"] > 16
 
 
+def test_rarely_used_codes_restarted_where_the_data_is():
+    # 16 clusters; codes 0-15 sit on them, code 16 between the points of cluster 0 and one far
+    # outlier (1 of 641 rows a step): used every step, so never dead, but rarely
+    x, centres = clustered(16, dim=4, per=40)
+    outlier = centres[:1] + 40.0
+    batch = torch.cat([x, outlier])
+
+    def trained(share):
+        vq = VectorQuantizer(32, 4, restart_every=10, dead_code_steps=5, dead_code_share=share,
+                             reservoir_size=4096).train()
+        with torch.no_grad():
+            vq.embeddings.weight[:16] = centres
+            vq.embeddings.weight[16] = outlier[0]
+            vq.embeddings.weight[17:] = 1000.0  # unused: dead either way
+        for _ in range(10):
+            vq(batch)
+        return vq
+
+    kept = trained(0.0)
+    assert torch.equal(kept.embeddings.weight[16], outlier[0]), "share 0 must leave a used code alone"
+    assert not kept.rarely_used().any()
+    moved = trained(0.2)
+    # the rare code now lies among the clusters the data fills
+    assert torch.cdist(moved.embeddings.weight[16:17], centres).min() < 1.0
+    assert int(moved.born[16]) == 10 and float(moved.recent_usage[16]) == 0.0
+    # a settled code with its cluster's usage is not rare
+    assert not moved.rarely_used()[:16].any()
+
+
+def test_rarely_used_window_restarts_after_loading():
+    vq = VectorQuantizer(8, 2, restart_every=4, dead_code_steps=4, dead_code_share=0.5).train()
+    for _ in range(6):
+        vq(torch.randn(64, 2))
+    assert "recent_usage" not in vq.state_dict() and "born" not in vq.state_dict()
+    loaded = VectorQuantizer(8, 2, restart_every=4, dead_code_steps=4, dead_code_share=0.5)
+    loaded.load_state_dict(vq.state_dict())
+    assert int(loaded.step) == 6 and torch.equal(loaded.born, torch.full((8,), 6))
+    assert not loaded.rarely_used().any(), "a fresh window has no settled codes"
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.0])
+def test_dead_code_share_out_of_range_is_refused(share):
+    with pytest.raises(ValueError, match="vq_dead_code_share"):
+        VectorQuantizer(8, 2, dead_code_share=share)
+
+
 def test_ema_update_moves_codes_to_means():
     x, centres = clustered(4, dim=2, per=200)
     vq = VectorQuantizer(4, 2, codebook_update="ema", ema_decay=0.5).train()
