@@ -7,8 +7,9 @@ trained on) and counts its codes (the first level's, for a residual quantizer). 
 gives: the held-out scans' codes used and perplexity (pooled); the training scans' (pooled); the
 codes used by training scans holding about as many tokens as the held-out ones (median over every
 set of training scans with 0.8-1.25x the held-out tokens: what a scan the model was trained on
-reaches, so a held-out figure below it is a content gap, one near it a per-scan limit); and the
-codes no training scan uses. The JSON adds every scan's tokens and codes, and per training scan
+reaches, so a held-out figure below it is a content gap, one near it a per-scan limit), and by sets
+holding twice and four times as many (what a larger held-out set would reach, by the same measure);
+and the codes no training scan uses. The JSON adds every scan's tokens and codes, and per training scan
 the share of its tokens on codes no held-out scan uses. The code counts go to a ``.npz`` beside it
 (keys ``RUN|train|CASE`` and ``RUN|eval|CASE``, the run's settings under ``__meta__``), which
 ``--counts`` analyses again without a model.
@@ -39,10 +40,13 @@ from pipeline.io_utils import save_text  # noqa: E402
 COLUMNS = [("run", "run"), ("eval_codes_used", "held-out: codes used"), ("eval_perplexity", "held-out: perplexity"),
            ("train_codes_used", "training: codes used"), ("train_perplexity", "training: perplexity"),
            ("alike_codes_used", "training scans of as many tokens: codes used (median, range)"),
+           ("larger_codes_used", "of 2x / 4x the tokens: codes used (median)"),
            ("unused_in_training", "codes no training scan uses")]
 
 #: training-scan sets counted as "as many tokens" as the held-out scans: this range of their total
 ALIKE = (0.8, 1.25)
+#: larger training-scan sets, in multiples of the held-out tokens (each the same ALIKE range around it)
+LARGER = (2, 4)
 #: at most this many training scans are enumerated in every combination (random sets beyond)
 ENUMERATE_UP_TO = 16
 
@@ -106,7 +110,7 @@ def count_codes(runs: dict[str, Path], folders: dict[str, Path], device: torch.d
             for case in cases:
                 data = load_case(case)
                 tokens = tok.encode_arrays(data["window"], data["mask"], **case_geometry(data["info"]))
-                first = np.asarray(tokens.indices).reshape(len(tokens.indices), -1)[:, 0]
+                first = C.first_level(tokens.indices)
                 key = f"{name}|{split}|{case['case']}"
                 counts[key] = np.bincount(first, minlength=tok.num_embeddings)
                 print(f"{key}: {int((counts[key] > 0).sum())} codes of {len(first)} tokens", flush=True)
@@ -143,13 +147,21 @@ def analyse(counts: dict[str, np.ndarray], seed: int = 0) -> dict[str, dict]:
         pooled = {split: sum(scans[split].values()) for split in scans}
         usage = {split: perplexity_of(torch.as_tensor(pooled[split], dtype=torch.float64)) for split in pooled}
         unused = pooled["eval"] == 0
-        sets = alike_sets({case: int(c.sum()) for case, c in scans["train"].items()}, int(pooled["eval"].sum()), seed)
-        alike = [int((sum(scans["train"][n] for n in s) > 0).sum()) for s in sets]
+        train_tokens = {case: int(c.sum()) for case, c in scans["train"].items()}
+
+        def codes_of_sets(times: int) -> list[int]:
+            sets = alike_sets(train_tokens, times * int(pooled["eval"].sum()), seed)
+            return [int((sum(scans["train"][n] for n in s) > 0).sum()) for s in sets]
+
+        alike = codes_of_sets(1)
+        larger = {str(times): codes_of_sets(times) for times in LARGER}
         out[run] = {"codebook": int(unused.size), "eval_tokens": int(pooled["eval"].sum()),
                     "eval_codes_used": usage["eval"]["codes_used"], "eval_perplexity": usage["eval"]["perplexity"],
                     "train_tokens": int(pooled["train"].sum()), "train_codes_used": usage["train"]["codes_used"],
                     "train_perplexity": usage["train"]["perplexity"],
-                    "alike_sets": len(sets), "alike_codes_used": [int(np.median(alike)), min(alike), max(alike)] if alike else None,
+                    "alike_sets": len(alike), "alike_codes_used": [int(np.median(alike)), min(alike), max(alike)] if alike else None,
+                    "larger_codes_used": {times: [int(np.median(c)), min(c), max(c), len(c)] if c else None
+                                          for times, c in larger.items()},
                     "unused_in_training": int((pooled["train"] == 0).sum()),
                     "scans": {split: {case: {"tokens": int(c.sum()), "codes_used": int((c > 0).sum())}
                                       for case, c in scans[split].items()} for split in scans},
@@ -167,6 +179,7 @@ def display_row(run: str, r: dict) -> dict:
             "train_codes_used": pct(r["train_codes_used"]), "train_perplexity": f"{r['train_perplexity']:.0f}",
             "alike_codes_used": (f"{pct(alike[0])}, {alike[1]}-{alike[2]} ({r['alike_sets']} set{'s' if r['alike_sets'] > 1 else ''})"
                                  if alike else "no such set"),
+            "larger_codes_used": " / ".join(pct(c[0]) if c else "no such set" for c in r.get("larger_codes_used", {}).values()),
             "unused_in_training": pct(r["unused_in_training"])}
 
 

@@ -97,16 +97,15 @@ def add_common_args(parser: argparse.ArgumentParser, name: str) -> argparse.Argu
 
 
 def resolve_device(name: str) -> torch.device:
-    """The torch device for ``--device`` (``pipeline.tokenizer.resolve_device``); one line when CUDA is
-    asked for and absent."""
+    """The torch device for ``--device`` (``pipeline.tokenizer.resolve_device``, whose one-line error
+    for a device this machine lacks ends the script)."""
     from pipeline.io_utils import TokenizerError
     from pipeline.tokenizer import resolve_device as pipeline_device
 
     try:
         device = pipeline_device(name)
     except TokenizerError as e:
-        reason = str(e).split(": ", 1)[-1].split(";")[0]  # e.g. "no CUDA GPU is visible here"
-        raise SystemExit(f"--device {name}: {reason}; pass --device cpu or run on a GPU machine") from None
+        raise SystemExit(str(e)) from None
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # dense convs: pick the fastest cuDNN algorithm (TF32 left at defaults)
     return device
@@ -156,6 +155,13 @@ def env_info(device: torch.device) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # timing and memory
 # --------------------------------------------------------------------------------------------
+
+
+def first_level(indices) -> np.ndarray:
+    """A scan's codes of the first level: [M] of codes [M, D], codes [M] as they are (the tokens a
+    depth-1 reader gets, whose usage the benchmarks report for a model of any depth)."""
+    indices = np.asarray(indices)
+    return indices.reshape(len(indices), -1)[:, 0]
 
 
 def sync(device: torch.device) -> None:

@@ -427,6 +427,9 @@ def test_code_usage_compares_with_training_scans_of_as_many_tokens():
     (r,) = code_usage.analyse(counts).values()
     # sets of 3.2-5 training tokens: {a} (4 codes) and {b} (2 codes), not {a, b} (8 tokens)
     assert r["alike_sets"] == 2 and r["alike_codes_used"] == [3, 2, 4]
+    # 2x: 6.4-10 tokens, {a, b} (codes 0-4 in 8 tokens); 4x: 12.8-20 tokens, no such set
+    assert r["larger_codes_used"] == {"2": [5, 5, 5, 1], "4": None}
+    assert code_usage.display_row("r", r)["larger_codes_used"] == "5 (62 %) / no such set"
     assert r["unused_in_training"] == 3 and r["eval_codes_used"] == 4  # codes 5, 6, 7; codes 0, 1, 2, 5
     assert r["train_share_on_eval_unused"] == {"a": 0.25, "b": 0.5}  # codes 3 and 4 are not held-out codes
     with pytest.raises(SystemExit, match="no held-out scans"):
@@ -455,5 +458,5 @@ def test_bench_device_is_the_pipeline_device():
     """The benchmarks resolve --device as the pipeline does, in one line when the GPU is absent."""
     assert C.resolve_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match=r"^--device cuda: no CUDA GPU is visible here; pass --device cpu"):
+        with pytest.raises(SystemExit, match=r"^device 'cuda': no CUDA GPU is visible here; use cpu$"):
             C.resolve_device("cuda")
