@@ -37,18 +37,18 @@ if __package__ in (None, ""):
 from bench import common as C  # noqa: E402
 from pipeline.io_utils import save_text  # noqa: E402
 
-COLUMNS = [("run", "run"), ("eval_codes_used", "held-out: codes used"), ("eval_perplexity", "held-out: perplexity"),
-           ("train_codes_used", "training: codes used"), ("train_perplexity", "training: perplexity"),
-           ("alike_codes_used", "training scans of as many tokens: codes used (median, range)"),
-           ("larger_codes_used", "of 2x / 4x the tokens: codes used (median)"),
-           ("unused_in_training", "codes no training scan uses")]
-
 #: training-scan sets counted as "as many tokens" as the held-out scans: this range of their total
 ALIKE = (0.8, 1.25)
 #: larger training-scan sets, in multiples of the held-out tokens (each the same ALIKE range around it)
 LARGER = (2, 4)
 #: at most this many training scans are enumerated in every combination (random sets beyond)
 ENUMERATE_UP_TO = 16
+
+COLUMNS = [("run", "run"), ("eval_codes_used", "held-out: codes used"), ("eval_perplexity", "held-out: perplexity"),
+           ("train_codes_used", "training: codes used"), ("train_perplexity", "training: perplexity"),
+           ("alike_codes_used", "training scans of as many tokens: codes used (median, range)"),
+           ("larger_codes_used", f"of {' / '.join(f'{t}x' for t in LARGER)} the tokens: codes used (median)"),
+           ("unused_in_training", "codes no training scan uses")]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -179,7 +179,8 @@ def display_row(run: str, r: dict) -> dict:
             "train_codes_used": pct(r["train_codes_used"]), "train_perplexity": f"{r['train_perplexity']:.0f}",
             "alike_codes_used": (f"{pct(alike[0])}, {alike[1]}-{alike[2]} ({r['alike_sets']} set{'s' if r['alike_sets'] > 1 else ''})"
                                  if alike else "no such set"),
-            "larger_codes_used": " / ".join(pct(c[0]) if c else "no such set" for c in r.get("larger_codes_used", {}).values()),
+            "larger_codes_used": " / ".join(pct(c[0]) if c else "no such set" for c in r["larger_codes_used"].values())
+                                 if "larger_codes_used" in r else "n/a",
             "unused_in_training": pct(r["unused_in_training"])}
 
 

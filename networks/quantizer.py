@@ -512,7 +512,7 @@ class VectorQuantizer(nn.Module):
                 dist.all_reduce(sums)
         self.usage_counts += counts
         if self.dead_code_share > 0:
-            self.recent_usage.lerp_(counts.float(), 1.0 / self.dead_code_steps)
+            self.recent_usage.lerp_(counts.to(self.recent_usage.dtype), 1.0 / self.dead_code_steps)
         self.step += 1
         self._py_step += 1
         self.last_used.copy_(torch.where(counts > 0, self.step, self.last_used))

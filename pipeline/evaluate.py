@@ -198,7 +198,7 @@ def per_depth_summary(rows: Sequence[Mapping], indices: Sequence[np.ndarray], nu
     out = []
     for d in sorted({r["depth"] for r in rows}):
         at = [r for r in rows if r["depth"] == d]
-        level = np.concatenate([np.asarray(i).reshape(len(i), -1)[:, d - 1] for i in indices])
+        level = np.concatenate([i[:, d - 1] if i.ndim == 2 else i for i in map(np.asarray, indices)])
         use = codebook_usage(level, num_embeddings)
         out.append({"depth": d, "psnr_body": _nanmean([r["psnr_body"] for r in at]),
                      "mae_hu_body": _nanmean([r["mae_hu_body"] for r in at]),

@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -236,3 +237,13 @@ def test_residual_model_is_scored_at_every_depth(processed, tmp_path):
     single = evaluate(Tokenizer.from_checkpoint(make_run(tmp_path / "one"), device="cpu", tile=None), processed,
                       tmp_path / "report1", pictures=False, ssim=False, log=lambda *a: None)
     assert [r["depth"] for r in single["per_depth"]] == [1]
+
+
+def test_per_depth_summary_counts_each_level_and_takes_empty_scans():
+    from pipeline.evaluate import per_depth_summary
+
+    rows = [{"depth": d, "case": c, "psnr_body": p, "mae_hu_body": m}
+            for d, c, p, m in ((1, "a", 20.0, 50.0), (2, "a", 22.0, 40.0), (1, "b", 30.0, 30.0), (2, "b", 32.0, 20.0))]
+    indices = [np.array([[1, 2], [3, 2]]), np.zeros((0, 2), int)]  # scan b holds no body cell
+    out = per_depth_summary(rows, indices, 8)
+    assert [(r["depth"], r["psnr_body"], r["mae_hu_body"], r["codes_used"]) for r in out] == [(1, 25.0, 40.0, 2), (2, 27.0, 30.0, 1)]

@@ -92,32 +92,74 @@ def test_dead_codes_restarted():
 
 
 def test_rarely_used_codes_restarted_where_the_data_is():
-    # 16 clusters; codes 0-15 sit on them, code 16 between the points of cluster 0 and one far
-    # outlier (1 of 641 rows a step): used every step, so never dead, but rarely
+    # 16 clusters with codes 0-15 on them; code 16 on one far outlier (1 of 641 rows a step): used
+    # every step, so never dead, but rarely; codes 17-31 far from everything: dead either way
     x, centres = clustered(16, dim=4, per=40)
     outlier = centres[:1] + 40.0
     batch = torch.cat([x, outlier])
 
     def trained(share):
-        vq = VectorQuantizer(32, 4, restart_every=10, dead_code_steps=5, dead_code_share=share,
-                             reservoir_size=4096).train()
+        vq = VectorQuantizer(32, 4, dead_code_steps=5, dead_code_share=share, reservoir_size=4096).train()
         with torch.no_grad():
             vq.embeddings.weight[:16] = centres
             vq.embeddings.weight[16] = outlier[0]
-            vq.embeddings.weight[17:] = 1000.0  # unused: dead either way
+            vq.embeddings.weight[17:] = 1000.0
         for _ in range(10):
             vq(batch)
+        vq.collect(x)  # the reservoir restarts draw from: the clusters only
         return vq
 
     kept = trained(0.0)
-    assert torch.equal(kept.embeddings.weight[16], outlier[0]), "share 0 must leave a used code alone"
     assert not kept.rarely_used().any()
+    assert kept.restart_dead_codes() == 15, "share 0: only the unused codes"
+    assert torch.equal(kept.embeddings.weight[16], outlier[0])
     moved = trained(0.2)
-    # the rare code now lies among the clusters the data fills
+    unused = (moved.step - moved.last_used) >= moved.dead_code_steps
+    assert (moved.rarely_used() & ~unused).nonzero().flatten().tolist() == [16]
+    assert moved.restart_dead_codes() == 16
+    assert torch.equal(moved.embeddings.weight[:16], centres), "codes of ordinary usage stay"
+    # the rare code now lies among the clusters the data fills, with a new window
     assert torch.cdist(moved.embeddings.weight[16:17], centres).min() < 1.0
     assert int(moved.born[16]) == 10 and float(moved.recent_usage[16]) == 0.0
-    # a settled code with its cluster's usage is not rare
-    assert not moved.rarely_used()[:16].any()
+
+
+def test_rarely_used_compares_codes_of_different_ages_fairly():
+    # four codes, each used by 10 rows a step; code 0 gets a new window at step 14 (as a restart
+    # does) and keeps its usage: at step 20 its short average must read the same, not 3/4 of it
+    codes = torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0], [5.0, 5.0]])
+    vq = VectorQuantizer(4, 2, dead_code_steps=5, dead_code_share=0.9).train()
+    with torch.no_grad():
+        vq.embeddings.weight.copy_(codes)
+    batch = codes.repeat_interleave(10, 0)
+    for step in range(20):
+        if step == 14:
+            vq.recent_usage[0], vq.born[0] = 0.0, vq.step
+        vq(batch)
+    assert int(vq.step - vq.born[0]) == 6 and not vq.rarely_used().any()
+
+
+def test_rarely_used_averages_over_settled_codes_only():
+    # codes 0 and 1 take 10 rows a step, code 2 takes 6; codes 3-7, far away, were just restarted
+    # (unsettled, no usage yet): they must not pull the average down and hide code 2
+    codes = torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]])
+    vq = VectorQuantizer(8, 2, dead_code_steps=5, dead_code_share=0.7).train()
+    with torch.no_grad():
+        vq.embeddings.weight[:3] = codes
+        vq.embeddings.weight[3:] = 1000.0
+    batch = torch.cat([codes[:2].repeat_interleave(10, 0), codes[2:].repeat(6, 1)])
+    for step in range(20):
+        if step == 18:
+            vq.born[3:] = vq.step
+        vq(batch)
+    assert vq.rarely_used().nonzero().flatten().tolist() == [2]
+
+
+def test_kmeans_init_starts_a_new_usage_window():
+    vq = VectorQuantizer(8, 2, kmeans_init=True, kmeans_init_points=48, reservoir_size=48, dead_code_share=0.5).train()
+    for _ in range(3):  # k-means in the third forward, at step 2
+        vq(torch.randn(16, 2))
+    assert bool(vq.initialized) and torch.equal(vq.born, torch.full((8,), 2))
+    assert float(vq.recent_usage.sum()) == pytest.approx(16 / vq.dead_code_steps)  # one step since
 
 
 def test_rarely_used_window_restarts_after_loading():
