@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def count_codes(runs: dict[str, Path], folders: dict[str, Path], device: torch.device) -> dict[str, np.ndarray]:
     """``{"RUN|SPLIT|CASE": counts [K]}`` of every case of every folder, encoded by every run (every run
     and folder checked first, so a mistake ends the script before any scan is encoded)."""
-    from pipeline.evaluate import find_cases
+    from pipeline.evaluate import find_cases, level_codes
     from pipeline.infer import Tokenizer
     from pipeline.io_utils import CheckpointError, TokenizerError
     from pipeline.processed import case_geometry, load_case
@@ -110,7 +110,7 @@ def count_codes(runs: dict[str, Path], folders: dict[str, Path], device: torch.d
             for case in cases:
                 data = load_case(case)
                 tokens = tok.encode_arrays(data["window"], data["mask"], **case_geometry(data["info"]))
-                first = C.first_level(tokens.indices)
+                first = level_codes(tokens.indices)
                 key = f"{name}|{split}|{case['case']}"
                 counts[key] = np.bincount(first, minlength=tok.num_embeddings)
                 print(f"{key}: {int((counts[key] > 0).sum())} codes of {len(first)} tokens", flush=True)

@@ -157,13 +157,6 @@ def env_info(device: torch.device) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def first_level(indices) -> np.ndarray:
-    """A scan's codes of the first level: [M] of codes [M, D], codes [M] as they are (the tokens a
-    depth-1 reader gets, whose usage the benchmarks report for a model of any depth)."""
-    indices = np.asarray(indices)
-    return indices[:, 0] if indices.ndim == 2 else indices
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

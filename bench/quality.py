@@ -288,7 +288,7 @@ def body_cells(mask: np.ndarray, factor: int = 8) -> np.ndarray:
 def evaluate_models(args, trained: dict[str, dict], device: torch.device, resolution: int) -> dict:
     """Score every trained model (``{name: train result}``; ctvq models have a ``"run"``) on the
     whole evaluation scans; ``{name: means, usage, training figures and per-case rows}``."""
-    from pipeline.evaluate import depth_metrics, find_cases, per_depth_summary
+    from pipeline.evaluate import depth_metrics, find_cases, level_codes, per_depth_summary
     from pipeline.infer import Tokenizer
     from pipeline.metrics import codebook_usage, volume_metrics
     from pipeline.processed import case_geometry, load_case
@@ -330,7 +330,7 @@ def evaluate_models(args, trained: dict[str, dict], device: torch.device, resolu
             indices["monai_vqvae"].append(idx[body_cells(mask)])
         for name, recon in recons.items():
             m = volume_metrics(recon, target, window, mask, data["labels"], case["organ_mapping"] or None, device=device)
-            use = codebook_usage(C.first_level(indices[name][-1]), codebook[name])
+            use = codebook_usage(level_codes(indices[name][-1]), codebook[name])
             tokens_per_scan = len(indices[name][-1]) if name in toks else int(np.prod(body_cells(mask).shape))
             rows[name].append({"case": case["case"], **{k: m.get(k) for k in METRICS[:3]},
                                "organ_mae_hu": m.get("organ_mae_hu"), "codes_used": use["codes_used"],
@@ -339,7 +339,7 @@ def evaluate_models(args, trained: dict[str, dict], device: torch.device, resolu
         save_three_plane(pictures / f"{case['case'].replace('/', '__')}.png", target, recons, mask=mask, title=case["case"])
     out = {}
     for name, result in trained.items():
-        pooled = codebook_usage(np.concatenate([C.first_level(i) for i in indices[name]]) if indices[name] else np.zeros(0, int),
+        pooled = codebook_usage(np.concatenate([level_codes(i) for i in indices[name]]) if indices[name] else np.zeros(0, int),
                                 codebook[name])
         mean = {m: float(np.mean([r[m] for r in rows[name]])) for m in METRICS[:3]}
         out[name] = {**mean, "codes_used": pooled["codes_used"], "codebook_usage": pooled["usage"],

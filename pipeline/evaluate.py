@@ -191,6 +191,13 @@ def depth_metrics(tokenizer: Tokenizer, tokens, recon: np.ndarray, target: np.nd
     return rows
 
 
+def level_codes(indices, level: int = 1) -> np.ndarray:
+    """A scan's codes of one level: column ``level`` - 1 of codes [M, D]; codes [M] are level 1 (the
+    tokens a depth-1 reader gets, whose usage is reported for a model of any depth)."""
+    indices = np.asarray(indices)
+    return indices[:, level - 1] if indices.ndim == 2 else indices
+
+
 def per_depth_summary(rows: Sequence[Mapping], indices: Sequence[np.ndarray], num_embeddings: int) -> list[dict]:
     """Means over the cases at each depth, with the usage of that depth's code level."""
     from pipeline.metrics import codebook_usage
@@ -198,7 +205,7 @@ def per_depth_summary(rows: Sequence[Mapping], indices: Sequence[np.ndarray], nu
     out = []
     for d in sorted({r["depth"] for r in rows}):
         at = [r for r in rows if r["depth"] == d]
-        level = np.concatenate([i[:, d - 1] if i.ndim == 2 else i for i in map(np.asarray, indices)])
+        level = np.concatenate([level_codes(i, d) for i in indices])
         use = codebook_usage(level, num_embeddings)
         out.append({"depth": d, "psnr_body": _nanmean([r["psnr_body"] for r in at]),
                      "mae_hu_body": _nanmean([r["mae_hu_body"] for r in at]),

@@ -454,12 +454,6 @@ def test_quality_variant_of_stage2_starts_from_the_default_stages(quality_data, 
     assert "[Stage 2] Joint training: Encoder + Decoder + Codebook" in (work / "ctvq_joint" / "stage2" / "log.txt").read_text()
 
 
-def test_first_level_of_codes_of_any_depth():
-    assert C.first_level(np.array([[1, 2], [3, 4]])).tolist() == [1, 3]
-    assert C.first_level([5, 6]).tolist() == [5, 6]
-    assert C.first_level(np.zeros((0, 4), int)).shape == (0,)  # a scan without body cells
-
-
 def test_bench_device_is_the_pipeline_device():
     """The benchmarks resolve --device as the pipeline does, in one line when the GPU is absent."""
     assert C.resolve_device("cpu") == torch.device("cpu")

@@ -239,6 +239,15 @@ def test_residual_model_is_scored_at_every_depth(processed, tmp_path):
     assert [r["depth"] for r in single["per_depth"]] == [1]
 
 
+def test_level_codes_of_any_depth():
+    from pipeline.evaluate import level_codes
+
+    assert level_codes(np.array([[1, 2], [3, 4]])).tolist() == [1, 3]
+    assert level_codes(np.array([[1, 2], [3, 4]]), 2).tolist() == [2, 4]
+    assert level_codes([5, 6]).tolist() == [5, 6]
+    assert level_codes(np.zeros((0, 4), int)).shape == (0,)  # a scan without body cells
+
+
 def test_per_depth_summary_counts_each_level_and_takes_empty_scans():
     from pipeline.evaluate import per_depth_summary
 
