@@ -9,7 +9,11 @@ codes used by training scans holding about as many tokens as the held-out ones (
 set of training scans with 0.8-1.25x the held-out tokens: what a scan the model was trained on
 reaches, so a held-out figure below it is a content gap, one near it a per-scan limit), and by sets
 holding twice and four times as many (what a larger held-out set would reach, by the same measure);
-and the codes no training scan uses. The JSON adds every scan's tokens and codes, and per training scan
+and the codes no training scan uses. A second table sorts the codes by their share of the training
+tokens (in multiples of the average code's): how many codes each band holds, how many of those the
+held-out scans leave unused, on how many training scans they appear and what share of the training
+tokens they hold; it shows whether what a new scan misses is rare on the training scans too (an uneven
+book) or common there (a content gap). The JSON adds every scan's tokens and codes, and per training scan
 the share of its tokens on codes no held-out scan uses. The code counts go to a ``.npz`` beside it
 (keys ``RUN|train|CASE`` and ``RUN|eval|CASE``, the run's settings under ``__meta__``), which
 ``--counts`` analyses again without a model.
@@ -43,12 +47,17 @@ ALIKE = (0.8, 1.25)
 LARGER = (2, 4)
 #: at most this many training scans are enumerated in every combination (random sets beyond)
 ENUMERATE_UP_TO = 16
+#: upper edges of the bands of a code's training tokens, in multiples of the average code's (0: unused)
+SHARE_BANDS = (0.0, 0.05, 0.2, 0.5, 1.0, 3.0, float("inf"))
 
 COLUMNS = [("run", "run"), ("eval_codes_used", "held-out: codes used"), ("eval_perplexity", "held-out: perplexity"),
            ("train_codes_used", "training: codes used"), ("train_perplexity", "training: perplexity"),
            ("alike_codes_used", "training scans of as many tokens: codes used (median, range)"),
            ("larger_codes_used", f"of {' / '.join(f'{t}x' for t in LARGER)} the tokens: codes used (median)"),
            ("unused_in_training", "codes no training scan uses")]
+BAND_COLUMNS = [("run", "run"), ("band", "training tokens on the code (x the average code's)"), ("codes", "codes"),
+                ("eval_unused", "of them unused on the held-out scans"),
+                ("median_scans", "training scans using them (median)"), ("train_share", "share of the training tokens")]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -131,6 +140,24 @@ def alike_sets(tokens: dict[str, int], target: int, seed: int = 0) -> list[tuple
     return sorted({s for s in candidates if lo <= sum(tokens[n] for n in s) <= hi})
 
 
+def share_bands(train_scans: dict[str, np.ndarray], eval_unused: np.ndarray) -> list[dict]:
+    """The codes in bands of their training tokens (``SHARE_BANDS``, multiples of the average code's):
+    per band its upper edge (None: no edge), the codes in it, those unused on the held-out scans, the median number of
+    training scans using them and their share of the training tokens."""
+    per_scan = np.stack(list(train_scans.values()))
+    pooled = per_scan.sum(0)
+    relative = pooled / max(1.0, pooled.sum() / pooled.size)
+    bands, lower = [], -1.0
+    for upper in SHARE_BANDS:
+        inside = (relative > lower) & (relative <= upper) if upper > 0 else relative == 0
+        bands.append({"upto": None if upper == float("inf") else upper, "codes": int(inside.sum()),
+                      "eval_unused": int((inside & eval_unused).sum()),
+                      "median_scans": float(np.median((per_scan[:, inside] > 0).sum(0))) if inside.any() else 0.0,
+                      "train_share": float(pooled[inside].sum() / max(1, pooled.sum()))})
+        lower = upper
+    return bands
+
+
 def analyse(counts: dict[str, np.ndarray], seed: int = 0) -> dict[str, dict]:
     """Per run: pooled usage of the held-out and of the training scans, the codes of training scans
     holding about as many tokens as the held-out ones, every scan's figures, and each training scan's
@@ -163,6 +190,7 @@ def analyse(counts: dict[str, np.ndarray], seed: int = 0) -> dict[str, dict]:
                     "larger_codes_used": {times: [int(np.median(c)), min(c), max(c), len(c)] if c else None
                                           for times, c in larger.items()},
                     "unused_in_training": int((pooled["train"] == 0).sum()),
+                    "by_training_share": share_bands(scans["train"], unused),
                     "scans": {split: {case: {"tokens": int(c.sum()), "codes_used": int((c > 0).sum())}
                                       for case, c in scans[split].items()} for split in scans},
                     "train_share_on_eval_unused": {case: float(c[unused].sum() / max(1, c.sum()))
@@ -182,6 +210,18 @@ def display_row(run: str, r: dict) -> dict:
             "larger_codes_used": " / ".join(pct(c[0]) if c else "no such set" for c in r["larger_codes_used"].values())
                                  if "larger_codes_used" in r else "n/a",
             "unused_in_training": pct(r["unused_in_training"])}
+
+
+def band_rows(run: str, r: dict) -> list[dict]:
+    """The rows of the second table: one per band of ``r["by_training_share"]``."""
+    rows, lower = [], None
+    for band in r["by_training_share"]:
+        upper = band["upto"]
+        name = "0" if upper == 0 else f"> {lower:g}" if upper is None else f"{lower:g}-{upper:g}"
+        rows.append({"run": run, "band": name, "codes": band["codes"], "eval_unused": band["eval_unused"],
+                     "median_scans": f"{band['median_scans']:g}", "train_share": f"{100 * band['train_share']:.1f} %"})
+        lower = upper
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -209,6 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = analyse(counts, args.seed)
     C.write_json(args.out, {**meta, **({"counts": str(args.counts)} if args.counts else {}), "runs": results})
     table = C.markdown_table([display_row(run, r) for run, r in results.items()], COLUMNS)
+    table += "\n\n" + C.markdown_table([row for run, r in results.items() for row in band_rows(run, r)], BAND_COLUMNS)
     save_text(args.out.with_suffix(".md"), table + "\n")
     print(table)
     return results

@@ -432,6 +432,11 @@ def test_code_usage_compares_with_training_scans_of_as_many_tokens():
     assert code_usage.display_row("r", r)["larger_codes_used"] == "5 (62 %) / no such set"
     assert r["unused_in_training"] == 3 and r["eval_codes_used"] == 4  # codes 5, 6, 7; codes 0, 1, 2, 5
     assert r["train_share_on_eval_unused"] == {"a": 0.25, "b": 0.5}  # codes 3 and 4 are not held-out codes
+    # training tokens per code [3, 1, 1, 1, 2, 0, 0, 0], the average code's 1; held-out codes 0, 1, 2, 5
+    bands = {b["upto"]: (b["codes"], b["eval_unused"], b["median_scans"], b["train_share"]) for b in r["by_training_share"]}
+    assert bands == {0.0: (3, 2, 0.0, 0.0), 0.05: (0, 0, 0.0, 0.0), 0.2: (0, 0, 0.0, 0.0), 0.5: (0, 0, 0.0, 0.0),
+                     1.0: (3, 1, 1.0, 3 / 8), 3.0: (2, 1, 1.5, 5 / 8), None: (0, 0, 0.0, 0.0)}
+    assert [row["band"] for row in code_usage.band_rows("r", r)] == ["0", "0-0.05", "0.05-0.2", "0.2-0.5", "0.5-1", "1-3", "> 3"]
     with pytest.raises(SystemExit, match="no held-out scans"):
         code_usage.analyse({"r|train|a": counts["r|train|a"]})
 
