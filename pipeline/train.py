@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import shlex
 import subprocess
@@ -254,5 +255,19 @@ def _meta(files: list[str]):
     return str(meta) if meta.is_file() else str(BUNDLE_DIR / "metadata.json") if (BUNDLE_DIR / "metadata.json").is_file() else None
 
 
+def _end_worker(code: int) -> None:
+    """Ends a torchrun worker without the interpreter's teardown, once everything it wrote is closed
+    or flushed: the DDP model still holds the destroyed process group, whose C++ threads can abort
+    the exiting process ("terminate called without an active exception"; see pytorch/pytorch#179291)
+    and turn a finished run into a failed one."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if "LOCAL_RANK" in os.environ:
+        _end_worker(exit_code)
+    sys.exit(exit_code)
