@@ -297,6 +297,8 @@ def load_run_model(ckpt: str | os.PathLike, config: str | os.PathLike | Mapping 
         run_dir = ckpt.parent.parent
         if not ckpt.is_file():
             raise TokenizerError(f"{ckpt}: checkpoint not found; pass an existing vqvae_*step*.pt file")
+        if ckpt.suffix not in (".pt", ".pth"):
+            raise TokenizerError(f"{ckpt}: not a checkpoint; pass a run folder or its ckpts/vqvae_*step*.pt")
     if isinstance(config, Mapping):
         cfg, cfg_src = dict(config), "the given config"
     else:

@@ -127,7 +127,7 @@ def prepare_network(
                 "or set pretrained_vae_path to its ckpts/vqvae_stepNNNNNNN.pt"
             )
         if src is not None:
-            option = "--load_dir" if init_ckpt is not None else "pretrained_vae_path"
+            option = "the --load_dir checkpoint" if init_ckpt is not None else "pretrained_vae_path"
             config = resolved_config() or {}
             check_window(src, stage, option, config.get("window_type"))
             report = load_partial(network, src)

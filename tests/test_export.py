@@ -283,3 +283,10 @@ def test_checkpoint_by_step_number(tmp_path):
         find_checkpoint(tmp_path, "700")
     with pytest.raises(TokenizerError, match="checkpoint not found"):
         find_checkpoint(tmp_path, "\u00b2")  # a digit to str.isdigit, not a step number
+    # a file that is no checkpoint is named as such, before the run config is looked for
+    from pipeline.runs import load_run_model
+
+    scan = tmp_path / "scan.nii.gz"
+    scan.write_bytes(b"")
+    with pytest.raises(TokenizerError, match=r"scan\.nii\.gz: not a checkpoint; pass a run folder or its ckpts/vqvae_\*step\*\.pt$"):
+        load_run_model(scan)

@@ -82,8 +82,26 @@ def test_kill_mid_case_then_resume(ct_data_dir, tmp_path):
     assert all(r["status"] == "ok" for r in rows)
     assert ProcessedCase(out / "ds" / "processed" / "example_ct_sm").labels().any()
 
-    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    # other windows: compact cases hold HU, so nothing is redone; the dataset lists the new windows
+    again = subprocess.run(cmd + ["--windows", "bone", "liver:150:60"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=600)
     assert again.returncode == 0 and "3 skipped" in again.stdout, again.stdout
+    assert sorted(json.loads((out / "ds" / "dataset_config.json").read_text())["windows"]) == ["bone", "liver"]
+    # markers written while compact keys still held the windows are kept for a run with those windows
+    from pipeline.discovery import discover
+    from pipeline.preprocess.config import PreprocessConfig, parse_windows
+    from pipeline.preprocess.markers import case_key
+
+    cfg = PreprocessConfig(resolution=R, windows=parse_windows(["bone"]))
+    for case in discover(raw)[0].cases:
+        marker = out / "ds" / "processed" / case.case_id / ".complete"
+        old = json.loads(marker.read_text())
+        marker.write_text(json.dumps({**old, "key": case_key(cfg, case, with_windows=True)}))
+    legacy = subprocess.run(cmd + ["--windows", "bone"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert legacy.returncode == 0 and "3 skipped" in legacy.stdout, legacy.stdout
+    marker.write_text(json.dumps({**old, "key": "another"}))  # a key of other settings: that case is redone
+    redone = subprocess.run(cmd + ["--windows", "bone"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert redone.returncode == 0 and "2 skipped" in redone.stdout, redone.stdout
 
 
 def test_interrupted_overwrite_keeps_the_rows_of_cases_still_on_disk(tmp_path):

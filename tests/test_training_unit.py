@@ -526,6 +526,11 @@ def test_codebook_stages_refuse_a_checkpoint_of_another_window(tmp_path, monkeyp
     with pytest.raises(CheckpointError, match=r'this stage on "bone"; set --window_type lung \(or start'):
         stages.prepare_network(_model(), 1, pretrained_vae_path=str(path))
     stages.prepare_network(_model(), 0, pretrained_vae_path=str(path))
+    # --load_dir names a run folder; the message names the checkpoint found there as such
+    from types import SimpleNamespace
+
+    with pytest.raises(CheckpointError, match=f"^the --load_dir checkpoint {re.escape(str(path))}: its run trained on"):
+        stages.prepare_network(_model(), 2, run=SimpleNamespace(resuming=False, init_ckpt=str(path)))
     monkeypatch.setattr(stages, "resolved_config", lambda: {"window_type": "lung"})
     stages.prepare_network(_model(), 2, pretrained_vae_path=str(path))
 

@@ -141,14 +141,19 @@ class PreprocessConfig:
     overwrite: bool = False
     layout: str = "compact"
 
-    def key_dict(self) -> dict:
-        return {
+    def key_dict(self, with_windows: bool | None = None) -> dict:
+        """The settings a case's files depend on: its windows only in the guide layout, which writes
+        them (compact cases store HU, so another ``--windows`` does not redo them); ``with_windows``
+        True gives the key compact markers were written with before that."""
+        key = {
             "format": FORMAT_VERSION,
             "layout": self.layout,
             "resolution": int(self.resolution),
             "hu": [float(self.hu_min), float(self.hu_max)],
-            "windows": [[w.name, w.width, w.level] for w in self.windows],
         }
+        if self.layout == "guide" if with_windows is None else with_windows:
+            key["windows"] = [[w.name, w.width, w.level] for w in self.windows]
+        return key
 
 
 def _versions() -> dict:

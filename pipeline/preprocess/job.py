@@ -133,7 +133,8 @@ def run(
             key = case_key(cfg, case)
             if shards[(ds.name, case.case_id)] != k:
                 action = "other_shard"
-            elif not overwrite and marker_is_valid(case_dir, key):
+            elif not overwrite and (marker_is_valid(case_dir, key) or cfg.layout == "compact" and marker_is_valid(
+                    case_dir, case_key(cfg, case, with_windows=True))):  # a marker from before windows left its key
                 action = "skip"
             else:
                 action = "refuse" if case.error else "process"

@@ -43,15 +43,16 @@ def _fingerprint(path: Path | None) -> Any:
         return None
 
 
-def case_key(cfg: PreprocessConfig, case: Case) -> str:
+def case_key(cfg: PreprocessConfig, case: Case, with_windows: bool | None = None) -> str:
     """Hash of everything a case's outputs depend on (settings, source and label identity).
 
     Args:
         cfg: run settings.
         case: the case.
+        with_windows: see :meth:`PreprocessConfig.key_dict`.
     """
     blob = {
-        **cfg.key_dict(),
+        **cfg.key_dict(with_windows),
         "source": str(case.source.resolve()),
         "source_fp": _fingerprint(case.source),
         "label": str(case.label.resolve()) if case.label else None,
