@@ -37,6 +37,7 @@ setup() {
   local want
   want="$(cat "$ROOT/requirements.txt" "$ROOT/pyproject.toml" | sha1sum | cut -d' ' -f1)"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "setup: installing requirements.txt and ctvq into $VENV (1-2 min the first time)" >&2
     "$PY" -m pip install -q --upgrade pip
     "$PY" -m pip install -q -r "$ROOT/requirements.txt"
     "$PY" -m pip install -q --no-deps -e "$ROOT"
@@ -55,7 +56,9 @@ case "$cmd" in
   setup)
     case "${1:-}" in -h|--help) echo "./run.sh setup: create $VENV (CTVQ_VENV overrides it) and install requirements.txt and ctvq into it; again only when requirements.txt or pyproject.toml changed"; exit 0 ;; esac
     setup ;;
-  test) ensure; cd "$ROOT"; exec "$PY" -m pytest -q "$@" ;;
+  test)
+    case "${1:-}" in -h|--help) echo "./run.sh test [pytest args]: the test suite (pytest -q). Tests on real scans read ../shared/data/ct beside the checkout or CTVQ_CT_DATA, and skip with the reason when it is absent; GPU tests skip without CUDA. pytest's own options follow."; echo ;; esac
+    ensure; cd "$ROOT"; exec "$PY" -m pytest -q "$@" ;;
   demo) ensure; exec "$PY" -m pipeline.demo "$@" ;;
   preprocess) ensure; exec "$PY" -m pipeline.preprocess "$@" ;;
   check-data) ensure; exec "$PY" -m pipeline.check_data "$@" ;;

@@ -45,3 +45,12 @@ def test_spconv_without_cuda_kernels_gives_the_same_model():
     assert light["light"] and not full["light"]
     assert light["out"] == full["out"] and light["grad"] == full["grad"]
     assert light["seconds"] < full["seconds"] / 2, (light, full)
+
+
+def test_run_sh_test_help_names_the_data_the_tests_read():
+    """``./run.sh test --help``: where the real-scan tests look for their data, then pytest's options."""
+    out = subprocess.run(["bash", str(ROOT / "run.sh"), "test", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    first, rest = out.stdout.split("\n", 1)
+    assert first.startswith("./run.sh test [pytest args]") and "CTVQ_CT_DATA" in first
+    assert "usage:" in rest and "pytest" in rest
