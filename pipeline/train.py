@@ -257,9 +257,10 @@ def _meta(files: list[str]):
 
 def _end_worker(code: int) -> None:
     """Ends a torchrun worker without the interpreter's teardown, once everything it wrote is closed
-    or flushed: the DDP model still holds the destroyed process group, whose C++ threads can abort
-    the exiting process ("terminate called without an active exception"; see pytorch/pytorch#179291)
-    and turn a finished run into a failed one."""
+    or flushed: objects still alive then (the DDP model holds the process group) are torn down while
+    the interpreter finalises, where a communication thread can abort the exiting process ("terminate
+    called without an active exception", seen once in CI; see pytorch/pytorch#179291) and turn a
+    finished run into a failed one."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

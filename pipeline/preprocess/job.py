@@ -70,6 +70,14 @@ class Progress:
             self.bar.close()
 
 
+def _already_done(cfg: PreprocessConfig, case, case_dir: Path, key: str) -> bool:
+    """The case folder holds a complete case of these settings; for the compact layout also one whose
+    marker was written while its key still held the windows (they do not change compact files)."""
+    if marker_is_valid(case_dir, key):
+        return True
+    return cfg.layout == "compact" and marker_is_valid(case_dir, case_key(cfg, case, with_windows=True))
+
+
 def run(
     raw_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -133,8 +141,7 @@ def run(
             key = case_key(cfg, case)
             if shards[(ds.name, case.case_id)] != k:
                 action = "other_shard"
-            elif not overwrite and (marker_is_valid(case_dir, key) or cfg.layout == "compact" and marker_is_valid(
-                    case_dir, case_key(cfg, case, with_windows=True))):  # a marker from before windows left its key
+            elif not overwrite and _already_done(cfg, case, case_dir, key):
                 action = "skip"
             else:
                 action = "refuse" if case.error else "process"
