@@ -1,4 +1,6 @@
 """Small helpers shared by the test files (imported as ``from helpers import ...``)."""
+import socket
+
 import torch
 
 #: A tiny SparseVQVAE network_def (4^3 latent grid) for fast CPU tests.
@@ -28,3 +30,11 @@ def tiny_net(seed=0, **over):
         torch.nn.init.normal_(last.weight, std=0.5)
         last.bias.fill_(0.5)
     return net
+
+
+def free_port() -> int:
+    """A local port no process listens on now, for a process group's rendezvous (a fixed one may be
+    held by another test run on the machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

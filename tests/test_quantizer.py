@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import tiny_net
+from helpers import free_port, tiny_net
 
 from networks.backend import make_sparse
 from networks.quantizer import VectorQuantizer, kmeans, nearest_code
@@ -250,16 +250,12 @@ def _ddp_worker(rank, world, port, out):
 @pytest.mark.slow
 def test_ddp_ranks_keep_one_codebook(tmp_path):
     """Two gloo ranks: k-means init, usage counts and restarts stay identical across ranks."""
-    import socket
-
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "ddp.pt"
     mp.spawn(_ddp_worker, args=(2, port, str(out)), nprocs=2, join=True)
     res = torch.load(out)

@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundles" / "ct_vqvae"
@@ -313,18 +313,11 @@ def test_resume_reproduces_losses(data_dir, tmp_path):
     assert "Loading checkpoint from step 2" in (part / "log.txt").read_text()
 
 
-def _free_port() -> int:
-    """A port no other process listens on now (another test run on the machine may hold a fixed one)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gloo(data_dir, tmp_path):
     out = tmp_path / "ddp"
     over = [f"{k}={json.dumps(v)}" for k, v in {**TINY, "i_save": 2, "i_sample": 100, "i_val": 2}.items()]
     cmd = [sys.executable, "-m", "pipeline.train", "--config", str(BUNDLE / "stage0.json"), "--output_dir", str(out),
-           "--data_dir", str(data_dir), "--num_gpus", "2", "--master_port", str(_free_port()),
+           "--data_dir", str(data_dir), "--num_gpus", "2", "--master_port", str(free_port()),
            *sum((["--override", o] for o in over), []), "--override", "max_steps=2"]
     env = _env()
     env["OMP_NUM_THREADS"] = "1"
