@@ -142,8 +142,8 @@ def alike_sets(tokens: dict[str, int], target: int, seed: int = 0) -> list[tuple
 
 def share_bands(train_scans: dict[str, np.ndarray], eval_unused: np.ndarray) -> list[dict]:
     """The codes in bands of their training tokens (``SHARE_BANDS``, multiples of the average code's):
-    per band its upper edge (None: no edge), the codes in it, those unused on the held-out scans, the median number of
-    training scans using them and their share of the training tokens."""
+    per band its upper edge (None: no edge), the codes in it, those unused on the held-out scans, the
+    median number of training scans using them and their share of the training tokens."""
     per_scan = np.stack(list(train_scans.values()))
     pooled = per_scan.sum(0)
     relative = pooled / max(1.0, pooled.sum() / pooled.size)
