@@ -177,6 +177,24 @@ def latent_cells(x: torch.Tensor, active: torch.Tensor, origin: torch.Tensor, fa
     return make_sparse(x.reshape(-1, c).index_select(0, rows), coords, latent_shape, b), rows
 
 
+def interior_weights(coords: torch.Tensor, origin: torch.Tensor, extent, latent_shape, factor: int,
+                     margin: int) -> torch.Tensor:
+    """[N] 1.0 for the latent cells ``coords`` [N, 4] (sample, absolute cell) at least ``margin``
+    cells inside each face of their sample's crop that lies inside the volume, 0.0 for the others:
+    near such a face the encoder sees a cut context (its convs and attention windows stop at the
+    crop), which no cell of a whole scan sees. The margin shrinks on an axis too short to keep a
+    cell with it. No host sync."""
+    corner = (origin.long() // factor)[coords[:, 0].long()]
+    inside = torch.ones(coords.shape[0], dtype=torch.bool, device=coords.device)
+    for axis in range(3):  # Python scalars per axis: no host-to-device copy, so a CUDA graph can hold it
+        ext, size = int(extent[axis]), int(latent_shape[axis])
+        m = min(int(margin), (ext - 1) // 2)
+        local = coords[:, 1 + axis].long() - corner[:, axis]
+        inside &= (local >= m) | (corner[:, axis] <= 0)
+        inside &= (ext - 1 - local >= m) | (corner[:, axis] + ext >= size)
+    return inside.float()
+
+
 def all_cells(x: torch.Tensor, active: torch.Tensor, origin: torch.Tensor, factor: int,
               latent_shape) -> tuple[SparseConvTensor, torch.Tensor]:
     """Every cell of a latent grid as a token (``B * d * h * w`` of them, whatever holds body: fixed

@@ -112,12 +112,19 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 10, generator: torch.Generator 
     perm = torch.randint(m, (k,), device=x.device, generator=generator) if m < k else torch.randperm(m, device=x.device, generator=generator)[:k]
     c = x[perm].clone()
     for _ in range(iters):
-        a = nearest_code(x, c)
-        sums = torch.zeros_like(c).index_add_(0, a, x)
-        cnt = torch.bincount(a, minlength=k).float()
-        empty = cnt == 0
-        c = torch.where(empty[:, None], x[torch.randint(m, (k,), device=x.device, generator=generator)], sums / cnt.clamp_min(1)[:, None])
+        c = lloyd_step(x, c, generator)
     return c
+
+
+def lloyd_step(x: torch.Tensor, c: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Centres moved to the means of their nearest rows; a centre with none drawn again from the rows."""
+    k = c.shape[0]
+    a = nearest_code(x, c)
+    sums = torch.zeros_like(c).index_add_(0, a, x)
+    cnt = torch.bincount(a, minlength=k).float()
+    empty = cnt == 0
+    return torch.where(empty[:, None], x[torch.randint(x.shape[0], (k,), device=x.device, generator=generator)],
+                       sums / cnt.clamp_min(1)[:, None])
 
 
 def perplexity_of(counts: torch.Tensor) -> dict:
@@ -310,8 +317,27 @@ class VectorQuantizer(nn.Module):
         """Set the codebook to k-means centres of the reservoir (rank 0, then broadcast)."""
         if self.reservoir.shape[0] == 0 and (not _dist() or dist.get_rank() == 0):
             raise ValueError("vq reservoir is empty: run training forwards or vq.collect(z) before k-means init.")
+        centres = None
         if not _dist() or dist.get_rank() == 0:
             centres = kmeans(self.reservoir, self.num_embeddings, iters or self.kmeans_iters)
+        self._set_codes(centres)
+        logger.info("vq: k-means initialised %d codes from %d encoder outputs", self.num_embeddings, self.reservoir.shape[0])
+
+    @torch.no_grad()
+    def refit(self, z: torch.Tensor, iters: int = 20, generator: torch.Generator | None = None) -> None:
+        """Set the codebook to k-means centres of encoder outputs ``z`` [N, D] (rank 0's ``z``, then
+        broadcast): the book fitted again, after training, to the latents of whole scans (see
+        ``pipeline.handlers.CodebookRefitHandler``)."""
+        centres = None
+        if not _dist() or dist.get_rank() == 0:
+            centres = kmeans(self.to_lookup(z.to(self.embeddings.weight.device)), self.num_embeddings, iters, generator)
+        self._set_codes(centres)
+
+    @torch.no_grad()
+    def _set_codes(self, centres: torch.Tensor | None) -> None:
+        """New code vectors [K, code_dim] (rank 0's; None on the others) and a fresh start for every
+        statistic that follows the codes."""
+        if centres is not None:
             self.embeddings.weight.data.copy_(centres.to(self.embeddings.weight.dtype))
         if _dist():
             dist.broadcast(self.embeddings.weight.data, 0)
@@ -324,7 +350,6 @@ class VectorQuantizer(nn.Module):
         self.last_used.fill_(self._py_step)
         self.recent_usage.zero_()
         self.born.fill_(self._py_step)
-        logger.info("vq: k-means initialised %d codes from %d encoder outputs", self.num_embeddings, self.reservoir.shape[0])
 
     @torch.no_grad()
     def rarely_used(self) -> torch.Tensor:
@@ -690,6 +715,16 @@ class ResidualQuantizer(nn.Module):
             # so its output keeps the detail the deeper levels are there to code
             losses["commitment"] = weighted_mse(z.float(), sum(o.detach().float() for o in outs), weights)
         return sum(outs[:d]), torch.stack(idx, 1), losses
+
+    @torch.no_grad()
+    def refit(self, z: torch.Tensor, iters: int = 20, generator: torch.Generator | None = None) -> None:
+        """Each level's codebook fitted again (:meth:`VectorQuantizer.refit`) to what the levels
+        before it, already refitted, leave of ``z``; levels without a codebook are kept."""
+        residual = z.float()
+        for q in self.levels:
+            if hasattr(q, "refit"):
+                q.refit(residual, iters, generator)
+            residual = residual - q.lookup(q.quantize_indices(residual))
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Sum of the code vectors of the levels given: ``indices`` [M, d], d <= depth."""

@@ -292,6 +292,11 @@ class SparseVQVAE(nn.Module):
             itself) or ``"batch"`` (the batch as a whole).
         vq_entropy_rows, vq_entropy_temperature: latents the usage loss looks at per step, and the
             softness of its assignments: see :class:`~networks.quantizer.VectorQuantizer`.
+        vq_crop_margin: in training on crops of a grid batch, latent cells within this many cells of a
+            crop face inside the volume are left out of the codebook's losses and statistics (k-means,
+            usage, restarts): their latents see a context cut by the crop, which no cell of a whole
+            scan sees at inference, and a book fitted to them holds codes whole scans seldom use
+            (0: every cell counts). The decoder still trains on every cell.
         attn_max_tokens: bound on padded window tokens per attention call (None: one call).
         child_embedding: learned position-in-parent embeddings in the down and subdivide blocks
             of the ``direct3d`` layout (zero at init; False gives exactly the Direct3D-S2 layout).
@@ -338,6 +343,7 @@ class SparseVQVAE(nn.Module):
         vq_entropy_scope: str = "sample",
         vq_entropy_rows: int = 4096,
         vq_entropy_temperature: float = 0.1,
+        vq_crop_margin: int = 0,
     ):
         super().__init__()
         if layout not in LAYOUTS:
@@ -389,6 +395,9 @@ class SparseVQVAE(nn.Module):
         )
         self.num_embeddings = self.vq.num_embeddings
         self.vq_depth = int(vq_depth)
+        if int(vq_crop_margin) < 0:
+            raise ValueError(f"vq_crop_margin={vq_crop_margin} must be >= 0 (latent cells; 0 lets every cell of a crop count)")
+        self.vq_crop_margin = int(vq_crop_margin)
         self.factor = self.Encoder.factor
         self.last_indices: torch.Tensor | None = None
         for name, mod in self.named_modules():
@@ -477,14 +486,21 @@ class SparseVQVAE(nn.Module):
         encode_local, decode_local = self.grid_convs
         feats, active = encode_local(self.Encoder, x)
         latent_shape = [-(-int(s) // self.factor) for s in x.spatial_shape]
+        margin = self.vq_crop_margin if quantize and self.training else 0
+
+        def interior(cells):
+            return grid.interior_weights(cells.indices, x.origin, feats.shape[1:4], latent_shape, self.factor, margin)
+
         if all_cells:
             cells, on = grid.all_cells(feats, active, x.origin, self.factor, latent_shape)
             parts = grid.grid_partitions(cells, on, x.origin // self.factor, feats.shape[1:4], self.Encoder)
-            latent, losses = self._forward_latent(cells, quantize, parts, on.float())
+            latent, losses = self._forward_latent(cells, quantize, parts, on.float() * interior(cells) if margin else on.float())
             z = latent.features.view(*feats.shape[:4], -1).masked_fill(~active[..., None], 0)
         else:
             cells, rows = grid.latent_cells(feats, active, x.origin, self.factor, latent_shape)
-            latent, losses = self._forward_latent(cells, quantize)
+            latent, losses = self._forward_latent(cells, quantize, weights=interior(cells) if margin else None)
+            if margin:
+                self.finish_quantizer_step()
             z = grid.scatter_cells(latent.features, rows, active)
         out, out_active = decode_local(self.Decoder, z, active)
         return GridBatch(out, out_active, x.origin, x.spatial_shape), losses

@@ -442,6 +442,18 @@ class Tokenizer:
         return self._to_cube(rec)
 
     @torch.no_grad()
+    def latents(self, window: Any, body_mask: Any) -> torch.Tensor:
+        """The encoder's continuous latents of one scan (before quantisation): [M, D] fp32 on the
+        tokenizer's device, one row per token :meth:`encode_arrays` would give."""
+        from pipeline.infer import sparsify
+
+        coords, feats = sparsify(window, body_mask, self.device)
+        if len(coords) == 0:
+            return torch.zeros(0, int(self.network.latent_channels), device=self.device)
+        with self._autocast():
+            return self.network.encode_latent(self._sparse_input(coords, feats), tile=self.tile).features.float()
+
+    @torch.no_grad()
     def reconstruct_unquantized(self, window: Any, body_mask: Any) -> np.ndarray:
         """Window values decoded from the encoder's continuous latents, the quantiser left out: the
         fidelity the autoencoder allows, against which the tokens' loss to quantisation shows."""

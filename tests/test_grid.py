@@ -251,3 +251,35 @@ def test_residual_depth_dropout_keeps_the_step_eager():
 
     assert ready() and ready(vq_depth=2, vq_depth_dropout=False)
     assert not ready(vq_depth=2)
+
+
+def test_crop_margin_leaves_cells_near_inner_crop_faces_out_of_the_codebook(two_crops):
+    """With ``vq_crop_margin`` the codebook counts only the cells at least that far inside every crop
+    face that lies inside the volume (a face on the volume's edge cuts nothing); eager and
+    all-cells passes agree, and the reconstruction is the same as without the margin."""
+    from networks import grid
+    from networks.grid import interior_weights
+
+    x, boxes = two_crops
+    g = grid_from_sparse(x, boxes, 8)
+    counted = {}
+    for margin in (0, 1):
+        model = small_model("patch", vq_crop_margin=margin).train()
+        wake_zero_weights(model)
+        for all_cells in (False, True):
+            model.vq.reset_usage()
+            recon, _ = model(g, quantize=True, all_cells=all_cells)
+            if all_cells:
+                model.finish_quantizer_step()
+            counted[margin, all_cells] = (model.vq.usage_counts.sum().item(), recon.values.detach())
+    active_cells = int(grid._pool_active(grid._pool_active(grid._pool_active(g.active))).sum())
+    assert counted[0, False][0] == counted[0, True][0] == active_cells
+    assert 0 < counted[1, False][0] == counted[1, True][0] < active_cells
+    torch.testing.assert_close(counted[1, False][1], counted[0, False][1])
+    # sample 0 is the whole 32^3 window (no inner face), sample 1 a corner cut inside it on three faces
+    origin = torch.tensor([[0, 0, 0], [8, 0, 0]])
+    coords = torch.tensor([[0, 0, 0, 0], [0, 3, 3, 3], [1, 1, 2, 2], [1, 2, 2, 2], [1, 2, 0, 0]])
+    # a 4-cell grid per sample in a 4^3 latent volume: sample 1 starts at cell 1 on i (a cut face there)
+    assert interior_weights(coords, origin, (4, 4, 4), (4, 4, 4), 8, 1).tolist() == [1.0, 1.0, 0.0, 1.0, 1.0]
+    # in an 8^3 volume the far faces of sample 0 (at cell 4) are cut too
+    assert interior_weights(coords, origin, (4, 4, 4), (8, 8, 8), 8, 1).tolist() == [1.0, 0.0, 0.0, 1.0, 1.0]

@@ -7,7 +7,7 @@ import torch
 from helpers import free_port, tiny_net
 
 from networks.backend import make_sparse
-from networks.quantizer import VectorQuantizer, kmeans, nearest_code
+from networks.quantizer import FSQuantizer, ResidualQuantizer, VectorQuantizer, build_quantizer, kmeans, nearest_code, perplexity_of
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -73,6 +73,42 @@ def test_kmeans_function_recovers_centres():
     c = kmeans(x, 8, iters=20, generator=torch.Generator().manual_seed(1))
     d = torch.cdist(centres, c).min(1).values
     assert (d < 0.5).sum() >= 6
+
+
+def test_refit_fits_the_book_to_the_latents_given():
+    """``refit`` replaces a trained book by k-means centres of the latents it is given (whole scans'
+    after training) and starts its statistics afresh."""
+    x, centres = clustered(64)
+    vq = VectorQuantizer(64, 8, restart_every=5, dead_code_steps=3).train()
+    vq(torch.randn(500, 8) * 0.01)  # a book trained on other latents: most of x lands on few codes
+    before = perplexity_of(torch.bincount(vq.quantize_indices(x), minlength=64).double())["perplexity"]
+    vq.refit(x, iters=20, generator=torch.Generator().manual_seed(0))
+    after = perplexity_of(torch.bincount(vq.quantize_indices(x), minlength=64).double())["perplexity"]
+    assert after > 40 > before
+    assert (torch.cdist(centres, vq.codes()).min(1).values < 0.5).sum() >= 32
+    assert bool(vq.initialized) and int(vq.last_used.min()) == int(vq.step) and float(vq.recent_usage.sum()) == 0.0
+    assert torch.equal(vq.ema_embed_sum, vq.embeddings.weight.float())
+
+
+@pytest.mark.parametrize("vq_type", ["factorized", "simvq"])
+def test_refit_of_the_other_lookups(vq_type):
+    x, _ = clustered(32, per=30)
+    vq = build_quantizer(vq_type, 1, 32, 8)
+    vq.refit(x, generator=torch.Generator().manual_seed(0))
+    assert torch.unique(vq.quantize_indices(x)).numel() >= 24
+    if vq_type == "simvq":
+        assert torch.equal(vq.code_map.weight, torch.eye(8))
+
+
+def test_refit_of_residual_levels_codes_what_the_earlier_ones_leave():
+    x, _ = clustered(16, per=50)
+    x = x + 0.3 * torch.randn_like(x)
+    rq = build_quantizer("vq", 2, 16, 8)
+    rq.refit(x, generator=torch.Generator().manual_seed(0))
+    idx = rq.quantize_indices(x)
+    err = [float((x - rq.lookup(idx[:, :d])).square().sum(1).mean()) for d in (1, 2)]
+    assert err[1] < 0.8 * err[0]
+    assert torch.unique(idx[:, 1]).numel() >= 12  # the second level spread over the residuals
 
 
 def test_dead_codes_restarted():
@@ -265,7 +301,7 @@ def test_ddp_ranks_keep_one_codebook(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- variants
-from networks.quantizer import FSQuantizer, ResidualQuantizer, build_quantizer  # noqa: E402  (the variants' own block)
+
 
 
 def test_factorized_lookup_is_normalised_and_k_means_initialised():
