@@ -197,9 +197,10 @@ def train_ctvq(args, resolution: int, device: torch.device, name: str = "ctvq", 
                 raise SystemExit(f"quality: {name} stage {stage} wrote no 'Training finished' line; see {run / 'log.txt'}")
         steps.append(done[0])
         seconds.append(done[1])
+    refit = re.findall(r"codebook refitted by k-means .* in ([\d.]+) s", (folders[2] / "log.txt").read_text())
     return {"run": folders[2], "train_steps": sum(steps), "train_seconds": sum(seconds),
             "stage_steps": steps, "stage_seconds": seconds, "overrides": overrides,
-            "shared_stages": list(range(shared))}
+            "shared_stages": list(range(shared)), "refit_seconds": float(refit[-1]) if refit else None}
 
 
 # ----------------------------------------------------------------------------------- MONAI VQVAE
@@ -353,6 +354,7 @@ def evaluate_models(args, trained: dict[str, dict], device: torch.device, resolu
             out[name]["stage_seconds"] = result["stage_seconds"]
             out[name]["overrides"] = result["overrides"]
             out[name]["shared_stages"] = result["shared_stages"]
+            out[name]["refit_seconds"] = result.get("refit_seconds")
             out[name]["per_depth"] = per_depth_summary(depth_rows[name], indices[name], codebook[name])
     return out
 

@@ -87,6 +87,12 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast(tensor: torch.Tensor, src: int = 0) -> None:
+    """Rank ``src``'s ``tensor`` on every rank (in place; nothing to do in a single process)."""
+    if is_distributed():
+        dist.broadcast(tensor, src)
+
+
 def wrap(network: torch.nn.Module, device: torch.device | str | None = None) -> torch.nn.Module:
     """``DistributedDataParallel`` around ``network`` inside a process group, else ``network``.
 

@@ -1,7 +1,8 @@
 """Training handlers (ignite style ``attach(engine)``): log lines, TensorBoard, EMA, checkpoints,
 samples and validation. Only rank 0 writes files.
 
-Order in ``train#handlers``: ``EMAHandler`` before ``CheckpointHandler`` (which saves the EMA).
+Order in ``train#handlers``: ``EMAHandler`` and ``CodebookRefitHandler`` before ``CheckpointHandler``
+(which saves the EMA, and the book refitted at the end).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ __all__ = [
     "ValidationHandler",
     "save_torch",
     "KMeansProgressHandler",
+    "CodebookRefitHandler",
     "densify_crop",
 ]
 
@@ -290,6 +292,125 @@ class EMAHandler:
                 self.shadow[k].copy_(v.to(self.shadow[k].device))
 
 
+class CodebookRefitHandler:
+    """At the end of training, fit the codebook again, by k-means, to the latents of whole training scans.
+
+    Training quantises the latents of crops. Near a crop face inside the scan they see a context cut
+    by the crop, which no cell of a whole scan sees, and the book that training leaves holds many
+    codes whole scans seldom use (``network_def#vq_crop_margin`` keeps those cells out of the
+    codebook's losses; this handler fits the book to what inference will quantise). When training
+    completes (before the final checkpoint: list it before ``CheckpointHandler``), it encodes up to
+    ``max_cases`` of the run's training cases whole, as ``./run.sh encode`` does, keeps up to
+    ``max_rows`` latents spread evenly over them, and sets the book to their k-means centres
+    (:meth:`networks.quantizer.VectorQuantizer.refit`, residual levels in turn; FSQ has no book and is
+    kept). The EMA weights get the same book; fitted to the live encoder's latents, which are the
+    EMA's when the encoder is frozen (the shipped stage 2). Rank 0 computes and broadcasts. A case that
+    cannot be read is skipped with a warning.
+
+    Args:
+        data_dir: the processed training folder (``data_dir``).
+        window_type: the run's window.
+        enabled: False leaves the trained book (``refit_codebook``).
+        max_cases: at most this many training cases, drawn at random (``refit_max_cases``).
+        max_rows: at most this many latents in the k-means.
+        iters: Lloyd iterations.
+        seed: draws of cases and rows, and k-means' start.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, window_type: str, enabled: bool = True, max_cases: int = 256,
+                 max_rows: int = 2_097_152, iters: int = 20, seed: int = 42) -> None:
+        if int(max_cases) < 1 or int(max_rows) < 1:
+            raise ValueError(f"refit_max_cases={max_cases} and max_rows={max_rows} must be >= 1 (refit_codebook=false "
+                             "turns the refit off)")
+        self.data_dir = data_dir
+        self.window_type = window_type
+        self.enabled = bool(enabled)
+        self.max_cases = int(max_cases)
+        self.max_rows = int(max_rows)
+        self.iters = int(iters)
+        self.seed = int(seed)
+
+    def attach(self, engine) -> None:
+        if self.enabled:
+            engine.add_event_handler(Events.COMPLETED, self)
+
+    def _cases(self, engine, resolution: int) -> list[dict]:
+        """The run's training cases (all processed cases when the loader does not say), at most ``max_cases``."""
+        import random
+
+        from pipeline.evaluate import find_cases
+
+        cases = find_cases(self.data_dir, self.window_type, resolution)
+        dataset = getattr(getattr(engine, "data_loader", None), "dataset", None)
+        keys = {c["key"] for c in getattr(dataset, "cases", None) or []}
+        if keys:
+            cases = [c for c in cases if c["case"] in keys]
+        if len(cases) > self.max_cases:
+            cases = sorted(random.Random(self.seed).sample(cases, self.max_cases), key=lambda c: c["case"])
+        return cases
+
+    def _latents(self, engine, device: torch.device) -> tuple[torch.Tensor, int]:
+        """Latents of whole training scans (at most ``max_rows``, spread evenly) and how many scans gave them."""
+        from pipeline.processed import load_case
+        from pipeline.tokenizer import Tokenizer
+
+        tok = Tokenizer(engine.model, self.window_type, device=device)
+        cases = self._cases(engine, tok.resolution)
+        per_case = -(-self.max_rows // max(1, len(cases)))
+        generator = torch.Generator(device=tok.device).manual_seed(self.seed)
+        parts = []
+        for case in cases:
+            try:
+                data = load_case(case)
+                z = tok.latents(data["window"], data["mask"])
+            except (OSError, ValueError, KeyError) as e:
+                logger.warning(f"codebook refit: skipping {case['case']} ({case['dir']}): {e}")
+                continue
+            if z.shape[0] > per_case:
+                z = z[torch.randperm(z.shape[0], device=z.device, generator=generator)[:per_case]]
+            parts.append(z)
+        rows = torch.cat(parts) if parts else torch.zeros(0, int(engine.model.latent_channels), device=tok.device)
+        return rows, len(parts)
+
+    @torch.no_grad()
+    def __call__(self, engine) -> None:
+        from networks.quantizer import perplexity_of
+
+        model = engine.model
+        vq = model.vq
+        if not hasattr(vq, "refit"):
+            logger.info("codebook refit: this quantizer has no codebook (fsq); kept as trained")
+            return
+        was_training = model.training
+        start = time.perf_counter()
+        device = next(model.parameters()).device
+        rows, scans = self._latents(engine, device) if D.is_main() else (torch.zeros(0, int(model.latent_channels), device=device), 0)
+        if D.is_main() and rows.shape[0] < vq.num_embeddings:
+            logger.warning(f"codebook refit: {rows.shape[0]:,} latents from {scans} training scans under {self.data_dir} "
+                           f"are fewer than the {vq.num_embeddings:,} codes; the trained book is kept")
+            enough = torch.zeros(1, device=device)
+        else:
+            enough = torch.ones(1, device=device)
+        D.broadcast(enough)
+        if float(enough) > 0:
+            vq.refit(rows.to(device), self.iters, torch.Generator(device=device).manual_seed(self.seed))
+            if getattr(engine, "ema", None) is not None:
+                state = model.state_dict()
+                for key, value in engine.ema.shadow.items():
+                    if key.startswith("vq."):
+                        value.copy_(state[key])
+            engine.state.codebook_refitted = True
+            if D.is_main():
+                codes = vq.quantize_indices(rows)
+                use = perplexity_of(torch.bincount(codes if codes.dim() == 1 else codes[:, 0],
+                                                   minlength=vq.num_embeddings).double())
+                logger.info(f"Step {engine.state.iteration}: codebook refitted by k-means to {rows.shape[0]:,} latents of "
+                            f"{scans} whole training scans in {time.perf_counter() - start:.1f} s: "
+                            f"{use['codes_used']:,} of {vq.num_embeddings:,} codes used on them, perplexity "
+                            f"{use['perplexity']:.0f}")
+        model.train(was_training)
+
+
 class CheckpointHandler:
     """Writes ``ckpts/vqvae_step%07d.pt``, ``vqvae_ema<rate>_step%07d.pt`` and ``misc_step%07d.pt``
     every ``interval`` steps and at the end (atomically, rank 0 only).
@@ -313,7 +434,8 @@ class CheckpointHandler:
         step = int(engine.state.iteration)
         if D.is_main():
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            if (self.ckpt_dir / misc_ckpt_name(step)).is_file() and (self.ckpt_dir / model_ckpt_name(step)).is_file():
+            written = (self.ckpt_dir / misc_ckpt_name(step)).is_file() and (self.ckpt_dir / model_ckpt_name(step)).is_file()
+            if written and not getattr(engine.state, "codebook_refitted", False):
                 pass  # already written at this step (end of training on an i_save step)
             else:
                 misc = engine.misc_state()

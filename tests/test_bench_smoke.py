@@ -86,7 +86,8 @@ def test_phantom_case_layout(cache):
     assert 0 < crop.occupancy <= 1 and np.isclose(crop.occupancy, crop.coords.shape[0] / 16**3)
 
 
-@pytest.mark.parametrize("script", ["train_step", "inference", "dataloader", "sparse_ops", "profile_step", "quality", "code_usage"])
+@pytest.mark.parametrize("script", ["train_step", "inference", "dataloader", "sparse_ops", "profile_step", "quality", "code_usage",
+                                    "codebook_fit"])
 def test_help(script, capsys):
     mod = __import__(f"bench.{script}", fromlist=["parse_args"])
     with pytest.raises(SystemExit) as e:
@@ -413,6 +414,55 @@ def test_code_usage_counts_every_scan_and_analyses_them_again(quality_data, tmp_
                 ["--run", "a=x", "--run", "a=y", "--train", "a", "--eval", "b"], ["--counts", "c.npz", "--train", "a"]):
         with pytest.raises(SystemExit):
             code_usage.parse_args(bad)
+
+
+def test_codebook_fit_scores_each_book_on_the_held_out_scans(quality_data, tmp_path):
+    """Books fitted again to a trained ctvq's whole-scan latents, each scored on the held-out case:
+    the run's own book gives the tokens and fidelity the run's tokenizer gives, and the run's weights
+    are left as they were."""
+    from bench import codebook_fit, quality
+    from pipeline.evaluate import find_cases
+    from pipeline.metrics import volume_metrics
+    from pipeline.processed import case_geometry, load_case
+    from pipeline.tokenizer import Tokenizer
+
+    work = tmp_path / "q_work"
+    quality.main(["--train", str(quality_data / "train"), "--eval", str(quality_data / "eval"), "--minutes", "0.03",
+                  "--small", "--device", "cpu", "--workers", "0", "--models", "ctvq", "--train-only", "--work", str(work),
+                  "--out", str(tmp_path / "q.json")])
+    run = work / "ctvq" / "stage2"
+    out = tmp_path / "fit.json"
+    res = codebook_fit.main(["--run", str(run), "--train", str(quality_data / "train"), "--eval", str(quality_data / "eval"),
+                             "--device", "cpu", "--out", str(out)])
+    assert list(res) == list(codebook_fit.METHODS)
+    tok = Tokenizer.from_checkpoint(run, device="cpu")
+    (case,) = find_cases(quality_data / "eval", tok.window, tok.resolution)
+    data = load_case(case)
+    tokens = tok.encode_arrays(data["window"], data["mask"], **case_geometry(data["info"]))
+    m = volume_metrics(tok.decode(tokens), np.where(data["mask"], data["window"], 0.0), tok.window, data["mask"], ssim=False)
+    own = res["run"]
+    assert own["eval_codes_used"] == own["eval_codes_per_case"][0] == len(np.unique(tokens.indices))
+    assert own["psnr_body"] == pytest.approx(m["psnr_body"], abs=1e-4)
+    for method, r in res.items():
+        assert 0 < r["eval_codes_used"] <= 128 and r["eval_latent_mse"] >= 0 and np.isfinite(r["psnr_body"]), method
+    # k-means on every training latent fits them at least as closely as the book a few steps left
+    assert res["kmeans"]["eval_latent_mse"] < own["eval_latent_mse"]
+    assert json.loads(out.read_text())["methods"]["run"]["eval_codes_used"] == own["eval_codes_used"]
+    assert out.with_suffix(".md").read_text().startswith("| method | held-out: codes used |")
+    with pytest.raises(SystemExit, match="no trained run there"):
+        codebook_fit.main(["--run", str(tmp_path), "--train", str(quality_data / "train"), "--eval", str(quality_data / "eval"),
+                           "--device", "cpu", "--out", str(out)])
+
+
+def test_equal_share_assignment_fills_every_code_to_its_share():
+    from bench.codebook_fit import equal_share_assignment
+
+    x = 0.01 * torch.randn(1000, 4)  # every row nearest the first code
+    codes = torch.cat([torch.zeros(1, 4), torch.randn(9, 4) + 3])
+    a = equal_share_assignment(x, codes)
+    assert torch.equal(torch.bincount(a, minlength=10), torch.full((10,), 100))
+    # the first code keeps the rows closest to it
+    assert x[a == 0].norm(dim=1).max() <= x[a != 0].norm(dim=1).min()
 
 
 def test_code_usage_compares_with_training_scans_of_as_many_tokens():

@@ -147,6 +147,33 @@ def test_stage_chain_files(chain):
     assert "[Stage 2]" in log2 and "Loading checkpoint from step 3" in log2
 
 
+def test_stage2_refits_the_codebook_to_whole_training_scans(chain, data_dir):
+    """Stage 2 ends by fitting the book again to the latents of its whole training scans and saves
+    that book in both weight files of its last step (written once already at that i_save step)."""
+    from networks.quantizer import perplexity_of
+    from pipeline.evaluate import find_cases
+    from pipeline.processed import load_case
+    from pipeline.tokenizer import Tokenizer
+
+    log2 = (chain["s2"] / "log.txt").read_text()
+    m = re.search(r"Step 2: codebook refitted by k-means to ([\d,]+) latents of (\d+) whole training scans", log2)
+    assert m is not None, log2[-2000:]
+    assert log2.rindex("codebook refitted") < log2.rindex("Saved checkpoint step 2")
+    ck = chain["s2"] / "ckpts"
+    model = torch.load(ck / "vqvae_step0000002.pt", weights_only=True)
+    ema = torch.load(ck / "vqvae_ema0.9999_step0000002.pt", weights_only=True)
+    assert torch.equal(model["vq.embeddings.weight"], ema["vq.embeddings.weight"])
+    books = {}
+    for name, run in (("stage1", chain["s1"]), ("refit", chain["s2"])):
+        tok = Tokenizer.from_checkpoint(run, device="cpu")
+        train = set(json.loads((chain["s2"] / "cases.json").read_text())["train"])  # the validation case is not fitted
+        cases = [c for c in find_cases(data_dir, tok.window, tok.resolution) if c["case"] in train]
+        z = torch.cat([tok.latents(load_case(c)["window"], load_case(c)["mask"]) for c in cases])
+        books[name] = perplexity_of(torch.bincount(tok.network.vq.quantize_indices(z), minlength=64).double())
+    assert int(m.group(1).replace(",", "")) == z.shape[0] and int(m.group(2)) == len(cases)
+    assert books["refit"]["perplexity"] > books["stage1"]["perplexity"], books
+
+
 def _one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:
     """A user's mistake: non-zero exit, its line last, no traceback."""
     assert proc.returncode != 0, proc.stdout[-2000:]
