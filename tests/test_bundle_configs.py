@@ -9,7 +9,7 @@ BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "ct_vqvae"
 STAGE_KEYS = {
     "training_stage", "output_dir", "learning_rate", "warmup_steps", "lr_scheduler", "loss_type", "max_steps",
     "quantize", "network_def#vq_kmeans_init", "network_def#vq_kmeans_init_points", "network_def#vq_reservoir_size",
-    "network_def#vq_restart_every", "network_def#vq_dead_code_steps", "frozen_parts",
+    "network_def#vq_restart_every", "network_def#vq_dead_code_steps", "frozen_parts", "refit_codebook",
 }
 
 
