@@ -4,7 +4,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="${CTVQ_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
-BENCHES="train_step inference dataloader preprocess profile_step sparse_ops quality code_usage"  # bench/NAME.py
+BENCHES="train_step inference dataloader preprocess profile_step sparse_ops quality code_usage codebook_fit"  # bench/NAME.py
 
 usage() {
   cat <<USAGE

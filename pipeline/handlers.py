@@ -384,13 +384,18 @@ class CodebookRefitHandler:
         was_training = model.training
         start = time.perf_counter()
         device = next(model.parameters()).device
-        rows, scans = self._latents(engine, device) if D.is_main() else (torch.zeros(0, int(model.latent_channels), device=device), 0)
-        if D.is_main() and rows.shape[0] < vq.num_embeddings:
+        rows, scans, failed = torch.zeros(0, int(model.latent_channels), device=device), 0, False
+        if D.is_main():
+            try:
+                rows, scans = self._latents(engine, device)
+            except Exception as e:  # noqa: BLE001  the trained book and the final checkpoint must not be lost to it
+                failed = True
+                logger.error(f"codebook refit failed ({type(e).__name__}: {' '.join(str(e).split())[:300]}); the trained "
+                             "book is kept and saved; --override refit_codebook=false skips the refit")
+        if D.is_main() and not failed and rows.shape[0] < vq.num_embeddings:
             logger.warning(f"codebook refit: {rows.shape[0]:,} latents from {scans} training scans under {self.data_dir} "
                            f"are fewer than the {vq.num_embeddings:,} codes; the trained book is kept")
-            enough = torch.zeros(1, device=device)
-        else:
-            enough = torch.ones(1, device=device)
+        enough = torch.tensor([float(rows.shape[0] >= vq.num_embeddings)], device=device)
         D.broadcast(enough)
         if float(enough) > 0:
             vq.refit(rows.to(device), self.iters, torch.Generator(device=device).manual_seed(self.seed))

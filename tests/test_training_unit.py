@@ -579,3 +579,27 @@ def test_step_log_of_a_residual_quantizer_names_every_level(tmp_path, caplog):
     writer.flush()
     tags = EventAccumulator(str(tmp_path / "tb_logs")).Reload().Tags()["scalars"]
     assert {"codebook/level1/perplexity", "codebook/level2/perplexity"} <= set(tags) and "codebook/level0/perplexity" not in tags
+
+
+def test_a_failed_codebook_refit_keeps_the_trained_book_and_the_last_checkpoint(data, tmp_path, caplog):
+    """The refit runs when training completes, before the last checkpoint: if it cannot read the
+    training scans it says so in one error line and the run still ends with its checkpoint."""
+    from pipeline.handlers import CheckpointHandler, CodebookRefitHandler
+
+    model = _model()
+    freeze_for_stage(model, 2)
+    sampler = StepSampler(data, batch_size=2, seed=0)
+    loader = torch.utils.data.DataLoader(data, batch_size=2, sampler=sampler, collate_fn=sparse_collate)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    missing = tmp_path / "no_such_folder"
+    handlers = [CodebookRefitHandler(missing, "lung"), CheckpointHandler(tmp_path / "run", interval=100)]
+    trainer = SparseVQVAETrainer("cpu", 2, loader, model, opt, loss_function=SparseReconLoss("l1"), train_handlers=handlers)
+    with caplog.at_level("INFO"):
+        trainer.run()
+    failed = [r for r in caplog.records if "codebook refit failed" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].levelname == "ERROR" and str(missing) in failed[0].getMessage()
+    assert "refit_codebook=false" in failed[0].getMessage() and "codebook refitted" not in caplog.text
+    saved = torch.load(tmp_path / "run" / "ckpts" / "vqvae_step0000002.pt", weights_only=True)
+    assert torch.equal(saved["vq.embeddings.weight"], model.vq.embeddings.weight.detach())
+    with pytest.raises(ValueError, match="refit_codebook=false"):
+        CodebookRefitHandler(missing, "lung", max_cases=0)
