@@ -43,12 +43,15 @@ class GridBatch:
         origin: [B, 3] int64 (on the values' device): absolute voxel coordinates of each sample's
             grid corner (a multiple of the model's factor, so cells line up with the sparse pass).
         spatial_shape: the full grid the coordinates live in (e.g. [512, 512, 512]).
+        crop_faces: [B, 6] int64 or None: per sample, the latent cells of the crop faces that cut the
+            scan (:func:`crop_faces`), for ``network_def#vq_crop_margin``.
     """
 
     values: torch.Tensor
     active: torch.Tensor
     origin: torch.Tensor
     spatial_shape: list
+    crop_faces: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -177,22 +180,31 @@ def latent_cells(x: torch.Tensor, active: torch.Tensor, origin: torch.Tensor, fa
     return make_sparse(x.reshape(-1, c).index_select(0, rows), coords, latent_shape, b), rows
 
 
-def interior_weights(coords: torch.Tensor, origin: torch.Tensor, extent, latent_shape, factor: int,
-                     margin: int) -> torch.Tensor:
+#: the crop-face coordinate of a face that cuts nothing (beyond any latent grid)
+UNCUT = 1 << 40
+
+
+def crop_faces(box: torch.Tensor, support: torch.Tensor, factor: int) -> torch.Tensor:
+    """[B, 6] int64: per sample, the latent-cell coordinates of the crop's faces (low i, j, k, then
+    high i, j, k, exclusive) where the crop cuts the scan, i.e. where the scan's support box
+    (``support`` [B, 6] voxels) goes on past the crop ``box`` [B, 6]; -``UNCUT`` / ``UNCUT`` for a
+    face that cuts nothing (the scan's edge, or a crop holding the whole body)."""
+    box, support = torch.as_tensor(box, dtype=torch.int64), torch.as_tensor(support, dtype=torch.int64)
+    low = torch.where(box[:, :3] > support[:, :3], box[:, :3] // factor, -UNCUT)
+    high = torch.where(box[:, 3:] < support[:, 3:], -(-box[:, 3:] // factor), UNCUT)
+    return torch.cat([low, high], 1)
+
+
+def interior_weights(coords: torch.Tensor, faces: torch.Tensor, margin: int) -> torch.Tensor:
     """[N] 1.0 for the latent cells ``coords`` [N, 4] (sample, absolute cell) at least ``margin``
-    cells inside each face of their sample's crop that lies inside the volume, 0.0 for the others:
-    near such a face the encoder sees a cut context (its convs and attention windows stop at the
-    crop), which no cell of a whole scan sees. The margin shrinks on an axis too short to keep a
-    cell with it. No host sync."""
-    corner = (origin.long() // factor)[coords[:, 0].long()]
-    inside = torch.ones(coords.shape[0], dtype=torch.bool, device=coords.device)
-    for axis in range(3):  # Python scalars per axis: no host-to-device copy, so a CUDA graph can hold it
-        ext, size = int(extent[axis]), int(latent_shape[axis])
-        m = min(int(margin), (ext - 1) // 2)
-        local = coords[:, 1 + axis].long() - corner[:, axis]
-        inside &= (local >= m) | (corner[:, axis] <= 0)
-        inside &= (ext - 1 - local >= m) | (corner[:, axis] + ext >= size)
-    return inside.float()
+    cells inside each face of their sample's crop that cuts the scan (``faces`` from
+    :func:`crop_faces`), 0.0 for the others: near such a face the encoder sees a context cut by the
+    crop (its convs and attention windows stop there), which no cell of a whole scan sees. The
+    margin shrinks on an axis cut on both sides that is too short to keep a cell with it. No host sync."""
+    f = faces[coords[:, 0].long()]
+    low, high, cell = f[:, :3], f[:, 3:], coords[:, 1:].long()
+    m = torch.clamp((high - low - 1) // 2, max=int(margin))
+    return ((cell - low >= m) & (high - 1 - cell >= m)).all(1).float()
 
 
 def all_cells(x: torch.Tensor, active: torch.Tensor, origin: torch.Tensor, factor: int,

@@ -26,6 +26,7 @@ plus the margin the later layers still need.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -41,6 +42,8 @@ from .grid import GridBatch, supports_grid
 from .ops import SparseLinear, layer_norm, replace
 from .quantizer import build_quantizer
 from .tiling import crop_to_box, remaining_halos, run_tiles, sort_rows
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Tokens", "SparseEncoder", "SparseDecoder", "PatchEncoder", "PatchDecoder", "SparseVQVAE", "Direct3DS2_VQVAE",
            "count_parameters", "LAYOUTS"]
@@ -292,8 +295,8 @@ class SparseVQVAE(nn.Module):
             itself) or ``"batch"`` (the batch as a whole).
         vq_entropy_rows, vq_entropy_temperature: latents the usage loss looks at per step, and the
             softness of its assignments: see :class:`~networks.quantizer.VectorQuantizer`.
-        vq_crop_margin: in training on crops of a grid batch, latent cells within this many cells of a
-            crop face inside the volume are left out of the codebook's losses and statistics (k-means,
+        vq_crop_margin: in training on crops, latent cells within this many cells of a crop face that
+            cuts the scan (the batch's ``crop_faces``) are left out of the codebook's losses and statistics (k-means,
             usage, restarts): their latents see a context cut by the crop, which no cell of a whole
             scan sees at inference, and a book fitted to them holds codes whole scans seldom use
             (0: every cell counts). The decoder still trains on every cell.
@@ -437,7 +440,8 @@ class SparseVQVAE(nn.Module):
         return state
 
     # ------------------------------------------------------------------ training forward
-    def forward(self, x: SparseConvTensor | GridBatch, quantize: bool = True, all_cells: bool = False):
+    def forward(self, x: SparseConvTensor | GridBatch, quantize: bool = True, all_cells: bool = False,
+                crop_faces: torch.Tensor | None = None):
         """Encode, (quantise), decode.
 
         Args:
@@ -445,6 +449,8 @@ class SparseVQVAE(nn.Module):
                 or the same crop as a :class:`~networks.grid.GridBatch` (``layout="patch"``; the
                 conv levels then run as dense ops over the crop's box, same result).
             quantize: False bypasses the quantizer (stage-0 autoencoder pretraining).
+            crop_faces: for a ``SparseConvTensor`` of training crops, where they cut their scans
+                (``networks.grid.crop_faces``; a ``GridBatch`` carries its own), for ``vq_crop_margin``.
             all_cells: with a ``GridBatch``, every cell of the latent grid is a token (those outside
                 the body masked out of attention and losses): the same result for the cells that
                 hold body, with shapes fixed by the grid's and no host sync, as a CUDA graph needs.
@@ -460,8 +466,30 @@ class SparseVQVAE(nn.Module):
         """
         if isinstance(x, GridBatch):
             return self._forward_grid(x, quantize, all_cells)
-        latent, losses = self._forward_latent(self.Encoder.forward_local(x), quantize)
+        latent, losses = self._forward_latent_counted(self.Encoder.forward_local(x), quantize, crop_faces)
         return self.Decoder.forward_local(latent), losses
+
+    def _crop_weights(self, cells: torch.Tensor, faces: torch.Tensor | None, quantize: bool) -> torch.Tensor | None:
+        """Weights of the latent cells ``cells`` [N, 4] for the codebook: those within
+        ``vq_crop_margin`` cells of a face that cuts the scan get 0 (None: every cell counts)."""
+        if not (self.vq_crop_margin and quantize and self.training):
+            return None
+        if faces is None:
+            if not getattr(self, "_warned_no_faces", False):
+                self._warned_no_faces = True
+                logger.warning("vq_crop_margin=%d: this batch does not say where its crops cut the scans (a batch of "
+                               "pipeline.dataset has 'box' and 'support'); every latent cell counts", self.vq_crop_margin)
+            return None
+        return grid.interior_weights(cells, faces.to(cells.device), self.vq_crop_margin)
+
+    def _forward_latent_counted(self, h: SparseConvTensor, quantize: bool, faces: torch.Tensor | None):
+        """:meth:`_forward_latent` of the active cells, the cells near a cut crop face left out of the
+        codebook's losses and statistics (its bookkeeping then done here, eagerly)."""
+        weights = self._crop_weights(h.indices, faces, quantize)
+        out = self._forward_latent(h, quantize, weights=weights)
+        if weights is not None:
+            self.finish_quantizer_step()
+        return out
 
     def _forward_latent(self, h: SparseConvTensor, quantize: bool, partitions: dict | None = None,
                         weights: torch.Tensor | None = None) -> tuple[SparseConvTensor, dict]:
@@ -486,21 +514,15 @@ class SparseVQVAE(nn.Module):
         encode_local, decode_local = self.grid_convs
         feats, active = encode_local(self.Encoder, x)
         latent_shape = [-(-int(s) // self.factor) for s in x.spatial_shape]
-        margin = self.vq_crop_margin if quantize and self.training else 0
-
-        def interior(cells):
-            return grid.interior_weights(cells.indices, x.origin, feats.shape[1:4], latent_shape, self.factor, margin)
-
         if all_cells:
             cells, on = grid.all_cells(feats, active, x.origin, self.factor, latent_shape)
             parts = grid.grid_partitions(cells, on, x.origin // self.factor, feats.shape[1:4], self.Encoder)
-            latent, losses = self._forward_latent(cells, quantize, parts, on.float() * interior(cells) if margin else on.float())
+            interior = self._crop_weights(cells.indices, x.crop_faces, quantize)
+            latent, losses = self._forward_latent(cells, quantize, parts, on.float() if interior is None else on.float() * interior)
             z = latent.features.view(*feats.shape[:4], -1).masked_fill(~active[..., None], 0)
         else:
             cells, rows = grid.latent_cells(feats, active, x.origin, self.factor, latent_shape)
-            latent, losses = self._forward_latent(cells, quantize, weights=interior(cells) if margin else None)
-            if margin:
-                self.finish_quantizer_step()
+            latent, losses = self._forward_latent_counted(cells, quantize, x.crop_faces)
             z = grid.scatter_cells(latent.features, rows, active)
         out, out_active = decode_local(self.Decoder, z, active)
         return GridBatch(out, out_active, x.origin, x.spatial_shape), losses

@@ -6,7 +6,8 @@ of each usable case (``pipeline.processed``: either layout, the one usable-case 
 returns sparse samples::
 
     {"coords": int32 [N, 3] (i, j, k) in the full grid, "feats": float32 [N, 1],
-     "case_id": str, "box": int [6] (lo, hi) of the crop, "spatial_shape": [R, R, R]}
+     "case_id": str, "box": int [6] (lo, hi) of the crop, "support": int [6] (lo, hi) of the
+     case's support (a crop face inside it cuts the scan), "spatial_shape": [R, R, R]}
 
 or, with ``grid_crops`` (for ``grid_training``: the model takes the crop as a dense grid, so the
 sparse round trip is skipped), the dense crop: ``"values"`` float32 [D, H, W] (window, 0 off the
@@ -24,6 +25,7 @@ chunks it touches). ``sparse_collate`` batches either kind of sample; ``to_spars
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -328,6 +330,12 @@ class CTWindowSparseDataset(Dataset):
         kept[c["key"]] = tables
         return tables
 
+    def support_box(self, index: int) -> np.ndarray:
+        """(lo, hi) voxels of the blocks of case ``index`` that hold support: where a crop face cuts the scan."""
+        tables = self._crop_tables(self.cases[index])
+        start, stop = support_box(tables, self.block, [s * self.block for s in tables["shape"]])
+        return np.array([*start, *stop], dtype=np.int64)
+
     def crop_box(self, index: int, draw: int | None = None) -> np.ndarray:
         """The crop box (lo, hi) in voxels of case ``index`` for draw id ``draw`` (``transforms.RandSparseCrop``)."""
         from transforms import RandSparseCrop
@@ -376,6 +384,7 @@ class CTWindowSparseDataset(Dataset):
             **sample,
             "case_id": c["key"],
             "box": torch.as_tensor(box),
+            "support": torch.as_tensor(self.support_box(index)),
             "spatial_shape": [r, r, r],
             "window": (c["window"].width, c["window"].level),  # (width, level): what validation reads
         }
@@ -520,6 +529,8 @@ def _batch_info(batch: Sequence[dict[str, Any]], num_points: list[int]) -> dict[
         "spatial_shape": list(batch[0]["spatial_shape"]) if batch else [0, 0, 0],
         "case_id": [s["case_id"] for s in batch],
         "box": torch.stack([torch.as_tensor(s["box"], dtype=torch.int64) for s in batch]) if batch else torch.zeros(0, 6),
+        **({"support": torch.stack([torch.as_tensor(s["support"], dtype=torch.int64) for s in batch])}
+           if batch and all("support" in s for s in batch) else {}),
         "num_points": num_points,
         "window": [s.get("window") for s in batch],
     }
@@ -546,6 +557,8 @@ def batch_split(batch: dict[str, Any], n: int) -> list[dict[str, Any]]:
             batch_size=stop - start, case_id=batch["case_id"][start:stop], box=batch["box"][start:stop],
             num_points=batch["num_points"][start:stop], window=batch["window"][start:stop],
         )
+        if "support" in batch:
+            part["support"] = batch["support"][start:stop]
         if bcol is None:  # the part's grid: its samples, up to their largest box
             d, h, w = (int(v) for v in (part["box"][:, 3:] - part["box"][:, :3]).amax(0))
             part.update(values=batch["values"][start:stop, :d, :h, :w], active=batch["active"][start:stop, :d, :h, :w],
@@ -591,8 +604,9 @@ def to_grid_batch(batch: dict[str, Any], device: torch.device | str | None = Non
     (the same grid: origins at the box corners rounded down to ``factor``, the largest extent)."""
     from networks.grid import GridBatch, grid_from_sparse
 
+    faces = batch_crop_faces(batch, factor, device)
     if not _is_grid(batch):
-        return grid_from_sparse(to_sparse_tensor(batch, device), batch["box"], factor)
+        return dataclasses.replace(grid_from_sparse(to_sparse_tensor(batch, device), batch["box"], factor), crop_faces=faces)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     box = batch["box"]
     lo = box[:, :3] // factor * factor
@@ -608,4 +622,14 @@ def to_grid_batch(batch: dict[str, Any], device: torch.device | str | None = Non
         values, active = placed
     # the collated grid is stored in its windows' memory order (and a batch_split part is a view of
     # it): the model takes it contiguous in (b, i, j, k, c) order, transposed here (on the GPU)
-    return GridBatch(values.contiguous(), active.contiguous(), lo.to(dev), list(batch["spatial_shape"]))
+    return GridBatch(values.contiguous(), active.contiguous(), lo.to(dev), list(batch["spatial_shape"]), faces)
+
+
+def batch_crop_faces(batch: dict[str, Any], factor: int, device: torch.device | str | None = None) -> torch.Tensor | None:
+    """``networks.grid.crop_faces`` of a collated batch (its ``box`` and ``support``) on ``device``;
+    None for a batch without ``support``."""
+    from networks.grid import crop_faces
+
+    if "support" not in batch:
+        return None
+    return crop_faces(batch["box"], batch["support"], factor).to(device if device is not None else "cpu")

@@ -85,7 +85,8 @@ class GraphedSteps:
         pad = []  # F.pad counts from the last axis: nothing before, the bucket's excess after
         for have, want in zip(reversed(x.active.shape[1:]), reversed(shape[1:])):
             pad += [0, want - have]
-        return GridBatch(F.pad(x.values, [0, 0, *pad]), F.pad(x.active, pad), x.origin.clone(), x.spatial_shape)
+        return GridBatch(F.pad(x.values, [0, 0, *pad]), F.pad(x.active, pad), x.origin.clone(), x.spatial_shape,
+                         None if x.crop_faces is None else x.crop_faces.clone())
 
     @staticmethod
     def _load(into: GridBatch, x: GridBatch) -> None:
@@ -98,6 +99,8 @@ class GraphedSteps:
         into.values[at].copy_(x.values)
         into.active[at].copy_(x.active)
         into.origin.copy_(x.origin)
+        if into.crop_faces is not None and x.crop_faces is not None:
+            into.crop_faces.copy_(x.crop_faces)
 
     def _zero_grads(self) -> None:
         grads = [p.grad for p in self.params if p.grad is not None]

@@ -295,17 +295,18 @@ class EMAHandler:
 class CodebookRefitHandler:
     """At the end of training, fit the codebook again, by k-means, to the latents of whole training scans.
 
-    Training quantises the latents of crops. Near a crop face inside the scan they see a context cut
-    by the crop, which no cell of a whole scan sees, and the book that training leaves holds many
+    Training quantises the latents of crops. Near a crop face that cuts the scan they see a context
+    cut by the crop, which no cell of a whole scan sees, and the book that training leaves holds many
     codes whole scans seldom use (``network_def#vq_crop_margin`` keeps those cells out of the
     codebook's losses; this handler fits the book to what inference will quantise). When training
     completes (before the final checkpoint: list it before ``CheckpointHandler``), it encodes up to
     ``max_cases`` of the run's training cases whole, as ``./run.sh encode`` does, keeps up to
     ``max_rows`` latents spread evenly over them, and sets the book to their k-means centres
     (:meth:`networks.quantizer.VectorQuantizer.refit`, residual levels in turn; FSQ has no book and is
-    kept). The EMA weights get the same book; fitted to the live encoder's latents, which are the
-    EMA's when the encoder is frozen (the shipped stage 2). Rank 0 computes and broadcasts. A case that
-    cannot be read is skipped with a warning.
+    kept). The EMA weights get the same book; it is fitted to the live encoder's latents, which are
+    the EMA's when the encoder is frozen (the shipped stage 2). Rank 0 fits alone, then shares the
+    quantizer's state. Anything that goes wrong (a case that cannot be read, no memory) is logged in
+    one line and the trained book is kept, so the run still ends with its checkpoint.
 
     Args:
         data_dir: the processed training folder (``data_dir``).
@@ -317,7 +318,10 @@ class CodebookRefitHandler:
         seed: draws of cases and rows, and k-means' start.
     """
 
-    def __init__(self, data_dir: str | os.PathLike, window_type: str, enabled: bool = True, max_cases: int = 256,
+    #: fewer latents than this many per code leave the trained book in place (k-means would fit noise)
+    MIN_ROWS_PER_CODE = 4
+
+    def __init__(self, data_dir: str | os.PathLike, window_type: str, enabled: bool = True, max_cases: int = 64,
                  max_rows: int = 2_097_152, iters: int = 20, seed: int = 42) -> None:
         if int(max_cases) < 1 or int(max_rows) < 1:
             raise ValueError(f"refit_max_cases={max_cases} and max_rows={max_rows} must be >= 1 (refit_codebook=false "
@@ -372,47 +376,60 @@ class CodebookRefitHandler:
         rows = torch.cat(parts) if parts else torch.zeros(0, int(engine.model.latent_channels), device=tok.device)
         return rows, len(parts)
 
-    @torch.no_grad()
-    def __call__(self, engine) -> None:
+    def _fit(self, engine, vq, device: torch.device) -> str | None:
+        """Rank 0: the book refitted in place and the line that says so, or None (book as trained)."""
         from networks.quantizer import perplexity_of
 
+        def usage(rows: torch.Tensor) -> dict:
+            codes = vq.quantize_indices(rows)
+            return perplexity_of(torch.bincount(codes if codes.dim() == 1 else codes[:, 0], minlength=vq.num_embeddings).double())
+
+        start = time.perf_counter()
+        rows, scans = self._latents(engine, device)
+        if rows.shape[0] < self.MIN_ROWS_PER_CODE * vq.num_embeddings:
+            logger.warning(f"codebook refit: {rows.shape[0]:,} latents from {scans} training scans under {self.data_dir} "
+                           f"are fewer than {self.MIN_ROWS_PER_CODE} per code ({vq.num_embeddings:,} codes); the trained "
+                           "book is kept")
+            return None
+        before = usage(rows)
+        vq.refit(rows, self.iters, torch.Generator(device=device).manual_seed(self.seed), broadcast=False)
+        after = usage(rows)
+        return (f"Step {engine.state.iteration}: codebook refitted by k-means to {rows.shape[0]:,} latents of {scans} "
+                f"whole training scans in {time.perf_counter() - start:.1f} s: codes used on them "
+                f"{before['codes_used']:,} -> {after['codes_used']:,} of {vq.num_embeddings:,}, perplexity "
+                f"{before['perplexity']:.0f} -> {after['perplexity']:.0f}")
+
+    @torch.no_grad()
+    def __call__(self, engine) -> None:
         model = engine.model
         vq = model.vq
-        if not hasattr(vq, "refit"):
+        if not any(hasattr(m, "embeddings") for m in vq.modules()):
             logger.info("codebook refit: this quantizer has no codebook (fsq); kept as trained")
             return
         was_training = model.training
-        start = time.perf_counter()
         device = next(model.parameters()).device
-        rows, scans, failed = torch.zeros(0, int(model.latent_channels), device=device), 0, False
+        state = {k: v.clone() for k, v in vq.state_dict().items()}
+        line = None
         if D.is_main():
             try:
-                rows, scans = self._latents(engine, device)
+                line = self._fit(engine, vq, device)
             except Exception as e:  # noqa: BLE001  the trained book and the final checkpoint must not be lost to it
-                failed = True
+                vq.load_state_dict(state)
                 logger.error(f"codebook refit failed ({type(e).__name__}: {' '.join(str(e).split())[:300]}); the trained "
-                             "book is kept and saved; --override refit_codebook=false skips the refit")
-        if D.is_main() and not failed and rows.shape[0] < vq.num_embeddings:
-            logger.warning(f"codebook refit: {rows.shape[0]:,} latents from {scans} training scans under {self.data_dir} "
-                           f"are fewer than the {vq.num_embeddings:,} codes; the trained book is kept")
-        enough = torch.tensor([float(rows.shape[0] >= vq.num_embeddings)], device=device)
-        D.broadcast(enough)
-        if float(enough) > 0:
-            vq.refit(rows.to(device), self.iters, torch.Generator(device=device).manual_seed(self.seed))
+                             "book is kept and saved; set refit_codebook to false to skip the refit")
+        done = torch.tensor([float(line is not None)], device=device)
+        D.broadcast(done)
+        if float(done) > 0:
+            for tensor in vq.state_dict().values():  # rank 0's refitted quantizer on every rank
+                D.broadcast(tensor)
             if getattr(engine, "ema", None) is not None:
-                state = model.state_dict()
+                fitted = model.state_dict()
                 for key, value in engine.ema.shadow.items():
                     if key.startswith("vq."):
-                        value.copy_(state[key])
+                        value.copy_(fitted[key])
             engine.state.codebook_refitted = True
-            if D.is_main():
-                codes = vq.quantize_indices(rows)
-                use = perplexity_of(torch.bincount(codes if codes.dim() == 1 else codes[:, 0],
-                                                   minlength=vq.num_embeddings).double())
-                logger.info(f"Step {engine.state.iteration}: codebook refitted by k-means to {rows.shape[0]:,} latents of "
-                            f"{scans} whole training scans in {time.perf_counter() - start:.1f} s: "
-                            f"{use['codes_used']:,} of {vq.num_embeddings:,} codes used on them, perplexity "
-                            f"{use['perplexity']:.0f}")
+            if line is not None:
+                logger.info(line)
         model.train(was_training)
 
 

@@ -31,7 +31,7 @@ from networks.quantizer import codebooks_initialised
 from pipeline import distributed as D
 from pipeline import quiet_fx_notice
 from pipeline.config_data import config_flag
-from pipeline.dataset import batch_split, to_grid_batch, to_sparse_tensor
+from pipeline.dataset import batch_crop_faces, batch_split, to_grid_batch, to_sparse_tensor
 from pipeline.io_utils import CheckpointError
 from pipeline.runs import load_matching, read_resume_state
 
@@ -271,9 +271,11 @@ class SparseVQVAETrainer(SupervisedTrainer):
         """Forward pass and loss terms of one (micro-)batch; returns (terms, input, recon)."""
         if self.grid_training:
             x = to_grid_batch(batch, self.device, self.model.factor)
+            terms, recon = self._terms(x, network or self.network)
         else:
             x = to_sparse_tensor(batch, self.device)
-        terms, recon = self._terms(x, network or self.network)
+            faces = batch_crop_faces(batch, self.model.factor, self.device)
+            terms, recon = self._terms(x, network or self.network, **({} if faces is None else {"crop_faces": faces}))
         return terms, x, recon
 
     def _grid_terms(self, x: GridBatch) -> dict:

@@ -13,6 +13,7 @@ import torch
 from pipeline.dataset import (
     CTWindowSparseDataset,
     StepSampler,
+    batch_crop_faces,
     batch_split,
     block_counts,
     find_datasets,
@@ -20,6 +21,8 @@ from pipeline.dataset import (
     to_grid_batch,
     to_sparse_tensor,
 )
+
+from networks.grid import UNCUT
 
 LUNG = "windows/lung_w1500_l-600.npy"
 
@@ -99,6 +102,9 @@ def test_sample_support_and_crop(synth):
     box = s["box"].numpy()
     lo, hi = s["coords"].numpy().min(0), s["coords"].numpy().max(0) + 1
     assert (box % 8 == 0).all() and (box[:3] == lo // 8 * 8).all() and (box[3:] == np.minimum(-(-hi // 8) * 8, win.shape)).all()
+    # such a crop cuts nothing: its box is the case's support box, so no face of it is a cut
+    assert torch.equal(s["support"], s["box"])
+    assert (batch_crop_faces(sparse_collate([s]), 8).abs() == UNCUT).all()
     # body mask computed from ct_normalized when the file is absent (dataset "b")
     assert all(c["num_points"] > 100 for c in full.cases if c["key"].startswith("b/"))
     crop = CTWindowSparseDataset(synth, "lung", split="all", max_points=2000)
@@ -110,6 +116,10 @@ def test_sample_support_and_crop(synth):
             assert (box % 8 == 0).all()
             c = t["coords"].numpy()
             assert (c >= box[:3]).all() and (c < box[3:]).all()
+            support = t["support"].numpy()  # the whole case's support: a face inside it cuts the scan
+            faces = batch_crop_faces(sparse_collate([t]), 8)[0].numpy()
+            assert ((faces[:3] == box[:3] // 8) == (box[:3] > support[:3])).all()
+            assert ((faces[3:] == box[3:] // 8) == (box[3:] < support[3:])).all()
             # whole neighbourhoods: every support voxel inside the box is present (no dropping)
             sl = tuple(slice(box[k], box[k + 3]) for k in range(3))
             m = np.load(Path(crop.cases[i]["dir"]) / "body_mask_512.npy")[sl] if (Path(crop.cases[i]["dir"]) / "body_mask_512.npy").exists() else None
@@ -156,6 +166,7 @@ def test_collate_and_split(synth):
     assert batch["batch_size"] == 3 and batch["indices"][:, 0].max() == 2
     parts = batch_split(batch, 2)
     assert [p["batch_size"] for p in parts] == [2, 1]
+    assert torch.equal(parts[1]["support"], batch["support"][2:]) and batch["support"].shape == (3, 6)
     assert sum(len(p["indices"]) for p in parts) == len(batch["indices"])
     assert parts[1]["indices"][:, 0].max() == 0
     assert torch.equal(parts[1]["features"], batch["features"][batch["indices"][:, 0] == 2])

@@ -253,33 +253,46 @@ def test_residual_depth_dropout_keeps_the_step_eager():
     assert not ready(vq_depth=2)
 
 
-def test_crop_margin_leaves_cells_near_inner_crop_faces_out_of_the_codebook(two_crops):
+def test_crop_margin_leaves_cells_near_cut_crop_faces_out_of_the_codebook(two_crops):
     """With ``vq_crop_margin`` the codebook counts only the cells at least that far inside every crop
-    face that lies inside the volume (a face on the volume's edge cuts nothing); eager and
-    all-cells passes agree, and the reconstruction is the same as without the margin."""
+    face that cuts the scan (its support goes on past the face); the sparse, grid and all-cells
+    passes count the same cells, and the reconstruction is the one without the margin."""
+    import dataclasses
+
     from networks import grid
-    from networks.grid import interior_weights
+    from networks.grid import UNCUT, crop_faces, interior_weights
 
     x, boxes = two_crops
-    g = grid_from_sparse(x, boxes, 8)
+    support = boxes[:1].repeat(2, 1)  # the scan's support: sample 0 holds all of it, sample 1 a corner
+    faces = crop_faces(boxes, support, 8)
+    assert faces[0].tolist() == [-UNCUT] * 3 + [UNCUT] * 3
+    g = dataclasses.replace(grid_from_sparse(x, boxes, 8), crop_faces=faces)
     counted = {}
     for margin in (0, 1):
         model = small_model("patch", vq_crop_margin=margin).train()
         wake_zero_weights(model)
-        for all_cells in (False, True):
+        for path in ("sparse", "grid", "all_cells"):
             model.vq.reset_usage()
-            recon, _ = model(g, quantize=True, all_cells=all_cells)
-            if all_cells:
-                model.finish_quantizer_step()
-            counted[margin, all_cells] = (model.vq.usage_counts.sum().item(), recon.values.detach())
+            if path == "sparse":
+                recon, _ = model(x, quantize=True, crop_faces=faces)
+                values = grid.grid_from_sparse(recon, boxes * 0 + torch.tensor([0, 0, 0, 32, 32, 32]), 8).values
+            else:
+                recon, _ = model(g, quantize=True, all_cells=path == "all_cells")
+                values = recon.values
+                if path == "all_cells":
+                    model.finish_quantizer_step()
+            counted[margin, path] = (model.vq.usage_counts.sum().item(), values.detach())
     active_cells = int(grid._pool_active(grid._pool_active(grid._pool_active(g.active))).sum())
-    assert counted[0, False][0] == counted[0, True][0] == active_cells
-    assert 0 < counted[1, False][0] == counted[1, True][0] < active_cells
-    torch.testing.assert_close(counted[1, False][1], counted[0, False][1])
-    # sample 0 is the whole 32^3 window (no inner face), sample 1 a corner cut inside it on three faces
-    origin = torch.tensor([[0, 0, 0], [8, 0, 0]])
-    coords = torch.tensor([[0, 0, 0, 0], [0, 3, 3, 3], [1, 1, 2, 2], [1, 2, 2, 2], [1, 2, 0, 0]])
-    # a 4-cell grid per sample in a 4^3 latent volume: sample 1 starts at cell 1 on i (a cut face there)
-    assert interior_weights(coords, origin, (4, 4, 4), (4, 4, 4), 8, 1).tolist() == [1.0, 1.0, 0.0, 1.0, 1.0]
-    # in an 8^3 volume the far faces of sample 0 (at cell 4) are cut too
-    assert interior_weights(coords, origin, (4, 4, 4), (8, 8, 8), 8, 1).tolist() == [1.0, 0.0, 0.0, 1.0, 1.0]
+    assert {counted[0, p][0] for p in ("sparse", "grid", "all_cells")} == {active_cells}
+    assert len({counted[1, p][0] for p in ("sparse", "grid", "all_cells")}) == 1
+    assert 0 < counted[1, "grid"][0] < active_cells
+    for path in ("sparse", "grid"):
+        torch.testing.assert_close(counted[1, path][1], counted[0, path][1])
+    # one scan of 8^3 cells; sample 0 a crop of all of it, sample 1 of cells 1..3 on i and 0..3 on j and k
+    box = torch.tensor([[0, 0, 0, 64, 64, 64], [8, 0, 0, 32, 32, 32]])
+    faces = crop_faces(box, torch.tensor([[0, 0, 0, 64, 64, 64]] * 2), 8)
+    assert faces[1].tolist() == [1, -UNCUT, -UNCUT, 4, 4, 4]
+    coords = torch.tensor([[0, 0, 0, 0], [0, 7, 7, 7], [1, 1, 2, 2], [1, 2, 2, 2], [1, 2, 0, 0], [1, 2, 3, 3]])
+    assert interior_weights(coords, faces, 1).tolist() == [1.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+    # margin 2: on i (cut on both sides, 3 cells) it shrinks to 1; on j and k (cut at 4 only) it stays 2
+    assert interior_weights(coords, faces, 2).tolist() == [1.0, 1.0, 0.0, 0.0, 1.0, 0.0]

@@ -598,8 +598,40 @@ def test_a_failed_codebook_refit_keeps_the_trained_book_and_the_last_checkpoint(
         trainer.run()
     failed = [r for r in caplog.records if "codebook refit failed" in r.getMessage()]
     assert len(failed) == 1 and failed[0].levelname == "ERROR" and str(missing) in failed[0].getMessage()
-    assert "refit_codebook=false" in failed[0].getMessage() and "codebook refitted" not in caplog.text
+    assert "set refit_codebook to false" in failed[0].getMessage() and "codebook refitted" not in caplog.text
     saved = torch.load(tmp_path / "run" / "ckpts" / "vqvae_step0000002.pt", weights_only=True)
     assert torch.equal(saved["vq.embeddings.weight"], model.vq.embeddings.weight.detach())
     with pytest.raises(ValueError, match="refit_codebook=false"):
         CodebookRefitHandler(missing, "lung", max_cases=0)
+
+
+def test_a_refit_that_fails_half_way_restores_the_trained_book(monkeypatch, caplog):
+    import types
+
+    import networks.quantizer as Q
+    from pipeline.handlers import CodebookRefitHandler
+
+    model = _model()
+    trained = {k: v.clone() for k, v in model.vq.state_dict().items()}
+    handler = CodebookRefitHandler("unused", "lung")
+    monkeypatch.setattr(handler, "_latents", lambda engine, device: (torch.randn(200, 8), 2))
+
+    def fails_half_way(*args, **kwargs):
+        model.vq.embeddings.weight.data.fill_(7.0)  # a partly written book
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(Q, "kmeans", fails_half_way)
+    engine = types.SimpleNamespace(model=model, state=types.SimpleNamespace(iteration=5))
+    with caplog.at_level("INFO"):
+        handler(engine)
+    assert "codebook refit failed (RuntimeError: CUDA out of memory)" in caplog.text
+    assert all(torch.equal(v, trained[k]) for k, v in model.vq.state_dict().items())
+    assert not getattr(engine.state, "codebook_refitted", False)
+    monkeypatch.undo()
+    monkeypatch.setattr(handler, "_latents", lambda engine, device: (torch.randn(200, 8), 2))
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        handler(engine)  # 200 latents: 4 or more per code of 16 -> refitted, with its usage before and after
+    assert re.search(r"Step 5: codebook refitted by k-means to 200 latents of 2 whole training scans in [\d.]+ s: "
+                     r"codes used on them \d+ -> \d+ of 16, perplexity \d+ -> \d+", caplog.text), caplog.text
+    assert engine.state.codebook_refitted and not torch.equal(model.vq.embeddings.weight.detach(), trained["embeddings.weight"])
