@@ -358,3 +358,25 @@ def test_two_process_gloo(data_dir, tmp_path):
     misc = torch.load(out / "ckpts" / "misc_step0000002.pt", weights_only=True)
     assert misc["world_size"] == 2
     assert "./run.sh train" in (out / "command.txt").read_text()
+
+
+def test_two_process_stage2_refits_the_codebook_on_rank_0(chain, data_dir, tmp_path):
+    """Under torchrun rank 0 refits the book alone while the other rank waits for it; both ranks end,
+    and the last checkpoint holds the refitted book (the same in both weight files)."""
+    out = tmp_path / "ddp2"
+    over = [f"{k}={json.dumps(v)}" for k, v in {**TINY, "i_save": 100, "i_sample": 100, "i_val": 100}.items()]
+    cmd = [sys.executable, "-m", "pipeline.train", "--config", str(BUNDLE / "stage2.json"), "--output_dir", str(out),
+           "--data_dir", str(data_dir), "--num_gpus", "2", "--master_port", str(free_port()),
+           "--load_dir", str(chain["s1"]), "--ckpt", "latest", *sum((["--override", o] for o in over), []),
+           "--override", "max_steps=2"]
+    env = _env()
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    _ok(proc)
+    log = (out / "log.txt").read_text()
+    assert log.count("codebook refitted by k-means") == 1 and "codebook refit failed" not in log
+    model = torch.load(out / "ckpts" / "vqvae_step0000002.pt", weights_only=True)
+    ema = torch.load(out / "ckpts" / "vqvae_ema0.9999_step0000002.pt", weights_only=True)
+    stage1 = torch.load(sorted((chain["s1"] / "ckpts").glob("vqvae_step*.pt"))[-1], weights_only=True)
+    assert torch.equal(model["vq.embeddings.weight"], ema["vq.embeddings.weight"])
+    assert not torch.equal(model["vq.embeddings.weight"], stage1["vq.embeddings.weight"])
