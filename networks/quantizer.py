@@ -324,16 +324,12 @@ class VectorQuantizer(nn.Module):
         logger.info("vq: k-means initialised %d codes from %d encoder outputs", self.num_embeddings, self.reservoir.shape[0])
 
     @torch.no_grad()
-    def refit(self, z: torch.Tensor, iters: int = 20, generator: torch.Generator | None = None,
-              broadcast: bool = True) -> None:
+    def refit(self, z: torch.Tensor, iters: int = 20, generator: torch.Generator | None = None) -> None:
         """Set the codebook to k-means centres of encoder outputs ``z`` [N, D]: the book fitted again,
         after training, to the latents of whole scans (``pipeline.handlers.CodebookRefitHandler``).
-        Under ``torch.distributed`` rank 0's ``z`` counts and its book is broadcast; with
-        ``broadcast=False`` this process fits alone (the caller shares the result)."""
-        centres = None
-        if not (broadcast and _dist()) or dist.get_rank() == 0:
-            centres = kmeans(self.to_lookup(z.to(self.embeddings.weight.device)), self.num_embeddings, iters, generator)
-        self._set_codes(centres, broadcast)
+        This process fits alone, also under ``torch.distributed``: the caller shares the result."""
+        centres = kmeans(self.to_lookup(z.to(self.embeddings.weight.device)), self.num_embeddings, iters, generator)
+        self._set_codes(centres, broadcast=False)
 
     @torch.no_grad()
     def _set_codes(self, centres: torch.Tensor | None, broadcast: bool = True) -> None:
@@ -719,14 +715,13 @@ class ResidualQuantizer(nn.Module):
         return sum(outs[:d]), torch.stack(idx, 1), losses
 
     @torch.no_grad()
-    def refit(self, z: torch.Tensor, iters: int = 20, generator: torch.Generator | None = None,
-              broadcast: bool = True) -> None:
+    def refit(self, z: torch.Tensor, iters: int = 20, generator: torch.Generator | None = None) -> None:
         """Each level's codebook fitted again (:meth:`VectorQuantizer.refit`) to what the levels
         before it, already refitted, leave of ``z``; levels without a codebook are kept."""
         residual = z.float()
         for q in self.levels:
             if hasattr(q, "refit"):
-                q.refit(residual, iters, generator, broadcast)
+                q.refit(residual, iters, generator)
             residual = residual - q.lookup(q.quantize_indices(residual))
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:

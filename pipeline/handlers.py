@@ -392,7 +392,7 @@ class CodebookRefitHandler:
                            "book is kept")
             return None
         before = usage(rows)
-        vq.refit(rows, self.iters, torch.Generator(device=device).manual_seed(self.seed), broadcast=False)
+        vq.refit(rows, self.iters, torch.Generator(device=device).manual_seed(self.seed))
         after = usage(rows)
         return (f"Step {engine.state.iteration}: codebook refitted by k-means to {rows.shape[0]:,} latents of {scans} "
                 f"whole training scans in {time.perf_counter() - start:.1f} s: codes used on them "
