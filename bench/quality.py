@@ -4,7 +4,8 @@ ctvq is trained by the shipped recipe (``bundles/ct_vqvae/stage0.json`` -> ``sta
 ``stage2.json``, through ``pipeline.train`` like ``./run.sh train``), every training case used
 (``num_val=0``), the minutes shared between the stages by ``--stage-split``. MONAI ``VQVAE`` (the
 benchmarks' 8x, 8192 x 32 config) is trained on dense ``--crop``^3 crops of the window times the
-body mask, batch 2, L1 plus its VQ loss, AdamW 1e-4, fp16. Both models then encode and decode each
+body mask, batch 2, L1 plus its VQ loss, AdamW 1e-4, fp16, for as long as ctvq's stages took in all
+(stage 2's codebook refit, which runs after its minutes, included), or ``--minutes`` without ctvq. Both models then encode and decode each
 whole evaluation scan, scored by ``pipeline.metrics`` (PSNR/SSIM and MAE inside the body, per-organ
 MAE where labels exist, codes used and perplexity over the tokens of cells holding body voxels (of
 the first level for ``vq_depth`` > 1; each level's under ``"per_depth"``), tokens per scan); ctvq also decodes its continuous latents with the quantiser left out (PSNR and
@@ -227,7 +228,7 @@ class DenseCrops(torch.utils.data.IterableDataset):
             yield torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))[None]
 
 
-def train_vqvae(args, resolution: int, device: torch.device) -> dict:
+def train_vqvae(args, resolution: int, device: torch.device, seconds: float) -> dict:
     work = args.work / "monai_vqvae"
     weights = work / "model.pt"
     if (work / "train.json").is_file() and weights.is_file():
@@ -241,8 +242,8 @@ def train_vqvae(args, resolution: int, device: torch.device) -> dict:
     opt = C.adamw(model.parameters(), 1e-4, device)
     amp = device.type == "cuda"
     scaler = C.grad_scaler(device, amp)
-    budget, steps, started = args.minutes * 60.0, 0, None
-    print(f"monai_vqvae: {args.minutes:.2f} min", flush=True)
+    budget, steps, started = seconds, 0, None
+    print(f"monai_vqvae: {seconds:.1f} s", flush=True)
     model.train()
     for x in loader:
         x = x.to(device, non_blocking=True)
@@ -383,7 +384,9 @@ def main(argv: list[str] | None = None) -> dict:
         for name, overrides in ctvq_models(args).items():
             trained[name] = train_ctvq(args, resolution, device, name, overrides)
     if "monai_vqvae" in args.models:
-        trained["monai_vqvae"] = train_vqvae(args, resolution, device)
+        # the same GPU time as ctvq's stages, whose clock does not stop for stage 2's codebook refit
+        seconds = max(args.minutes * 60.0, trained["ctvq"]["train_seconds"] if "ctvq" in trained else 0.0)
+        trained["monai_vqvae"] = train_vqvae(args, resolution, device, seconds)
     if args.train_only:
         return {}
     results = evaluate_models(args, trained, device, resolution)

@@ -334,6 +334,7 @@ def test_quality_smoke(quality_data, tmp_path):
         assert [c["case"] for c in r["cases"]] == ["phantom/phantom_007"]  # never a training case
         assert r["cases"][0]["organ_mae_hu"]  # the phantom has organ labels
     assert saved["ctvq"]["tokens"] < saved["monai_vqvae"]["tokens"]  # tokens only inside the body
+    assert saved["monai_vqvae"]["train_seconds"] >= saved["ctvq"]["train_seconds"]  # as long as ctvq took in all
     # the quantiser left out: a different reconstruction, scored the same way
     assert np.isfinite(saved["ctvq"]["psnr_body_unquantized"]) and "psnr_body_unquantized" not in saved["monai_vqvae"]
     assert saved["ctvq"]["psnr_body_unquantized"] != pytest.approx(saved["ctvq"]["psnr_body"], abs=1e-6)
