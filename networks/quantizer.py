@@ -267,6 +267,9 @@ class VectorQuantizer(nn.Module):
         self.reservoir = torch.zeros(0, dim)
         self._py_step = 0
         self._py_initialized = not kmeans_init
+        # set by a stage's frozen_parts ["vq"]: training counts usage but moves no code (no EMA,
+        # restart or k-means), as requires_grad alone would leave restarts and EMA running
+        self.book_frozen = False
 
     @property
     def optimizer_trains_codebook(self) -> bool:
@@ -448,7 +451,7 @@ class VectorQuantizer(nn.Module):
         """
         with torch.autocast(device_type=z.device.type, enabled=False):
             zl = self.to_lookup(z)
-            if self.training and not self._py_initialized:
+            if self.training and not self._py_initialized and not self.book_frozen:
                 self.collect(zl if weights is None else zl[weights > 0])
                 if self._reservoir_ready():
                     self.kmeans_init_from_reservoir()
@@ -539,6 +542,8 @@ class VectorQuantizer(nn.Module):
         self.step += 1
         self._py_step += 1
         self.last_used.copy_(torch.where(counts > 0, self.step, self.last_used))
+        if self.book_frozen:  # usage is still counted for the logs; the codes stay as they are
+            return
         if ema:
             d = self.ema_decay
             self.ema_cluster_size.mul_(d).add_(counts.float(), alpha=1 - d)
@@ -590,6 +595,7 @@ class FSQuantizer(nn.Module):
         self.register_buffer("usage_counts", torch.zeros(self.num_embeddings, dtype=torch.float64))
         self.register_buffer("initialized", torch.tensor(not fit_init))
         self._py_initialized = not fit_init
+        self.book_frozen = False  # set by a stage's frozen_parts ["vq"]: no fit in training
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         state_dict.setdefault(prefix + "initialized", torch.tensor(True))  # saved before the fit existed: trained
@@ -645,7 +651,7 @@ class FSQuantizer(nn.Module):
     def forward(self, z: torch.Tensor, groups: torch.Tensor | None = None, num_groups: int = 1,
                 weights: torch.Tensor | None = None):
         """As :meth:`VectorQuantizer.forward`; ``groups`` is not used (no usage loss)."""
-        if self.training and not self._py_initialized:
+        if self.training and not self._py_initialized and not self.book_frozen:
             self.fit(z if weights is None else z[weights > 0])
         with torch.autocast(device_type=z.device.type, enabled=False):
             digits = self._digits(z)

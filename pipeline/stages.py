@@ -58,6 +58,7 @@ def freeze_for_stage(model: torch.nn.Module, training_stage: int, keep_trainable
         keep_trainable: parameter names left trainable in stage 1 (new layers the checkpoint lacked).
         frozen_parts: parts (of :data:`PARTS`) frozen on top of the stage's own (config key
             ``frozen_parts``; e.g. ``["Encoder"]`` in stage 2 keeps the latents stage 1 fitted the codebook to).
+            A frozen ``vq`` also stops the quantizers' own updates (EMA, restarts, k-means, FSQ fit).
     """
     stage = int(training_stage)
     if stage not in (0, 1, 2):
@@ -83,6 +84,10 @@ def freeze_for_stage(model: torch.nn.Module, training_stage: int, keep_trainable
     for m in model.modules():  # an EMA codebook or a shared map's fixed basis is not the optimizer's
         if isinstance(m, VectorQuantizer) and not m.optimizer_trains_codebook:
             m.embeddings.weight.requires_grad_(False)
+    vq = getattr(model, "vq", None)
+    for m in vq.modules() if vq is not None else ():
+        if hasattr(m, "book_frozen"):
+            m.book_frozen = "vq" in frozen_parts
 
 
 def prepare_network(

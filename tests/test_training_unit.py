@@ -272,6 +272,38 @@ def test_freezing_and_summary():
         freeze_for_stage(model, 1, frozen_parts=["vq"])
 
 
+def test_a_frozen_codebook_keeps_every_code():
+    """frozen_parts ["vq"]: training still counts usage, but no restart, EMA step or projection fit moves
+    a code (requires_grad alone would leave those running); a later stage without it unfreezes."""
+    from networks.quantizer import FSQuantizer, ResidualQuantizer, VectorQuantizer
+
+    def parts(vq):
+        model = torch.nn.Module()
+        model.Encoder, model.Decoder, model.vq = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), vq
+        return model.train()
+
+    torch.manual_seed(0)
+    z = torch.randn(512, 4)
+    for frozen in (["vq"], []):
+        levels = [VectorQuantizer(32, 4, codebook_update=update, restart_every=2, dead_code_steps=1) for update in ("ema", "gradient")]
+        with torch.no_grad():
+            for level in levels:
+                level.embeddings.weight[16:] = 100.0  # never chosen: dead, restarted unless frozen
+        residual, fsq = parts(ResidualQuantizer(levels, depth_dropout=False)), parts(FSQuantizer(4, (4, 4), fit_init=True))
+        for model in (residual, fsq):
+            freeze_for_stage(model, 2, frozen_parts=frozen)
+        before = {n: t.clone() for n, t in [*residual.vq.state_dict().items(), *fsq.vq.state_dict().items()] if "usage" not in n}
+        for _ in range(6):
+            residual.vq(z)
+            fsq.vq(z)
+        after = {**{n: t for n, t in residual.vq.state_dict().items()}, **fsq.vq.state_dict()}
+        books = ["levels.0.embeddings.weight", "levels.1.embeddings.weight", "in_proj.weight"]
+        assert [torch.equal(before[n], after[n]) for n in books] == [bool(frozen)] * 3, frozen
+        assert residual.vq.levels[0].usage_counts.sum() == 6 * len(z) and fsq.vq.usage_counts.sum() == 6 * len(z)
+    freeze_for_stage(residual, 2)
+    assert not any(level.book_frozen for level in residual.vq.levels)
+
+
 def test_stage1_refuses_checkpoint_of_another_size(tmp_path):
     """Before any k-means or training: one line naming the checkpoint and the tensors that differ."""
     from networks import SparseVQVAE
