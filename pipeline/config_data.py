@@ -40,8 +40,10 @@ def config_flag(key: str, value: Any, config_key: str | None = None) -> bool:
 
 
 def needs_flag(where: str, key: str) -> str:
-    """The one-line refusal of a value given where the config key ``key`` takes true or false."""
-    return f"{where}: needs true or false (JSON), e.g. {setting_hint(key, 'false')}"
+    """The one-line refusal of a value given where the config key ``key`` takes true or false, in the
+    spelling of the command line in use (see :func:`setting_hint`)."""
+    spelling = "true or false (JSON)" if os.environ.get("CTVQ_COMMAND") else "True or False (Python, as MONAI's runner reads it)"
+    return f"{where}: needs {spelling}, e.g. {setting_hint(key, 'false')}"
 
 
 def last_line(e: BaseException) -> str:

@@ -212,6 +212,10 @@ def test_bundle_run_user_error_is_one_line(tmp_path):
     proc = bundle_run("stage0.json", data_dir=str(tmp_path), output_dir=str(out), max_steps="abc")
     _one_line_error(proc, "--max_steps=abc: needs a number", "e.g. --max_steps 100000")
     assert not (tmp_path / "outputs").exists()
+    # JSON's true is a string to Fire: the refusal gives the spelling MONAI's runner reads
+    proc = bundle_run("stage0.json", data_dir=str(tmp_path), output_dir=str(out), amp=True)
+    _one_line_error(proc, "--amp=true: needs True or False (Python, as MONAI's runner reads it)", "e.g. --amp False")
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_resume_with_other_frozen_parts_names_the_setting(chain, data_dir, tmp_path):
