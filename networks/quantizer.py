@@ -325,6 +325,10 @@ class VectorQuantizer(nn.Module):
             centres = kmeans(self.reservoir, self.num_embeddings, iters or self.kmeans_iters)
         self._set_codes(centres)
         logger.info("vq: k-means initialised %d codes from %d encoder outputs", self.num_embeddings, self.reservoir.shape[0])
+        if self.reservoir.shape[0] < self.num_embeddings:
+            logger.warning("vq: k-means had %d encoder outputs for %d codes, so many codes start as copies of the same "
+                           "output; set network_def#vq_kmeans_init_points to at least %d", self.reservoir.shape[0],
+                           self.num_embeddings, 4 * self.num_embeddings)
 
     @torch.no_grad()
     def refit(self, z: torch.Tensor, iters: int = 20, generator: torch.Generator | None = None) -> None:

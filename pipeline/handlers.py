@@ -162,7 +162,8 @@ class KMeansProgressHandler:
         self.every = float(every_fraction)
         self._shown = -1.0
         self._before = 0
-        self._growth = 0
+        self._growth = 0  # the most one step added: whether the next step may run k-means
+        self._collected, self._steps = 0, 0  # their mean: the steps still to go
         self._t0: float | None = None
 
     def attach(self, engine) -> None:
@@ -176,15 +177,19 @@ class KMeansProgressHandler:
         if vq is None or vq._py_initialized or not D.is_main():
             return
         n = int(vq.reservoir.shape[0])
-        per_step = max(1, self._growth)
+        per_step = self._per_step()
         levels = self._levels(engine)
         later = levels[levels.index(vq) + 1:]  # each later level fills its own reservoir after this one's k-means
-        left = -(-(vq.kmeans_init_points - n) // per_step) + sum(-(-q.kmeans_init_points // per_step) for q in later)
+        left = math.ceil((vq.kmeans_init_points - n) / per_step) + sum(math.ceil(q.kmeans_init_points / per_step) for q in later)
         which = f" level {levels.index(vq) + 1} of {len(levels)}" if len(levels) > 1 else ""
         logger.warning(f"Training ended before k-means initialised the codebook{which} ({n:,} of "
                        f"{vq.kmeans_init_points:,} encoder outputs collected), so that codebook is untrained in this "
                        f"checkpoint; raise max_steps by about {left} (or max_minutes), or train a stage that starts "
                        "from it: it runs k-means on its first steps")
+
+    def _per_step(self) -> float:
+        """Encoder outputs the reservoir gained per step so far, on average."""
+        return max(self._collected / max(1, self._steps), 1e-3)
 
     @staticmethod
     def _levels(engine) -> list:
@@ -221,10 +226,12 @@ class KMeansProgressHandler:
             return
         n = int(vq.reservoir.shape[0])
         self._growth = max(self._growth, n - self._before)
+        self._collected += n - self._before
+        self._steps += 1
         frac = n / max(1, vq.kmeans_init_points)
         if frac - self._shown >= self.every or self._shown < 0:
             self._shown = frac
-            left = -(-(vq.kmeans_init_points - n) // max(1, self._growth))
+            left = math.ceil((vq.kmeans_init_points - n) / self._per_step())
             if D.is_main():
                 logger.info(f"Step {engine.state.iteration}: collecting encoder outputs for the k-means codebook: "
                             f"{n:,} of {vq.kmeans_init_points:,} (about {left} more steps)")

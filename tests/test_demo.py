@@ -15,6 +15,9 @@ def test_demo_config_is_an_overlay():
     assert cfg["network_def"]["_target_"] == "networks.SparseVQVAE"  # merged, not replaced
     assert cfg["network_def"]["model_channels"] < 512 and cfg["max_steps"] <= 100
     assert cfg["dataset"]["args"]["max_points"] <= 30000 and cfg["demo"]["resolution"] % 8 == 0
+    # the demo's crops are a few latent cells across: a crop margin would leave k-means no cell, and
+    # stages 1 and 2 would end with the random codebook
+    assert cfg["network_def"]["vq_crop_margin"] == 0
 
 
 @pytest.mark.slow

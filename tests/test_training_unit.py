@@ -406,6 +406,44 @@ def test_kmeans_progress_is_logged(data, caplog):
     assert int(re.search(r"raise max_steps by about (\d+)", message).group(1)) > 1.5 * one_level, (message, one_level)
 
 
+def test_kmeans_steps_left_follow_the_mean_growth(caplog):
+    """Crops differ in size: the steps still to go come from the mean growth of the reservoir, not
+    its largest step (which promised a third of the steps a run needed)."""
+    from types import SimpleNamespace
+
+    from networks.quantizer import VectorQuantizer
+    from pipeline.handlers import KMeansProgressHandler
+
+    vq = VectorQuantizer(16, 2, kmeans_init=True, kmeans_init_points=1000, reservoir_size=4096).train()
+    engine = SimpleNamespace(model=SimpleNamespace(vq=vq), state=SimpleNamespace(iteration=0))
+    progress = KMeansProgressHandler(every_fraction=0.0)
+    with caplog.at_level("INFO"):
+        for grown in (100, 10, 10, 10):  # 130 of 1,000 in 4 steps: 32.5 a step
+            engine.state.iteration += 1
+            progress._started(engine)
+            vq.reservoir = torch.zeros(vq.reservoir.shape[0] + grown, 2)
+            progress._completed(engine)
+        progress._finished(engine)
+    assert "Step 4: collecting encoder outputs for the k-means codebook: 130 of 1,000 (about 27 more steps)" in caplog.text
+    assert "raise max_steps by about 27 " in caplog.text
+
+
+def test_kmeans_with_fewer_outputs_than_codes_warns(caplog):
+    from networks.quantizer import VectorQuantizer
+
+    vq = VectorQuantizer(64, 4, kmeans_init=True, kmeans_init_points=16).train()
+    with caplog.at_level("INFO"):
+        vq(torch.randn(20, 4))
+    assert vq._py_initialized
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "k-means had 20 encoder outputs for 64 codes" in warned[0].getMessage()
+    assert "network_def#vq_kmeans_init_points to at least 256" in warned[0].getMessage()
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        VectorQuantizer(8, 4, kmeans_init=True, kmeans_init_points=16).train()(torch.randn(20, 4))
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 def test_sample_picture_says_where_the_crop_is(data, tmp_path, monkeypatch):
     import pipeline.visualize as vis
     from pipeline.handlers import SampleHandler
