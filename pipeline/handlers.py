@@ -193,9 +193,10 @@ class KMeansProgressHandler:
 
     @staticmethod
     def _levels(engine) -> list:
-        """The model's codebooks that k-means initialises, coarsest first."""
+        """The model's codebooks that k-means initialises, coarsest first (a frozen one never is)."""
         vq = getattr(engine.model, "vq", None)
-        return [m for m in vq.modules() if hasattr(m, "_py_initialized") and hasattr(m, "reservoir")] if vq is not None else []
+        return [m for m in vq.modules() if hasattr(m, "_py_initialized") and hasattr(m, "reservoir")
+                and not m.book_frozen] if vq is not None else []
 
     def _vq(self, engine):
         """The first codebook still waiting for k-means (the last one once all are initialised)."""

@@ -426,6 +426,12 @@ def test_kmeans_steps_left_follow_the_mean_growth(caplog):
         progress._finished(engine)
     assert "Step 4: collecting encoder outputs for the k-means codebook: 130 of 1,000 (about 27 more steps)" in caplog.text
     assert "raise max_steps by about 27 " in caplog.text
+    vq.book_frozen = True  # frozen_parts ["vq"]: k-means never runs, so nothing is said of it
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        progress._completed(engine)
+        progress._finished(engine)
+    assert "k-means" not in caplog.text
 
 
 def test_kmeans_with_fewer_outputs_than_codes_warns(caplog):
