@@ -9,7 +9,7 @@ decoder and that book (the decoder reads code vectors, so a book of other vector
 space decodes as the run's own would):
 
 - ``run``: the run's own codebook (what training left);
-- ``kmeans``: Lloyd's k-means on all training latents (what stage 2's refit does, there on at most
+- ``kmeans``: Lloyd's k-means on all training latents (what stage 1's refit does, there on at most
   64 scans and 2,097,152 latents);
 - ``balanced``: k-means whose clusters hold equal shares of the training latents
   (:func:`balanced_kmeans`), looked up by the plain nearest code;
@@ -115,7 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--run", type=Path, required=True,
                    help="a ctvq run folder (with ckpts/) of a single-level plain-lookup model; its latest EMA weights are "
-                        "used (the book of a stage-2 run trained with refit_codebook is already refitted)")
+                        "used (the book of a run trained with refit_codebook, stage 1 or 2 as shipped, is already refitted)")
     p.add_argument("--train", type=Path, required=True, help="processed training folder (./run.sh preprocess output)")
     p.add_argument("--eval", type=Path, required=True, help="processed held-out folder")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="fits to compare (default: all)")

@@ -5,7 +5,7 @@ ctvq is trained by the shipped recipe (``bundles/ct_vqvae/stage0.json`` -> ``sta
 (``num_val=0``), the minutes shared between the stages by ``--stage-split``. MONAI ``VQVAE`` (the
 benchmarks' 8x, 8192 x 32 config) is trained on dense ``--crop``^3 crops of the window times the
 body mask, batch 2, L1 plus its VQ loss, AdamW 1e-4, fp16, for as long as ctvq's stages took in all
-(stage 2's codebook refit, which runs after its minutes, included), or ``--minutes`` without ctvq. Both models then encode and decode each
+(stage 1's codebook refit, which runs after its minutes, included), or ``--minutes`` without ctvq. Both models then encode and decode each
 whole evaluation scan, scored by ``pipeline.metrics`` (PSNR/SSIM and MAE inside the body, per-organ
 MAE where labels exist, codes used and perplexity over the tokens of cells holding body voxels (of
 the first level for ``vq_depth`` > 1; each level's under ``"per_depth"``), tokens per scan); ctvq also decodes its continuous latents with the quantiser left out (PSNR and
@@ -198,10 +198,11 @@ def train_ctvq(args, resolution: int, device: torch.device, name: str = "ctvq", 
                 raise SystemExit(f"quality: {name} stage {stage} wrote no 'Training finished' line; see {run / 'log.txt'}")
         steps.append(done[0])
         seconds.append(done[1])
-    refit = re.findall(r"codebook refitted by k-means .* in ([\d.]+) s", (folders[2] / "log.txt").read_text())
+    refits = [re.findall(r"codebook refitted by k-means .* in ([\d.]+) s", (run / "log.txt").read_text()) for run in folders]
+    refit = [float(found[-1]) for found in refits if found]
     return {"run": folders[2], "train_steps": sum(steps), "train_seconds": sum(seconds),
             "stage_steps": steps, "stage_seconds": seconds, "overrides": overrides,
-            "shared_stages": list(range(shared)), "refit_seconds": float(refit[-1]) if refit else None}
+            "shared_stages": list(range(shared)), "refit_seconds": sum(refit) if refit else None}
 
 
 # ----------------------------------------------------------------------------------- MONAI VQVAE
@@ -384,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name, overrides in ctvq_models(args).items():
             trained[name] = train_ctvq(args, resolution, device, name, overrides)
     if "monai_vqvae" in args.models:
-        # the same GPU time as ctvq's stages, whose clock does not stop for stage 2's codebook refit
+        # the same GPU time as ctvq's stages, whose clock does not stop for the codebook refit
         seconds = max(args.minutes * 60.0, trained["ctvq"]["train_seconds"] if "ctvq" in trained else 0.0)
         trained["monai_vqvae"] = train_vqvae(args, resolution, device, seconds)
     if args.train_only:

@@ -7,8 +7,8 @@
 
 1. Builds a raw dataset of code-generated CT phantoms (``pipeline.phantom``), or takes ``--raw``.
 2. Preprocesses it with ``pipeline.preprocess`` at the reduced resolution of ``demo.json``.
-3. Trains stage 0 (autoencoder), stage 1 (codebook, from stage 0) and stage 2 (decoder and
-   codebook, from stage 1) through the training command line with the ``demo.json`` overlay (tiny model,
+3. Trains stage 0 (autoencoder), stage 1 (codebook, from stage 0) and stage 2 (decoder on
+   stage 1's codebook, from stage 1) through the training command line with the ``demo.json`` overlay (tiny model,
    few steps); uses the GPU when present.
 4. Evaluates the stage-2 model on the whole scans, exports it as a MONAI bundle, and prints
    where the run folders, TensorBoard logs, sample pictures and the report are.

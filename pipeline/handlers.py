@@ -312,7 +312,7 @@ class CodebookRefitHandler:
     ``max_rows`` latents spread evenly over them, and sets the book to their k-means centres
     (:meth:`networks.quantizer.VectorQuantizer.refit`, residual levels in turn; FSQ has no book and is
     kept). The EMA weights get the same book; it is fitted to the live encoder's latents, which are
-    the EMA's when the encoder is frozen (the shipped stage 2). Rank 0 fits alone, then shares the
+    the EMA's when the encoder is frozen (stage 1; the shipped stage 2 keeps this book). Rank 0 fits alone, then shares the
     quantizer's state. Anything that goes wrong (a case that cannot be read, no memory) is logged in
     one line and the trained book is kept, so the run still ends with its checkpoint.
 

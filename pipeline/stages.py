@@ -1,10 +1,11 @@
 """Training stages: starting weights, freezing, stage banner and model summary.
 
 - stage 0: autoencoder pretraining, quantizer bypassed (``vq`` frozen).
-- stage 1: load ``pretrained_vae_path``, freeze ``Encoder`` and ``Decoder``, train ``vq``.
+- stage 1: load ``pretrained_vae_path``, freeze ``Encoder`` and ``Decoder``, train ``vq`` (the shipped
+  ``stage1.json`` ends by fitting the book again to whole training scans: ``refit_codebook``).
 - stage 2: joint training from a stage-1 checkpoint (``pretrained_vae_path`` or ``--load_dir``); the
-  shipped ``stage2.json`` keeps ``Encoder`` frozen (config key ``frozen_parts``), so the decoder and the
-  codebook train on the latents stage 1 fitted the codebook to.
+  shipped ``stage2.json`` keeps ``Encoder`` and ``vq`` frozen (config key ``frozen_parts``), so the
+  decoder trains on exactly the tokens stage 1's book gives.
 
 Freezing happens in :func:`prepare_network`, before the optimizer is built (the bundle
 configs build the optimizer from the parameters that still require grad), and the summary

@@ -40,14 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="./run.sh train",
         description="Train the sparse CT VQ-VAE from a bundle config (stage0.json: autoencoder pretraining, "
-        "stage1.json: codebook on a frozen autoencoder, stage2.json: decoder and codebook fine-tuned on the frozen encoder's latents). Writes ckpts/, "
+        "stage1.json: codebook on a frozen autoencoder, fitted again to whole training scans at its end, stage2.json: decoder fine-tuned on the tokens of stage 1's book). Writes ckpts/, "
         "tb_logs/, samples/, vqvae_model_summary.txt, config.json, command.txt and log.txt into --output_dir.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Any config key can be changed with --override key=value (JSON values; nested keys with #, e.g. "
         "--override dataset#args#max_points=200000 --override network_def#use_checkpoint=true).\n"
         "Stage 1 needs pretrained_vae_path (a stage 0 checkpoint or Direct3D-S2 VAE); stage 2 takes the stage 1 "
-        "run through --load_dir (or pretrained_vae_path) and keeps the Encoder frozen (frozen_parts [\"Encoder\"]; "
-        "--override 'frozen_parts=[]' trains it too).\nThe same run with MONAI's runner: python -m monai.bundle "
+        "run through --load_dir (or pretrained_vae_path) and keeps the Encoder and the codebook frozen "
+        "(frozen_parts [\"Encoder\", \"vq\"]; --override 'frozen_parts=[]' trains them too).\nThe same run with MONAI's runner: python -m monai.bundle "
         "run training --config_file bundles/ct_vqvae/stage1.json --data_dir D --output_dir O",
     )
     p.add_argument("--config", required=True, action="append",
