@@ -494,7 +494,7 @@ def test_code_usage_compares_with_training_scans_of_as_many_tokens():
 
 def test_quality_variant_of_stage2_starts_from_the_default_stages(quality_data, tmp_path):
     """A stage-2-only variant trains only its stage 2, from ctvq's stage 1: the shipped stage 2 keeps the
-    encoder frozen, the variant trains it too."""
+    encoder and the codebook frozen, the variant trains them too."""
     from bench import quality
 
     work = tmp_path / "q_work"
@@ -506,7 +506,7 @@ def test_quality_variant_of_stage2_starts_from_the_default_stages(quality_data, 
     assert joint["stage_steps"][:2] == res["ctvq"]["stage_steps"][:2]
     assert sorted(p.name for p in (work / "ctvq_joint").iterdir() if p.is_dir()) == ["stage2"]
     assert str(work / "ctvq" / "stage1") in (work / "ctvq_joint" / "stage2" / "command.txt").read_text()
-    assert "[Stage 2] Joint training: Decoder + Codebook (Encoder frozen)" in (work / "ctvq" / "stage2" / "log.txt").read_text()
+    assert "[Stage 2] Joint training: Decoder (Encoder, Codebook frozen)" in (work / "ctvq" / "stage2" / "log.txt").read_text()
     assert "[Stage 2] Joint training: Encoder + Decoder + Codebook" in (work / "ctvq_joint" / "stage2" / "log.txt").read_text()
 
 
