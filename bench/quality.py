@@ -24,7 +24,7 @@ Each ``--variant NAME:KEY=VALUE`` trains one more ctvq with that override on top
 recipe (repeat a NAME to give it several), for the same minutes, into ``--work/ctvq_NAME``; the
 JSON gets ``"variants": {NAME: {...}}`` with the fields of ``"ctvq"``, the table a row each. An
 override ``stageN:KEY=VALUE`` applies to stage N only, e.g. ``--variant
-joint:stage2:'frozen_parts=[]'`` (stage 2 trains the encoder too, not only the decoder and the codebook).
+joint:stage2:'frozen_parts=[]'`` (stage 2 trains the encoder and the codebook too, not only the decoder).
 A variant whose overrides leave its first stages as ``ctvq``'s starts from ``ctvq``'s runs of those
 stages instead of training them again (``"shared_stages"`` in the JSON, e.g. ``[0, 1]`` for a
 ``stage2:`` override): every model still has the same minutes of training, the run spends only the

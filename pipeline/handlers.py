@@ -19,6 +19,7 @@ import torch
 from ignite.engine import Events
 
 from pipeline import distributed as D
+from pipeline.config_data import setting_hint
 from pipeline.io_utils import atomic_path
 from pipeline.runs import ema_ckpt_name, misc_ckpt_name, model_ckpt_name
 
@@ -153,14 +154,23 @@ class StepLogHandler:
                     w.add_scalar(f"codebook/level{level + 1}/{key}", u[key], step)  # levels count from 1, as the log
 
 
+def _steps(n: int) -> str:
+    return f"{n} step" + ("" if n == 1 else "s")
+
+
 class KMeansProgressHandler:
     """Progress of the codebook's k-means initialisation (stage 1): how full the quantizer's reservoir
     of encoder outputs is, a line before the step that runs k-means (it can take minutes) and its time.
     The trainer attaches it when the codebook waits for k-means."""
 
+    #: what a run whose reservoir does not grow is told (crops too small for the k-means margin)
+    NO_GROWTH = ("no encoder output reached it in {steps}: are the crops smaller than twice "
+                 "network_def#vq_crop_margin latent cells? lower the margin or raise dataset#args#max_points")
+
     def __init__(self, every_fraction: float = 0.25) -> None:
         self.every = float(every_fraction)
         self._shown = -1.0
+        self._level = None  # the codebook the figures below are of; each level collects anew
         self._before = 0
         self._growth = 0  # the most one step added: whether the next step may run k-means
         self._collected, self._steps = 0, 0  # their mean: the steps still to go
@@ -171,24 +181,34 @@ class KMeansProgressHandler:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._completed)
         engine.add_event_handler(Events.COMPLETED, self._finished)
 
+    def _track(self, vq) -> None:
+        """Start the figures of codebook ``vq`` afresh when it is not the one they were of."""
+        if vq is not self._level:
+            self._level, self._shown, self._t0 = vq, -1.0, None
+            self._before, self._growth, self._collected, self._steps = int(vq.reservoir.shape[0]), 0, 0, 0
+
     def _finished(self, engine) -> None:
         """A run that ends before k-means says so: its checkpoint holds an untrained codebook."""
         vq = self._vq(engine)
         if vq is None or vq._py_initialized or not D.is_main():
             return
         n = int(vq.reservoir.shape[0])
-        per_step = self._per_step()
         levels = self._levels(engine)
+        which = f" level {levels.index(vq) + 1} of {len(levels)}" if len(levels) > 1 else ""
+        start = (f"Training ended before k-means initialised the codebook{which} ({n:,} of "
+                 f"{vq.kmeans_init_points:,} encoder outputs collected), so that codebook is untrained in this checkpoint")
+        if vq is self._level and self._steps and not self._collected:
+            logger.warning(f"{start}; {self.NO_GROWTH.format(steps=_steps(self._steps))}")
+            return
+        per_step = self._per_step()
         later = levels[levels.index(vq) + 1:]  # each later level fills its own reservoir after this one's k-means
         left = math.ceil((vq.kmeans_init_points - n) / per_step) + sum(math.ceil(q.kmeans_init_points / per_step) for q in later)
-        which = f" level {levels.index(vq) + 1} of {len(levels)}" if len(levels) > 1 else ""
-        logger.warning(f"Training ended before k-means initialised the codebook{which} ({n:,} of "
-                       f"{vq.kmeans_init_points:,} encoder outputs collected), so that codebook is untrained in this "
-                       f"checkpoint; raise max_steps by about {left} (or max_minutes), or train a stage that starts "
-                       "from it: it runs k-means on its first steps")
+        unfrozen = setting_hint("frozen_parts", '["Encoder"]')
+        logger.warning(f"{start}; raise max_steps by about {left} (or max_minutes) and train this stage again, or "
+                       f"start the next stage from it with {unfrozen}: it runs k-means on its first steps")
 
     def _per_step(self) -> float:
-        """Encoder outputs the reservoir gained per step so far, on average."""
+        """Encoder outputs the current level's reservoir gained per step so far, on average."""
         return max(self._collected / max(1, self._steps), 1e-3)
 
     @staticmethod
@@ -205,7 +225,10 @@ class KMeansProgressHandler:
 
     def _started(self, engine) -> None:
         vq = self._vq(engine)
-        if vq is None or vq._py_initialized or self._t0 is not None:
+        if vq is None or vq._py_initialized:
+            return
+        self._track(vq)
+        if self._t0 is not None:
             return
         self._before = int(vq.reservoir.shape[0])
         if self._growth and self._before + self._growth >= vq.kmeans_init_points:
@@ -225,6 +248,9 @@ class KMeansProgressHandler:
                 logger.info(f"Step {engine.state.iteration}: codebook initialised by k-means{took}")
             self._shown = 2
             return
+        if vq is not self._level:  # the level before ran k-means this step: this one collects from the next
+            self._track(vq)
+            return
         n = int(vq.reservoir.shape[0])
         self._growth = max(self._growth, n - self._before)
         self._collected += n - self._before
@@ -232,10 +258,11 @@ class KMeansProgressHandler:
         frac = n / max(1, vq.kmeans_init_points)
         if frac - self._shown >= self.every or self._shown < 0:
             self._shown = frac
-            left = math.ceil((vq.kmeans_init_points - n) / self._per_step())
+            left = (f"about {math.ceil((vq.kmeans_init_points - n) / self._per_step())} more steps" if self._collected
+                    else self.NO_GROWTH.format(steps=_steps(self._steps)))
             if D.is_main():
                 logger.info(f"Step {engine.state.iteration}: collecting encoder outputs for the k-means codebook: "
-                            f"{n:,} of {vq.kmeans_init_points:,} (about {left} more steps)")
+                            f"{n:,} of {vq.kmeans_init_points:,} ({left})")
 
 
 class EMAHandler:

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from networks.quantizer import VectorQuantizer
+from networks.quantizer import VectorQuantizer, codebooks_initialised
 from pipeline import distributed as D
+from pipeline.config_data import setting_hint
 from pipeline.io_utils import save_text
 from pipeline.run_folder import RunFolder, resolved_config
 from pipeline.runs import check_fit, check_window, load_partial
@@ -58,7 +59,7 @@ def freeze_for_stage(model: torch.nn.Module, training_stage: int, keep_trainable
         training_stage: 0 freezes ``vq`` (bypassed), 1 freezes ``Encoder`` and ``Decoder``, 2 trains all.
         keep_trainable: parameter names left trainable in stage 1 (new layers the checkpoint lacked).
         frozen_parts: parts (of :data:`PARTS`) frozen on top of the stage's own (config key
-            ``frozen_parts``; e.g. ``["Encoder"]`` in stage 2 keeps the latents stage 1 fitted the codebook to).
+            ``frozen_parts``; e.g. ``["Encoder", "vq"]`` in stage 2 trains the decoder on stage 1's tokens).
             A frozen ``vq`` also stops the quantizers' own updates (EMA, restarts, k-means, FSQ fit).
     """
     stage = int(training_stage)
@@ -149,6 +150,13 @@ def prepare_network(
             if keep:
                 logger.info(f"{len(keep)} parameter tensor(s) absent from the checkpoint were initialised anew "
                             f"and are trained, e.g. {keep[0]}")
+    vq = getattr(network, "vq", None)
+    if stage == 2 and "vq" in (frozen_parts or ()) and vq is not None and not codebooks_initialised(vq):
+        unfrozen = setting_hint("frozen_parts", '["Encoder"]')
+        raise ValueError(
+            f"frozen_parts {list(frozen_parts)}: the codebook this stage starts from never got its k-means (its "
+            f"stage 1 ended first; its log says so), and a frozen codebook stays as it is; train stage 1 longer, or "
+            f"pass {unfrozen} so that this stage runs k-means on its first steps")
     freeze_for_stage(network, stage, keep, frozen_parts or ())
     if device is not None:
         network = network.to(device)

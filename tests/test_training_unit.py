@@ -273,8 +273,8 @@ def test_freezing_and_summary():
 
 
 def test_a_frozen_codebook_keeps_every_code():
-    """frozen_parts ["vq"]: training still counts usage, but no restart, EMA step or projection fit moves
-    a code (requires_grad alone would leave those running); a later stage without it unfreezes."""
+    """frozen_parts ["vq"]: training still counts usage, but no restart, EMA step, k-means or projection
+    fit moves a code (requires_grad alone would leave those running); a later stage without it unfreezes."""
     from networks.quantizer import FSQuantizer, ResidualQuantizer, VectorQuantizer
 
     def parts(vq):
@@ -284,10 +284,12 @@ def test_a_frozen_codebook_keeps_every_code():
 
     torch.manual_seed(0)
     z = torch.randn(512, 4)
+    models = {}
     for frozen in (["vq"], []):
         levels = [VectorQuantizer(32, 4, codebook_update=update, restart_every=2, dead_code_steps=1) for update in ("ema", "gradient")]
+        levels.append(VectorQuantizer(32, 4, kmeans_init=True, kmeans_init_points=64))
         with torch.no_grad():
-            for level in levels:
+            for level in levels[:2]:
                 level.embeddings.weight[16:] = 100.0  # never chosen: dead, restarted unless frozen
         residual, fsq = parts(ResidualQuantizer(levels, depth_dropout=False)), parts(FSQuantizer(4, (4, 4), fit_init=True))
         for model in (residual, fsq):
@@ -296,12 +298,30 @@ def test_a_frozen_codebook_keeps_every_code():
         for _ in range(6):
             residual.vq(z)
             fsq.vq(z)
-        after = {**{n: t for n, t in residual.vq.state_dict().items()}, **fsq.vq.state_dict()}
-        books = ["levels.0.embeddings.weight", "levels.1.embeddings.weight", "in_proj.weight"]
-        assert [torch.equal(before[n], after[n]) for n in books] == [bool(frozen)] * 3, frozen
+        after = {**residual.vq.state_dict(), **fsq.vq.state_dict()}
+        books = ["levels.0.embeddings.weight", "levels.1.embeddings.weight", "levels.2.embeddings.weight", "in_proj.weight"]
+        assert [torch.equal(before[n], after[n]) for n in books] == [bool(frozen)] * 4, frozen
+        assert bool(levels[2].initialized) != bool(frozen)  # k-means ran only on the book that was not frozen
         assert residual.vq.levels[0].usage_counts.sum() == 6 * len(z) and fsq.vq.usage_counts.sum() == 6 * len(z)
-    freeze_for_stage(residual, 2)
-    assert not any(level.book_frozen for level in residual.vq.levels)
+        models[bool(frozen)] = residual
+    freeze_for_stage(models[True], 2)  # the next stage, vq not frozen: its codebooks train again
+    assert not any(level.book_frozen for level in models[True].vq.levels)
+
+
+def test_stage2_refuses_a_frozen_codebook_that_never_got_its_kmeans(tmp_path):
+    """A stage 1 that ended before k-means leaves a random book: stage 2 with vq frozen would train the
+    decoder on it for good, so it is refused in one line with both ways out."""
+    from networks import SparseVQVAE
+    from pipeline.stages import prepare_network
+
+    path = tmp_path / "ckpts" / "vqvae_step0000001.pt"
+    path.parent.mkdir()
+    torch.save(SparseVQVAE(**{**TINY, "vq_kmeans_init": True}).state_dict(), path)  # initialized: False
+    with pytest.raises(ValueError, match=r"never got its k-means .*train stage 1 longer, or pass .*frozen_parts") as err:
+        prepare_network(SparseVQVAE(**TINY), 2, pretrained_vae_path=str(path), frozen_parts=["Encoder", "vq"])
+    assert "\n" not in str(err.value)
+    net = prepare_network(SparseVQVAE(**TINY), 2, pretrained_vae_path=str(path), frozen_parts=["Encoder"])
+    assert net.vq.embeddings.weight.requires_grad  # the book trains, and k-means runs on the first steps
 
 
 def test_stage1_refuses_checkpoint_of_another_size(tmp_path):
@@ -432,6 +452,46 @@ def test_kmeans_steps_left_follow_the_mean_growth(caplog):
         progress._completed(engine)
         progress._finished(engine)
     assert "k-means" not in caplog.text
+
+
+def test_kmeans_progress_starts_afresh_for_each_level_and_says_when_nothing_comes(caplog):
+    from types import SimpleNamespace
+
+    from networks.quantizer import ResidualQuantizer, VectorQuantizer
+    from pipeline.handlers import KMeansProgressHandler
+
+    levels = [VectorQuantizer(16, 2, kmeans_init=True, kmeans_init_points=100, reservoir_size=4096).train() for _ in range(2)]
+    engine = SimpleNamespace(model=SimpleNamespace(vq=ResidualQuantizer(levels)), state=SimpleNamespace(iteration=0))
+    progress = KMeansProgressHandler(every_fraction=0.0)
+
+    def step(level, grown, kmeans=False):
+        engine.state.iteration += 1
+        progress._started(engine)
+        levels[level].reservoir = torch.zeros(levels[level].reservoir.shape[0] + grown, 2)
+        levels[level]._py_initialized = kmeans
+        progress._completed(engine)
+
+    with caplog.at_level("INFO"):
+        step(0, 60)
+        step(0, 60, kmeans=True)  # level 1's k-means: level 2 collects from the next step
+        step(1, 10)
+        step(1, 10)
+        progress._finished(engine)
+    assert "Step 4: collecting encoder outputs for the k-means codebook: 20 of 100 (about 8 more steps)" in caplog.text
+    assert "codebook level 2 of 2 (20 of 100 encoder outputs collected)" in caplog.text
+    assert "raise max_steps by about 8 " in caplog.text
+    lone = VectorQuantizer(16, 2, kmeans_init=True, kmeans_init_points=100).train()
+    engine.model.vq, progress = lone, KMeansProgressHandler(every_fraction=0.0)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        for _ in range(3):  # crops that leave every cell inside the margin: the reservoir never grows
+            engine.state.iteration += 1
+            progress._started(engine)
+            progress._completed(engine)
+        progress._finished(engine)
+    assert "(no encoder output reached it in 1 step:" in caplog.text
+    assert "untrained in this checkpoint; no encoder output reached it in 3 steps" in caplog.text
+    assert "vq_crop_margin" in caplog.text and "more steps" not in caplog.text
 
 
 def test_kmeans_with_fewer_outputs_than_codes_warns(caplog):
