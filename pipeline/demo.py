@@ -41,6 +41,14 @@ def _latest(run_dir: Path, ema: bool = False) -> Path:
     return find_checkpoint(run_dir, None, "ema" if ema else "model")
 
 
+def _codebook_initialised(ckpt: Path) -> bool:
+    """Whether every codebook in the weights file ``ckpt`` got its k-means (its ``initialized`` flags)."""
+    import torch
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    return all(bool(v) for k, v in state.items() if k.startswith("vq.") and k.endswith(".initialized"))
+
+
 def _train(stage: int, config: Path, out: Path, data: Path, steps: int, extra: Sequence[str], log, threads: int = 1) -> Path:
     run_dir = out / "runs" / f"stage{stage}"
     every = max(1, steps)
@@ -158,7 +166,12 @@ def run_demo(
     run0 = _train(0, config, out, data, n(0), extra(0), log, threads)
     run1 = _train(1, config, out, data, n(1), extra(1) + ["--override", f"pretrained_vae_path={json.dumps(str(_latest(run0)))}"],
                   log, threads)
-    run2 = _train(2, config, out, data, n(2), extra(2) + ["--load_dir", str(run1), "--ckpt", "latest"], log, threads)
+    stage2 = extra(2) + ["--load_dir", str(run1), "--ckpt", "latest"]
+    if not _codebook_initialised(_latest(run1)):  # a short --steps: stage 2 must run k-means itself
+        log("demo: stage 1 ended before the codebook's k-means, so stage 2 trains the codebook too "
+            "(frozen_parts [\"Encoder\"]); give stage 1 more steps for the shipped recipe")
+        stage2 += ["--override", 'frozen_parts=["Encoder"]']
+    run2 = _train(2, config, out, data, n(2), stage2, log, threads)
 
     # 4. evaluate the stage-2 model on whole scans, export it
     ckpt = _latest(run2, ema=False)

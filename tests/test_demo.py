@@ -40,6 +40,9 @@ def test_demo_end_to_end(tmp_path, capfd, monkeypatch):
     # each training process runs on one thread: OpenMP threads on shared cores wait for each other
     assert [e.get("OMP_NUM_THREADS") for e in envs] == ["1", "1", "1"]
     assert "preprocess: 2 cases in 1 dataset: 2 ok, 0 failed, 0 skipped" in text
+    # two steps end stage 1 before k-means: stage 2 then trains the codebook instead of freezing a random one
+    assert "demo: stage 1 ended before the codebook's k-means, so stage 2 trains the codebook too" in text
+    assert json.loads((out / "runs" / "stage2" / "config.json").read_text())["frozen_parts"] == ["Encoder"]
     # a clean run prints no warning that is ours to fix
     for noise in ("Warning", "is_fx_tracing", "optional_packages_version", "parsing config_file", "Traceback"):
         assert noise not in text + err, (noise, (text + err)[-3000:])
