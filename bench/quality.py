@@ -14,7 +14,8 @@ MAE ``*_unquantized``: what quantisation costs against what the autoencoder lose
 (input, then each model: ctvq, its variants, VQVAE, with its error).
 
 Trained weights stay in ``--work``; a model that finished there is evaluated again without
-training (delete its folder to train it anew).
+training (delete its folder to train it anew). A stage 1 too short for its k-means (smoke runs) lets
+stage 2 train the codebook (``frozen_parts ["Encoder"]``), and says so.
 
     python bench/quality.py --train DIR --eval DIR --minutes 4 [--window lung] [--out FILE.json]
     python bench/quality.py --train DIR --eval DIR --minutes 0.2 --small --device cpu   # smoke run
@@ -153,7 +154,7 @@ def train_ctvq(args, resolution: int, device: torch.device, name: str = "ctvq", 
     """Train (or find finished in ``--work/name``) one ctvq through the shipped stage configs; the
     leading stages a variant trains exactly as ``ctvq`` does are ``ctvq``'s own folders (trained first)."""
     from pipeline import train
-    from pipeline.runs import find_checkpoint
+    from pipeline.runs import codebooks_initialised_in, find_checkpoint
 
     common = ["--data_dir", str(args.train), "--override", f'window_type="{args.window}"',
               "--override", "dataset#args#num_val=0", "--override", f"network_def#resolution={resolution // 8}",
@@ -187,6 +188,10 @@ def train_ctvq(args, resolution: int, device: torch.device, name: str = "ctvq", 
                 extra = ["--override", f'pretrained_vae_path="{find_checkpoint(folders[0], weights="model")}"']
             elif stage == 2:
                 extra = ["--load_dir", str(folders[1]), "--ckpt", "latest"]
+                if not codebooks_initialised_in(find_checkpoint(folders[1], weights="model")):  # minutes too short
+                    print(f"{name}: stage 1 ended before the codebook's k-means, so stage 2 trains the codebook too "
+                          "(frozen_parts [\"Encoder\"])", flush=True)
+                    extra += ["--override", 'frozen_parts=["Encoder"]']
             for item in stage_overrides(overrides, stage):
                 extra += ["--override", item]
             argv = [*configs, "--output_dir", str(run), *common, "--override", f"max_minutes={args.minutes * share}", *extra]

@@ -41,14 +41,6 @@ def _latest(run_dir: Path, ema: bool = False) -> Path:
     return find_checkpoint(run_dir, None, "ema" if ema else "model")
 
 
-def _codebook_initialised(ckpt: Path) -> bool:
-    """Whether every codebook in the weights file ``ckpt`` got its k-means (its ``initialized`` flags)."""
-    import torch
-
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    return all(bool(v) for k, v in state.items() if k.startswith("vq.") and k.endswith(".initialized"))
-
-
 def _train(stage: int, config: Path, out: Path, data: Path, steps: int, extra: Sequence[str], log, threads: int = 1) -> Path:
     run_dir = out / "runs" / f"stage{stage}"
     every = max(1, steps)
@@ -103,6 +95,7 @@ def run_demo(
     from pipeline.export import export_bundle
     from pipeline.infer import Tokenizer
     from pipeline.phantom import write_phantom_dataset
+    from pipeline.runs import codebooks_initialised_in
 
     t_start = time.perf_counter()
     config = Path(config)
@@ -167,7 +160,7 @@ def run_demo(
     run1 = _train(1, config, out, data, n(1), extra(1) + ["--override", f"pretrained_vae_path={json.dumps(str(_latest(run0)))}"],
                   log, threads)
     stage2 = extra(2) + ["--load_dir", str(run1), "--ckpt", "latest"]
-    if not _codebook_initialised(_latest(run1)):  # a short --steps: stage 2 must run k-means itself
+    if not codebooks_initialised_in(_latest(run1)):  # a short --steps: stage 2 must run k-means itself
         log("demo: stage 1 ended before the codebook's k-means, so stage 2 trains the codebook too "
             "(frozen_parts [\"Encoder\"]); give stage 1 more steps for the shipped recipe")
         stage2 += ["--override", 'frozen_parts=["Encoder"]']

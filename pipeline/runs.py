@@ -48,6 +48,7 @@ __all__ = [
     "load_partial",
     "check_fit",
     "codebook_id",
+    "codebooks_initialised_in",
 ]
 
 _CKPT_RE = re.compile(r"^vqvae_(?:(ema[0-9.]+)_)?step(\d+)\.pt$")
@@ -563,6 +564,13 @@ def _network_def_diff(ckpt: Path, ours: Mapping, keys: Sequence[str] = _SIZE_KEY
     diff = [f"{k} {json.dumps(value(theirs, k))} vs {json.dumps(value(ours, k))}" for k in keys
             if (k in theirs or k in ours) and value(theirs, k) != value(ours, k)]
     return ("network_def " + ", ".join(diff) + " here") if diff else ""
+
+
+def codebooks_initialised_in(ckpt: str | os.PathLike) -> bool:
+    """Whether every codebook in the weights file ``ckpt`` got its k-means (its ``initialized`` flags);
+    a stage 1 that ended first leaves random codes."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    return all(bool(v) for k, v in state.items() if k.startswith("vq.") and k.endswith(".initialized"))
 
 
 def codebook_id(net: torch.nn.Module) -> str:

@@ -314,7 +314,7 @@ def quality_data(tmp_path_factory) -> Path:
     return tmp
 
 
-def test_quality_smoke(quality_data, tmp_path):
+def test_quality_smoke(quality_data, tmp_path, capsys):
     """Both models trained for the same (tiny) time on the training cases, scored on the unseen case;
     a second call evaluates the kept weights without training again."""
     from bench import quality
@@ -325,6 +325,9 @@ def test_quality_smoke(quality_data, tmp_path):
     res = quality.main(argv)
     assert "CTVQ_COMMAND" not in __import__("os").environ  # each in-process stage recorded its own command
     assert "stage2.json" in (tmp_path / "q_work" / "ctvq" / "stage2" / "command.txt").read_text()
+    # a few steps end stage 1 before k-means: stage 2 then trains the codebook instead of freezing a random one
+    assert "ctvq: stage 1 ended before the codebook's k-means, so stage 2 trains the codebook too" in capsys.readouterr().out
+    assert json.loads((tmp_path / "q_work" / "ctvq" / "stage2" / "config.json").read_text())["frozen_parts"] == ["Encoder"]
     saved = json.loads(out.read_text())
     assert set(saved) >= {"ctvq", "monai_vqvae", "env"} and saved["env"]["device"] == "cpu"
     for name in ("ctvq", "monai_vqvae"):
@@ -500,7 +503,8 @@ def test_quality_variant_of_stage2_starts_from_the_default_stages(quality_data, 
     work = tmp_path / "q_work"
     res = quality.main(["--train", str(quality_data / "train"), "--eval", str(quality_data / "eval"), "--minutes", "0.03",
                         "--small", "--device", "cpu", "--workers", "0", "--models", "ctvq", "--work", str(work),
-                        "--variant", "joint:stage2:frozen_parts=[]", "--out", str(tmp_path / "q.json")])
+                        "--variant", "joint:stage2:frozen_parts=[]", "--out", str(tmp_path / "q.json"),
+                        "--ctvq-override", "network_def#vq_kmeans_init_points=16"])  # k-means within stage 1's few steps
     joint = res["variants"]["joint"]
     assert joint["shared_stages"] == [0, 1] and res["ctvq"]["shared_stages"] == []
     assert joint["stage_steps"][:2] == res["ctvq"]["stage_steps"][:2]
