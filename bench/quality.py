@@ -154,7 +154,7 @@ def train_ctvq(args, resolution: int, device: torch.device, name: str = "ctvq", 
     """Train (or find finished in ``--work/name``) one ctvq through the shipped stage configs; the
     leading stages a variant trains exactly as ``ctvq`` does are ``ctvq``'s own folders (trained first)."""
     from pipeline import train
-    from pipeline.runs import codebooks_initialised_in, find_checkpoint
+    from pipeline.runs import STAGE1_WITHOUT_KMEANS, find_checkpoint, stage2_codebook_overrides
 
     common = ["--data_dir", str(args.train), "--override", f'window_type="{args.window}"',
               "--override", "dataset#args#num_val=0", "--override", f"network_def#resolution={resolution // 8}",
@@ -187,11 +187,10 @@ def train_ctvq(args, resolution: int, device: torch.device, name: str = "ctvq", 
             if stage == 1:
                 extra = ["--override", f'pretrained_vae_path="{find_checkpoint(folders[0], weights="model")}"']
             elif stage == 2:
-                extra = ["--load_dir", str(folders[1]), "--ckpt", "latest"]
-                if not codebooks_initialised_in(find_checkpoint(folders[1], weights="model")):  # minutes too short
-                    print(f"{name}: stage 1 ended before the codebook's k-means, so stage 2 trains the codebook too "
-                          "(frozen_parts [\"Encoder\"])", flush=True)
-                    extra += ["--override", 'frozen_parts=["Encoder"]']
+                unfrozen = stage2_codebook_overrides(folders[1])  # minutes too short for stage 1's k-means
+                if unfrozen:
+                    print(f"{name}: {STAGE1_WITHOUT_KMEANS}", flush=True)
+                extra = ["--load_dir", str(folders[1]), "--ckpt", "latest", *unfrozen]
             for item in stage_overrides(overrides, stage):
                 extra += ["--override", item]
             argv = [*configs, "--output_dir", str(run), *common, "--override", f"max_minutes={args.minutes * share}", *extra]

@@ -47,9 +47,8 @@ train() {  # stage steps extra-args...
 train 0 "$S0"
 train 1 "$S1" --override "pretrained_vae_path=\"$WORK/runs/stage0/ckpts/vqvae_step$(printf %07d "$S0").pt\""
 # a stage 1 too short for its k-means (smoke runs): stage 2 trains the codebook instead of keeping it frozen
-unfrozen=()
-$PY -c "import sys; from pipeline.runs import codebooks_initialised_in as ok, find_checkpoint as f; sys.exit(0 if ok(f(sys.argv[1], weights='model')) else 1)" \
-  "$WORK/runs/stage1" || { stamp "stage 1 ended before k-means: stage 2 trains the codebook too"; unfrozen=(--override 'frozen_parts=["Encoder"]'); }
+mapfile -t unfrozen < <($PY -c "import sys; from pipeline.runs import stage2_codebook_overrides as o; sys.stdout.write(''.join(a + '\n' for a in o(sys.argv[1])))" "$WORK/runs/stage1")
+[ ${#unfrozen[@]} -eq 0 ] || stamp "$($PY -c "from pipeline.runs import STAGE1_WITHOUT_KMEANS as m; print(m)")"
 train 2 "$S2" --load_dir "$WORK/runs/stage1" --ckpt latest "${unfrozen[@]}"
 
 stamp "export"

@@ -344,8 +344,7 @@ class CTWindowSparseDataset(Dataset):
         tables = self._crop_tables(c)
         shape = [s * self.block for s in tables["shape"]]
         if c["num_points"] <= self.max_points:
-            start, stop = support_box(tables, self.block, shape)
-            return np.array([*start, *stop], dtype=np.int64)
+            return self.support_box(index)
         if self.random_crop:
             draw = self.epoch * len(self) + index if draw is None else draw
             key = [self.seed, int(draw), index]

@@ -95,7 +95,7 @@ def run_demo(
     from pipeline.export import export_bundle
     from pipeline.infer import Tokenizer
     from pipeline.phantom import write_phantom_dataset
-    from pipeline.runs import codebooks_initialised_in
+    from pipeline.runs import STAGE1_WITHOUT_KMEANS, stage2_codebook_overrides
 
     t_start = time.perf_counter()
     config = Path(config)
@@ -159,12 +159,10 @@ def run_demo(
     run0 = _train(0, config, out, data, n(0), extra(0), log, threads)
     run1 = _train(1, config, out, data, n(1), extra(1) + ["--override", f"pretrained_vae_path={json.dumps(str(_latest(run0)))}"],
                   log, threads)
-    stage2 = extra(2) + ["--load_dir", str(run1), "--ckpt", "latest"]
-    if not codebooks_initialised_in(_latest(run1)):  # a short --steps: stage 2 must run k-means itself
-        log("demo: stage 1 ended before the codebook's k-means, so stage 2 trains the codebook too "
-            "(frozen_parts [\"Encoder\"]); give stage 1 more steps for the shipped recipe")
-        stage2 += ["--override", 'frozen_parts=["Encoder"]']
-    run2 = _train(2, config, out, data, n(2), stage2, log, threads)
+    unfrozen = stage2_codebook_overrides(run1)  # a short --steps: stage 2 runs k-means itself
+    if unfrozen:
+        log(f"demo: {STAGE1_WITHOUT_KMEANS}; give stage 1 more steps for the shipped recipe")
+    run2 = _train(2, config, out, data, n(2), extra(2) + ["--load_dir", str(run1), "--ckpt", "latest", *unfrozen], log, threads)
 
     # 4. evaluate the stage-2 model on whole scans, export it
     ckpt = _latest(run2, ema=False)

@@ -49,6 +49,8 @@ __all__ = [
     "check_fit",
     "codebook_id",
     "codebooks_initialised_in",
+    "STAGE1_WITHOUT_KMEANS",
+    "stage2_codebook_overrides",
 ]
 
 _CKPT_RE = re.compile(r"^vqvae_(?:(ema[0-9.]+)_)?step(\d+)\.pt$")
@@ -571,6 +573,20 @@ def codebooks_initialised_in(ckpt: str | os.PathLike) -> bool:
     a stage 1 that ended first leaves random codes."""
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     return all(bool(v) for k, v in state.items() if k.startswith("vq.") and k.endswith(".initialized"))
+
+
+#: what a chain of stages (demo, benchmarks) says when it gives stage 2 the overrides below
+STAGE1_WITHOUT_KMEANS = ("stage 1 ended before the codebook's k-means, so stage 2 trains the codebook too "
+                         "(frozen_parts [\"Encoder\"])")
+
+
+def stage2_codebook_overrides(stage1_run: str | os.PathLike) -> list[str]:
+    """Training overrides for a stage 2 chained on ``stage1_run``: none when its codebook got its
+    k-means; else the codebook trains in stage 2, which runs k-means on its first steps (stage 2
+    refuses to keep a never-initialised codebook frozen). For short smoke runs of a whole chain."""
+    if codebooks_initialised_in(find_checkpoint(stage1_run, None, "model")):
+        return []
+    return ["--override", 'frozen_parts=["Encoder"]']
 
 
 def codebook_id(net: torch.nn.Module) -> str:
